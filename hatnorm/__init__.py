@@ -1,0 +1,85 @@
+"""hatnorm: task-aware normalization for Hard Attention to the Task (HAT) continual learning."""
+
+from hatnorm._arch_registry import (
+    ArchitectureSpec,
+    build,
+    get_architecture,
+    list_architectures,
+    register_architecture,
+)
+from hatnorm._gate import HATGate, anneal_scale, compensate, compensation_factor, hat_gate
+from hatnorm._hat import HAT, HATModule, Layer
+from hatnorm._heads import TaskHeads
+from hatnorm._masks import Concat, Flatten, MaskSource, MaskState, Residual
+from hatnorm._norm_registry import NormSpec, get_norm, list_norms, register_norm
+from hatnorm._norms import (
+    MaskedBatchNorm1d,
+    MaskedBatchNorm2d,
+    MaskedLayerNorm,
+    MaskedNorm,
+    NoNorm,
+    PostGateBatchNorm1d,
+    PostGateBatchNorm2d,
+    SharedBatchNorm1d,
+    SharedBatchNorm2d,
+    SharedLayerNorm,
+    TaskBatchNorm1d,
+    TaskBatchNorm2d,
+    TaskLayerNorm,
+    masked_batch_norm,
+    masked_layer_norm,
+    masked_moments,
+    selective_batch_norm,
+)
+from hatnorm._policies import AdaHATPolicy, GradientPolicy, HATPolicy, get_policy, list_policies, register_policy
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "HAT",
+    "AdaHATPolicy",
+    "ArchitectureSpec",
+    "Concat",
+    "Flatten",
+    "GradientPolicy",
+    "HATGate",
+    "HATModule",
+    "HATPolicy",
+    "Layer",
+    "MaskSource",
+    "MaskState",
+    "MaskedBatchNorm1d",
+    "MaskedBatchNorm2d",
+    "MaskedLayerNorm",
+    "MaskedNorm",
+    "NoNorm",
+    "NormSpec",
+    "PostGateBatchNorm1d",
+    "PostGateBatchNorm2d",
+    "Residual",
+    "SharedBatchNorm1d",
+    "SharedBatchNorm2d",
+    "SharedLayerNorm",
+    "TaskBatchNorm1d",
+    "TaskBatchNorm2d",
+    "TaskHeads",
+    "TaskLayerNorm",
+    "anneal_scale",
+    "build",
+    "compensate",
+    "compensation_factor",
+    "get_architecture",
+    "get_norm",
+    "get_policy",
+    "hat_gate",
+    "list_architectures",
+    "list_norms",
+    "list_policies",
+    "masked_batch_norm",
+    "masked_layer_norm",
+    "masked_moments",
+    "register_architecture",
+    "register_norm",
+    "register_policy",
+    "selective_batch_norm",
+]

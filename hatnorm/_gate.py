@@ -1,0 +1,121 @@
+"""HAT's gate: per-task embeddings, σ(s·e), the scale schedule and the embedding-gradient compensation."""
+
+from __future__ import annotations
+
+from typing import final
+
+import torch
+from torch import Tensor, nn
+
+from hatnorm._checks import check_positive, check_positive_int, check_scale, check_task
+from hatnorm._masks import MaskSource, MaskState
+
+
+def hat_gate(e: Tensor, s: float | Tensor) -> Tensor:
+    """The gate a = σ(s·e) (Serrà et al. eq. 1)."""
+    return torch.sigmoid(s * e)
+
+
+def anneal_scale(batch: int, num_batches: int, s_max: float) -> float:
+    """The scale for batch ``batch`` (0-based) of ``num_batches``, annealed within each epoch.
+
+    s = 1/s_max + (s_max − 1/s_max)·(b − 1)/(B − 1) with b = batch + 1 (Serrà et al. eq. 2); one batch
+    per epoch gives s_max.
+    """
+    num_batches = check_positive_int(num_batches, "num_batches")
+    s_max = check_positive(s_max, "s_max")
+    if isinstance(batch, bool) or not isinstance(batch, int) or not 0 <= batch < num_batches:
+        raise ValueError(f"batch must be an int in [0, {num_batches}), got {batch!r}")
+    if num_batches == 1:
+        return s_max
+    return 1.0 / s_max + (s_max - 1.0 / s_max) * batch / (num_batches - 1)
+
+
+def compensation_factor(e: Tensor, s: float | Tensor, s_max: float, thres_cosh: float = 50.0) -> Tensor:
+    """The factor q'/q of the embedding-gradient compensation (Serrà et al. eq. 5):
+    s_max·[cosh(clamp(s·e, ±thres_cosh)) + 1] / (s·[cosh(e) + 1])."""
+    num = torch.cosh(torch.clamp(s * e, -thres_cosh, thres_cosh)) + 1
+    den = torch.cosh(e) + 1
+    return (s_max / s) * num / den
+
+
+def compensate(grad: Tensor, e: Tensor, s: float | Tensor, s_max: float, thres_cosh: float = 50.0) -> Tensor:
+    """The compensated embedding gradient q' = factor·q (see :func:`compensation_factor`)."""
+    return grad * compensation_factor(e, s, s_max, thres_cosh)
+
+
+@final
+class HATGate(nn.Module, MaskSource):
+    """The attention gate of one layer: a^t = σ(s·e^t) with one embedding row per task.
+
+    While training, ``forward(task, s)`` gives the soft gate at scale ``s``. In evaluation it gives the
+    gate at ``s_max``, or, when ``binarize`` is on, the binarized gate 1[a^t > 0.5] = 1[e^t > 0], so an
+    earlier task reads exactly the units it protected.
+
+    The gate also stores what finished tasks left: ``cumulative`` (a^{≤t}, binarized when ``binarize``)
+    and ``summative`` (how many tasks selected each unit, for AdaHAT). :class:`hatnorm.HAT` updates both
+    at the end of every task.
+
+    Args:
+        num_features: number of gated units (channels or features).
+        num_tasks: number of tasks, one embedding row each.
+        s_max: the largest scale, used in evaluation [400].
+        binarize: store and evaluate binarized masks [True].
+    """
+
+    def __init__(self, num_features: int, *, num_tasks: int, s_max: float = 400.0, binarize: bool = True) -> None:
+        super().__init__()
+        self._num_features = check_positive_int(num_features, "num_features")
+        self.num_tasks = check_positive_int(num_tasks, "num_tasks")
+        self.s_max = check_positive(s_max, "s_max")
+        if not isinstance(binarize, bool):
+            raise TypeError(f"binarize must be a bool, got {binarize!r}")
+        self.binarize = binarize
+        # e_l^t ~ N(0, 1), one row per task: [T, N]
+        self.embedding = nn.Parameter(torch.randn(num_tasks, num_features))
+        self.register_buffer("cumulative", torch.zeros(num_features))
+        self.register_buffer("summative", torch.zeros(num_features))
+
+    @property
+    def num_features(self) -> int:
+        return self._num_features
+
+    def forward(self, task: int, s: float | Tensor | None = None) -> Tensor:
+        """The gate of ``task``, shape ``[num_features]``.
+
+        Args:
+            task: the task id, in ``[0, num_tasks)``.
+            s: the scale; required while training, ignored in evaluation.
+        """
+        task = check_task(task, self.num_tasks)
+        e = self.embedding[task]
+        if not self.training:
+            return (e > 0).to(e.dtype) if self.binarize else hat_gate(e, self.s_max)
+        if s is None:
+            raise ValueError("s must be given while training (a number > 0, e.g. HAT.scale(batch, num_batches)), "
+                             "got None")
+        return hat_gate(e, check_scale(s))
+
+    def selection(self, task: int) -> Tensor:
+        """The units ``task`` selects: 1[a^t > 0.5] = 1[e^t > 0], a bool tensor ``[num_features]``."""
+        task = check_task(task, self.num_tasks)
+        return self.embedding[task].detach() > 0
+
+    def final_mask(self, task: int) -> Tensor:
+        """The mask ``task`` leaves when it ends: a^t at s_max, or 1[e^t > 0] when binarized."""
+        task = check_task(task, self.num_tasks)
+        e = self.embedding[task].detach()
+        return (e > 0).to(e.dtype) if self.binarize else hat_gate(e, self.s_max)
+
+    def state(self) -> MaskState:
+        return MaskState(cumulative=self.cumulative, summative=self.summative)
+
+    @torch.no_grad()
+    def consolidate(self, task: int) -> None:
+        """Fold ``task``'s final mask into the cumulative and summative masks (a^{≤t} = max(a^t, a^{≤t−1}))."""
+        mask = self.final_mask(task)
+        self.cumulative.copy_(torch.maximum(self.cumulative, mask.to(self.cumulative.dtype)))
+        self.summative.add_(self.selection(task).to(self.summative.dtype))
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, num_tasks={self.num_tasks}, s_max={self.s_max}, binarize={self.binarize}"

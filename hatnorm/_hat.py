@@ -1,0 +1,315 @@
+"""HAT, the method a user drives from their own training loop.
+
+    hat = HAT(model, layers)
+    for task in range(num_tasks):
+        hat.begin_task(task)
+        for batch, (x, y) in enumerate(loader):
+            s = hat.scale(batch, len(loader))
+            loss = hat.loss(F.cross_entropy(model(x, task=task, s=s), y), s)
+            optimizer.zero_grad()
+            loss.backward()
+            hat.protect(s)          # one fused pass: multipliers fixed at task start + compensation
+            hat.step(optimizer)     # optimizer.step(), then frozen entries restored, embeddings clamped
+        hat.end_task()
+
+Optimizer safety. Scaling gradients is not enough to freeze a parameter: SGD's momentum and weight
+decay, and Adam's moments, move entries whose gradient is zero. :meth:`HAT.step` therefore restores,
+after ``optimizer.step()``, every entry whose multiplier is exactly 0 to its value before the step
+(a ``torch.where`` with a mask fixed for the task). Restoring is exact for every optimizer, needs no
+knowledge of the optimizer's update rule, and touches only parameters that have protected entries;
+masking the update instead would need one implementation per optimizer.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from hatnorm._checks import check_non_negative, check_positive, check_scale, check_task
+from hatnorm._gate import HATGate, anneal_scale, compensation_factor, hat_gate
+from hatnorm._heads import TaskHeads
+from hatnorm._masks import MaskSource, MaskState
+from hatnorm._norms import MaskedNorm
+from hatnorm._policies import GradientPolicy, get_policy
+
+
+@dataclass(frozen=True)
+class Layer:
+    """How one module connects to the gates.
+
+    Attributes:
+        module: a weighted layer (``weight`` of shape ``[out, in/groups, *kernel]``, optional ``bias``
+            ``[out]``, as in ``nn.Linear`` and ``nn.Conv*d``) or a :class:`MaskedNorm`.
+        out: the units of the module's output: the gate that follows it.
+        inp: the units of a weighted layer's input: the gate before it, or a
+            :class:`~hatnorm.Residual`, :class:`~hatnorm.Flatten` or :class:`~hatnorm.Concat` of gates;
+            ``None`` when the input is data (only the output side protects the layer). Unused for norms.
+    """
+
+    module: nn.Module
+    out: MaskSource
+    inp: MaskSource | None = None
+
+
+class HATModule(nn.Module, ABC):
+    """A model that knows its own wiring, so ``HAT(model)`` needs no ``layers`` argument."""
+
+    @abstractmethod
+    def hat_layers(self) -> list[Layer]:
+        """Every weighted layer and norm of the model with the masks of its output and input units."""
+
+
+def _weight_rate(policy: GradientPolicy, weight: Tensor, out: MaskState, inp: MaskState | None, groups: int) -> Tensor:
+    if inp is not None and groups > 1:
+        # grouped conv: output unit i reads the input units of its group, [out, in/groups]
+        per_group = weight.shape[0] // groups
+        inp = MaskState(
+            cumulative=inp.cumulative.view(groups, -1).repeat_interleave(per_group, 0),
+            summative=inp.summative.view(groups, -1).repeat_interleave(per_group, 0),
+        )
+    rate = policy.weight_rate(out, inp)
+    return rate.reshape(*rate.shape, *([1] * (weight.dim() - 2))).expand_as(weight)
+
+
+class HAT:
+    """Hard Attention to the Task (Serrà et al. 2018) over a model with :class:`HATGate` gates.
+
+    Args:
+        model: the network; its forward takes ``task=`` and, while training, ``s=``.
+        layers: the wiring of every weighted layer and norm; omitted when ``model`` is a
+            :class:`HATModule`.
+        c: the capacity-regulariser weight [0.75].
+        policy: a registered gradient-policy name (``"hat"``, ``"adahat"``) or a
+            :class:`GradientPolicy` [``"hat"``].
+        clamp: embeddings are clamped to [−clamp, clamp] after every step [6].
+        thres_cosh: the clamp of s·e in the compensation [50].
+
+    Raises:
+        ValueError: when a trainable parameter is neither protected by a mask nor owned by one task
+            (naming it), or the gates disagree on ``s_max`` or the number of tasks.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: Sequence[Layer] | None = None,
+        *,
+        c: float = 0.75,
+        policy: str | GradientPolicy = "hat",
+        clamp: float = 6.0,
+        thres_cosh: float = 50.0,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if layers is None:
+            if not isinstance(model, HATModule):
+                raise ValueError("layers must be given unless model is a HATModule (which lists its own), "
+                                 f"got layers=None for a {type(model).__name__}")
+            layers = model.hat_layers()
+        self.c = check_non_negative(c, "c")
+        self.clamp = check_positive(clamp, "clamp")
+        self.thres_cosh = check_positive(thres_cosh, "thres_cosh")
+        if isinstance(policy, str):
+            policy = get_policy(policy)
+        elif not isinstance(policy, GradientPolicy):
+            raise TypeError(f"policy must be a registered policy name or a GradientPolicy, got {policy!r}")
+        self.policy = policy
+        self.model = model
+        self.gates = [m for m in model.modules() if isinstance(m, HATGate)]
+        if not self.gates:
+            raise ValueError("model must contain at least one HATGate, found none")
+        self.s_max = self._agree("s_max", {g.s_max for g in self.gates})
+        self.num_tasks = self._agree("num_tasks", {g.num_tasks for g in self.gates} | {
+            m.num_tasks for m in model.modules() if isinstance(m, MaskedNorm | TaskHeads)})
+        self.layers = tuple(self._check_layer(i, layer) for i, layer in enumerate(layers))
+        self.task: int | None = None
+        self.learned_tasks: list[int] = []
+        self._names = {id(p): n for n, p in model.named_parameters()}
+        self._check_coverage()
+        self._reset_task_state()
+
+    @staticmethod
+    def _agree(name: str, values: set) -> object:
+        if len(values) != 1:
+            raise ValueError(f"{name}: every gate, norm and head of the model must use the same {name}, "
+                             f"got {sorted(values)}")
+        return values.pop()
+
+    def _check_layer(self, i: int, layer: Layer) -> Layer:
+        where = f"layers[{i}]"
+        if not isinstance(layer, Layer):
+            raise TypeError(f"{where} must be a hatnorm.Layer, got {type(layer).__name__}")
+        module, out, inp = layer.module, layer.out, layer.inp
+        if not any(m is module for m in self.model.modules()):
+            raise ValueError(f"{where}.module must be a submodule of model, got a {type(module).__name__} "
+                             "that is not in it")
+        if not isinstance(out, MaskSource) or (inp is not None and not isinstance(inp, MaskSource)):
+            raise TypeError(f"{where}.out and .inp must be gates or mask sources (inp may be None), "
+                            f"got {type(out).__name__} and {type(inp).__name__}")
+        if isinstance(module, MaskedNorm):
+            if out.num_features != module.num_features:
+                raise ValueError(f"{where}.out has {out.num_features} units but the norm has "
+                                 f"{module.num_features} features")
+            return layer
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, nn.Parameter) or weight.dim() < 2:
+            raise TypeError(f"{where}.module must be a MaskedNorm or a weighted layer with a weight "
+                            f"[out, in, ...], got {type(module).__name__}")
+        if isinstance(module, nn.modules.conv._ConvTransposeNd):
+            raise TypeError(f"{where}.module: transposed convolutions ({type(module).__name__}) store weights "
+                            "[in, out, ...] and are not supported; allowed: nn.Linear, nn.Conv1d/2d/3d")
+        if weight.shape[0] != out.num_features:
+            raise ValueError(f"{where}.out has {out.num_features} units but the layer has {weight.shape[0]} outputs")
+        groups = getattr(module, "groups", 1)
+        if inp is not None and inp.num_features != weight.shape[1] * groups:
+            raise ValueError(f"{where}.inp has {inp.num_features} units but the layer reads "
+                             f"{weight.shape[1] * groups} input features")
+        return layer
+
+    def _multipliers(self, task: int) -> Iterator[tuple[nn.Parameter, Tensor]]:
+        """Every trainable parameter the method governs, with its gradient multiplier for ``task``."""
+        for layer in self.layers:
+            module = layer.module
+            out = layer.out.state()
+            if isinstance(module, MaskedNorm):
+                params = dict(module.named_parameters())
+                for name, mult in module.gradient_multipliers(out, task, self.policy).items():
+                    yield params[name], mult
+                continue
+            inp = None if layer.inp is None else layer.inp.state()
+            yield module.weight, _weight_rate(self.policy, module.weight, out, inp, getattr(module, "groups", 1))
+            if getattr(module, "bias", None) is not None:
+                yield module.bias, self.policy.unit_rate(out)
+        for heads in (m for m in self.model.modules() if isinstance(m, TaskHeads)):
+            params = dict(heads.named_parameters())
+            for name, mult in heads.gradient_multipliers(task).items():
+                yield params[name], mult
+        for gate in self.gates:
+            own = torch.zeros_like(gate.embedding)
+            own[task] = 1
+            yield gate.embedding, own
+
+    def _check_coverage(self) -> None:
+        covered = {id(p) for p, _ in self._multipliers(0)}
+        loose = [n for n, p in self.model.named_parameters() if p.requires_grad and id(p) not in covered]
+        if loose:
+            raise ValueError(f"model: trainable parameters neither protected by a mask nor owned by one task: "
+                             f"{loose}; wire their modules in layers (hatnorm.Layer) or freeze them")
+
+    def _reset_task_state(self) -> None:
+        self._params: list[nn.Parameter] = []
+        self._mults: list[Tensor] = []
+        self._frozen: list[nn.Parameter] = []
+        self._keep: list[Tensor] = []
+        self._snapshots: list[Tensor] = []
+        self._free: list[Tensor] = []
+        self._free_total = 1.0
+
+    def begin_task(self, task: int) -> None:
+        """Start training ``task``: fix its gradient multipliers and the regulariser's weights.
+
+        Raises:
+            ValueError: ``task`` out of range or already learned.
+            RuntimeError: another task is still being trained.
+        """
+        task = check_task(task, self.num_tasks)
+        if self.task is not None:
+            raise RuntimeError(f"task {self.task} is still being trained; call end_task() before begin_task({task})")
+        if task in self.learned_tasks:
+            raise ValueError(f"task must be a task not learned yet, got {task}; learned: {self.learned_tasks}")
+        merged: dict[int, tuple[nn.Parameter, Tensor]] = {}
+        with torch.no_grad():
+            for p, mult in self._multipliers(task):
+                mult = mult.to(device=p.device, dtype=p.dtype).expand_as(p)
+                if id(p) in merged:  # a module used twice keeps the stricter multiplier
+                    mult = torch.minimum(merged[id(p)][1], mult)
+                merged[id(p)] = (p, mult.contiguous())
+        self._reset_task_state()
+        for p, mult in merged.values():
+            if bool((mult == 1).all()):
+                continue
+            self._params.append(p)
+            self._mults.append(mult)
+            keep = mult != 0
+            if not bool(keep.all()):
+                self._frozen.append(p)
+                self._keep.append(keep)
+                self._snapshots.append(torch.empty_like(p))
+        self._free = [1 - g.cumulative for g in self.gates]
+        self._free_total = max(float(sum(f.sum() for f in self._free)), 1e-12)
+        self.task = task
+
+    def _active(self, what: str) -> int:
+        if self.task is None:
+            raise RuntimeError(f"{what} needs an active task; call begin_task(task) first")
+        return self.task
+
+    def scale(self, batch: int, num_batches: int) -> float:
+        """The annealed scale s for batch ``batch`` (0-based) of ``num_batches`` (Serrà et al. eq. 2)."""
+        return anneal_scale(batch, num_batches, self.s_max)
+
+    def regularizer(self, s: float | Tensor) -> Tensor:
+        """The capacity regulariser R = Σ a^t(1 − a^{<t}) / Σ (1 − a^{<t}) over all gates (Serrà et al. eq. 6)."""
+        task = self._active("regularizer")
+        s = check_scale(s)
+        gates = (hat_gate(g.embedding[task], s) for g in self.gates)
+        used = sum((a * free).sum() for a, free in zip(gates, self._free, strict=True))
+        return used / self._free_total
+
+    def loss(self, task_loss: Tensor, s: float | Tensor) -> Tensor:
+        """``task_loss + c·R``."""
+        return task_loss + self.c * self.regularizer(s)
+
+    @torch.no_grad()
+    def protect(self, s: float | Tensor) -> None:
+        """Protect the gradients after ``backward``: compensate the embedding gradients of the active task
+        (Serrà et al. eq. 5), then multiply every governed gradient by its task multiplier in one fused pass."""
+        task = self._active("protect")
+        s = check_scale(s)
+        for g in self.gates:
+            if g.embedding.grad is not None:
+                g.embedding.grad[task] *= compensation_factor(g.embedding[task], s, self.s_max, self.thres_cosh)
+        pairs = [(p.grad, m) for p, m in zip(self._params, self._mults, strict=True) if p.grad is not None]
+        if pairs:
+            grads, mults = map(list, zip(*pairs, strict=True))
+            torch._foreach_mul_(grads, mults)
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        """``optimizer.step()``, then restore every entry with multiplier 0 and clamp the active embeddings.
+
+        See the module docstring for why restoring is needed for momentum, weight decay and Adam.
+        """
+        task = self._active("step")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        with torch.no_grad():
+            if self._frozen:
+                torch._foreach_copy_(self._snapshots, [p.detach() for p in self._frozen])
+        optimizer.step()
+        with torch.no_grad():
+            for p, keep, before in zip(self._frozen, self._keep, self._snapshots, strict=True):
+                p.copy_(torch.where(keep, p, before))
+            for g in self.gates:
+                g.embedding[task].clamp_(-self.clamp, self.clamp)
+
+    def end_task(self) -> None:
+        """Finish the active task: fold its masks into every gate's cumulative mask (binarized by default)
+        and run the norms' end-of-task hooks."""
+        task = self._active("end_task")
+        for g in self.gates:
+            g.consolidate(task)
+        for layer in self.layers:
+            if isinstance(layer.module, MaskedNorm):
+                layer.module.end_task(task)
+        self.learned_tasks.append(task)
+        self.task = None
+        self._reset_task_state()
+
+    def gradient_multipliers(self) -> dict[str, Tensor]:
+        """The multipliers of the active task by parameter name; parameters left out keep their raw gradient."""
+        self._active("gradient_multipliers")
+        return {self._names[id(p)]: m for p, m in zip(self._params, self._mults, strict=True)}

@@ -1,0 +1,124 @@
+"""Masks of earlier tasks, and how they reach a layer's inputs and outputs.
+
+Every parameter is protected from the masks of the units it connects (Serrà et al. eq. 3). A layer's
+output units are those of the gate that follows it; its input units are those of the gate before it,
+reached through the graph: a residual add takes the elementwise max of the summed paths, a flatten
+repeats each channel's mask over its spatial positions, a concatenation concatenates.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from hatnorm._checks import check_positive_int
+
+
+@dataclass(frozen=True)
+class MaskState:
+    """What earlier tasks left on a set of units.
+
+    Attributes:
+        cumulative: a^{<t}, the elementwise max of the earlier tasks' masks, shape ``[N]``.
+        summative: the number of earlier tasks that selected each unit (AdaHAT's summative mask), ``[N]``.
+    """
+
+    cumulative: Tensor
+    summative: Tensor
+
+    @property
+    def free(self) -> float:
+        """The fraction of capacity earlier tasks left unused: 1 − mean(a^{<t})."""
+        return 1.0 - float(self.cumulative.float().mean())
+
+
+class MaskSource(ABC):
+    """Anything that says which units a tensor's channels are: a gate, or a combination of gates."""
+
+    @property
+    @abstractmethod
+    def num_features(self) -> int:
+        """The number of units (channels or features)."""
+
+    @abstractmethod
+    def state(self) -> MaskState:
+        """The masks earlier tasks left on these units."""
+
+
+class Residual(MaskSource):
+    """The units of a residual add: a unit is used when it is used on any summed path (elementwise max).
+
+    Args:
+        *paths: the mask sources of the summed tensors, all with the same number of features.
+    """
+
+    def __init__(self, *paths: MaskSource) -> None:
+        if len(paths) < 2:
+            raise ValueError(f"paths: a residual add sums at least 2 paths, got {len(paths)}")
+        sizes = {p.num_features for p in paths}
+        if len(sizes) != 1:
+            raise ValueError(f"paths must all have the same number of features, got {[p.num_features for p in paths]}")
+        self.paths = paths
+
+    @property
+    def num_features(self) -> int:
+        return self.paths[0].num_features
+
+    def state(self) -> MaskState:
+        states = [p.state() for p in self.paths]
+        return MaskState(
+            cumulative=torch.stack([s.cumulative for s in states]).amax(0),
+            summative=torch.stack([s.summative for s in states]).amax(0),
+        )
+
+
+class Flatten(MaskSource):
+    """The units of a flattened ``[C, *spatial]`` tensor: each channel's mask repeated over its positions.
+
+    Args:
+        channels: the mask source of the channels before flattening.
+        positions: the number of spatial positions per channel (H·W for a 2-D map).
+    """
+
+    def __init__(self, channels: MaskSource, positions: int) -> None:
+        self.channels = channels
+        self.positions = check_positive_int(positions, "positions")
+
+    @property
+    def num_features(self) -> int:
+        return self.channels.num_features * self.positions
+
+    def state(self) -> MaskState:
+        s = self.channels.state()
+        # flatten of [C, H, W] puts channel c at indices c·HW … (c+1)·HW − 1
+        return MaskState(
+            cumulative=s.cumulative.repeat_interleave(self.positions),
+            summative=s.summative.repeat_interleave(self.positions),
+        )
+
+
+class Concat(MaskSource):
+    """The units of a concatenation along the feature dimension, in order.
+
+    Args:
+        *parts: the mask sources of the concatenated tensors.
+    """
+
+    def __init__(self, *parts: MaskSource) -> None:
+        if not parts:
+            raise ValueError("parts: a concatenation needs at least 1 part, got 0")
+        self.parts = parts
+
+    @property
+    def num_features(self) -> int:
+        return sum(p.num_features for p in self.parts)
+
+    def state(self) -> MaskState:
+        states = [p.state() for p in self.parts]
+        return MaskState(
+            cumulative=torch.cat([s.cumulative for s in states]),
+            summative=torch.cat([s.summative for s in states]),
+        )

@@ -1,0 +1,416 @@
+"""The MaskedNorm protocol and its task-aware normalization layers.
+
+A task-aware norm receives its layer's gate a^t and returns a ⊙ norm_t(x): norm and gate are one call,
+placed as ``weighted op → norm(x, a, t) → activation``. The selection m = 1[a^t > 0.5] decides which
+units' statistics are used and moved. Every norm reports the gradient multipliers of its own
+parameters, so :class:`hatnorm.HAT` protects norms by the same mechanism as weights.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar, final
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hatnorm._checks import check_input, check_mask, check_non_negative, check_positive, check_positive_int, check_task
+from hatnorm._masks import MaskState
+from hatnorm._policies import GradientPolicy
+
+
+def selective_batch_norm(
+    x: Tensor,
+    selected: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor,
+    running_var: Tensor,
+    *,
+    training: bool,
+    momentum: float,
+    eps: float,
+) -> Tensor:
+    """``F.batch_norm`` over channel dim 1 whose running statistics move only on ``selected`` channels.
+
+    While training, the batch statistics update a copy of the running statistics and only the selected
+    channels take the new values: the others stay bit-identical. Evaluation uses the running statistics.
+    """
+    if not training:
+        return F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
+    new_mean, new_var = running_mean.clone(), running_var.clone()
+    out = F.batch_norm(x, new_mean, new_var, weight, bias, True, momentum, eps)
+    with torch.no_grad():
+        running_mean.copy_(torch.where(selected, new_mean, running_mean))
+        running_var.copy_(torch.where(selected, new_var, running_var))
+    return out
+
+
+def masked_batch_norm(
+    x: Tensor,
+    mask: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor,
+    running_var: Tensor,
+    *,
+    training: bool,
+    momentum: float,
+    eps: float,
+) -> Tensor:
+    """a ⊙ (γ·x̂ + β) over channel dim 1, moving the running statistics of channels with a > 0.5 only.
+
+    The gate folds into the affine (weight γ·a, bias β·a), so the layer is one ``F.batch_norm`` call.
+    """
+    w = mask if weight is None else weight * mask
+    b = None if bias is None else bias * mask
+    return selective_batch_norm(x, mask.detach() > 0.5, w, b, running_mean, running_var,
+                                training=training, momentum=momentum, eps=eps)
+
+
+def per_channel(mask: Tensor, x: Tensor) -> Tensor:
+    """``mask`` ``[C]`` shaped to broadcast over ``x`` ``[N, C, *spatial]``."""
+    return mask.view(-1, *([1] * (x.dim() - 2)))
+
+
+def masked_moments(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and (biased) variance of ``x`` over its last dim, counting only features with mask > 0.5.
+
+    μ = Σ m_i z_i / Σ m_i, σ² = Σ m_i (z_i − μ)² / Σ m_i. With no selected feature both are 0.
+    Returns two tensors of shape ``x.shape[:-1] + (1,)``.
+    """
+    selected = (mask.detach() > 0.5).to(x.dtype)
+    weights = selected / selected.sum().clamp_min(1)
+    mean = (x @ weights)[..., None]
+    var = ((x - mean).square() @ weights)[..., None]
+    return mean, var
+
+
+def masked_layer_norm(x: Tensor, mask: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
+    """a ⊙ (γ·x̂ + β) over the last dim, with x̂ normalised by the statistics of the selected features.
+
+    Features outside the selection do not change the selected outputs. No selected feature gives zeros.
+    """
+    mean, var = masked_moments(x, mask)
+    x_hat = (x - mean) * torch.rsqrt(var + eps)
+    w = mask if weight is None else weight * mask
+    out = x_hat * w if bias is None else torch.addcmul(bias * mask, x_hat, w)
+    any_selected = (mask.detach() > 0.5).any()
+    return out * any_selected.to(out.dtype)
+
+
+class MaskedNorm(nn.Module, ABC):
+    """The protocol of every task-aware norm.
+
+    Args:
+        num_features: number of units C (channels for batch norms, last-dim features for layer norms).
+        num_tasks: number of tasks T.
+    """
+
+    #: the tensor layouts a norm of this class accepts, for messages and registry checks
+    dims: ClassVar[tuple[int, ...]]
+    #: the dim holding the ``num_features`` units
+    channel_dim: ClassVar[int]
+
+    def __init__(self, num_features: int, *, num_tasks: int) -> None:
+        super().__init__()
+        self.num_features = check_positive_int(num_features, "num_features")
+        self.num_tasks = check_positive_int(num_tasks, "num_tasks")
+
+    @abstractmethod
+    def forward(self, x: Tensor, mask: Tensor, task: int) -> Tensor:
+        """Normalise ``x`` for task ``task`` and apply ``mask``, the layer's gate ``[num_features]``:
+        returns mask ⊙ norm_task(x)."""
+
+    @abstractmethod
+    def gradient_multipliers(self, previous: MaskState, task: int, policy: GradientPolicy) -> dict[str, Tensor]:
+        """The gradient multiplier of each of this norm's parameters while training ``task``.
+
+        Args:
+            previous: what earlier tasks left on this layer's units (its gate's masks).
+            task: the task about to be trained.
+            policy: the gradient policy for parameters shared between tasks.
+
+        Returns:
+            parameter name (as in ``named_parameters``) → multiplier of the parameter's shape; a
+            parameter left out keeps its raw gradient.
+        """
+
+    def end_task(self, task: int) -> None:
+        """Consolidate after ``task`` ends. Norms whose state is complete at the end of training do nothing."""
+
+    def _check(self, x: Tensor, mask: Tensor, task: int) -> int:
+        check_input(x, self.num_features, dims=self.dims, channel_dim=self.channel_dim)
+        check_mask(mask, self.num_features)
+        return check_task(task, self.num_tasks)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, num_tasks={self.num_tasks}"
+
+
+class _BatchNormBase(MaskedNorm):
+    """Validation and options shared by the batch-statistics norms."""
+
+    channel_dim = 1
+
+    def __init__(self, num_features: int, *, num_tasks: int, eps: float = 1e-5, momentum: float = 0.1) -> None:
+        super().__init__(num_features, num_tasks=num_tasks)
+        self.eps = check_positive(eps, "eps")
+        self.momentum = check_non_negative(momentum, "momentum")
+        if self.momentum > 1:
+            raise ValueError(f"momentum must be in [0, 1], got {momentum!r}")
+
+    def _check(self, x: Tensor, mask: Tensor, task: int) -> int:
+        task = super()._check(x, mask, task)
+        if self.training and x.numel() // self.num_features < 2:
+            raise ValueError(f"x: batch statistics need more than 1 value per channel in training, "
+                             f"got shape {list(x.shape)}")
+        return task
+
+
+class _MaskedBatchNorm(_BatchNormBase):
+    """One shared γ, β; running statistics per task, moved only on selected units."""
+
+    def __init__(self, num_features: int, *, num_tasks: int, eps: float = 1e-5, momentum: float = 0.1) -> None:
+        super().__init__(num_features, num_tasks=num_tasks, eps=eps, momentum=momentum)
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        # per-task statistics: [T, C]
+        self.register_buffer("running_mean", torch.zeros(num_tasks, num_features))
+        self.register_buffer("running_var", torch.ones(num_tasks, num_features))
+
+    def forward(self, x: Tensor, mask: Tensor, task: int) -> Tensor:
+        task = self._check(x, mask, task)
+        return masked_batch_norm(x, mask, self.weight, self.bias, self.running_mean[task], self.running_var[task],
+                                 training=self.training, momentum=self.momentum, eps=self.eps)
+
+    def gradient_multipliers(self, previous: MaskState, task: int, policy: GradientPolicy) -> dict[str, Tensor]:
+        rate = policy.unit_rate(previous)
+        return {"weight": rate, "bias": rate}
+
+
+@final
+class MaskedBatchNorm1d(_MaskedBatchNorm):
+    """Masked BatchNorm over ``[N, C]`` or ``[N, C, L]``: shared γ/β, per-task running statistics.
+
+    Output a ⊙ (γ·x̂ + β). In training, task t's running statistics move only for units with
+    a > 0.5; every other unit and task keeps its statistics bit-identical. Evaluation uses task t's
+    statistics. γ/β are protected by HAT like a bias.
+
+    Args:
+        num_features: number of channels C.
+        num_tasks: number of tasks T.
+        eps: added to the variance [1e-5].
+        momentum: running-statistics momentum [0.1].
+    """
+
+    dims = (2, 3)
+
+
+@final
+class MaskedBatchNorm2d(_MaskedBatchNorm):
+    """Masked BatchNorm over ``[N, C, H, W]``; see :class:`MaskedBatchNorm1d`."""
+
+    dims = (4,)
+
+
+class _TaskBatchNorm(_BatchNormBase):
+    """T independent BatchNorms; task t uses and trains only the t-th."""
+
+    def __init__(self, num_features: int, *, num_tasks: int, eps: float = 1e-5, momentum: float = 0.1) -> None:
+        super().__init__(num_features, num_tasks=num_tasks, eps=eps, momentum=momentum)
+        # one γ, β and set of statistics per task: [T, C]
+        self.weight = nn.Parameter(torch.ones(num_tasks, num_features))
+        self.bias = nn.Parameter(torch.zeros(num_tasks, num_features))
+        self.register_buffer("running_mean", torch.zeros(num_tasks, num_features))
+        self.register_buffer("running_var", torch.ones(num_tasks, num_features))
+
+    def forward(self, x: Tensor, mask: Tensor, task: int) -> Tensor:
+        task = self._check(x, mask, task)
+        return F.batch_norm(x, self.running_mean[task], self.running_var[task], self.weight[task] * mask,
+                            self.bias[task] * mask, self.training, self.momentum, self.eps)
+
+    def gradient_multipliers(self, previous: MaskState, task: int, policy: GradientPolicy) -> dict[str, Tensor]:
+        own = torch.zeros_like(self.weight)
+        own[task] = 1
+        return {"weight": own, "bias": own}
+
+
+@final
+class TaskBatchNorm1d(_TaskBatchNorm):
+    """Per-task BatchNorm over ``[N, C]`` or ``[N, C, L]``: output a ⊙ BN_t(x).
+
+    Task t trains BN t alone; the other tasks' γ, β and statistics are frozen (no gradient, no
+    statistic update, not moved by the optimizer under :meth:`HAT.step`).
+
+    Args:
+        num_features: number of channels C.
+        num_tasks: number of tasks T.
+        eps: added to the variance [1e-5].
+        momentum: running-statistics momentum [0.1].
+    """
+
+    dims = (2, 3)
+
+
+@final
+class TaskBatchNorm2d(_TaskBatchNorm):
+    """Per-task BatchNorm over ``[N, C, H, W]``; see :class:`TaskBatchNorm1d`."""
+
+    dims = (4,)
+
+
+class _SharedBatchNorm(_BatchNormBase):
+    """The naive baseline: one BatchNorm shared by all tasks, a ⊙ BN(x).
+
+    γ/β are protected like a bias; the running statistics are shared and drift to the newest task,
+    which is what makes HAT forget with an ordinary BatchNorm.
+    """
+
+    def __init__(self, num_features: int, *, num_tasks: int, eps: float = 1e-5, momentum: float = 0.1) -> None:
+        super().__init__(num_features, num_tasks=num_tasks, eps=eps, momentum=momentum)
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def forward(self, x: Tensor, mask: Tensor, task: int) -> Tensor:
+        self._check(x, mask, task)
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight * mask, self.bias * mask,
+                            self.training, self.momentum, self.eps)
+
+    def gradient_multipliers(self, previous: MaskState, task: int, policy: GradientPolicy) -> dict[str, Tensor]:
+        rate = policy.unit_rate(previous)
+        return {"weight": rate, "bias": rate}
+
+
+@final
+class SharedBatchNorm1d(_SharedBatchNorm):
+    """Shared BatchNorm baseline over ``[N, C]`` or ``[N, C, L]``: a ⊙ BN(x), statistics shared by all tasks."""
+
+    dims = (2, 3)
+
+
+@final
+class SharedBatchNorm2d(_SharedBatchNorm):
+    """Shared BatchNorm baseline over ``[N, C, H, W]``: a ⊙ BN(x), statistics shared by all tasks."""
+
+    dims = (4,)
+
+
+class _PostGateBatchNorm(_MaskedBatchNorm):
+    """The placement ablation: BN_t(a ⊙ x), the norm after the gate, with masked BN's per-task statistics.
+
+    Its output is not gated: units the task does not select still emit β, which later tasks may change.
+    """
+
+    def forward(self, x: Tensor, mask: Tensor, task: int) -> Tensor:
+        task = self._check(x, mask, task)
+        return selective_batch_norm(x * per_channel(mask, x), mask.detach() > 0.5, self.weight, self.bias,
+                                    self.running_mean[task], self.running_var[task],
+                                    training=self.training, momentum=self.momentum, eps=self.eps)
+
+
+@final
+class PostGateBatchNorm1d(_PostGateBatchNorm):
+    """Norm-after-gate ablation over ``[N, C]`` or ``[N, C, L]``: BN_t(a ⊙ x)."""
+
+    dims = (2, 3)
+
+
+@final
+class PostGateBatchNorm2d(_PostGateBatchNorm):
+    """Norm-after-gate ablation over ``[N, C, H, W]``: BN_t(a ⊙ x)."""
+
+    dims = (4,)
+
+
+@final
+class NoNorm(MaskedNorm):
+    """No normalization, the pure gate: a ⊙ x. Accepts any tensor with the units in dim 1."""
+
+    dims = (2, 3, 4, 5)
+    channel_dim = 1
+
+    def forward(self, x: Tensor, mask: Tensor, task: int) -> Tensor:
+        self._check(x, mask, task)
+        return x * per_channel(mask, x)
+
+    def gradient_multipliers(self, previous: MaskState, task: int, policy: GradientPolicy) -> dict[str, Tensor]:
+        return {}
+
+
+class _LayerNormBase(MaskedNorm):
+    """Validation and options shared by the layer norms over the last dim."""
+
+    dims = (2, 3, 4)
+    channel_dim = -1
+
+    def __init__(self, num_features: int, *, num_tasks: int, eps: float = 1e-5) -> None:
+        super().__init__(num_features, num_tasks=num_tasks)
+        self.eps = check_positive(eps, "eps")
+
+
+@final
+class MaskedLayerNorm(_LayerNormBase):
+    """Masked LayerNorm over the last dim: statistics over the selected features only.
+
+    μ = Σ m_i z_i / Σ m_i, σ² = Σ m_i (z_i − μ)² / Σ m_i with m = 1[a > 0.5]; output a ⊙ (γ·x̂ + β);
+    no selected feature gives zeros. γ/β are shared and protected by HAT like a bias.
+
+    Args:
+        num_features: number of features C (the last dim).
+        num_tasks: number of tasks T.
+        eps: added to the variance [1e-5].
+    """
+
+    def __init__(self, num_features: int, *, num_tasks: int, eps: float = 1e-5) -> None:
+        super().__init__(num_features, num_tasks=num_tasks, eps=eps)
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+
+    def forward(self, x: Tensor, mask: Tensor, task: int) -> Tensor:
+        self._check(x, mask, task)
+        return masked_layer_norm(x, mask, self.weight, self.bias, self.eps)
+
+    def gradient_multipliers(self, previous: MaskState, task: int, policy: GradientPolicy) -> dict[str, Tensor]:
+        rate = policy.unit_rate(previous)
+        return {"weight": rate, "bias": rate}
+
+
+@final
+class SharedLayerNorm(_LayerNormBase):
+    """Shared LayerNorm baseline: a ⊙ LN(x) over all features, γ/β protected like a bias."""
+
+    def __init__(self, num_features: int, *, num_tasks: int, eps: float = 1e-5) -> None:
+        super().__init__(num_features, num_tasks=num_tasks, eps=eps)
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+
+    def forward(self, x: Tensor, mask: Tensor, task: int) -> Tensor:
+        self._check(x, mask, task)
+        return F.layer_norm(x, (self.num_features,), self.weight * mask, self.bias * mask, self.eps)
+
+    def gradient_multipliers(self, previous: MaskState, task: int, policy: GradientPolicy) -> dict[str, Tensor]:
+        rate = policy.unit_rate(previous)
+        return {"weight": rate, "bias": rate}
+
+
+@final
+class TaskLayerNorm(_LayerNormBase):
+    """Per-task LayerNorm: a ⊙ LN_t(x) over all features with task t's own γ_t, β_t."""
+
+    def __init__(self, num_features: int, *, num_tasks: int, eps: float = 1e-5) -> None:
+        super().__init__(num_features, num_tasks=num_tasks, eps=eps)
+        self.weight = nn.Parameter(torch.ones(num_tasks, num_features))
+        self.bias = nn.Parameter(torch.zeros(num_tasks, num_features))
+
+    def forward(self, x: Tensor, mask: Tensor, task: int) -> Tensor:
+        task = self._check(x, mask, task)
+        return F.layer_norm(x, (self.num_features,), self.weight[task] * mask, self.bias[task] * mask, self.eps)
+
+    def gradient_multipliers(self, previous: MaskState, task: int, policy: GradientPolicy) -> dict[str, Tensor]:
+        own = torch.zeros_like(self.weight)
+        own[task] = 1
+        return {"weight": own, "bias": own}
