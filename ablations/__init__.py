@@ -1,0 +1,1 @@
+"""hatnorm's ablation scripts, runnable as ``python -m ablations.<name>``."""

@@ -46,8 +46,8 @@ class NormSpec:
     builder: NormBuilder
 
     def fits(self, family: Family) -> bool:
-        """Whether this norm can stand in a model that needs ``family``."""
-        return self.family in (family, "any")
+        """Whether this norm can stand in a model that needs ``family`` (``"any"``: a model that takes every norm)."""
+        return family == "any" or self.family in (family, "any")
 
     def layer(self, *, num_tasks: int, dims: int = 2, **options: Any) -> Callable[[int], MaskedNorm]:
         """A factory ``norm_layer(num_features)`` with the task options bound, to hand to a model."""
