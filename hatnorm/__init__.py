@@ -32,6 +32,7 @@ from hatnorm._norms import (
     selective_batch_norm,
 )
 from hatnorm._policies import AdaHATPolicy, GradientPolicy, HATPolicy, get_policy, list_policies, register_policy
+from hatnorm._protected import Protected
 
 __version__ = "0.1.0"
 
@@ -56,6 +57,7 @@ __all__ = [
     "NormSpec",
     "PostGateBatchNorm1d",
     "PostGateBatchNorm2d",
+    "Protected",
     "Residual",
     "SharedBatchNorm1d",
     "SharedBatchNorm2d",

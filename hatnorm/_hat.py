@@ -35,6 +35,7 @@ from hatnorm._heads import TaskHeads
 from hatnorm._masks import MaskSource, MaskState
 from hatnorm._norms import MaskedNorm
 from hatnorm._policies import GradientPolicy, get_policy
+from hatnorm._protected import Protected
 
 
 @dataclass(frozen=True)
@@ -43,11 +44,13 @@ class Layer:
 
     Attributes:
         module: a weighted layer (``weight`` of shape ``[out, in/groups, *kernel]``, optional ``bias``
-            ``[out]``, as in ``nn.Linear`` and ``nn.Conv*d``) or a :class:`MaskedNorm`.
+            ``[out]``, as in ``nn.Linear`` and ``nn.Conv*d``), a :class:`MaskedNorm`, or any
+            :class:`~hatnorm.Protected` module (which reports its own multipliers).
         out: the units of the module's output: the gate that follows it.
         inp: the units of a weighted layer's input: the gate before it, or a
             :class:`~hatnorm.Residual`, :class:`~hatnorm.Flatten` or :class:`~hatnorm.Concat` of gates;
-            ``None`` when the input is data (only the output side protects the layer). Unused for norms.
+            ``None`` when the input is data (only the output side protects the layer). Unused for
+            norms and other :class:`~hatnorm.Protected` modules.
     """
 
     module: nn.Module
@@ -150,15 +153,15 @@ class HAT:
         if not isinstance(out, MaskSource) or (inp is not None and not isinstance(inp, MaskSource)):
             raise TypeError(f"{where}.out and .inp must be gates or mask sources (inp may be None), "
                             f"got {type(out).__name__} and {type(inp).__name__}")
-        if isinstance(module, MaskedNorm):
-            if out.num_features != module.num_features:
-                raise ValueError(f"{where}.out has {out.num_features} units but the norm has "
-                                 f"{module.num_features} features")
+        if isinstance(module, MaskedNorm) and out.num_features != module.num_features:
+            raise ValueError(f"{where}.out has {out.num_features} units but the norm has "
+                             f"{module.num_features} features")
+        if isinstance(module, Protected):
             return layer
         weight = getattr(module, "weight", None)
         if not isinstance(weight, nn.Parameter) or weight.dim() < 2:
-            raise TypeError(f"{where}.module must be a MaskedNorm or a weighted layer with a weight "
-                            f"[out, in, ...], got {type(module).__name__}")
+            raise TypeError(f"{where}.module must be a Protected module (e.g. a MaskedNorm) or a weighted layer "
+                            f"with a weight [out, in, ...], got {type(module).__name__}")
         if isinstance(module, nn.modules.conv._ConvTransposeNd):
             raise TypeError(f"{where}.module: transposed convolutions ({type(module).__name__}) store weights "
                             "[in, out, ...] and are not supported; allowed: nn.Linear, nn.Conv1d/2d/3d")
@@ -175,7 +178,7 @@ class HAT:
         for layer in self.layers:
             module = layer.module
             out = layer.out.state()
-            if isinstance(module, MaskedNorm):
+            if isinstance(module, Protected):
                 params = dict(module.named_parameters())
                 for name, mult in module.gradient_multipliers(out, task, self.policy).items():
                     yield params[name], mult

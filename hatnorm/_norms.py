@@ -8,7 +8,7 @@ parameters, so :class:`hatnorm.HAT` protects norms by the same mechanism as weig
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from typing import ClassVar, final
 
 import torch
@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from hatnorm._checks import check_input, check_mask, check_non_negative, check_positive, check_positive_int, check_task
 from hatnorm._masks import MaskState
 from hatnorm._policies import GradientPolicy
+from hatnorm._protected import Protected
 
 
 def selective_batch_norm(
@@ -100,7 +101,7 @@ def masked_layer_norm(x: Tensor, mask: Tensor, weight: Tensor | None, bias: Tens
     return out * any_selected.to(out.dtype)
 
 
-class MaskedNorm(nn.Module, ABC):
+class MaskedNorm(nn.Module, Protected):
     """The protocol of every task-aware norm.
 
     Args:
