@@ -1,5 +1,5 @@
 """The reference architectures; importing this package registers each of them with hatnorm."""
 
-from architectures import mlp
+from architectures import alexnet, mlp, resnet, vit
 
-__all__ = ["mlp"]
+__all__ = ["alexnet", "mlp", "resnet", "vit"]

@@ -38,7 +38,8 @@ class NormSpec:
         family: ``"batch"`` (channels in dim 1, for CNNs), ``"layer"`` (features in the last dim, for
             transformers) or ``"any"`` (fits both).
         builder: ``builder(num_features, *, num_tasks, dims, **options)`` → a :class:`MaskedNorm`;
-            ``dims`` is 1 for ``[N, C]``/``[N, C, L]`` inputs and 2 for ``[N, C, H, W]``.
+            ``dims`` is 1 for ``[N, C]``/``[N, C, L]`` inputs, 2 for ``[N, C, H, W]``, and ``None``
+            for features in the last dim (``[N, tokens, D]``, transformers).
     """
 
     name: str
@@ -49,7 +50,7 @@ class NormSpec:
         """Whether this norm can stand in a model that needs ``family`` (``"any"``: a model that takes every norm)."""
         return family == "any" or self.family in (family, "any")
 
-    def layer(self, *, num_tasks: int, dims: int = 2, **options: Any) -> Callable[[int], MaskedNorm]:
+    def layer(self, *, num_tasks: int, dims: int | None = 2, **options: Any) -> Callable[[int], MaskedNorm]:
         """A factory ``norm_layer(num_features)`` with the task options bound, to hand to a model."""
         return functools.partial(self.builder, num_tasks=num_tasks, dims=dims, **options)
 
@@ -92,7 +93,7 @@ def list_norms(family: Family | None = None) -> list[str]:
 
 
 def _by_dims(name: str, one: type[MaskedNorm], two: type[MaskedNorm]) -> NormBuilder:
-    def build(num_features: int, *, num_tasks: int, dims: int = 2, **options: Any) -> MaskedNorm:
+    def build(num_features: int, *, num_tasks: int, dims: int | None = 2, **options: Any) -> MaskedNorm:
         if dims not in (1, 2):
             raise ValueError(f"dims must be 1 ([N, C] or [N, C, L]) or 2 ([N, C, H, W]) for norm {name!r}, "
                              f"got {dims!r}")
@@ -103,20 +104,30 @@ def _by_dims(name: str, one: type[MaskedNorm], two: type[MaskedNorm]) -> NormBui
     return build
 
 
-def _any_dims(cls: type[MaskedNorm]) -> NormBuilder:
-    def build(num_features: int, *, num_tasks: int, dims: int = 2, **options: Any) -> MaskedNorm:
+def _features_last(name: str, cls: type[MaskedNorm]) -> NormBuilder:
+    def build(num_features: int, *, num_tasks: int, dims: int | None = None, **options: Any) -> MaskedNorm:
+        if dims not in (None, 1):
+            raise ValueError(f"dims must be None (features in the last dim) or 1 ([N, C]) for norm {name!r}, "
+                             f"got {dims!r}")
         return cls(num_features, num_tasks=num_tasks, **options)
 
-    build.__name__ = cls.__name__
-    build.__doc__ = f"Build {cls.__name__}; the layout comes from the class, ``dims`` is ignored."
+    build.__name__ = name
+    build.__doc__ = f"Build {cls.__name__} over the last dim (dims=None, or 1 for [N, C])."
     return build
+
+
+def _no_norm(num_features: int, *, num_tasks: int, dims: int | None = 2, **options: Any) -> MaskedNorm:
+    """Build :class:`NoNorm` gating dim 1 (dims=1 or 2) or the last dim (dims=None)."""
+    if dims not in (None, 1, 2):
+        raise ValueError(f"dims must be None (features last), 1 or 2 for norm 'none', got {dims!r}")
+    return NoNorm(num_features, num_tasks=num_tasks, channel_dim=-1 if dims is None else 1, **options)
 
 
 register_norm("masked_bn", family="batch")(_by_dims("masked_bn", MaskedBatchNorm1d, MaskedBatchNorm2d))
 register_norm("task_bn", family="batch")(_by_dims("task_bn", TaskBatchNorm1d, TaskBatchNorm2d))
 register_norm("shared_bn", family="batch")(_by_dims("shared_bn", SharedBatchNorm1d, SharedBatchNorm2d))
 register_norm("post_gate_bn", family="batch")(_by_dims("post_gate_bn", PostGateBatchNorm1d, PostGateBatchNorm2d))
-register_norm("masked_ln", family="layer")(_any_dims(MaskedLayerNorm))
-register_norm("shared_ln", family="layer")(_any_dims(SharedLayerNorm))
-register_norm("task_ln", family="layer")(_any_dims(TaskLayerNorm))
-register_norm("none", family="any")(_any_dims(NoNorm))
+register_norm("masked_ln", family="layer")(_features_last("masked_ln", MaskedLayerNorm))
+register_norm("shared_ln", family="layer")(_features_last("shared_ln", SharedLayerNorm))
+register_norm("task_ln", family="layer")(_features_last("task_ln", TaskLayerNorm))
+register_norm("none", family="any")(_no_norm)

@@ -9,7 +9,7 @@ parameters, so :class:`hatnorm.HAT` protects norms by the same mechanism as weig
 from __future__ import annotations
 
 from abc import abstractmethod
-from typing import ClassVar, final
+from typing import Any, ClassVar, final
 
 import torch
 import torch.nn.functional as F
@@ -140,6 +140,17 @@ class MaskedNorm(nn.Module, Protected):
 
     def end_task(self, task: int) -> None:
         """Consolidate after ``task`` ends. Norms whose state is complete at the end of training do nothing."""
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        # Accept a plain nn.BatchNorm/nn.LayerNorm state (pretrained weights): a per-unit tensor [C]
+        # goes into every task slot of a per-task tensor [T, C]; BatchNorm's step counter has no use here.
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        own = dict(self.named_parameters(recurse=False)) | dict(self.named_buffers(recurse=False))
+        for name, tensor in own.items():
+            incoming = state_dict.get(prefix + name)
+            if incoming is not None and tensor.dim() == 2 and incoming.shape == tensor.shape[1:]:
+                state_dict[prefix + name] = incoming.expand_as(tensor).clone()
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def _check(self, x: Tensor, mask: Tensor, task: int) -> int:
         check_input(x, self.num_features, dims=self.dims, channel_dim=self.channel_dim)
@@ -329,14 +340,26 @@ class PostGateBatchNorm2d(_PostGateBatchNorm):
 
 @final
 class NoNorm(MaskedNorm):
-    """No normalization, the pure gate: a ⊙ x. Accepts any tensor with the units in dim 1."""
+    """No normalization, the pure gate: a ⊙ x.
+
+    Args:
+        num_features: number of gated units.
+        num_tasks: number of tasks.
+        channel_dim: where the units are: 1 (``[N, C, *spatial]``, CNNs) or -1 (the last dim, transformers).
+    """
 
     dims = (2, 3, 4, 5)
     channel_dim = 1
 
+    def __init__(self, num_features: int, *, num_tasks: int, channel_dim: int = 1) -> None:
+        super().__init__(num_features, num_tasks=num_tasks)
+        if channel_dim not in (1, -1):
+            raise ValueError(f"channel_dim must be 1 (channels first) or -1 (features last), got {channel_dim!r}")
+        self.channel_dim = channel_dim
+
     def forward(self, x: Tensor, mask: Tensor, task: int) -> Tensor:
         self._check(x, mask, task)
-        return x * per_channel(mask, x)
+        return x * (per_channel(mask, x) if self.channel_dim == 1 else mask)
 
     def gradient_multipliers(self, previous: MaskState, task: int, policy: GradientPolicy) -> dict[str, Tensor]:
         return {}

@@ -1,37 +1,103 @@
-"""Registry-driven smoke tests: every architecture × every norm that fits it."""
+"""Registry-driven tests: every architecture × every norm that fits it builds, trains and forgets nothing."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import hatnorm
 
+# small but real settings per architecture, and two input sizes each
+OPTIONS = {
+    "mlp": [({"in_features": 3 * 28 * 28}, 28), ({"in_features": 3 * 32 * 32}, 32)],
+    "alexnet": [({"size": 28}, 28), ({"size": 36}, 36)],
+    "resnet18": [({"base_width": 8}, 32), ({"base_width": 8, "stem": "imagenet"}, 48)],
+    "vit": [({"image_size": 16, "patch_size": 4, "dim": 16, "depth": 1, "heads": 2}, 16),
+            ({"image_size": 24, "patch_size": 8, "dim": 16, "depth": 2, "heads": 2}, 24)],
+    "vit_micro": [({}, 32), ({"image_size": 16}, 16)],
+    "vit_tiny": [({"depth": 2}, 32), ({"depth": 2, "image_size": 16}, 16)],
+}
+# task_ln and shared_ln normalise over every feature, so units other tasks own shift their statistics:
+# they are ablation baselines, not forgetting-free norms
+TASK_AWARE = {"masked_bn", "task_bn", "masked_ln", "none"}
 CASES = [
-    (arch, norm)
+    (arch, norm, options, size)
     for arch in hatnorm.list_architectures()
     for norm in hatnorm.list_norms(hatnorm.get_architecture(arch).family)
+    for options, size in OPTIONS[arch]
 ]
-INPUTS = {"mlp": (2, 1, 32, 32)}
 
 
-@pytest.mark.parametrize(("arch", "norm"), CASES)
-def test_builds_runs_and_every_parameter_gets_a_gradient(arch: str, norm: str) -> None:
+def ids(case: tuple) -> str:
+    arch, norm, _, size = case
+    return f"{arch}-{norm}-{size}"
+
+
+def test_reference_architectures_are_registered() -> None:
+    assert {"alexnet", "resnet18", "vit_micro", "vit_tiny"} <= set(hatnorm.list_architectures())
+    assert set(OPTIONS) == set(hatnorm.list_architectures()), "add test settings for the new architecture"
+
+
+@pytest.mark.parametrize("case", CASES, ids=ids)
+def test_builds_runs_and_every_parameter_gets_a_gradient(case: tuple) -> None:
+    arch, norm, options, size = case
     torch.manual_seed(0)
-    model = hatnorm.build(arch, num_tasks=3, norm=norm, num_classes=[2, 3, 4])
+    model = hatnorm.build(arch, num_tasks=3, norm=norm, num_classes=[2, 3, 4], in_channels=3, **options) \
+        if arch != "mlp" else hatnorm.build(arch, num_tasks=3, norm=norm, num_classes=[2, 3, 4], **options)
     hat = hatnorm.HAT(model)
-    x = torch.randn(*INPUTS[arch])
+    x = torch.randn(4, 3, size, size)
     hat.begin_task(1)
     model.train()
-    out = model(x, task=1, s=hat.scale(0, 4))
-    assert out.shape == (x.shape[0], 3)
+    out = model(x, task=1, s=hat.scale(1, 4))
+    assert out.shape == (4, 3)
     out.square().sum().backward()
-    unused = {n for n, p in model.named_parameters() if p.grad is None}
-    # only other tasks' heads are not reached
-    assert unused == {n for n, _ in model.named_parameters() if n.startswith("heads.heads.") and ".1." not in n}
+    unreached = {n for n, p in model.named_parameters() if p.grad is None}
+    assert unreached == {"heads.heads.0.weight", "heads.heads.0.bias", "heads.heads.2.weight", "heads.heads.2.bias"}
     for name, p in model.named_parameters():
         if p.grad is not None:
             assert torch.isfinite(p.grad).all(), name
+            if not name.startswith("heads"):
+                assert p.grad.abs().sum() > 0, f"{name} gets no gradient"
     plain = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm)
     assert not any(isinstance(m, plain) for m in model.modules())
+
+
+def optimizers() -> list:
+    return [
+        lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=1e-3),
+        lambda params: torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05),
+    ]
+
+
+@pytest.mark.parametrize("make_optimizer", optimizers(), ids=["sgd-momentum-wd", "adamw"])
+@pytest.mark.parametrize("case", [c for c in CASES if c[1] in TASK_AWARE and c[2] is OPTIONS[c[0]][0][0]], ids=ids)
+def test_no_forgetting_after_a_new_task(case: tuple, make_optimizer) -> None:
+    """Invariant 5: with binarized masks, training task 1 leaves task 0's outputs bit-identical."""
+    arch, norm, options, size = case
+    torch.manual_seed(0)
+    kwargs = options if arch == "mlp" else {"in_channels": 3, **options}
+    model = hatnorm.build(arch, num_tasks=2, norm=norm, num_classes=2, **kwargs)
+    hat = hatnorm.HAT(model)
+    optimizer = make_optimizer(model.parameters())
+    probe = torch.randn(6, 3, size, size)
+    reference = None
+    for task in range(2):
+        hat.begin_task(task)
+        for b in range(3):
+            model.train()
+            x, y = torch.randn(8, 3, size, size) * (task + 1), torch.randint(0, 2, (8,))
+            s = hat.scale(b, 3)
+            loss = hat.loss(F.cross_entropy(model(x, task=task, s=s), y), s)
+            optimizer.zero_grad()
+            loss.backward()
+            hat.protect(s)
+            hat.step(optimizer)
+        hat.end_task()
+        model.eval()
+        with torch.no_grad():
+            out = model(probe, task=0)
+        if reference is None:
+            reference = out
+    assert torch.equal(out, reference)
