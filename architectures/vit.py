@@ -1,10 +1,7 @@
 """Small vision transformers under HAT, written with einops.
 
-The residual stream has one gate for the whole model: the patch embedding, every attention output and
-every MLP output are gated by it, so the stream only ever holds its units, and every pre-norm reads
-it with that gate (a masked LayerNorm normalises over the stream's selected features). Attention has
-one gate each on the q, k and v features; the MLP has a gate on its hidden units (gate, then GELU,
-which keeps unselected units at exactly 0).
+The blocks are hatnorm's gated transformer blocks (``hatnorm.GatedAttention``, ``hatnorm.GatedFeedForward``):
+one gate on the residual stream, gates on the q, k, v features and on the MLP hidden units.
 """
 
 from __future__ import annotations
@@ -12,87 +9,21 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import torch
-import torch.nn.functional as F
-from einops import rearrange, repeat
+from einops import rearrange
 from torch import Tensor, nn
 
 from hatnorm import (
-    Concat,
-    GradientPolicy,
+    GatedAttention,
+    GatedFeedForward,
     HATGate,
     HATModule,
     Layer,
     MaskedNorm,
-    MaskState,
     NormSpec,
-    Protected,
     TaskHeads,
+    TokenEmbedding,
     register_architecture,
 )
-
-
-class TokenEmbedding(nn.Module, Protected):
-    """The cls token ``[1, 1, D]`` and position embedding ``[1, n + 1, D]``, protected per stream unit."""
-
-    def __init__(self, num_patches: int, dim: int) -> None:
-        super().__init__()
-        self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
-        self.pos_embedding = nn.Parameter(torch.randn(1, num_patches + 1, dim) * 0.02)
-
-    def forward(self, patches: Tensor) -> Tensor:
-        cls = repeat(self.cls_token, "1 1 d -> b 1 d", b=patches.shape[0])
-        return torch.cat([cls, patches], dim=1) + self.pos_embedding
-
-    def gradient_multipliers(self, previous: MaskState, task: int, policy: GradientPolicy) -> dict[str, Tensor]:
-        rate = policy.unit_rate(previous)  # [D], broadcast over tokens
-        return {"cls_token": rate, "pos_embedding": rate}
-
-
-class Attention(nn.Module):
-    """Pre-norm multi-head self-attention with gates on the q, k and v features."""
-
-    def __init__(self, dim: int, *, heads: int, dim_head: int, num_tasks: int,
-                 norm_layer: Callable[[int], MaskedNorm], s_max: float) -> None:
-        super().__init__()
-        inner = heads * dim_head
-        self.heads = heads
-        self.norm = norm_layer(dim)
-        self.to_qkv = nn.Linear(dim, inner * 3, bias=False)
-        self.gate_q, self.gate_k, self.gate_v = (HATGate(inner, num_tasks=num_tasks, s_max=s_max) for _ in range(3))
-        self.to_out = nn.Linear(inner, dim)
-
-    def forward(self, x: Tensor, stream: Tensor, task: int, s: float | Tensor | None) -> Tensor:
-        gates = torch.cat([self.gate_q(task, s), self.gate_k(task, s), self.gate_v(task, s)])
-        qkv = self.to_qkv(self.norm(x, stream, task)) * gates
-        q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=self.heads)
-        out = rearrange(F.scaled_dot_product_attention(q, k, v), "b h n d -> b n (h d)")
-        return self.to_out(out) * stream
-
-    def wiring(self, stream: HATGate) -> list[Layer]:
-        return [Layer(self.norm, out=stream),
-                Layer(self.to_qkv, out=Concat(self.gate_q, self.gate_k, self.gate_v), inp=stream),
-                Layer(self.to_out, out=stream, inp=self.gate_v)]
-
-
-class FeedForward(nn.Module):
-    """Pre-norm MLP with a gate on its hidden units."""
-
-    def __init__(self, dim: int, hidden: int, *, num_tasks: int, norm_layer: Callable[[int], MaskedNorm],
-                 s_max: float) -> None:
-        super().__init__()
-        self.norm = norm_layer(dim)
-        self.fc1 = nn.Linear(dim, hidden)
-        self.gate = HATGate(hidden, num_tasks=num_tasks, s_max=s_max)
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: Tensor, stream: Tensor, task: int, s: float | Tensor | None) -> Tensor:
-        h = F.gelu(self.fc1(self.norm(x, stream, task)) * self.gate(task, s))
-        return self.fc2(h) * stream
-
-    def wiring(self, stream: HATGate) -> list[Layer]:
-        return [Layer(self.norm, out=stream), Layer(self.fc1, out=self.gate, inp=stream),
-                Layer(self.fc2, out=stream, inp=self.gate)]
 
 
 class ViT(HATModule):
@@ -144,10 +75,11 @@ class ViT(HATModule):
         self.tokens = TokenEmbedding(num_patches, dim)
         self.gate_stream = HATGate(dim, num_tasks=num_tasks, s_max=s_max)
         self.attentions = nn.ModuleList(
-            Attention(dim, heads=heads, dim_head=dim_head, num_tasks=num_tasks, norm_layer=norm_layer, s_max=s_max)
+            GatedAttention(dim, heads=heads, dim_head=dim_head, num_tasks=num_tasks, norm_layer=norm_layer, s_max=s_max)
             for _ in range(depth))
         self.feedforwards = nn.ModuleList(
-            FeedForward(dim, mlp_dim, num_tasks=num_tasks, norm_layer=norm_layer, s_max=s_max) for _ in range(depth))
+            GatedFeedForward(dim, mlp_dim, num_tasks=num_tasks, norm_layer=norm_layer, s_max=s_max)
+            for _ in range(depth))
         self.norm = norm_layer(dim)
         self.heads = TaskHeads(dim, num_classes, num_tasks=num_tasks)
 

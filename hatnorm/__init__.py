@@ -7,6 +7,7 @@ from hatnorm._arch_registry import (
     list_architectures,
     register_architecture,
 )
+from hatnorm._convert import ConversionError, ConvertedModel, convert, open_gates
 from hatnorm._gate import HATGate, anneal_scale, compensate, compensation_factor, hat_gate
 from hatnorm._hat import HAT, HATModule, Layer
 from hatnorm._heads import TaskHeads
@@ -33,6 +34,7 @@ from hatnorm._norms import (
 )
 from hatnorm._policies import AdaHATPolicy, GradientPolicy, HATPolicy, get_policy, list_policies, register_policy
 from hatnorm._protected import Protected
+from hatnorm._transformer import GatedAttention, GatedFeedForward, TokenEmbedding
 
 __version__ = "0.1.0"
 
@@ -41,7 +43,11 @@ __all__ = [
     "AdaHATPolicy",
     "ArchitectureSpec",
     "Concat",
+    "ConversionError",
+    "ConvertedModel",
     "Flatten",
+    "GatedAttention",
+    "GatedFeedForward",
     "GradientPolicy",
     "HATGate",
     "HATModule",
@@ -66,10 +72,12 @@ __all__ = [
     "TaskBatchNorm2d",
     "TaskHeads",
     "TaskLayerNorm",
+    "TokenEmbedding",
     "anneal_scale",
     "build",
     "compensate",
     "compensation_factor",
+    "convert",
     "get_architecture",
     "get_norm",
     "get_policy",
@@ -80,6 +88,7 @@ __all__ = [
     "masked_batch_norm",
     "masked_layer_norm",
     "masked_moments",
+    "open_gates",
     "register_architecture",
     "register_norm",
     "register_policy",

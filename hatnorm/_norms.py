@@ -135,7 +135,8 @@ class MaskedNorm(nn.Module, Protected):
 
         Returns:
             parameter name (as in ``named_parameters``) → multiplier of the parameter's shape; a
-            parameter left out keeps its raw gradient.
+            parameter left out is not governed by HAT, and the coverage check refuses the model
+            unless it is frozen.
         """
 
     def end_task(self, task: int) -> None:

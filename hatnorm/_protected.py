@@ -29,5 +29,6 @@ class Protected(ABC):
 
         Returns:
             parameter name (as in ``named_parameters``) → multiplier broadcastable to the parameter;
-            a parameter left out keeps its raw gradient.
+            a parameter left out is not governed by HAT, and the coverage check refuses the model
+            unless it is frozen.
         """

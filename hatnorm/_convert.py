@@ -1,0 +1,355 @@
+"""``convert``: turn a model the user already has into a HAT model, keeping its weights.
+
+The model is traced with ``torch.fx``. Every BatchNorm/LayerNorm becomes the chosen task-aware norm
+with its γ, β and running statistics copied into every task slot, followed by a new gate; weighted
+layers with no norm after them get a gate of their own; the classifier becomes one head per task.
+Walking the traced graph gives every weighted layer's input units: the gate before it, through
+activations and pools, the elementwise max of both paths at a residual add, the channel mask
+repeated over positions at a flatten, and the concatenation of masks at a ``torch.cat``.
+
+What cannot be converted raises :class:`ConversionError` naming the node: data-dependent control
+flow (``torch.fx`` cannot trace it), operations that mix units (attention reshapes, matrix products
+other than layers, transposed convolutions), activations with f(0) ≠ 0 (a closed unit would not stay
+closed), residual adds of raw input data, and normalization layers other than BatchNorm/LayerNorm.
+transformers' ViT models, whose attention mixes units, are converted structurally instead (see
+:func:`convert`).
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
+
+from hatnorm._checks import check_positive, check_positive_int
+from hatnorm._gate import HATGate
+from hatnorm._hat import HATModule, Layer
+from hatnorm._heads import TaskHeads, class_counts
+from hatnorm._masks import Concat, Flatten, MaskSource, Residual
+from hatnorm._norm_registry import NormSpec, get_norm
+from hatnorm._norms import MaskedNorm, NoNorm
+
+
+class ConversionError(ValueError):
+    """A model, or a part of it, that :func:`convert` cannot turn into a HAT model."""
+
+
+#: modules that act on every unit alone and keep a zero unit at zero
+_UNITWISE_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.LeakyReLU, nn.Hardswish, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
+    nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.Identity,
+)
+_UNITWISE_FUNCTIONS = {
+    F.relu, torch.relu, F.relu6, F.gelu, F.silu, F.leaky_relu, F.hardswish, F.dropout, F.max_pool1d, F.max_pool2d,
+    F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_max_pool1d,
+    F.adaptive_max_pool2d,
+}
+_UNITWISE_METHODS = {"relu", "relu_", "contiguous", "clone"}
+_ADD = {operator.add, operator.iadd, torch.add}
+_FLATTEN_FUNCTIONS = {torch.flatten}
+_FLATTEN_METHODS = {"flatten", "view", "reshape"}
+
+
+@dataclass(frozen=True)
+class _Flat:
+    """Units of a flattened ``[N, C, *spatial]`` tensor, resolved when a Linear reads it."""
+
+    channels: MaskSource
+
+
+class GatedNorm(nn.Module):
+    """A task-aware norm and its gate in one node of a converted graph: ``norm(x, gate(task, s), task)``."""
+
+    def __init__(self, norm: MaskedNorm, gate: HATGate) -> None:
+        super().__init__()
+        self.norm = norm
+        self.gate = gate
+
+    def forward(self, x: Tensor, task: int, s: float | Tensor | None = None) -> Tensor:
+        return self.norm(x, self.gate(task, s), task)
+
+
+class Heads(nn.Module):
+    """Per-task heads in a converted graph, reading ``[N, *, in_features]`` like the ``nn.Linear`` they replace."""
+
+    def __init__(self, heads: TaskHeads) -> None:
+        super().__init__()
+        self.heads = heads
+
+    def forward(self, x: Tensor, task: int) -> Tensor:
+        shape = x.shape
+        return self.heads(x.reshape(-1, shape[-1]), task).reshape(*shape[:-1], -1)
+
+
+class ConvertedModel(HATModule):
+    """A converted model: ``model(x, task=t, s=s)``; its wiring comes from the traced graph.
+
+    Attributes:
+        body: the traced and rewritten graph module.
+    """
+
+    def __init__(self, body: nn.Module, layers: Sequence[Layer]) -> None:
+        super().__init__()
+        self.body = body
+        self._layers = list(layers)
+
+    def forward(self, x: Tensor, task: int, s: float | Tensor | None = None) -> Tensor:
+        return self.body(x, task, s)
+
+    def hat_layers(self) -> list[Layer]:
+        return list(self._layers)
+
+
+def _norm_dims(module: nn.Module) -> int | None:
+    if isinstance(module, nn.BatchNorm1d):
+        return 1
+    if isinstance(module, nn.BatchNorm2d):
+        return 2
+    return None
+
+
+def _make_norm(module: nn.Module, spec: NormSpec, num_tasks: int, where: str) -> MaskedNorm:
+    """The task-aware norm standing for ``module``, its γ, β and statistics in every task slot."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        if isinstance(module, nn.BatchNorm3d) or not module.affine or not module.track_running_stats:
+            raise ConversionError(f"{where}: only BatchNorm1d/2d with affine=True and running statistics convert, "
+                                  f"got {module}")
+        if not spec.fits("batch"):
+            raise ConversionError(f"norm {spec.name!r} cannot replace {type(module).__name__} at {where}; "
+                                  "use a batch-family norm")
+        num_features, options = module.num_features, {"eps": module.eps, "momentum": module.momentum or 0.1}
+    else:
+        if len(module.normalized_shape) != 1 or not module.elementwise_affine or module.bias is None:
+            raise ConversionError(f"{where}: only LayerNorm over the last dim with γ and β converts, got {module}")
+        if not spec.fits("layer"):
+            raise ConversionError(f"norm {spec.name!r} cannot replace LayerNorm at {where}; use a layer-family norm")
+        num_features, options = module.normalized_shape[0], {"eps": module.eps}
+    if spec.name == "none":
+        options = {}
+    norm = spec.layer(num_tasks=num_tasks, dims=_norm_dims(module), **options)(num_features)
+    if any(True for _ in norm.parameters()) or any(True for _ in norm.buffers()):
+        norm.load_state_dict(module.state_dict())
+    return norm.to(next(module.parameters()).device)
+
+
+class _Converter:
+    """One walk over a traced graph: rewrites it in place and collects the wiring."""
+
+    def __init__(self, gm: fx.GraphModule, spec: NormSpec, num_tasks: int, num_classes: list[int] | None,
+                 s_max: float) -> None:
+        self.gm, self.spec, self.num_tasks, self.num_classes, self.s_max = gm, spec, num_tasks, num_classes, s_max
+        self.units: dict[fx.Node, Any] = {}
+        self.layers: list[Layer] = []
+        self.pending: dict[fx.Node, tuple[nn.Module, MaskSource | None]] = {}  # weighted layers awaiting a gate
+
+    def new_gate(self, num_features: int) -> HATGate:
+        return HATGate(num_features, num_tasks=self.num_tasks, s_max=self.s_max)
+
+    def input_units(self, node: fx.Node, reader: str) -> MaskSource | None:
+        units = self.units.get(node)
+        if node in self.pending:
+            units = self.gate_weighted(node)
+        if isinstance(units, _Flat):
+            raise ConversionError(f"{reader}: a flattened tensor can only feed a Linear layer")
+        return units
+
+    def gate_weighted(self, node: fx.Node) -> HATGate:
+        """Insert a gate after a weighted layer that no norm follows."""
+        module, inp = self.pending.pop(node)
+        gate = self.new_gate(module.weight.shape[0])
+        gated = GatedNorm(NoNorm(gate.num_features, num_tasks=self.num_tasks), gate)
+        name = f"{node.target}_gate".replace(".", "_")
+        self.gm.add_submodule(name, gated)
+        with self.gm.graph.inserting_after(node):
+            new = self.gm.graph.call_module(name, (node, self.task, self.s))
+        node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+        self.layers += [Layer(module, out=gate, inp=inp), Layer(gated.norm, out=gate)]
+        self.units[new] = gate
+        return gate
+
+    def run(self) -> list[Layer]:
+        graph = self.gm.graph
+        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+        if len(placeholders) != 1:
+            raise ConversionError(f"module: the traced forward must take one input tensor, got "
+                                  f"{[p.target for p in placeholders]}")
+        with graph.inserting_after(placeholders[0]):
+            self.task = graph.placeholder("task")
+        with graph.inserting_after(self.task):
+            self.s = graph.placeholder("s", default_value=None)
+        self.units[placeholders[0]] = None
+        for node in list(graph.nodes):
+            if node in (self.task, self.s) or node.op == "placeholder":
+                continue
+            if node.op == "output":
+                self.output(node)
+            elif node.op == "call_module":
+                self.call_module(node)
+            elif node.op in ("call_function", "call_method"):
+                self.call(node)
+            elif node.op == "get_attr":
+                raise ConversionError(f"node {node.name}: a direct use of parameter or buffer {node.target!r} "
+                                      "cannot be protected")
+        self.gm.recompile()
+        return self.layers
+
+    def call_module(self, node: fx.Node) -> None:
+        module = self.gm.get_submodule(node.target)
+        where = f"module {node.target!r}"
+        if isinstance(module, nn.modules.batchnorm._BatchNorm | nn.LayerNorm):
+            source = node.args[0]
+            gate = self.new_gate(module.weight.shape[0] if module.weight is not None else module.num_features)
+            if source in self.pending and len(source.users) == 1:
+                weighted, inp = self.pending.pop(source)
+                self.layers.append(Layer(weighted, out=gate, inp=inp))
+            else:
+                self.input_units(source, where)
+            gated = GatedNorm(_make_norm(module, self.spec, self.num_tasks, where), gate)
+            self.gm.delete_submodule(node.target)
+            self.gm.add_submodule(node.target, gated)
+            node.args = (source, self.task, self.s)
+            self.layers.append(Layer(gated.norm, out=gate))
+            self.units[node] = gate
+        elif isinstance(module, nn.Linear | nn.modules.conv._ConvNd):
+            if isinstance(module, nn.modules.conv._ConvTransposeNd):
+                raise ConversionError(f"{where}: transposed convolutions are not supported")
+            units = self.units.get(node.args[0])
+            if node.args[0] in self.pending:
+                units = self.gate_weighted(node.args[0])
+            if isinstance(units, _Flat):
+                if not isinstance(module, nn.Linear) or module.in_features % units.channels.num_features:
+                    raise ConversionError(f"{where}: reads a flattened map of {units.channels.num_features} channels "
+                                          "but its input size is not a multiple of it")
+                units = Flatten(units.channels, module.in_features // units.channels.num_features)
+            if [u.op for u in node.users] == ["output"] and isinstance(module, nn.Linear):
+                self.classifier(node, module)
+                return
+            self.pending[node] = (module, units)
+        elif isinstance(module, _UNITWISE_MODULES):
+            self.units[node] = self.input_units(node.args[0], where)
+        elif isinstance(module, nn.Flatten):
+            self.units[node] = _Flat(self.input_units(node.args[0], where))
+        else:
+            raise ConversionError(f"{where}: {type(module).__name__} is not supported (allowed: BatchNorm1d/2d, "
+                                  "LayerNorm, Linear, Conv1d/2d/3d, unit-wise activations, dropout and pooling)")
+
+    def call(self, node: fx.Node) -> None:
+        where = f"node {node.name} ({node.target})"
+        tensors = [a for a in node.args if isinstance(a, fx.Node)]
+        target = node.target
+        if node.op == "call_method" and target in ("size", "dim"):
+            return
+        if target is getattr or (node.op == "call_function" and target in (operator.getitem,) and not tensors):
+            return
+        if target in _ADD or target == "add":
+            sources = [self.input_units(a, where) for a in tensors]
+            if len(sources) != 2 or any(s is None for s in sources):
+                raise ConversionError(f"{where}: a residual add must sum two gated paths, got {len(sources)} "
+                                      "tensor(s), some of them raw input data")
+            self.units[node] = Residual(*sources)
+        elif target in _UNITWISE_FUNCTIONS or (node.op == "call_method" and target in _UNITWISE_METHODS):
+            self.units[node] = self.input_units(tensors[0], where)
+        elif target in _FLATTEN_FUNCTIONS or (node.op == "call_method" and target in _FLATTEN_METHODS):
+            self.units[node] = _Flat(self.input_units(tensors[0], where))
+        elif target is torch.cat:
+            parts = [self.input_units(a, where) for a in node.args[0]]
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+            if dim != 1 or any(p is None for p in parts):
+                raise ConversionError(f"{where}: only a concatenation of gated tensors along dim 1 is supported")
+            self.units[node] = Concat(*parts)
+        else:
+            raise ConversionError(f"{where}: this operation is not supported; see the hatnorm docs for what converts")
+
+    def classifier(self, node: fx.Node, module: nn.Linear) -> None:
+        counts = self.num_classes or [module.out_features] * self.num_tasks
+        heads = TaskHeads(module.in_features, counts, num_tasks=self.num_tasks).to(module.weight.device)
+        if self.num_classes is None:
+            # every task starts from the model's own head, so open gates reproduce the original outputs
+            for head in heads.heads:
+                head.load_state_dict(module.state_dict())
+        self.gm.delete_submodule(node.target)
+        self.gm.add_submodule(node.target, Heads(heads))
+        source = node.args[0]
+        if source in self.pending:
+            self.gate_weighted(source)
+        node.args = (source, self.task)
+
+    def output(self, node: fx.Node) -> None:
+        for source in [a for a in node.all_input_nodes if a in self.pending]:
+            self.gate_weighted(source)
+        if not any(isinstance(m, Heads) for m in self.gm.modules()):
+            raise ConversionError("module: its output must come from a final nn.Linear (the classifier), which "
+                                  "becomes one head per task")
+
+
+def convert(
+    module: nn.Module,
+    *,
+    num_tasks: int,
+    norm: str | NormSpec = "masked_bn",
+    num_classes: int | Sequence[int] | None = None,
+    s_max: float = 400.0,
+) -> ConvertedModel:
+    """Turn an existing model into a HAT model, keeping its weights.
+
+    Norm layers become ``norm`` (their γ, β and running statistics copied into every task slot), a
+    gate follows every norm (and every weighted layer with no norm after it), each weighted layer's
+    input and output units are found from the traced graph, and the final ``nn.Linear`` becomes one
+    head per task. ``module`` itself is not changed.
+
+    transformers' ``ViTForImageClassification`` / ``ViTModel``-based classifiers are converted by
+    their structure (:func:`hatnorm._convert_vit.convert_vit`), because attention mixes units in
+    ways a unit-wise graph walk cannot follow.
+
+    Args:
+        module: the model; its forward takes one input tensor and ends in an ``nn.Linear``.
+        num_tasks: number of tasks.
+        norm: the task-aware norm replacing every BatchNorm/LayerNorm (a registered name).
+        num_classes: ``None`` to start every task's head as a copy of the model's own head (so open
+            gates reproduce the original outputs), or the class count of every task / of each task.
+        s_max: the gates' largest scale.
+
+    Returns:
+        a :class:`ConvertedModel`, called as ``model(x, task=t, s=s)``; ``hatnorm.HAT(model)`` reads its wiring.
+
+    Raises:
+        ConversionError: for a part that cannot be converted, naming it.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+    num_tasks = check_positive_int(num_tasks, "num_tasks")
+    spec = get_norm(norm) if isinstance(norm, str) else norm
+    if not isinstance(spec, NormSpec):
+        raise TypeError(f"norm must be a registered norm name or a NormSpec, got {norm!r}")
+    counts = None if num_classes is None else class_counts(num_classes, num_tasks)
+    s_max = check_positive(s_max, "s_max")
+    from hatnorm._convert_vit import convert_vit, is_transformers_vit
+
+    if is_transformers_vit(module):
+        return convert_vit(module, num_tasks=num_tasks, spec=spec, num_classes=counts, s_max=s_max)
+    try:
+        gm = fx.symbolic_trace(copy.deepcopy(module))
+    except Exception as error:  # torch.fx raises many types for untraceable code
+        raise ConversionError(f"module: torch.fx cannot trace {type(module).__name__}: {error}") from error
+    layers = _Converter(gm, spec, num_tasks, counts, s_max).run()
+    return ConvertedModel(gm, layers).train(module.training)
+
+
+def open_gates(model: nn.Module, value: float = 6.0) -> None:
+    """Set every gate's embedding to ``value`` > 0 for every task, so all gates are open (a = 1 at s_max).
+
+    Used to check that a converted model reproduces the original (SPEC invariant 7).
+    """
+    value = check_positive(value, "value")
+    with torch.no_grad():
+        for gate in (m for m in model.modules() if isinstance(m, HATGate)):
+            gate.embedding.fill_(value)
+
+

@@ -1,0 +1,118 @@
+"""Gated transformer blocks shared by the reference ViTs and by converted transformers models.
+
+The residual stream has one gate for the whole model: the token embedding and every block's output
+are gated by it, so the stream only holds its units, and each pre-norm reads the stream with that gate
+(a masked LayerNorm normalises over the stream's selected features). Attention has a gate on each of
+the q, k and v features; the MLP gates its hidden units before the activation, which must map 0 to 0
+so unselected units stay exactly 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from torch import Tensor, nn
+
+from hatnorm._gate import HATGate
+from hatnorm._hat import Layer
+from hatnorm._masks import Concat, MaskState
+from hatnorm._norms import MaskedNorm
+from hatnorm._policies import GradientPolicy
+from hatnorm._protected import Protected
+
+
+class TokenEmbedding(nn.Module, Protected):
+    """The cls token ``[1, 1, D]`` and the position embedding ``[1, n + 1, D]``, protected per stream unit.
+
+    Args:
+        num_patches: number of patch tokens n.
+        dim: width of the residual stream D.
+    """
+
+    def __init__(self, num_patches: int, dim: int) -> None:
+        super().__init__()
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.pos_embedding = nn.Parameter(torch.randn(1, num_patches + 1, dim) * 0.02)
+
+    def forward(self, patches: Tensor) -> Tensor:
+        """``[N, n, D]`` patch embeddings → ``[N, n + 1, D]`` tokens with the cls token first."""
+        cls = repeat(self.cls_token, "1 1 d -> b 1 d", b=patches.shape[0])
+        return torch.cat([cls, patches], dim=1) + self.pos_embedding
+
+    def gradient_multipliers(self, previous: MaskState, task: int, policy: GradientPolicy) -> dict[str, Tensor]:
+        rate = policy.unit_rate(previous)  # [D], broadcast over tokens
+        return {"cls_token": rate, "pos_embedding": rate}
+
+
+class GatedAttention(nn.Module):
+    """Pre-norm multi-head self-attention with gates on the q, k and v features.
+
+    Args:
+        dim: width of the residual stream.
+        heads: attention heads.
+        dim_head: features per head.
+        num_tasks: number of tasks.
+        norm_layer: the pre-norm factory (over the last dim).
+        s_max: the gates' largest scale.
+        qkv_bias: whether q, k, v have biases.
+    """
+
+    def __init__(self, dim: int, *, heads: int, dim_head: int, num_tasks: int,
+                 norm_layer: Callable[[int], MaskedNorm], s_max: float, qkv_bias: bool = False) -> None:
+        super().__init__()
+        inner = heads * dim_head
+        self.heads = heads
+        self.norm = norm_layer(dim)
+        self.to_q, self.to_k, self.to_v = (nn.Linear(dim, inner, bias=qkv_bias) for _ in range(3))
+        self.gate_q, self.gate_k, self.gate_v = (HATGate(inner, num_tasks=num_tasks, s_max=s_max) for _ in range(3))
+        self.to_out = nn.Linear(inner, dim)
+
+    def forward(self, x: Tensor, stream: Tensor, task: int, s: float | Tensor | None) -> Tensor:
+        """The gated update ``[N, n, D]`` for the stream ``x``, given the stream's gate values ``stream``."""
+        h = self.norm(x, stream, task)
+        q, k, v = (rearrange(proj(h) * gate(task, s), "b n (h d) -> b h n d", h=self.heads) for proj, gate in
+                   ((self.to_q, self.gate_q), (self.to_k, self.gate_k), (self.to_v, self.gate_v)))
+        out = rearrange(F.scaled_dot_product_attention(q, k, v), "b h n d -> b n (h d)")
+        return self.to_out(out) * stream
+
+    def wiring(self, stream: HATGate) -> list[Layer]:
+        return [Layer(self.norm, out=stream),
+                Layer(self.to_q, out=self.gate_q, inp=stream), Layer(self.to_k, out=self.gate_k, inp=stream),
+                Layer(self.to_v, out=self.gate_v, inp=stream), Layer(self.to_out, out=stream, inp=self.gate_v)]
+
+    def gate_units(self) -> Concat:
+        """The units of q, k and v together, in that order."""
+        return Concat(self.gate_q, self.gate_k, self.gate_v)
+
+
+class GatedFeedForward(nn.Module):
+    """Pre-norm MLP ``fc1 → gate → activation → fc2`` with its output gated by the stream.
+
+    Args:
+        dim: width of the residual stream.
+        hidden: hidden units.
+        num_tasks: number of tasks.
+        norm_layer: the pre-norm factory (over the last dim).
+        s_max: the gates' largest scale.
+        activation: a unit-wise module with f(0) = 0 [GELU].
+    """
+
+    def __init__(self, dim: int, hidden: int, *, num_tasks: int, norm_layer: Callable[[int], MaskedNorm],
+                 s_max: float, activation: nn.Module | None = None) -> None:
+        super().__init__()
+        self.norm = norm_layer(dim)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.gate = HATGate(hidden, num_tasks=num_tasks, s_max=s_max)
+        self.activation = activation if activation is not None else nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor, stream: Tensor, task: int, s: float | Tensor | None) -> Tensor:
+        h = self.activation(self.fc1(self.norm(x, stream, task)) * self.gate(task, s))
+        return self.fc2(h) * stream
+
+    def wiring(self, stream: HATGate) -> list[Layer]:
+        return [Layer(self.norm, out=stream), Layer(self.fc1, out=self.gate, inp=stream),
+                Layer(self.fc2, out=stream, inp=self.gate)]
