@@ -34,7 +34,7 @@ class Registry(Generic[T]):
         if not isinstance(name, str) or not name:
             raise ValueError(f"name must be a non-empty string, got {name!r}")
         if name in self._entries:
-            raise ValueError(f"name: a {self.kind} named {name!r} is already registered; "
+            raise ValueError(f"name: the {self.kind} name {name!r} is already registered; "
                              f"pick a name not in {sorted(self._entries)}")
         self._entries[name] = entry
         return entry

@@ -1,0 +1,176 @@
+"""hatnorm.convert on models people already have: torchvision ResNets and transformers' ViT."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import hatnorm
+
+torchvision = pytest.importorskip("torchvision")
+transformers = pytest.importorskip("transformers")
+
+
+def pretrained_resnet(builder, tmp_path) -> nn.Module:
+    """A torchvision ResNet loaded from a saved state dict with non-trivial BatchNorm statistics."""
+    torch.manual_seed(0)
+    source = builder(num_classes=7)
+    source.train()
+    with torch.no_grad():
+        for _ in range(2):
+            source(torch.randn(4, 3, 32, 32) * 2 + 0.5)
+    torch.save(source.state_dict(), tmp_path / "weights.pt")
+    model = builder(num_classes=7)
+    model.load_state_dict(torch.load(tmp_path / "weights.pt"))
+    return model.eval()
+
+
+def pretrained_vit(tmp_path) -> nn.Module:
+    """A transformers ViT classifier saved and reloaded with ``from_pretrained`` from a local folder."""
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(image_size=32, patch_size=4, hidden_size=64, num_hidden_layers=2,
+                                    num_attention_heads=4, intermediate_size=128, num_labels=7)
+    transformers.ViTForImageClassification(config).save_pretrained(tmp_path / "vit")
+    return transformers.ViTForImageClassification.from_pretrained(tmp_path / "vit").eval()
+
+
+MODELS = {
+    "resnet18": (lambda tmp: pretrained_resnet(torchvision.models.resnet18, tmp), 32, ["masked_bn", "task_bn"]),
+    "resnet50": (lambda tmp: pretrained_resnet(torchvision.models.resnet50, tmp), 32, ["masked_bn", "task_bn"]),
+    "vit": (pretrained_vit, 32, ["masked_ln"]),
+}
+CASES = [(name, norm) for name, (_, _, norms) in MODELS.items() for norm in norms]
+
+
+def logits(output) -> torch.Tensor:
+    return output.logits if hasattr(output, "logits") else output
+
+
+@pytest.mark.parametrize(("name", "norm"), CASES)
+def test_open_gates_reproduce_the_original(name: str, norm: str, tmp_path) -> None:
+    """Invariant 7: all gates open and statistics copied give the original outputs (≤ 1e-5), for every task."""
+    make, size, _ = MODELS[name]
+    original = make(tmp_path)
+    converted = hatnorm.convert(original, num_tasks=3, norm=norm)
+    hatnorm.HAT(converted)  # the coverage check passes
+    hatnorm.open_gates(converted)
+    converted.eval()
+    x = torch.randn(4, 3, size, size)
+    with torch.no_grad():
+        expected = logits(original(x))
+        for task in range(3):
+            torch.testing.assert_close(converted(x, task=task), expected, atol=1e-5, rtol=0)
+    plain = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm)
+    assert not any(isinstance(m, plain) for m in converted.modules())
+
+
+def test_convert_leaves_the_original_untouched(tmp_path) -> None:
+    original = pretrained_resnet(torchvision.models.resnet18, tmp_path)
+    before = {k: v.clone() for k, v in original.state_dict().items()}
+    hatnorm.convert(original, num_tasks=2)
+    assert all(torch.equal(before[k], v) for k, v in original.state_dict().items())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in original.modules())
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+@pytest.mark.parametrize(("name", "norm"), [c for c in CASES if c[0] != "resnet50"])
+def test_converted_models_forget_nothing(name: str, norm: str, optimizer: str, tmp_path) -> None:
+    """Invariant 5 on converted models: training task 1 leaves task 0's outputs bit-identical."""
+    make, size, _ = MODELS[name]
+    model = hatnorm.convert(make(tmp_path), num_tasks=2, norm=norm, num_classes=[3, 4])
+    hat = hatnorm.HAT(model)
+    opt = (torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3) if optimizer == "sgd"
+           else torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05))
+    probe = torch.randn(4, 3, size, size)
+    outputs = []
+    for task, classes in enumerate([3, 4]):
+        hat.begin_task(task)
+        for b in range(3):
+            model.train()
+            s = hat.scale(b, 3)
+            x, y = torch.randn(8, 3, size, size) + task, torch.randint(0, classes, (8,))
+            loss = hat.loss(F.cross_entropy(model(x, task=task, s=s), y), s)
+            opt.zero_grad()
+            loss.backward()
+            hat.protect(s)
+            hat.step(opt)
+        hat.end_task()
+        model.eval()
+        with torch.no_grad():
+            outputs.append(model(probe, task=0))
+    assert torch.equal(outputs[0], outputs[1])
+
+
+def test_num_classes_gives_fresh_heads(tmp_path) -> None:
+    model = hatnorm.convert(pretrained_resnet(torchvision.models.resnet18, tmp_path), num_tasks=2,
+                            num_classes=[2, 5])
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert model(x, task=0).shape == (2, 2)
+    assert model(x, task=1).shape == (2, 5)
+
+
+class Unconvertible(nn.Module):
+    def __init__(self, middle: nn.Module) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.middle = middle
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.middle(self.bn(self.conv(x))).mean((2, 3)))
+
+
+class Branchy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:
+            return self.fc(x)
+        return -self.fc(x)
+
+
+@pytest.mark.parametrize(("model", "match"), [
+    (Unconvertible(nn.Sigmoid()), "Sigmoid is not supported"),
+    (Unconvertible(nn.ConvTranspose2d(4, 4, 1)), "transposed convolutions"),
+    (Branchy(), "cannot trace Branchy"),
+])
+def test_what_cannot_be_converted_is_named(model: nn.Module, match: str) -> None:
+    with pytest.raises(hatnorm.ConversionError, match=match):
+        hatnorm.convert(model, num_tasks=2)
+
+
+def test_convert_rejects_bad_arguments(tmp_path) -> None:
+    model = torchvision.models.resnet18()
+    with pytest.raises(ValueError, match="num_tasks must be an int ≥ 1, got 0"):
+        hatnorm.convert(model, num_tasks=0)
+    with pytest.raises(ValueError, match="unknown norm 'batchnorm'"):
+        hatnorm.convert(model, num_tasks=2, norm="batchnorm")
+    with pytest.raises(hatnorm.ConversionError, match=r"masked_ln.*BatchNorm2d"):
+        hatnorm.convert(model, num_tasks=2, norm="masked_ln")
+    with pytest.raises(ValueError, match="num_classes must have one count per task"):
+        hatnorm.convert(model, num_tasks=2, num_classes=[2, 3, 4])
+
+
+class Gated(nn.Module):
+    """A gated network whose second layer the user forgot to wire."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 8)
+        self.gate1, self.gate2 = hatnorm.HATGate(8, num_tasks=2), hatnorm.HATGate(8, num_tasks=2)
+        self.heads = hatnorm.TaskHeads(8, 2, num_tasks=2)
+
+
+def test_coverage_check_names_the_unprotected_layer() -> None:
+    """Invariant 8: a trainable parameter neither masked nor owned by a task is refused, by name."""
+    model = Gated()
+    with pytest.raises(ValueError, match=r"\['fc2.weight', 'fc2.bias'\]"):
+        hatnorm.HAT(model, [hatnorm.Layer(model.fc1, out=model.gate1)])
+    model.fc2.requires_grad_(False)  # frozen parameters need no protection
+    hatnorm.HAT(model, [hatnorm.Layer(model.fc1, out=model.gate1)])

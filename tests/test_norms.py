@@ -1,0 +1,459 @@
+"""Every task-aware norm against a direct reference computation, and the norm registry."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import hatnorm
+from hatnorm import MaskState
+
+T = 3
+C = 6
+EPS = 1e-5
+# a soft gate whose selection 1[a > 0.5] is [1, 0, 1, 0, 1, 0] (0.5 itself is not selected)
+SOFT = torch.tensor([0.9, 0.2, 0.7, 0.5, 1.0, 0.0])
+SELECTED = torch.tensor([True, False, True, False, True, False])
+
+
+def per_channel(v: Tensor, x: Tensor) -> Tensor:
+    """``v`` ``[C]`` shaped to broadcast over ``x`` ``[N, C, *spatial]``."""
+    return v.view(1, -1, *([1] * (x.dim() - 2)))
+
+
+def randomize(norm: nn.Module) -> nn.Module:
+    """Give γ, β and every running statistic distinct values, so a wrong row or channel shows."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in norm.named_parameters():
+            p.copy_(torch.randn_like(p) * 0.5 + (1.0 if name == "weight" else 0.0))
+        for name, b in norm.named_buffers():
+            b.copy_(torch.randn_like(b) if name == "running_mean" else torch.rand_like(b) + 0.5)
+    return norm
+
+
+def batch_moments(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-channel mean, biased and unbiased variance of ``x`` ``[N, C, *spatial]``."""
+    dims = [0, *range(2, x.dim())]
+    return x.mean(dims), x.var(dims, unbiased=False), x.var(dims, unbiased=True)
+
+
+def bn_reference(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    return per_channel(weight, x) * (x - per_channel(mean, x)) / per_channel(var + EPS, x).sqrt() + per_channel(bias, x)
+
+
+def snapshot(module: nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+BN_INPUTS = {
+    "1d_NC": (hatnorm.MaskedBatchNorm1d, (16, C)),
+    "1d_NCL": (hatnorm.MaskedBatchNorm1d, (8, C, 5)),
+    "2d": (hatnorm.MaskedBatchNorm2d, (8, C, 3, 4)),
+}
+
+
+# --- masked BatchNorm -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("cls", "shape"), BN_INPUTS.values(), ids=BN_INPUTS.keys())
+def test_masked_bn_training_output_is_mask_times_batch_norm(cls, shape) -> None:
+    norm = randomize(cls(C, num_tasks=T)).train()
+    x = torch.randn(shape) * 2 + 1
+    out = norm(x, SOFT, 1)
+    mean, var, _ = batch_moments(x)
+    expected = per_channel(SOFT, x) * bn_reference(x, mean, var, norm.weight.detach(), norm.bias.detach())
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    reference = per_channel(SOFT, x) * F.batch_norm(x, None, None, norm.weight, norm.bias, True, 0.1, EPS)
+    torch.testing.assert_close(out, reference, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(("cls", "shape"), BN_INPUTS.values(), ids=BN_INPUTS.keys())
+def test_masked_bn_moves_only_selected_statistics_of_its_task(cls, shape) -> None:
+    norm = randomize(cls(C, num_tasks=T)).train()
+    before_mean, before_var = norm.running_mean.clone(), norm.running_var.clone()
+    x = torch.randn(shape) * 2 + 1
+    norm(x, SOFT, 1)
+    mean, _, unbiased = batch_moments(x)
+    # selected units of task 1: the momentum update of nn.BatchNorm (0.9·old + 0.1·batch, unbiased var)
+    torch.testing.assert_close(norm.running_mean[1, SELECTED], (0.9 * before_mean[1] + 0.1 * mean)[SELECTED])
+    torch.testing.assert_close(norm.running_var[1, SELECTED], (0.9 * before_var[1] + 0.1 * unbiased)[SELECTED])
+    # unselected units and every other task: bit-identical
+    assert torch.equal(norm.running_mean[1, ~SELECTED], before_mean[1, ~SELECTED])
+    assert torch.equal(norm.running_var[1, ~SELECTED], before_var[1, ~SELECTED])
+    for t in (0, 2):
+        assert torch.equal(norm.running_mean[t], before_mean[t])
+        assert torch.equal(norm.running_var[t], before_var[t])
+
+
+def test_masked_bn_statistics_equal_nn_batchnorm_on_the_selected_units() -> None:
+    norm = randomize(hatnorm.MaskedBatchNorm2d(C, num_tasks=T)).train()
+    reference = nn.BatchNorm2d(int(SELECTED.sum()))
+    with torch.no_grad():
+        reference.running_mean.copy_(norm.running_mean[2, SELECTED])
+        reference.running_var.copy_(norm.running_var[2, SELECTED])
+    for _ in range(3):
+        x = torch.randn(8, C, 3, 3) * 3 - 1
+        norm(x, SOFT, 2)
+        reference(x[:, SELECTED])
+    torch.testing.assert_close(norm.running_mean[2, SELECTED], reference.running_mean)
+    torch.testing.assert_close(norm.running_var[2, SELECTED], reference.running_var)
+
+
+@pytest.mark.parametrize(("cls", "shape"), BN_INPUTS.values(), ids=BN_INPUTS.keys())
+def test_masked_bn_evaluation_uses_the_task_running_statistics(cls, shape) -> None:
+    norm = randomize(cls(C, num_tasks=T)).eval()
+    before = snapshot(norm)
+    x = torch.randn(shape)
+    w, b = norm.weight.detach(), norm.bias.detach()
+    for t in range(T):
+        expected = per_channel(SOFT, x) * bn_reference(x, norm.running_mean[t], norm.running_var[t], w, b)
+        torch.testing.assert_close(norm(x, SOFT, t), expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(norm(x, SOFT, 0), norm(x, SOFT, 1))
+    # evaluation moves no statistic
+    after = snapshot(norm)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_masked_bn_binary_mask_gives_exact_zeros_on_unselected_units() -> None:
+    norm = randomize(hatnorm.MaskedBatchNorm2d(C, num_tasks=T)).eval()
+    out = norm(torch.randn(4, C, 2, 2), SELECTED.float(), 0)
+    assert torch.equal(out[:, ~SELECTED], torch.zeros(4, 3, 2, 2))
+
+
+def test_masked_bn_with_open_gates_is_nn_batchnorm() -> None:
+    norm = randomize(hatnorm.MaskedBatchNorm2d(C, num_tasks=T))
+    reference = nn.BatchNorm2d(C)
+    with torch.no_grad():
+        reference.weight.copy_(norm.weight)
+        reference.bias.copy_(norm.bias)
+        reference.running_mean.copy_(norm.running_mean[0])
+        reference.running_var.copy_(norm.running_var[0])
+    x = torch.randn(8, C, 3, 3)
+    ones = torch.ones(C)
+    torch.testing.assert_close(norm.train()(x, ones, 0), reference.train()(x))
+    torch.testing.assert_close(norm.running_mean[0], reference.running_mean)
+    torch.testing.assert_close(norm.eval()(x, ones, 0), reference.eval()(x))
+
+
+def test_masked_bn_gradient_reaches_gamma_beta_and_the_mask() -> None:
+    norm = randomize(hatnorm.MaskedBatchNorm2d(C, num_tasks=T)).train()
+    mask = SOFT.clone().requires_grad_(True)
+    x = torch.randn(8, C, 3, 3)
+    (norm(x, mask, 0) * torch.randn(8, C, 3, 3)).sum().backward()
+    # a unit with gate 0 passes no gradient to γ/β; the soft gate itself always gets one
+    assert norm.weight.grad[5] == 0 and norm.bias.grad[5] == 0
+    assert (norm.weight.grad[:5] != 0).all() and (norm.bias.grad[:5] != 0).all()
+    assert (mask.grad != 0).all()
+
+
+# --- per-task BatchNorm -----------------------------------------------------------------------------------
+
+
+TASK_BN_INPUTS = {
+    "1d_NC": (hatnorm.TaskBatchNorm1d, (16, C)),
+    "1d_NCL": (hatnorm.TaskBatchNorm1d, (8, C, 5)),
+    "2d": (hatnorm.TaskBatchNorm2d, (8, C, 3, 4)),
+}
+
+
+@pytest.mark.parametrize(("cls", "shape"), TASK_BN_INPUTS.values(), ids=TASK_BN_INPUTS.keys())
+def test_task_bn_training_uses_and_moves_only_its_own_bn(cls, shape) -> None:
+    norm = randomize(cls(C, num_tasks=T)).train()
+    before = snapshot(norm)
+    x = torch.randn(shape) * 2 + 1
+    out = norm(x, SOFT, 1)
+    mean, var, unbiased = batch_moments(x)
+    expected = per_channel(SOFT, x) * bn_reference(x, mean, var, before["weight"][1], before["bias"][1])
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    # task 1's statistics move on every unit; the other tasks' stay bit-identical
+    torch.testing.assert_close(norm.running_mean[1], 0.9 * before["running_mean"][1] + 0.1 * mean)
+    torch.testing.assert_close(norm.running_var[1], 0.9 * before["running_var"][1] + 0.1 * unbiased)
+    for t in (0, 2):
+        assert torch.equal(norm.running_mean[t], before["running_mean"][t])
+        assert torch.equal(norm.running_var[t], before["running_var"][t])
+    out.square().sum().backward()
+    for p in (norm.weight, norm.bias):
+        assert torch.equal(p.grad[[0, 2]], torch.zeros(2, C))
+        assert (p.grad[1, SOFT > 0] != 0).all()
+
+
+@pytest.mark.parametrize(("cls", "shape"), TASK_BN_INPUTS.values(), ids=TASK_BN_INPUTS.keys())
+def test_task_bn_evaluation_uses_the_task_bn(cls, shape) -> None:
+    norm = randomize(cls(C, num_tasks=T)).eval()
+    x = torch.randn(shape)
+    for t in range(T):
+        expected = per_channel(SOFT, x) * bn_reference(x, norm.running_mean[t], norm.running_var[t],
+                                                       norm.weight[t].detach(), norm.bias[t].detach())
+        torch.testing.assert_close(norm(x, SOFT, t), expected, rtol=1e-5, atol=1e-6)
+
+
+# --- shared BatchNorm and BN after the gate (baselines) ---------------------------------------------------
+
+
+@pytest.mark.parametrize(("cls", "shape"), [(hatnorm.SharedBatchNorm1d, (16, C)),
+                                            (hatnorm.SharedBatchNorm1d, (8, C, 5)),
+                                            (hatnorm.SharedBatchNorm2d, (8, C, 3, 4))])
+def test_shared_bn_is_mask_times_one_batch_norm_for_all_tasks(cls, shape) -> None:
+    norm = randomize(cls(C, num_tasks=T)).train()
+    before = snapshot(norm)
+    x = torch.randn(shape) * 2 + 1
+    out = norm(x, SOFT, 2)
+    mean, var, unbiased = batch_moments(x)
+    expected = per_channel(SOFT, x) * bn_reference(x, mean, var, before["weight"], before["bias"])
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    # one set of statistics, moved on every unit whatever the task
+    assert norm.running_mean.shape == (C,)
+    torch.testing.assert_close(norm.running_mean, 0.9 * before["running_mean"] + 0.1 * mean)
+    torch.testing.assert_close(norm.running_var, 0.9 * before["running_var"] + 0.1 * unbiased)
+    norm.eval()
+    expected = per_channel(SOFT, x) * bn_reference(x, norm.running_mean, norm.running_var,
+                                                   norm.weight.detach(), norm.bias.detach())
+    torch.testing.assert_close(norm(x, SOFT, 0), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(norm(x, SOFT, 1), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("cls", "shape"), [(hatnorm.PostGateBatchNorm1d, (16, C)),
+                                            (hatnorm.PostGateBatchNorm2d, (8, C, 3, 4))])
+def test_post_gate_bn_normalises_the_gated_input(cls, shape) -> None:
+    norm = randomize(cls(C, num_tasks=T)).train()
+    before = snapshot(norm)
+    x = torch.randn(shape) * 2 + 1
+    gated = per_channel(SOFT, x) * x
+    out = norm(x, SOFT, 1)
+    mean, var, unbiased = batch_moments(gated)
+    torch.testing.assert_close(out, bn_reference(gated, mean, var, before["weight"], before["bias"]),
+                               rtol=1e-4, atol=1e-5)
+    moved_mean = 0.9 * before["running_mean"][1] + 0.1 * mean
+    moved_var = 0.9 * before["running_var"][1] + 0.1 * unbiased
+    torch.testing.assert_close(norm.running_mean[1, SELECTED], moved_mean[SELECTED])
+    torch.testing.assert_close(norm.running_var[1, SELECTED], moved_var[SELECTED])
+    assert torch.equal(norm.running_mean[1, ~SELECTED], before["running_mean"][1, ~SELECTED])
+    assert torch.equal(norm.running_mean[[0, 2]], before["running_mean"][[0, 2]])
+    norm.eval()
+    expected = bn_reference(gated, norm.running_mean[2], norm.running_var[2], norm.weight.detach(), norm.bias.detach())
+    torch.testing.assert_close(norm(x, SOFT, 2), expected, rtol=1e-5, atol=1e-6)
+
+
+# --- no norm ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(4, C), (4, C, 5), (4, C, 3, 2), (2, C, 2, 2, 2)])
+def test_no_norm_is_the_pure_gate(shape) -> None:
+    norm = hatnorm.NoNorm(C, num_tasks=T)
+    x = torch.randn(shape)
+    assert torch.equal(norm(x, SOFT, 2), x * per_channel(SOFT, x))
+    assert list(norm.parameters()) == []
+
+
+@pytest.mark.parametrize("shape", [(4, C), (4, 5, C), (2, 3, 2, C)])
+def test_no_norm_features_last_gates_the_last_dim(shape) -> None:
+    norm = hatnorm.NoNorm(C, num_tasks=T, channel_dim=-1)
+    x = torch.randn(shape)
+    assert torch.equal(norm(x, SOFT, 0), x * SOFT)
+
+
+# --- masked LayerNorm -------------------------------------------------------------------------------------
+
+
+LN_SHAPES = [(5, C), (3, 4, C), (2, 3, 2, C)]
+
+
+@pytest.mark.parametrize("shape", LN_SHAPES)
+def test_masked_ln_with_a_binary_mask_is_layer_norm_over_the_selected_slice(shape) -> None:
+    norm = randomize(hatnorm.MaskedLayerNorm(C, num_tasks=T))
+    x = torch.randn(shape) * 3 + 2
+    out = norm(x, SELECTED.float(), 0)
+    w, b = norm.weight.detach(), norm.bias.detach()
+    expected = F.layer_norm(x[..., SELECTED], (3,), w[SELECTED], b[SELECTED], EPS)
+    torch.testing.assert_close(out[..., SELECTED], expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out[..., ~SELECTED], torch.zeros_like(out[..., ~SELECTED]))
+
+
+@pytest.mark.parametrize("shape", LN_SHAPES)
+def test_masked_ln_with_a_soft_mask_uses_the_selected_statistics(shape) -> None:
+    norm = randomize(hatnorm.MaskedLayerNorm(C, num_tasks=T))
+    x = torch.randn(shape) * 3 + 2
+    out = norm(x, SOFT, 1)
+    # μ, σ² over the selected features only (biased), by slicing
+    mean = x[..., SELECTED].mean(-1, keepdim=True)
+    var = x[..., SELECTED].var(-1, unbiased=False, keepdim=True)
+    expected = SOFT * (norm.weight.detach() * (x - mean) / (var + EPS).sqrt() + norm.bias.detach())
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_masked_ln_ignores_unselected_features() -> None:
+    norm = randomize(hatnorm.MaskedLayerNorm(C, num_tasks=T))
+    x = torch.randn(4, C)
+    y = x.clone()
+    y[:, ~SELECTED] = torch.randn(4, 3) * 100
+    torch.testing.assert_close(norm(x, SOFT, 0)[:, SELECTED], norm(y, SOFT, 0)[:, SELECTED], rtol=0, atol=1e-6)
+
+
+def test_masked_ln_with_all_ones_is_layer_norm() -> None:
+    norm = randomize(hatnorm.MaskedLayerNorm(C, num_tasks=T))
+    x = torch.randn(3, 4, C)
+    expected = F.layer_norm(x, (C,), norm.weight, norm.bias, EPS)
+    torch.testing.assert_close(norm(x, torch.ones(C), 2), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mask", [torch.zeros(C), torch.full((C,), 0.3)], ids=["zeros", "soft_none_selected"])
+def test_masked_ln_with_no_selected_feature_gives_zeros_and_no_nan(mask) -> None:
+    norm = randomize(hatnorm.MaskedLayerNorm(C, num_tasks=T))
+    x = torch.randn(4, C, requires_grad=True)
+    mask = mask.clone().requires_grad_(True)
+    out = norm(x, mask, 0)
+    assert torch.equal(out, torch.zeros(4, C))
+    out.sum().backward()
+    for grad in (x.grad, mask.grad, norm.weight.grad, norm.bias.grad):
+        assert torch.isfinite(grad).all()
+
+
+# --- shared and per-task LayerNorm (baselines) ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", LN_SHAPES)
+def test_shared_ln_is_mask_times_layer_norm(shape) -> None:
+    norm = randomize(hatnorm.SharedLayerNorm(C, num_tasks=T))
+    x = torch.randn(shape) * 2 - 1
+    mean, var = x.mean(-1, keepdim=True), x.var(-1, unbiased=False, keepdim=True)
+    expected = SOFT * (norm.weight.detach() * (x - mean) / (var + EPS).sqrt() + norm.bias.detach())
+    for t in range(T):
+        torch.testing.assert_close(norm(x, SOFT, t), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", LN_SHAPES)
+def test_task_ln_uses_the_task_affine(shape) -> None:
+    norm = randomize(hatnorm.TaskLayerNorm(C, num_tasks=T))
+    x = torch.randn(shape) * 2 - 1
+    mean, var = x.mean(-1, keepdim=True), x.var(-1, unbiased=False, keepdim=True)
+    for t in range(T):
+        expected = SOFT * (norm.weight[t].detach() * (x - mean) / (var + EPS).sqrt() + norm.bias[t].detach())
+        torch.testing.assert_close(norm(x, SOFT, t), expected, rtol=1e-5, atol=1e-5)
+    norm(x, SOFT, 1).square().sum().backward()
+    assert torch.equal(norm.weight.grad[[0, 2]], torch.zeros(2, C))
+    assert (norm.weight.grad[1, SOFT > 0] != 0).all()
+
+
+# --- the norms' own gradient multipliers ------------------------------------------------------------------
+
+
+PREVIOUS = MaskState(cumulative=torch.tensor([1.0, 0.0, 0.5, 0.25, 1.0, 0.0]), summative=torch.zeros(C))
+SHARED = [hatnorm.MaskedBatchNorm1d, hatnorm.MaskedBatchNorm2d, hatnorm.SharedBatchNorm1d, hatnorm.SharedBatchNorm2d,
+          hatnorm.PostGateBatchNorm1d, hatnorm.PostGateBatchNorm2d, hatnorm.MaskedLayerNorm, hatnorm.SharedLayerNorm]
+PER_TASK = [hatnorm.TaskBatchNorm1d, hatnorm.TaskBatchNorm2d, hatnorm.TaskLayerNorm]
+
+
+@pytest.mark.parametrize("cls", SHARED, ids=lambda c: c.__name__)
+def test_shared_affine_is_protected_like_a_bias(cls) -> None:
+    mults = cls(C, num_tasks=T).gradient_multipliers(PREVIOUS, 1, hatnorm.HATPolicy())
+    assert set(mults) == {"weight", "bias"}
+    for m in mults.values():
+        assert torch.equal(m, torch.tensor([0.0, 1.0, 0.5, 0.75, 0.0, 1.0]))
+
+
+@pytest.mark.parametrize("cls", PER_TASK, ids=lambda c: c.__name__)
+def test_per_task_affine_is_owned_by_its_task(cls) -> None:
+    mults = cls(C, num_tasks=T).gradient_multipliers(PREVIOUS, 2, hatnorm.HATPolicy())
+    own = torch.zeros(T, C)
+    own[2] = 1
+    assert set(mults) == {"weight", "bias"}
+    assert all(torch.equal(m, own) for m in mults.values())
+
+
+def test_no_norm_has_nothing_to_protect() -> None:
+    assert hatnorm.NoNorm(C, num_tasks=T).gradient_multipliers(PREVIOUS, 1, hatnorm.HATPolicy()) == {}
+
+
+# --- the norm registry ------------------------------------------------------------------------------------
+
+
+BUILDS = [
+    ("masked_bn", 1, hatnorm.MaskedBatchNorm1d),
+    ("masked_bn", 2, hatnorm.MaskedBatchNorm2d),
+    ("task_bn", 1, hatnorm.TaskBatchNorm1d),
+    ("task_bn", 2, hatnorm.TaskBatchNorm2d),
+    ("shared_bn", 1, hatnorm.SharedBatchNorm1d),
+    ("shared_bn", 2, hatnorm.SharedBatchNorm2d),
+    ("post_gate_bn", 1, hatnorm.PostGateBatchNorm1d),
+    ("post_gate_bn", 2, hatnorm.PostGateBatchNorm2d),
+    ("masked_ln", None, hatnorm.MaskedLayerNorm),
+    ("masked_ln", 1, hatnorm.MaskedLayerNorm),
+    ("shared_ln", None, hatnorm.SharedLayerNorm),
+    ("task_ln", None, hatnorm.TaskLayerNorm),
+    ("none", None, hatnorm.NoNorm),
+    ("none", 1, hatnorm.NoNorm),
+    ("none", 2, hatnorm.NoNorm),
+]
+
+
+def test_required_norm_names_are_registered() -> None:
+    assert {"masked_bn", "task_bn", "masked_ln", "shared_bn", "none"} <= set(hatnorm.list_norms())
+    assert {"masked_bn", "task_bn", "shared_bn", "none"} <= set(hatnorm.list_norms("batch"))
+    assert {"masked_ln", "none"} <= set(hatnorm.list_norms("layer"))
+    assert "masked_ln" not in hatnorm.list_norms("batch")
+    assert "masked_bn" not in hatnorm.list_norms("layer")
+
+
+@pytest.mark.parametrize(("name", "dims", "cls"), BUILDS, ids=[f"{n}-dims{d}" for n, d, _ in BUILDS])
+def test_registered_name_builds_the_right_class(name, dims, cls) -> None:
+    spec = hatnorm.get_norm(name)
+    assert spec.name == name
+    norm_layer = spec.layer(num_tasks=4, dims=dims)
+    norm = norm_layer(7)  # the factory stands where nn.BatchNorm2d stood: norm_layer(num_features)
+    assert type(norm) is cls
+    assert norm.num_features == 7
+    assert norm.num_tasks == 4
+
+
+def test_none_gates_the_dim_its_layout_names() -> None:
+    x = torch.randn(2, C, C)
+    first = hatnorm.get_norm("none").layer(num_tasks=T, dims=2)(C)
+    last = hatnorm.get_norm("none").layer(num_tasks=T, dims=None)(C)
+    assert torch.equal(first(x, SOFT, 0), x * SOFT[:, None])
+    assert torch.equal(last(x, SOFT, 0), x * SOFT)
+
+
+@pytest.mark.parametrize(("name", "dims"), [("masked_bn", None), ("masked_bn", 3), ("masked_ln", 2)])
+def test_registered_builder_refuses_a_layout_it_does_not_have(name, dims) -> None:
+    with pytest.raises(ValueError, match=rf"dims must be .* for norm '{name}', got {dims}"):
+        hatnorm.get_norm(name).layer(num_tasks=T, dims=dims)(C)
+
+
+def test_registered_builders_pass_options_on() -> None:
+    norm = hatnorm.get_norm("masked_bn").layer(num_tasks=2, dims=2, eps=1e-3, momentum=0.5)(4)
+    assert (norm.eps, norm.momentum) == (1e-3, 0.5)
+
+
+def inputs_for(family: str) -> list[tuple[int | None, tuple[int, ...]]]:
+    """(dims, input shape) pairs a norm of ``family`` must take."""
+    batch = [(1, (6, C)), (1, (4, C, 5)), (2, (4, C, 3, 3))]
+    layer = [(None, (6, C)), (None, (2, 4, C))]
+    return {"batch": batch, "layer": layer, "any": batch + layer}[family]
+
+
+@pytest.mark.parametrize("name", hatnorm.list_norms())
+def test_every_registered_norm_builds_and_runs_forward_and_backward(name) -> None:
+    spec = hatnorm.get_norm(name)
+    gate = hatnorm.HATGate(C, num_tasks=T)
+    torch.manual_seed(0)
+    for dims, shape in inputs_for(spec.family):
+        norm = spec.layer(num_tasks=T, dims=dims)(C)
+        assert isinstance(norm, hatnorm.MaskedNorm)
+        norm.train()
+        gate.zero_grad()
+        x = torch.randn(shape, requires_grad=True)
+        out = norm(x, gate(1, 2.0), 1)
+        assert out.shape == x.shape
+        assert torch.isfinite(out).all()
+        out.square().sum().backward()
+        assert torch.isfinite(x.grad).all()
+        assert torch.isfinite(gate.embedding.grad).all()
+        for pname, p in norm.named_parameters():
+            assert p.grad is not None, pname
+            assert torch.isfinite(p.grad).all(), pname
+        norm.eval()
+        assert torch.isfinite(norm(x.detach(), gate.eval()(1), 1)).all()
+        gate.train()
