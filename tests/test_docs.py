@@ -32,3 +32,10 @@ def test_add_your_architecture_tutorial(monkeypatch: pytest.MonkeyPatch) -> None
     assert out.shape == (4, 2)
     for norm in hatnorm.list_norms("batch"):
         hatnorm.HAT(hatnorm.build("tiny_cnn", num_tasks=2, norm=norm, num_classes=[2, 3]))
+
+
+def test_concepts_example_forgets_nothing(capsys: pytest.CaptureFixture[str]) -> None:
+    example = python_blocks("concepts.md")[-1]
+    torch.manual_seed(0)
+    exec(example, {})
+    assert capsys.readouterr().out.strip() == "True"
