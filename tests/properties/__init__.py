@@ -1,0 +1,1 @@
+"""Property tests (hypothesis) of the invariants of SPEC §4."""

@@ -1,0 +1,264 @@
+"""Task sequences: Split- and Permuted-MNIST from the embedded digits, Serrà's CIFAR sequence from a fake folder."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fake_cifar import CIFAR10_FOLDER, CIFAR100_FOLDER, write_fake_cifar
+
+from hatnorm.data import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    CIFAR100_MEAN,
+    CIFAR100_STD,
+    MNIST_MEAN,
+    MNIST_STD,
+    Task,
+    cifar_sequence,
+    permuted_mnist,
+    split_mnist,
+)
+
+# --- Split-MNIST ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mnist() -> list[Task]:
+    return split_mnist()
+
+
+def test_split_mnist_has_five_pair_tasks(mnist: list[Task]) -> None:
+    assert [t.name for t in mnist] == ["mnist-0/1", "mnist-2/3", "mnist-4/5", "mnist-6/7", "mnist-8/9"]
+    for k, task in enumerate(mnist):
+        assert task.classes == (2 * k, 2 * k + 1)
+        assert task.num_classes == 2
+        assert (len(task.train), len(task.test)) == (800, 200)
+        for part in (task.train, task.test):
+            images, labels = part.tensors
+            assert images.shape[1:] == (1, 32, 32)
+            assert images.dtype == torch.float32
+            assert labels.dtype == torch.int64
+            assert labels.bincount().tolist() == [len(part) // 2] * 2  # stratified: each class half
+
+
+def test_split_mnist_is_normalised_and_padded(mnist: list[Task]) -> None:
+    images = mnist[0].train.tensors[0]
+    background = -MNIST_MEAN / MNIST_STD
+    border = torch.cat([images[..., :2, :].flatten(), images[..., -2:, :].flatten(),
+                        images[..., :, :2].flatten(), images[..., :, -2:].flatten()])
+    assert torch.allclose(border, torch.tensor(background))
+    assert images.max() > 2  # ink is far above the mean
+
+
+def test_split_mnist_split_is_the_same_across_calls(mnist: list[Task]) -> None:
+    again = split_mnist(num_tasks=2)
+    assert len(again) == 2
+    for a, b in zip(mnist, again, strict=False):
+        for pa, pb in ((a.train, b.train), (a.test, b.test)):
+            assert all(torch.equal(x, y) for x, y in zip(pa.tensors, pb.tensors, strict=True))
+
+
+def test_split_mnist_train_and_test_do_not_overlap(mnist: list[Task]) -> None:
+    train = {tuple(x.flatten().tolist()) for x in mnist[0].train.tensors[0]}
+    assert not any(tuple(x.flatten().tolist()) in train for x in mnist[0].test.tensors[0])
+
+
+def test_split_mnist_rgb_repeats_the_gray_channel(mnist: list[Task]) -> None:
+    rgb = split_mnist(num_tasks=1, channels=3, size=28)
+    images = rgb[0].train.tensors[0]
+    assert images.shape[1:] == (3, 28, 28)
+    assert torch.equal(images[:, 0], images[:, 1]) and torch.equal(images[:, 0], images[:, 2])
+    assert torch.equal(images[:, :1], mnist[0].train.tensors[0][:, :, 2:-2, 2:-2])
+
+
+@pytest.mark.parametrize("make", [split_mnist, permuted_mnist], ids=["split", "permuted"])
+@pytest.mark.parametrize(
+    ("kwargs", "argument"),
+    [
+        ({"num_tasks": 0}, "num_tasks"),
+        ({"num_tasks": 2.0}, "num_tasks"),
+        ({"size": 27}, "size"),
+        ({"size": True}, "size"),
+        ({"channels": 2}, "channels"),
+        ({"test_fraction": 1.0}, "test_fraction"),
+        ({"test_fraction": 0}, "test_fraction"),
+    ],
+)
+def test_mnist_bad_arguments_raise_naming_the_argument(make, kwargs: dict, argument: str) -> None:
+    with pytest.raises(ValueError, match=rf"^{argument} must"):
+        make(**kwargs)
+
+
+def test_split_mnist_has_at_most_five_tasks() -> None:
+    with pytest.raises(ValueError, match=r"num_tasks must be in \[1, 5\].*got 6"):
+        split_mnist(num_tasks=6)
+
+
+# --- Permuted-MNIST ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pmnist() -> list[Task]:
+    return permuted_mnist(num_tasks=3, seed=0)
+
+
+def test_permuted_mnist_tasks_hold_all_ten_classes(pmnist: list[Task], mnist: list[Task]) -> None:
+    assert [t.name for t in pmnist] == ["pmnist-0", "pmnist-1", "pmnist-2"]
+    for task in pmnist:
+        assert task.classes == tuple(range(10))
+        assert (len(task.train), len(task.test)) == (4000, 1000)
+        assert task.train.tensors[0].shape[1:] == (1, 32, 32)
+        assert task.train.tensors[1].bincount().tolist() == [400] * 10
+    # the same stratified split as Split-MNIST: its digits 0/1 are Permuted-MNIST's, permuted
+    labels = pmnist[0].train.tensors[1]
+    assert len(pmnist[0].train.tensors[0][labels < 2]) == len(mnist[0].train)
+
+
+def test_permuted_mnist_permutes_the_pixels_of_every_task(pmnist: list[Task], mnist: list[Task]) -> None:
+    # Split-MNIST's task 0 holds the same digits 0/1, in the same order, unpermuted
+    plain = mnist[0].train.tensors[0].flatten(1)
+    for task in pmnist:
+        images, labels = task.train.tensors
+        permuted = images[labels < 2].flatten(1)
+        assert torch.equal(permuted.sort(dim=1).values, plain.sort(dim=1).values)  # each image's pixel multiset
+        assert not torch.equal(permuted, plain)  # task 0 included: no task is the identity
+
+
+def test_permuted_mnist_permutations_differ_between_tasks(pmnist: list[Task]) -> None:
+    images = [t.train.tensors[0] for t in pmnist]
+    assert not torch.equal(images[0], images[1])
+    assert not torch.equal(images[1], images[2])
+    assert not torch.equal(images[0], images[2])
+
+
+def test_permuted_mnist_is_fixed_by_the_seed(pmnist: list[Task]) -> None:
+    again = permuted_mnist(num_tasks=4, seed=0)  # task k does not depend on num_tasks
+    for a, b in zip(pmnist, again, strict=False):
+        for pa, pb in ((a.train, b.train), (a.test, b.test)):
+            assert all(torch.equal(x, y) for x, y in zip(pa.tensors, pb.tensors, strict=True))
+    (other,) = permuted_mnist(num_tasks=1, seed=1, channels=3)
+    images, labels = other.train.tensors
+    assert images.shape[1:] == (3, 32, 32)
+    assert torch.equal(images[:, 0], images[:, 1]) and torch.equal(images[:, 0], images[:, 2])  # channels alike
+    assert not torch.equal(images[:, :1], pmnist[0].train.tensors[0])
+    assert torch.equal(labels, pmnist[0].train.tensors[1])  # same split, same labels
+
+
+def test_permuted_mnist_rejects_a_non_int_seed() -> None:
+    with pytest.raises(ValueError, match=r"^seed must be an int, got 'a'"):
+        permuted_mnist(seed="a")
+
+
+# --- Serrà's CIFAR sequence -------------------------------------------------------------------------------
+
+TRAIN_PER_CLASS, TEST_PER_CLASS = 6, 3
+
+
+@pytest.fixture(scope="module")
+def fake_root(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    root = tmp_path_factory.mktemp("cifar")
+    written = write_fake_cifar(root, train_per_class=TRAIN_PER_CLASS, test_per_class=TEST_PER_CLASS)
+    return root, written
+
+
+@pytest.fixture(scope="module")
+def cifar(fake_root: tuple[Path, dict]) -> list[Task]:
+    return cifar_sequence(fake_root[0], seed=0)
+
+
+def _unshuffled_index(task: Task) -> int:
+    return task.classes[0] // 2 if task.num_classes == 2 else 5 + task.classes[0] // 20
+
+
+def test_cifar_sequence_has_serra_tasks(cifar: list[Task]) -> None:
+    assert len(cifar) == 10
+    by_index = {_unshuffled_index(t): t for t in cifar}
+    assert sorted(by_index) == list(range(10))
+    for k in range(5):
+        assert by_index[k].classes == (2 * k, 2 * k + 1)
+        assert by_index[k].name == f"cifar10-{2 * k}/{2 * k + 1}"
+        assert by_index[5 + k].classes == tuple(range(20 * k, 20 * k + 20))
+        assert by_index[5 + k].name == f"cifar100-{20 * k}..{20 * k + 19}"
+    assert sorted(t.num_classes for t in cifar) == [2] * 5 + [20] * 5
+
+
+def test_cifar_sequence_labels_are_local_and_shapes_are_images(cifar: list[Task]) -> None:
+    for task in cifar:
+        for part, per_class in ((task.train, TRAIN_PER_CLASS), (task.test, TEST_PER_CLASS)):
+            images, labels = part.tensors
+            assert images.shape == (task.num_classes * per_class, 3, 32, 32)
+            assert images.dtype == torch.float32
+            assert labels.dtype == torch.int64
+            assert labels.bincount(minlength=task.num_classes).tolist() == [per_class] * task.num_classes
+
+
+def test_cifar_sequence_order_is_shuffled_by_the_seed(fake_root: tuple[Path, dict], cifar: list[Task]) -> None:
+    order = [_unshuffled_index(t) for t in cifar]
+    assert order == torch.randperm(10, generator=torch.Generator().manual_seed(0)).tolist()
+    assert order != list(range(10))
+    assert [t.name for t in cifar_sequence(fake_root[0], seed=0)] == [t.name for t in cifar]
+    assert [_unshuffled_index(t) for t in cifar_sequence(fake_root[0], seed=1)] != order
+
+
+def test_cifar_sequence_num_tasks_takes_the_first_of_the_order(
+    fake_root: tuple[Path, dict], cifar: list[Task]
+) -> None:
+    first = cifar_sequence(fake_root[0], seed=0, num_tasks=3)
+    assert [t.name for t in first] == [t.name for t in cifar[:3]]
+    for a, b in zip(first, cifar, strict=False):
+        assert torch.equal(a.train.tensors[0], b.train.tensors[0])
+
+
+@pytest.mark.parametrize("dataset", ["cifar10", "cifar100"])
+def test_cifar_sequence_images_are_the_files_normalised(
+    fake_root: tuple[Path, dict], cifar: list[Task], dataset: str
+) -> None:
+    mean, std = (CIFAR10_MEAN, CIFAR10_STD) if dataset == "cifar10" else (CIFAR100_MEAN, CIFAR100_STD)
+    task = next(t for t in cifar if t.name.startswith(f"{dataset}-"))
+    for split, part in (("train", task.train), ("test", task.test)):
+        data, labels = fake_root[1][dataset, split]
+        keep = np.isin(labels, task.classes)
+        raw = torch.from_numpy(data[keep]).reshape(-1, 3, 32, 32).float() / 255
+        expected = (raw - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+        assert torch.allclose(part.tensors[0], expected, atol=1e-6)
+        assert torch.equal(part.tensors[1], torch.from_numpy(labels[keep]) - task.classes[0])
+
+
+def test_torchvision_md5_check_rejects_the_fake_files(fake_root: tuple[Path, dict]) -> None:
+    """Why cifar_sequence checks presence only: the published md5s are only the real files'."""
+    from torchvision.datasets import CIFAR10
+
+    with pytest.raises(RuntimeError, match="not found or corrupted"):
+        CIFAR10(fake_root[0], train=False, download=False)
+
+
+def test_cifar_sequence_missing_folder_raises_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=rf"data_root '{tmp_path}' must hold the folder '{CIFAR10_FOLDER}'"):
+        cifar_sequence(tmp_path)
+
+
+@pytest.mark.parametrize(("folder", "file"), [(CIFAR10_FOLDER, "data_batch_3"), (CIFAR100_FOLDER, "meta")])
+def test_cifar_sequence_missing_file_is_named(fake_root: tuple[Path, dict], tmp_path: Path, folder, file) -> None:
+    shutil.copytree(fake_root[0], tmp_path, dirs_exist_ok=True)
+    (tmp_path / folder / file).unlink()
+    with pytest.raises(FileNotFoundError, match=rf"must hold the folder '{folder}'.*missing under .*: {file}$"):
+        cifar_sequence(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"num_tasks": 0}, r"^num_tasks must be an int ≥ 1, got 0"),
+        ({"num_tasks": 11}, r"^num_tasks must be in \[1, 10\] for the CIFAR sequence, got 11"),
+        ({"seed": 1.5}, r"^seed must be an int, got 1.5"),
+    ],
+)
+def test_cifar_sequence_bad_arguments_raise_naming_the_argument(
+    fake_root: tuple[Path, dict], kwargs: dict, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        cifar_sequence(fake_root[0], **kwargs)
