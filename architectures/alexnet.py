@@ -28,6 +28,7 @@ class AlexNet(HATModule):
         in_channels: input channels.
         size: input side, ≥ 28.
         norm_at: which of the 5 hidden layers get ``norm_layer``; the others only their gate.
+        width: scales every layer's width (64, 128, 256, 2048, 2048 at 1.0); < 1 for quick CPU runs.
         s_max: the gates' largest scale.
     """
 
@@ -41,6 +42,7 @@ class AlexNet(HATModule):
         in_channels: int = 3,
         size: int = 32,
         norm_at: Sequence[bool] = (True,) * 5,
+        width: float = 1.0,
         s_max: float = 400.0,
     ) -> None:
         super().__init__()
@@ -54,16 +56,19 @@ class AlexNet(HATModule):
             side = _conv_out(side, k)
         if side < 1:
             raise ValueError(f"size {size} leaves no spatial positions after the three conv/pool stages")
-        widths = (64, 128, 256, 2048, 2048)
+        if not isinstance(width, int | float) or not 0 < width <= 16:
+            raise ValueError(f"width must be a number in (0, 16], got {width!r}")
+        widths = tuple(max(1, round(w * width)) for w in (64, 128, 256, 2048, 2048))
+        c1, c2, c3, f1, f2 = widths
         self.convs = nn.ModuleList([
-            nn.Conv2d(in_channels, 64, kernels[0]), nn.Conv2d(64, 128, kernels[1]), nn.Conv2d(128, 256, kernels[2])])
-        self.fcs = nn.ModuleList([nn.Linear(256 * side * side, 2048), nn.Linear(2048, 2048)])
+            nn.Conv2d(in_channels, c1, kernels[0]), nn.Conv2d(c1, c2, kernels[1]), nn.Conv2d(c2, c3, kernels[2])])
+        self.fcs = nn.ModuleList([nn.Linear(c3 * side * side, f1), nn.Linear(f1, f2)])
         self.norms = nn.ModuleList(
             (factory(w) if use else NoNorm(w, num_tasks=num_tasks))
             for w, use, factory in zip(widths, norm_at, [norm_layer_2d] * 3 + [norm_layer_1d] * 2, strict=True))
         self.gates = nn.ModuleList(HATGate(w, num_tasks=num_tasks, s_max=s_max) for w in widths)
         self.drops = nn.ModuleList(nn.Dropout(p) for p in (0.2, 0.2, 0.5, 0.5, 0.5))
-        self.heads = TaskHeads(2048, num_classes, num_tasks=num_tasks)
+        self.heads = TaskHeads(f2, num_classes, num_tasks=num_tasks)
         self.positions = side * side
 
     def forward(self, x: Tensor, task: int, s: float | Tensor | None = None) -> Tensor:
@@ -71,7 +76,7 @@ class AlexNet(HATModule):
         for i, conv in enumerate(self.convs):
             h = self.drops[i](F.relu(self.norms[i](conv(h), self.gates[i](task, s), task)))
             h = F.max_pool2d(h, 2)
-        h = h.flatten(1)  # [N, 256·side·side]
+        h = h.flatten(1)  # [N, c3·side·side]
         for i, fc in enumerate(self.fcs, start=3):
             h = self.drops[i](F.relu(self.norms[i](fc(h), self.gates[i](task, s), task)))
         return self.heads(h, task)
@@ -86,6 +91,6 @@ class AlexNet(HATModule):
 
 @register_architecture("alexnet", family="batch")
 def alexnet(*, num_tasks: int, norm: NormSpec, num_classes: list[int], **options: Any) -> AlexNet:
-    """Serrà's AlexNet for ``size``×``size`` inputs (default 32, ``in_channels`` 3)."""
+    """Serrà's AlexNet for ``size``×``size`` inputs (default 32, ``in_channels`` 3, ``width`` 1)."""
     return AlexNet(num_classes, num_tasks=num_tasks, norm_layer_2d=norm.layer(num_tasks=num_tasks, dims=2),
                    norm_layer_1d=norm.layer(num_tasks=num_tasks, dims=1), **options)
