@@ -51,10 +51,11 @@ def forgetting_ratio(matrix: Matrix, random: Sequence[float], joint: Matrix) -> 
 
     Returns:
         ``[T, T]`` array with ρ^{τ≤t} at ``[t, τ]`` for τ ≤ t and NaN above the diagonal. 0 means the
-        method matches joint training, −1 means it is no better than chance.
+        method matches joint training, −1 means it is no better than chance. Where joint training is
+        itself at chance (A_J = A_R) ρ is undefined and NaN.
 
     Raises:
-        ValueError: for shapes that disagree, or a task whose joint accuracy equals chance (ρ undefined).
+        ValueError: for shapes that disagree.
     """
     a = _square(matrix, "matrix")
     j = _square(joint, "joint")
@@ -66,14 +67,16 @@ def forgetting_ratio(matrix: Matrix, random: Sequence[float], joint: Matrix) -> 
     for t in range(a.shape[0]):
         for tau in range(t + 1):
             span = j[t, tau] - r[tau]
-            if span == 0:
-                raise ValueError(f"joint[{t}][{tau}] equals the random accuracy {r[tau]}: ρ is undefined")
-            rho[t, tau] = (a[t, tau] - r[tau]) / span - 1
+            if span != 0:
+                rho[t, tau] = (a[t, tau] - r[tau]) / span - 1
     return rho
 
 
 def mean_forgetting_ratio(matrix: Matrix, random: Sequence[float], joint: Matrix) -> np.ndarray:
-    """ρ^{≤t} = mean over τ ≤ t of ρ^{τ≤t}, for every t: ``[T]`` (the curve of Serrà et al.'s Figure 4)."""
+    """ρ^{≤t} = mean over τ ≤ t of ρ^{τ≤t}, for every t: ``[T]`` (the curve of Serrà et al.'s Figure 4).
+
+    A row with an undefined ρ^{τ≤t} (see :func:`forgetting_ratio`) gives NaN.
+    """
     rho = forgetting_ratio(matrix, random, joint)
     return np.array([rho[t, : t + 1].mean() for t in range(rho.shape[0])])
 

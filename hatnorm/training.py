@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from hatnorm._checks import check_non_negative, check_positive, check_positive_int
 from hatnorm._gate import HATGate
 from hatnorm._hat import HAT
+from hatnorm._norms import MaskedNorm
 from hatnorm._policies import GradientPolicy
 from hatnorm.data import Task
 
@@ -50,6 +51,10 @@ class TrainConfig:
         weight_decay: SGD weight decay.
         validation_fraction: share of every task's training set held out for validation.
         seed: seeds the model, the validation split and the batch order.
+        recalibrate: after each task, re-estimate that task's normalization statistics with one pass
+            over its training data in inference mode (gates binarized, dropout off), as the exact
+            mean of the batch statistics. Short runs need it: a running average with momentum lags
+            weights that move fast, and dropout before a norm shifts the variance it sees.
     """
 
     epochs: int = 200
@@ -63,6 +68,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     validation_fraction: float = 0.1
     seed: int = 0
+    recalibrate: bool = True
 
     def __post_init__(self) -> None:
         check_positive_int(self.epochs, "epochs")
@@ -262,6 +268,37 @@ def evaluate(model: nn.Module, data: Dataset, task: int, batch_size: int = 256) 
     return total_loss / count, correct / count
 
 
+@torch.no_grad()
+def recalibrate_norms(model: nn.Module, parts: Sequence[tuple[int, Dataset]], batch_size: int = 64) -> None:
+    """Re-estimate the running statistics of every batch-statistics norm from ``(task, data)`` parts.
+
+    The model runs in evaluation mode (binarized gates, no dropout) with only its norms training. Each
+    norm's statistics end as the mean of the batch statistics they saw: per task for norms with
+    per-task statistics, over all parts for shared ones. Each norm moves only what its training
+    forward moves (masked BN: the task's selected units).
+    """
+    norms = [m for m in model.modules() if isinstance(m, MaskedNorm) and hasattr(m, "running_mean")]
+    if not norms:
+        return
+    model.eval()
+    momenta = [m.momentum for m in norms]
+    seen: dict[tuple[int, int | None], int] = {}
+    try:
+        for m in norms:
+            m.train()
+        for task, data in parts:
+            for x, _ in DataLoader(data, batch_size=batch_size, drop_last=len(data) > batch_size):
+                for i, m in enumerate(norms):
+                    key = (i, task if m.running_mean.dim() == 2 else None)
+                    seen[key] = seen.get(key, 0) + 1
+                    m.momentum = 1.0 / seen[key]
+                model(x, task=task)
+    finally:
+        for m, momentum in zip(norms, momenta, strict=True):
+            m.momentum = momentum
+        model.eval()
+
+
 def split_validation(data: Dataset, fraction: float, seed: int) -> tuple[Subset, Subset]:
     """A seeded random split of ``data`` into training and validation parts."""
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed)).tolist()
@@ -363,6 +400,8 @@ def _fit(model: nn.Module, method: Method, task_ids: Sequence[int], train: Seque
                 model.load_state_dict(best_state)
                 optimizer = new_optimizer()
     model.load_state_dict(best_state)
+    if config.recalibrate:
+        recalibrate_norms(model, list(zip(task_ids, train, strict=True)), config.batch_size)
     display.finish_task(config.epochs)
     return epoch + 1
 

@@ -1,0 +1,65 @@
+"""Ablation 1: which norm keeps old tasks intact under HAT, on ResNet-18 and AlexNet.
+
+Variants per architecture: HAT with no norm, shared BN, masked BN, per-task BN and BN after the gate,
+against SGD fine-tuning (the ungated network with ordinary shared BN) and joint training (A_J of the
+forgetting ratio). The defaults run on the embedded Split-MNIST in a few minutes on 2 CPU cores;
+``--full`` selects the reference settings (full-width networks, 200 epochs) for the CIFAR sequence.
+
+    python -m ablations.norms                                    # the default, embedded data
+    python -m ablations.norms --data cifar --data-root DATA --full
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from rich.console import Console
+
+from ablations import _common
+from ablations._common import Variant
+from hatnorm.training import FineTune, HATMethod
+
+NORMS = ("none", "shared_bn", "masked_bn", "task_bn", "post_gate_bn")
+LABELS = {"none": "no norm", "shared_bn": "shared BN", "masked_bn": "masked BN", "task_bn": "per-task BN",
+          "post_gate_bn": "BN after gate"}
+ARCHS = ("resnet18", "alexnet")
+
+
+def variants(archs: Sequence[str], norms: Sequence[str], options: dict[str, dict], c: float) -> list[Variant]:
+    """HAT with every norm, then SGD fine-tuning, for each architecture."""
+    out = []
+    for arch in archs:
+        out += [Variant(f"{arch} HAT {LABELS[n]}", arch, n, lambda: HATMethod(c=c), options[arch]) for n in norms]
+        out.append(Variant(f"{arch} SGD", arch, "shared_bn", FineTune, options[arch]))
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    p = _common.parser("python -m ablations.norms", __doc__.splitlines()[0], epochs=4, out="runs/norms")
+    p.add_argument("--archs", nargs="+", choices=ARCHS, default=list(ARCHS), help="architectures")
+    p.add_argument("--norms", nargs="+", choices=NORMS, default=list(NORMS), help="norm variants under HAT")
+    p.add_argument("--resnet-width", type=_common.positive_int, default=8,
+                   help="ResNet-18 base width (64 is torchvision's, 20 the reduced ResNet-18)")
+    p.add_argument("--alexnet-width", type=_common.positive_float, default=0.125,
+                   help="AlexNet width multiplier (1 is Serrà's)")
+    p.add_argument("--c", type=_common.non_negative_float, default=0.75, help="HAT capacity-regulariser weight")
+    p.add_argument("--full", action="store_true",
+                   help="reference settings: 200 epochs, ResNet-18 width 64, AlexNet width 1")
+    args = p.parse_args(argv)
+    if args.full:
+        args.epochs, args.resnet_width, args.alexnet_width = 200, 64, 1.0
+    if args.alexnet_width > 16:
+        p.error(f"--alexnet-width must be ≤ 16, got {args.alexnet_width}")
+    console = Console()
+    tasks, channels, size = _common.load_tasks(args, p)
+    options = {"resnet18": {"base_width": args.resnet_width, "in_channels": channels},
+               "alexnet": {"width": args.alexnet_width, "in_channels": channels, "size": size}}
+    title = f"Norms under HAT ({args.data}, {len(tasks)} tasks, seed {args.seed})"
+    results = _common.run(variants(args.archs, args.norms, options, args.c), tasks, _common.config(args), args.out,
+                          console, joint_norm={"resnet18": "shared_bn", "alexnet": "shared_bn"}, title=title)
+    _common.finish(results, args.out, title, console)
+    return results
+
+
+if __name__ == "__main__":
+    main()
