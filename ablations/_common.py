@@ -127,7 +127,8 @@ def run(variants: Sequence[Variant], tasks: Sequence[Task], cfg: TrainConfig, ou
     joint: dict[str, list[list[float]]] = {}
     results: dict[str, Any] = {}
     for variant in variants:
-        key = json.dumps([variant.arch, variant.options], sort_keys=True)
+        # joint training has every gate open, so the gates' s_max does not change it
+        key = json.dumps([variant.arch, {k: v for k, v in variant.options.items() if k != "s_max"}], sort_keys=True)
         if key not in joint:
             console.print(f"[bold]{variant.arch}[/bold]: joint training on tasks 0..t for every t (A_J)")
             joint[key] = train_joint(lambda v=variant: hatnorm.build(v.arch, num_tasks=len(tasks),
@@ -169,27 +170,33 @@ def write(results: dict[str, Any], out: Path, info: dict[str, Any]) -> None:
 def table(results: dict[str, Any], title: str) -> Table:
     """The ablation's table: one row per variant."""
     t = Table(title=title)
-    for column in ("variant", "avg acc", "BWT", "ρ^{≤T}", "min ρ^{≤t}", "time (s)"):
+    for column in ("variant", "avg acc", "BWT", "ρ^{≤T} (last)", "min ρ^{≤t}", "time (s)"):
         t.add_column(column, justify="left" if column == "variant" else "right")
     for label, r in results.items():
-        t.add_row(label, f"{r['average_accuracy']:.4f}", f"{r['bwt']:+.4f}", f"{r['rho'][-1]:+.4f}",
-                  f"{min(r['rho']):+.4f}", f"{r['seconds']:.0f}")
+        rho = np.array(r["rho"], dtype=float)
+        lowest = np.nan if np.isnan(rho).all() else float(np.nanmin(rho))
+        t.add_row(label, f"{r['average_accuracy']:.4f}", f"{r['bwt']:+.4f}", _signed(rho[-1]), _signed(lowest),
+                  f"{r['seconds']:.0f}")
     return t
+
+
+def _signed(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value:+.4f}"
 
 
 def plot(results: dict[str, Any], out: Path, title: str) -> list[Path]:
     """ρ^{≤t} over t for every variant (one panel per architecture) and the accuracy matrices as heatmaps."""
     archs = list(dict.fromkeys(r["arch"] for r in results.values()))
-    fig, axes = plt.subplots(1, len(archs), figsize=(5.5 * len(archs), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(archs), figsize=(5.5 * len(archs), 4), squeeze=False, layout="constrained")
     for ax, arch in zip(axes[0], archs, strict=True):
         for label, r in results.items():
             if r["arch"] == arch:
                 ax.plot(range(1, len(r["rho"]) + 1), r["rho"], marker="o", label=label)
         ax.axhline(0, color="gray", lw=0.8, ls="--")
-        ax.set(title=f"{arch}", xlabel="tasks learned t", ylabel="forgetting ratio ρ^{≤t}")
+        ax.set(title=f"{arch}", xlabel="tasks learned $t$", ylabel=r"forgetting ratio $\rho^{\leq t}$")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.legend(fontsize=7)
     fig.suptitle(title)
-    fig.tight_layout()
     rho_path = out / "forgetting_ratio.png"
     fig.savefig(rho_path, dpi=120)
     plt.close(fig)
@@ -197,7 +204,7 @@ def plot(results: dict[str, Any], out: Path, title: str) -> list[Path]:
     n = len(results)
     cols = min(n, 4)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols + 1, 3.0 * rows), squeeze=False, layout="constrained")
     for ax in axes.flat[n:]:
         ax.axis("off")
     for ax, (label, r) in zip(axes.flat, results.items(), strict=False):
@@ -215,6 +222,12 @@ def plot(results: dict[str, Any], out: Path, title: str) -> list[Path]:
     fig.savefig(heat_path, dpi=120)
     plt.close(fig)
     return [rho_path, heat_path]
+
+
+def console() -> Console:
+    """A console wide enough for the tables when output goes to a file or a pipe."""
+    plain = Console()
+    return plain if plain.is_terminal else Console(width=140)
 
 
 def finish(results: dict[str, Any], out: Path, title: str, console: Console) -> None:

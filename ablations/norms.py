@@ -13,8 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from rich.console import Console
-
 from ablations import _common
 from ablations._common import Variant
 from hatnorm.training import FineTune, HATMethod
@@ -38,7 +36,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p = _common.parser("python -m ablations.norms", __doc__.splitlines()[0], epochs=4, out="runs/norms")
     p.add_argument("--archs", nargs="+", choices=ARCHS, default=list(ARCHS), help="architectures")
     p.add_argument("--norms", nargs="+", choices=NORMS, default=list(NORMS), help="norm variants under HAT")
-    p.add_argument("--resnet-width", type=_common.positive_int, default=8,
+    p.add_argument("--resnet-width", type=_common.positive_int, default=4,
                    help="ResNet-18 base width (64 is torchvision's, 20 the reduced ResNet-18)")
     p.add_argument("--alexnet-width", type=_common.positive_float, default=0.125,
                    help="AlexNet width multiplier (1 is Serrà's)")
@@ -50,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         args.epochs, args.resnet_width, args.alexnet_width = 200, 64, 1.0
     if args.alexnet_width > 16:
         p.error(f"--alexnet-width must be ≤ 16, got {args.alexnet_width}")
-    console = Console()
+    console = _common.console()
     tasks, channels, size = _common.load_tasks(args, p)
     options = {"resnet18": {"base_width": args.resnet_width, "in_channels": channels},
                "alexnet": {"width": args.alexnet_width, "in_channels": channels, "size": size}}

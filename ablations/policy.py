@@ -1,0 +1,42 @@
+"""Ablation 4: gradient policy, HAT's hard protection against AdaHAT's soft one.
+
+    python -m ablations.policy --alpha 0.1
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ablations import _common
+from ablations._common import Variant
+from hatnorm import AdaHATPolicy, list_norms
+from hatnorm.training import HATMethod
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    p = _common.parser("python -m ablations.policy", __doc__.splitlines()[0], epochs=4, out="runs/policy")
+    p.add_argument("--arch", choices=("alexnet", "resnet18"), default="alexnet", help="architecture")
+    p.add_argument("--norms", nargs="+", choices=list_norms("batch"), default=["masked_bn", "task_bn"], help="norms")
+    p.add_argument("--width", type=_common.positive_float, default=0.125,
+                   help="AlexNet width multiplier, or ResNet-18 base width (rounded)")
+    p.add_argument("--alpha", type=_common.positive_float, default=0.1, help="AdaHAT adjustment intensity α")
+    p.add_argument("--c", type=_common.non_negative_float, default=0.75, help="HAT capacity-regulariser weight")
+    args = p.parse_args(argv)
+    console = _common.console()
+    tasks, channels, size = _common.load_tasks(args, p)
+    options = ({"width": args.width, "in_channels": channels, "size": size} if args.arch == "alexnet"
+               else {"base_width": max(1, round(args.width)), "in_channels": channels})
+    variants = []
+    for norm in args.norms:
+        variants.append(Variant(f"{norm} hat", args.arch, norm, lambda: HATMethod(c=args.c), options))
+        variants.append(Variant(f"{norm} adahat", args.arch, norm,
+                                lambda: HATMethod(c=args.c, policy=AdaHATPolicy(alpha=args.alpha)), options))
+    title = f"Gradient policy, {args.arch} ({args.data}, seed {args.seed})"
+    results = _common.run(variants, tasks, _common.config(args), args.out, console,
+                          joint_norm={args.arch: "shared_bn"}, title=title)
+    _common.finish(results, args.out, title, console)
+    return results
+
+
+if __name__ == "__main__":
+    main()

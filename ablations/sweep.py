@@ -1,0 +1,41 @@
+"""Ablation 3: HAT's s_max and c, one at a time, with a task-aware norm.
+
+    python -m ablations.sweep --s-max 25 100 400 800 --c 0 0.1 0.75 2.5
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ablations import _common
+from ablations._common import Variant
+from hatnorm import list_norms
+from hatnorm.training import HATMethod
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    p = _common.parser("python -m ablations.sweep", __doc__.splitlines()[0], epochs=4, out="runs/sweep")
+    p.add_argument("--arch", choices=("alexnet", "resnet18"), default="alexnet", help="architecture")
+    p.add_argument("--norm", choices=list_norms("batch"), default="masked_bn", help="norm")
+    p.add_argument("--width", type=_common.positive_float, default=0.125,
+                   help="AlexNet width multiplier, or ResNet-18 base width (rounded)")
+    p.add_argument("--s-max", type=_common.positive_float, nargs="+", default=[25.0, 100.0, 400.0, 800.0],
+                   help="s_max values (c fixed at 0.75)")
+    p.add_argument("--c", type=_common.non_negative_float, nargs="+", default=[0.0, 0.1, 0.75, 2.5],
+                   help="c values (s_max fixed at 400)")
+    args = p.parse_args(argv)
+    console = _common.console()
+    tasks, channels, size = _common.load_tasks(args, p)
+    base = ({"width": args.width, "in_channels": channels, "size": size} if args.arch == "alexnet"
+            else {"base_width": max(1, round(args.width)), "in_channels": channels})
+    variants = [Variant(f"s_max={s:g}", args.arch, args.norm, HATMethod, base | {"s_max": s}) for s in args.s_max]
+    variants += [Variant(f"c={c:g}", args.arch, args.norm, lambda c=c: HATMethod(c=c), base) for c in args.c]
+    title = f"s_max and c sweep, {args.arch} + {args.norm} ({args.data}, seed {args.seed})"
+    results = _common.run(variants, tasks, _common.config(args), args.out, console,
+                          joint_norm={args.arch: "shared_bn"}, title=title)
+    _common.finish(results, args.out, title, console)
+    return results
+
+
+if __name__ == "__main__":
+    main()
