@@ -195,7 +195,7 @@ class EWC(FineTune):
 
     name = "ewc"
 
-    def __init__(self, lam: float = 5000.0, fisher_batches: int = 32) -> None:
+    def __init__(self, lam: float = 100.0, fisher_batches: int = 32) -> None:
         self.lam = check_non_negative(lam, "lam")
         self.fisher_batches = check_positive_int(fisher_batches, "fisher_batches")
 
