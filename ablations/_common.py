@@ -105,6 +105,13 @@ def load_tasks(args: argparse.Namespace, parser_: argparse.ArgumentParser) -> tu
     return make(num_tasks=args.tasks), 1, 32
 
 
+def cnn_options(arch: str, width: float, channels: int, size: int) -> dict[str, Any]:
+    """Options of ``alexnet`` (width multiplier) or ``resnet18`` (base width, rounded) for the data."""
+    if arch == "alexnet":
+        return {"width": width, "in_channels": channels, "size": size}
+    return {"base_width": max(1, round(width)), "in_channels": channels}
+
+
 def config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, patience=args.patience,
                        seed=args.seed)

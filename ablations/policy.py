@@ -24,8 +24,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = p.parse_args(argv)
     console = _common.console()
     tasks, channels, size = _common.load_tasks(args, p)
-    options = ({"width": args.width, "in_channels": channels, "size": size} if args.arch == "alexnet"
-               else {"base_width": max(1, round(args.width)), "in_channels": channels})
+    options = _common.cnn_options(args.arch, args.width, channels, size)
     variants = []
     for norm in args.norms:
         variants.append(Variant(f"{norm} hat", args.arch, norm, lambda: HATMethod(c=args.c), options))

@@ -26,8 +26,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = p.parse_args(argv)
     console = _common.console()
     tasks, channels, size = _common.load_tasks(args, p)
-    base = ({"width": args.width, "in_channels": channels, "size": size} if args.arch == "alexnet"
-            else {"base_width": max(1, round(args.width)), "in_channels": channels})
+    base = _common.cnn_options(args.arch, args.width, channels, size)
     variants = [Variant(f"s_max={s:g}", args.arch, args.norm, HATMethod, base | {"s_max": s}) for s in args.s_max]
     variants += [Variant(f"c={c:g}", args.arch, args.norm, lambda c=c: HATMethod(c=c), base) for c in args.c]
     title = f"s_max and c sweep, {args.arch} + {args.norm} ({args.data}, seed {args.seed})"

@@ -24,6 +24,7 @@ from hatnorm import (
     TokenEmbedding,
     register_architecture,
 )
+from hatnorm._transformer import blocks_wiring, run_blocks
 
 
 class ViT(HATModule):
@@ -90,18 +91,14 @@ class ViT(HATModule):
         stream = self.gate_stream(task, s)
         patches = rearrange(img, "b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=self.patch_size, p2=self.patch_size)
         x = self.tokens(self.to_patch_embedding(patches)) * stream
-        for attention, feedforward in zip(self.attentions, self.feedforwards, strict=True):
-            x = x + attention(x, stream, task, s)
-            x = x + feedforward(x, stream, task, s)
+        x = run_blocks(x, stream, self.attentions, self.feedforwards, task, s)
         return self.heads(self.norm(x, stream, task)[:, 0], task)
 
     def hat_layers(self) -> list[Layer]:
         stream = self.gate_stream
         layers = [Layer(self.to_patch_embedding, out=stream), Layer(self.tokens, out=stream),
                   Layer(self.norm, out=stream)]
-        for attention, feedforward in zip(self.attentions, self.feedforwards, strict=True):
-            layers += attention.wiring(stream) + feedforward.wiring(stream)
-        return layers
+        return layers + blocks_wiring(stream, self.attentions, self.feedforwards)
 
 
 def _vit(num_tasks: int, norm: NormSpec, num_classes: list[int], **options: Any) -> ViT:

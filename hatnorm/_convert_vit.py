@@ -17,7 +17,7 @@ from hatnorm._hat import HATModule, Layer
 from hatnorm._heads import TaskHeads
 from hatnorm._norm_registry import NormSpec
 from hatnorm._norms import MaskedNorm
-from hatnorm._transformer import GatedAttention, GatedFeedForward, TokenEmbedding
+from hatnorm._transformer import GatedAttention, GatedFeedForward, TokenEmbedding, blocks_wiring, run_blocks
 
 #: transformers activations that map 0 to 0, so a closed MLP unit stays closed
 _ZERO_PRESERVING = {"gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "quick_gelu", "relu", "silu", "swish"}
@@ -105,17 +105,13 @@ class ConvertedViT(HATModule):
                              f"got {list(pixel_values.shape)}")
         stream = self.gate_stream(task, s)
         x = self.tokens(self.patch(pixel_values).flatten(2).transpose(1, 2)) * stream
-        for attention, feedforward in zip(self.attentions, self.feedforwards, strict=True):
-            x = x + attention(x, stream, task, s)
-            x = x + feedforward(x, stream, task, s)
+        x = run_blocks(x, stream, self.attentions, self.feedforwards, task, s)
         return self.heads(self.norm(x, stream, task)[:, 0], task)
 
     def hat_layers(self) -> list[Layer]:
         stream = self.gate_stream
         layers = [Layer(self.patch, out=stream), Layer(self.tokens, out=stream), Layer(self.norm, out=stream)]
-        for attention, feedforward in zip(self.attentions, self.feedforwards, strict=True):
-            layers += attention.wiring(stream) + feedforward.wiring(stream)
-        return layers
+        return layers + blocks_wiring(stream, self.attentions, self.feedforwards)
 
 
 def convert_vit(module: nn.Module, *, num_tasks: int, spec: NormSpec, num_classes: list[int] | None,

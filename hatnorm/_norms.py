@@ -124,21 +124,6 @@ class MaskedNorm(nn.Module, Protected):
         """Normalise ``x`` for task ``task`` and apply ``mask``, the layer's gate ``[num_features]``:
         returns mask ⊙ norm_task(x)."""
 
-    @abstractmethod
-    def gradient_multipliers(self, previous: MaskState, task: int, policy: GradientPolicy) -> dict[str, Tensor]:
-        """The gradient multiplier of each of this norm's parameters while training ``task``.
-
-        Args:
-            previous: what earlier tasks left on this layer's units (its gate's masks).
-            task: the task about to be trained.
-            policy: the gradient policy for parameters shared between tasks.
-
-        Returns:
-            parameter name (as in ``named_parameters``) → multiplier of the parameter's shape; a
-            parameter left out is not governed by HAT, and the coverage check refuses the model
-            unless it is frozen.
-        """
-
     def end_task(self, task: int) -> None:
         """Consolidate after ``task`` ends. Norms whose state is complete at the end of training do nothing."""
 

@@ -116,3 +116,20 @@ class GatedFeedForward(nn.Module):
     def wiring(self, stream: HATGate) -> list[Layer]:
         return [Layer(self.norm, out=stream), Layer(self.fc1, out=self.gate, inp=stream),
                 Layer(self.fc2, out=stream, inp=self.gate)]
+
+
+def run_blocks(x: Tensor, stream: Tensor, attentions: nn.ModuleList, feedforwards: nn.ModuleList, task: int,
+               s: float | Tensor | None) -> Tensor:
+    """The pre-norm residual blocks: ``x += attention(x)`` then ``x += feedforward(x)``, block by block."""
+    for attention, feedforward in zip(attentions, feedforwards, strict=True):
+        x = x + attention(x, stream, task, s)
+        x = x + feedforward(x, stream, task, s)
+    return x
+
+
+def blocks_wiring(stream: HATGate, attentions: nn.ModuleList, feedforwards: nn.ModuleList) -> list[Layer]:
+    """The wiring of every block's norms, projections and MLP."""
+    layers: list[Layer] = []
+    for attention, feedforward in zip(attentions, feedforwards, strict=True):
+        layers += attention.wiring(stream) + feedforward.wiring(stream)
+    return layers
