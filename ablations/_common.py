@@ -237,6 +237,14 @@ def console() -> Console:
     return plain if plain.is_terminal else Console(width=140)
 
 
+def run_and_report(variants: Sequence[Variant], tasks: Sequence[Task], args: argparse.Namespace,
+                   console: Console, *, joint_norm: dict[str, str], title: str) -> dict[str, Any]:
+    """:func:`run` with the options' settings, then the table, the files and the plots."""
+    results = run(variants, tasks, config(args), args.out, console, joint_norm=joint_norm, title=title)
+    finish(results, args.out, title, console)
+    return results
+
+
 def finish(results: dict[str, Any], out: Path, title: str, console: Console) -> None:
     console.print(table(results, title))
     for path in plot(results, out, title):

@@ -39,10 +39,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     variants = [Variant(f"{arch} HAT {LABELS[n]}", arch, n, lambda: HATMethod(c=args.c), options) for n in args.norms]
     variants.append(Variant(f"{arch} SGD", arch, "shared_ln", FineTune, options))
     title = f"LayerNorm under HAT ({args.data}, {len(tasks)} tasks, seed {args.seed})"
-    results = _common.run(variants, tasks, _common.config(args), args.out, console,
-                          joint_norm={arch: "shared_ln"}, title=title)
-    _common.finish(results, args.out, title, console)
-    return results
+    return _common.run_and_report(variants, tasks, args, console,
+                                  joint_norm={arch: "shared_ln"}, title=title)
 
 
 if __name__ == "__main__":

@@ -53,10 +53,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     options = {"resnet18": {"base_width": args.resnet_width, "in_channels": channels},
                "alexnet": {"width": args.alexnet_width, "in_channels": channels, "size": size}}
     title = f"Norms under HAT ({args.data}, {len(tasks)} tasks, seed {args.seed})"
-    results = _common.run(variants(args.archs, args.norms, options, args.c), tasks, _common.config(args), args.out,
-                          console, joint_norm={"resnet18": "shared_bn", "alexnet": "shared_bn"}, title=title)
-    _common.finish(results, args.out, title, console)
-    return results
+    return _common.run_and_report(variants(args.archs, args.norms, options, args.c), tasks, args,
+                                  console, joint_norm={"resnet18": "shared_bn", "alexnet": "shared_bn"}, title=title)
 
 
 if __name__ == "__main__":

@@ -31,10 +31,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         variants.append(Variant(f"{norm} adahat", args.arch, norm,
                                 lambda: HATMethod(c=args.c, policy=AdaHATPolicy(alpha=args.alpha)), options))
     title = f"Gradient policy, {args.arch} ({args.data}, seed {args.seed})"
-    results = _common.run(variants, tasks, _common.config(args), args.out, console,
-                          joint_norm={args.arch: "shared_bn"}, title=title)
-    _common.finish(results, args.out, title, console)
-    return results
+    return _common.run_and_report(variants, tasks, args, console,
+                                  joint_norm={args.arch: "shared_bn"}, title=title)
 
 
 if __name__ == "__main__":

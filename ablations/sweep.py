@@ -30,10 +30,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     variants = [Variant(f"s_max={s:g}", args.arch, args.norm, HATMethod, base | {"s_max": s}) for s in args.s_max]
     variants += [Variant(f"c={c:g}", args.arch, args.norm, lambda c=c: HATMethod(c=c), base) for c in args.c]
     title = f"s_max and c sweep, {args.arch} + {args.norm} ({args.data}, seed {args.seed})"
-    results = _common.run(variants, tasks, _common.config(args), args.out, console,
-                          joint_norm={args.arch: "shared_bn"}, title=title)
-    _common.finish(results, args.out, title, console)
-    return results
+    return _common.run_and_report(variants, tasks, args, console,
+                                  joint_norm={args.arch: "shared_bn"}, title=title)
 
 
 if __name__ == "__main__":

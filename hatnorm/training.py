@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from hatnorm._checks import check_non_negative, check_positive, check_positive_int
 from hatnorm._gate import HATGate
 from hatnorm._hat import HAT
-from hatnorm._norms import MaskedNorm
+from hatnorm._norms import _BatchNormBase
 from hatnorm._policies import GradientPolicy
 from hatnorm.data import Task
 
@@ -277,7 +277,7 @@ def recalibrate_norms(model: nn.Module, parts: Sequence[tuple[int, Dataset]], ba
     per-task statistics, over all parts for shared ones. Each norm moves only what its training
     forward moves (masked BN: the task's selected units).
     """
-    norms = [m for m in model.modules() if isinstance(m, MaskedNorm) and hasattr(m, "running_mean")]
+    norms = [m for m in model.modules() if isinstance(m, _BatchNormBase)]
     if not norms:
         return
     model.eval()
