@@ -8,7 +8,18 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hatnorm import Flatten, HATGate, HATModule, Layer, MaskedNorm, NoNorm, NormSpec, TaskHeads, register_architecture
+from hatnorm import (
+    Flatten,
+    HATGate,
+    HATModule,
+    Layer,
+    MaskedNorm,
+    MaskSource,
+    NoNorm,
+    NormSpec,
+    TaskHeads,
+    register_architecture,
+)
 
 
 def _conv_out(size: int, kernel: int) -> int:
@@ -87,6 +98,9 @@ class AlexNet(HATModule):
         weighted = [*self.convs, *self.fcs]
         return [layer for i in range(5) for layer in (
             Layer(weighted[i], out=g[i], inp=inputs[i]), Layer(self.norms[i], out=g[i]))]
+
+    def head_units(self) -> MaskSource:
+        return self.gates[4]
 
 
 @register_architecture("alexnet", family="batch")

@@ -9,7 +9,7 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hatnorm import HATGate, HATModule, Layer, MaskedNorm, NormSpec, TaskHeads, register_architecture
+from hatnorm import HATGate, HATModule, Layer, MaskedNorm, MaskSource, NormSpec, TaskHeads, register_architecture
 
 
 class GatedMLP(HATModule):
@@ -57,6 +57,9 @@ class GatedMLP(HATModule):
             layers += [Layer(fc, out=gate, inp=previous), Layer(norm, out=gate)]
             previous = gate
         return layers
+
+    def head_units(self) -> MaskSource:
+        return self.gates[-1]
 
 
 @register_architecture("mlp", family="any")

@@ -132,14 +132,21 @@ class ResNet(HATModule):
                 h = block(h, task, s)
         return self.heads(F.adaptive_avg_pool2d(h, 1).flatten(1), task)
 
-    def hat_layers(self) -> list[Layer]:
+    def _wiring(self) -> tuple[list[Layer], MaskSource]:
         layers = [Layer(self.conv1, out=self.gate1), Layer(self.bn1, out=self.gate1)]
         units: MaskSource = self.gate1
         for stage in self.stages():
             for block in stage:
                 block_layers, units = block.wiring(units)
                 layers += block_layers
-        return layers
+        return layers, units
+
+    def hat_layers(self) -> list[Layer]:
+        return self._wiring()[0]
+
+    def head_units(self) -> MaskSource:
+        """The units of the last block's output, which the pooled features keep."""
+        return self._wiring()[1]
 
 
 @register_architecture("resnet18", family="batch")

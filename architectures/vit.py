@@ -19,6 +19,7 @@ from hatnorm import (
     HATModule,
     Layer,
     MaskedNorm,
+    MaskSource,
     NormSpec,
     TaskHeads,
     TokenEmbedding,
@@ -99,6 +100,9 @@ class ViT(HATModule):
         layers = [Layer(self.to_patch_embedding, out=stream), Layer(self.tokens, out=stream),
                   Layer(self.norm, out=stream)]
         return layers + blocks_wiring(stream, self.attentions, self.feedforwards)
+
+    def head_units(self) -> MaskSource:
+        return self.gate_stream
 
 
 def _vit(num_tasks: int, norm: NormSpec, num_classes: list[int], **options: Any) -> ViT:

@@ -8,6 +8,7 @@ from hatnorm._arch_registry import (
     register_architecture,
 )
 from hatnorm._convert import ConversionError, ConvertedModel, convert, open_gates
+from hatnorm._export import TaskModel, export
 from hatnorm._gate import HATGate, anneal_scale, compensate, compensation_factor, hat_gate
 from hatnorm._hat import HAT, HATModule, Layer
 from hatnorm._heads import TaskHeads
@@ -72,12 +73,14 @@ __all__ = [
     "TaskBatchNorm2d",
     "TaskHeads",
     "TaskLayerNorm",
+    "TaskModel",
     "TokenEmbedding",
     "anneal_scale",
     "build",
     "compensate",
     "compensation_factor",
     "convert",
+    "export",
     "get_architecture",
     "get_norm",
     "get_policy",

@@ -95,16 +95,20 @@ class ConvertedModel(HATModule):
         body: the traced and rewritten graph module.
     """
 
-    def __init__(self, body: nn.Module, layers: Sequence[Layer]) -> None:
+    def __init__(self, body: nn.Module, layers: Sequence[Layer], head_units: MaskSource | None = None) -> None:
         super().__init__()
         self.body = body
         self._layers = list(layers)
+        self._head_units = head_units
 
     def forward(self, x: Tensor, task: int, s: float | Tensor | None = None) -> Tensor:
         return self.body(x, task, s)
 
     def hat_layers(self) -> list[Layer]:
         return list(self._layers)
+
+    def head_units(self) -> MaskSource | None:
+        return self._head_units
 
 
 def _norm_dims(module: nn.Module) -> int | None:
@@ -148,6 +152,7 @@ class _Converter:
         self.units: dict[fx.Node, Any] = {}
         self.layers: list[Layer] = []
         self.pending: dict[fx.Node, tuple[nn.Module, MaskSource | None]] = {}  # weighted layers awaiting a gate
+        self.head_units: MaskSource | None = None
 
     def new_gate(self, num_features: int) -> HATGate:
         return HATGate(num_features, num_tasks=self.num_tasks, s_max=self.s_max)
@@ -230,6 +235,7 @@ class _Converter:
                 units = Flatten(units.channels, module.in_features // units.channels.num_features)
             if [u.op for u in node.users] == ["output"] and isinstance(module, nn.Linear):
                 self.classifier(node, module)
+                self.head_units = units
                 return
             self.pending[node] = (module, units)
         elif isinstance(module, _UNITWISE_MODULES):
@@ -338,8 +344,9 @@ def convert(
         gm = fx.symbolic_trace(copy.deepcopy(module))
     except Exception as error:  # torch.fx raises many types for untraceable code
         raise ConversionError(f"module: torch.fx cannot trace {type(module).__name__}: {error}") from error
-    layers = _Converter(gm, spec, num_tasks, counts, s_max).run()
-    return ConvertedModel(gm, layers).train(module.training)
+    converter = _Converter(gm, spec, num_tasks, counts, s_max)
+    layers = converter.run()
+    return ConvertedModel(gm, layers, converter.head_units).train(module.training)
 
 
 def open_gates(model: nn.Module, value: float = 6.0) -> None:

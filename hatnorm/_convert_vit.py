@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from hatnorm._gate import HATGate
 from hatnorm._hat import HATModule, Layer
 from hatnorm._heads import TaskHeads
+from hatnorm._masks import MaskSource
 from hatnorm._norm_registry import NormSpec
 from hatnorm._norms import MaskedNorm
 from hatnorm._transformer import GatedAttention, GatedFeedForward, TokenEmbedding, blocks_wiring, run_blocks
@@ -112,6 +113,9 @@ class ConvertedViT(HATModule):
         stream = self.gate_stream
         layers = [Layer(self.patch, out=stream), Layer(self.tokens, out=stream), Layer(self.norm, out=stream)]
         return layers + blocks_wiring(stream, self.attentions, self.feedforwards)
+
+    def head_units(self) -> MaskSource:
+        return self.gate_stream
 
 
 def convert_vit(module: nn.Module, *, num_tasks: int, spec: NormSpec, num_classes: list[int] | None,

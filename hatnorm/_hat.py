@@ -65,6 +65,11 @@ class HATModule(nn.Module, ABC):
     def hat_layers(self) -> list[Layer]:
         """Every weighted layer and norm of the model with the masks of its output and input units."""
 
+    def head_units(self) -> MaskSource | None:
+        """The units the task heads read. :func:`hatnorm.export` removes a task's unused units only when the
+        model says this; ``None`` (the default) keeps every unit."""
+        return None
+
 
 def _weight_rate(policy: GradientPolicy, weight: Tensor, out: MaskState, inp: MaskState | None, groups: int) -> Tensor:
     if inp is not None and groups > 1:
@@ -82,7 +87,9 @@ class HAT:
     """Hard Attention to the Task (Serrà et al. 2018) over a model with :class:`HATGate` gates.
 
     Args:
-        model: the network; its forward takes ``task=`` and, while training, ``s=``.
+        model: the network; its forward takes ``task=`` and, while training, ``s=``. A
+            ``DistributedDataParallel`` wrapper is unwrapped: HAT works on (and ``HAT.model`` is) the
+            inner module, whose gradients DDP has already averaged when :meth:`protect` runs.
         layers: the wiring of every weighted layer and norm; omitted when ``model`` is a
             :class:`HATModule`.
         c: the capacity-regulariser weight [0.75].
@@ -108,6 +115,8 @@ class HAT:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
         if layers is None:
             if not isinstance(model, HATModule):
                 raise ValueError("layers must be given unless model is a HATModule (which lists its own), "

@@ -1,0 +1,402 @@
+"""Per-task export: one task of a HAT model as a plain inference module.
+
+``export(model, task)`` copies the model and, for that task,
+
+* folds every gate into what reads it: a norm's affine becomes γ·a, β·a with the task's statistics (the
+  norm's own evaluation formula, so outputs are unchanged), and a gate becomes a constant;
+* removes the units the task does not use: a unit is kept when the task selects it (a^t > 0.5) on any
+  gate of the residual stream it lives in (units joined by a residual add are kept or removed
+  together), and every weighted layer loses the rows and columns of removed units;
+* keeps only the task's head and drops every gate embedding, every other task's norm slot and head.
+
+Units stay whole where removing them would change the layout: q, k and v of attention (heads need
+their full width), grouped convolutions, modules :func:`export` does not know, non-binarized gates,
+and every unit when the model does not say which units its heads read (``HATModule.head_units``).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hatnorm._checks import check_task
+from hatnorm._gate import HATGate
+from hatnorm._hat import HATModule, Layer
+from hatnorm._heads import TaskHeads
+from hatnorm._masks import Concat, Flatten, MaskSource, Residual
+from hatnorm._norms import (
+    MaskedLayerNorm,
+    MaskedNorm,
+    NoNorm,
+    SharedLayerNorm,
+    TaskLayerNorm,
+    _MaskedBatchNorm,
+    _PostGateBatchNorm,
+    _SharedBatchNorm,
+    _TaskBatchNorm,
+)
+from hatnorm._transformer import GatedAttention, TokenEmbedding
+
+
+class ExportedMask(nn.Module):
+    """A gate folded for one task: ``forward(task, s)`` returns the task's fixed mask over the kept units."""
+
+    def __init__(self, mask: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mask", mask)
+
+    def forward(self, task: object = None, s: object = None) -> Tensor:
+        return self.mask
+
+
+class ExportedBatchNorm(nn.Module):
+    """A batch norm in evaluation form for one task, the gate folded into γ and β: ``F.batch_norm(x, μ_t, σ²_t,
+    γ·a, β·a)``; extra arguments (the gate and task the model passes) are ignored."""
+
+    def __init__(self, weight: Tensor, bias: Tensor, running_mean: Tensor, running_var: Tensor, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+        self.bias = nn.Parameter(bias)
+        self.register_buffer("running_mean", running_mean)
+        self.register_buffer("running_var", running_var)
+        self.eps = eps
+
+    def forward(self, x: Tensor, *unused: object) -> Tensor:
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+
+
+class ExportedLayerNorm(nn.Module):
+    """A layer norm over the kept features for one task, the gate folded into γ and β.
+
+    The statistics are those of the original norm: over the task's selected features (masked LN, where a
+    residual stream keeps units other tasks selected) or over every kept feature (``F.layer_norm``).
+
+    Args:
+        weight: γ·a over the kept features.
+        bias: β·a over the kept features.
+        eps: added to the variance.
+        selected: which kept features the statistics read (``None``: all of them).
+    """
+
+    def __init__(self, weight: Tensor, bias: Tensor, eps: float, selected: Tensor | None = None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+        self.bias = nn.Parameter(bias)
+        self.eps = eps
+        self.register_buffer("selected", selected)
+
+    def forward(self, x: Tensor, *unused: object) -> Tensor:
+        if self.selected is None:
+            return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+        read = x[..., self.selected]
+        mean = read.mean(-1, keepdim=True)
+        var = (read - mean).square().mean(-1, keepdim=True)
+        return torch.addcmul(self.bias, (x - mean) * torch.rsqrt(var + self.eps), self.weight)
+
+
+class ExportedGate(nn.Module):
+    """The pure gate (no norm) folded for one task: identity when every kept unit is selected, else ``x·a``."""
+
+    def __init__(self, mask: Tensor | None, channel_dim: int) -> None:
+        super().__init__()
+        self.register_buffer("mask", mask)
+        self.channel_dim = channel_dim
+
+    def forward(self, x: Tensor, *unused: object) -> Tensor:
+        if self.mask is None:
+            return x
+        return x * (self.mask.view(-1, *([1] * (x.dim() - 2))) if self.channel_dim == 1 else self.mask)
+
+
+class ExportedHead(nn.Module):
+    """The head of the exported task, called like :class:`~hatnorm.TaskHeads` (the task argument is ignored)."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, x: Tensor, *unused: object) -> Tensor:
+        return self.linear(x)
+
+
+class TaskModel(nn.Module):
+    """One task of a HAT model for inference: ``model(x)`` gives that task's logits.
+
+    Attributes:
+        body: the pruned copy of the HAT model.
+        task: the exported task.
+        parameters_before: the parameter count of the HAT model.
+        parameters_saved: how many parameters the export removed.
+    """
+
+    def __init__(self, body: nn.Module, task: int, parameters_before: int) -> None:
+        super().__init__()
+        self.body = body
+        self.task = task
+        self.parameters_before = parameters_before
+        self.parameters_saved = parameters_before - _count(self)
+        self.eval()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.body(x, task=self.task)
+
+    def extra_repr(self) -> str:
+        return f"task={self.task}, parameters_saved={self.parameters_saved}"
+
+
+def _count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+class _Units:
+    """Which units of every gate the export keeps: gates joined by residual adds share one set (the union of
+    their selections)."""
+
+    def __init__(self, gates: Sequence[HATGate], task: int) -> None:
+        self.task = task
+        self.parent = {id(g): id(g) for g in gates}
+        self.gates = {id(g): g for g in gates}
+        self.whole: set[int] = set()
+        self.prune = True
+
+    def root(self, gate: HATGate) -> int:
+        key = id(gate)
+        while self.parent[key] != key:
+            key = self.parent[key]
+        return key
+
+    def gates_of(self, source: MaskSource) -> list[HATGate]:
+        """The gates whose units ``source`` is (a gate, or a residual add of gates); joins them."""
+        if isinstance(source, HATGate):
+            return [source]
+        if isinstance(source, Residual):
+            gates = [g for path in source.paths for g in self.gates_of(path)]
+            for g in gates[1:]:
+                self.parent[self.root(g)] = self.root(gates[0])
+            return gates
+        self.prune = False  # a source export cannot see through: keep every unit
+        return []
+
+    def sources(self, source: MaskSource | None) -> Iterable[MaskSource]:
+        if isinstance(source, Flatten):
+            yield source.channels
+        elif isinstance(source, Concat):
+            yield from source.parts
+        elif source is not None:
+            yield source
+
+    def join(self, source: MaskSource | None) -> None:
+        for part in self.sources(source):
+            self.gates_of(part)
+
+    def keep_whole(self, source: MaskSource | None) -> None:
+        for part in self.sources(source):
+            self.whole.update(id(g) for g in self.gates_of(part))
+
+    def finish(self) -> None:
+        groups: dict[int, list[HATGate]] = {}
+        for gate in self.gates.values():
+            groups.setdefault(self.root(gate), []).append(gate)
+        self.kept: dict[int, Tensor] = {}
+        for root, members in groups.items():
+            n = members[0].num_features
+            keep = torch.ones(n, dtype=torch.bool, device=members[0].embedding.device)
+            whole = not self.prune or any(id(g) in self.whole or not g.binarize for g in members)
+            if not whole:
+                keep = torch.stack([g.selection(self.task) for g in members]).any(0)
+                # a layer the task does not use keeps one unit, whose gate is 0: shapes stay valid
+                keep[0] |= not bool(keep.any())
+            self.kept[root] = keep.nonzero().flatten()
+
+    def index(self, source: MaskSource | None, size: int) -> Tensor | None:
+        """The kept indices of ``source``'s units; ``None`` for data inputs (all ``size`` kept)."""
+        if source is None:
+            return None
+        if isinstance(source, Flatten):
+            channels = self.index(source.channels, source.channels.num_features)
+            positions = torch.arange(source.positions, device=channels.device)
+            # flatten of [C, H, W] puts channel c at c·HW … (c+1)·HW − 1
+            return (channels[:, None] * source.positions + positions).flatten()
+        if isinstance(source, Concat):
+            parts, offset = [], 0
+            for part in source.parts:
+                parts.append(self.index(part, part.num_features) + offset)
+                offset += part.num_features
+            return torch.cat(parts)
+        gates = self.gates_of(source)
+        if not gates:
+            return torch.arange(size)
+        return self.kept[self.root(gates[0])]
+
+    def mask(self, gate: HATGate) -> Tensor:
+        """The gate's evaluation mask for the task, over the kept units."""
+        return gate.final_mask(self.task)[self.index(gate, gate.num_features)]
+
+
+def _prune_weighted(module: nn.Module, rows: Tensor, cols: Tensor | None) -> nn.Module:
+    weight = module.weight.detach()[rows]
+    if cols is not None:
+        weight = weight[:, cols]
+    bias = None if module.bias is None else module.bias.detach()[rows]
+    if isinstance(module, nn.Linear):
+        new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    else:
+        new = type(module)(weight.shape[1], weight.shape[0], module.kernel_size, stride=module.stride,
+                           padding=module.padding, dilation=module.dilation, bias=bias is not None,
+                           padding_mode=module.padding_mode)
+    new = new.to(device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(weight)
+        if bias is not None:
+            new.bias.copy_(bias)
+    return new
+
+
+def _export_norm(norm: MaskedNorm, mask: Tensor, keep: Tensor, task: int) -> nn.Module:
+    """The norm for ``task`` over the ``keep`` units with the gate values ``mask`` (over the same units)."""
+    def per_task(t: Tensor) -> Tensor:
+        return (t[task] if t.dim() == 2 else t).detach()[keep]
+
+    if isinstance(norm, _MaskedBatchNorm | _TaskBatchNorm | _SharedBatchNorm):
+        return ExportedBatchNorm(per_task(norm.weight) * mask, per_task(norm.bias) * mask,
+                                 per_task(norm.running_mean).clone(), per_task(norm.running_var).clone(), norm.eps)
+    selected = mask > 0.5
+    if isinstance(norm, MaskedLayerNorm) and bool(selected.any()):
+        return ExportedLayerNorm(norm.weight.detach()[keep] * mask, norm.bias.detach()[keep] * mask, norm.eps,
+                                 None if bool(selected.all()) else selected)
+    if isinstance(norm, SharedLayerNorm | TaskLayerNorm):
+        return ExportedLayerNorm(per_task(norm.weight) * mask, per_task(norm.bias) * mask, norm.eps)
+    if isinstance(norm, NoNorm):
+        return ExportedGate(None if bool((mask == 1).all()) else mask, norm.channel_dim)
+    if isinstance(norm, MaskedLayerNorm):  # no feature selected: the norm gives zeros
+        return ExportedGate(torch.zeros_like(mask), norm.channel_dim)
+    raise TypeError(f"model: cannot export a {type(norm).__name__}; supported norms: masked, per-task and shared "
+                    "BatchNorm and LayerNorm, and none")
+
+
+def _replace(root: nn.Module, names: dict[int, str], old: nn.Module, new: nn.Module) -> None:
+    parent, _, child = names[id(old)].rpartition(".")
+    setattr(root.get_submodule(parent), child, new)
+
+
+@torch.no_grad()
+def export(model: nn.Module, task: int, *, layers: Sequence[Layer] | None = None,
+           head_units: MaskSource | None = None) -> TaskModel:
+    """Export one task of a HAT model as a plain inference module with its masks folded in and its unused
+    units removed (see the module docstring). ``model`` itself is not changed.
+
+    Args:
+        model: the HAT model; a :class:`HATModule` knows its wiring and head units.
+        task: the task to export.
+        layers: the wiring, when ``model`` is not a :class:`HATModule` (as for :class:`HAT`).
+        head_units: the units the task heads read, when ``model`` is not a :class:`HATModule`; without it
+            no unit is removed.
+
+    Returns:
+        a :class:`TaskModel` in evaluation mode: ``exported(x)`` equals ``model(x, task=task)`` in evaluation
+        mode; ``exported.parameters_saved`` is the number of parameters removed.
+
+    Raises:
+        TypeError: ``model`` is not a module, or holds a part export does not know how to fold
+            (the norm after the gate, whose output is not gated).
+        ValueError: ``task`` out of range, or ``model`` has no gate.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not any(isinstance(m, HATGate) for m in model.modules()):
+        raise ValueError("model must contain at least one HATGate, found none")
+    if layers is None and not isinstance(model, HATModule):
+        raise ValueError(f"layers must be given unless model is a HATModule, got layers=None for a "
+                         f"{type(model).__name__}")
+    post_gate = [type(m).__name__ for m in model.modules() if isinstance(m, _PostGateBatchNorm)]
+    if post_gate:
+        raise TypeError(f"model: cannot export {post_gate[0]}: the norm after the gate emits β on units the task "
+                        "does not select; export supports masked, per-task and shared BatchNorm and LayerNorm, "
+                        "and none")
+    num_tasks = next(m for m in model.modules() if isinstance(m, HATGate)).num_tasks
+    task = check_task(task, num_tasks)
+    before = _count(model)
+    # map the caller's wiring onto the copy by identity
+    originals = dict(model.named_modules())
+    body = copy.deepcopy(model).eval()
+    copies = dict(body.named_modules())
+    to_copy = {id(m): copies[n] for n, m in originals.items()}
+    if layers is None:
+        layers = body.hat_layers()
+        head_units = body.head_units()
+    else:
+        layers = [Layer(to_copy[id(layer.module)], _remap(layer.out, to_copy), _remap(layer.inp, to_copy))
+                  for layer in layers]
+        head_units = _remap(head_units, to_copy)
+    names = {id(m): n for n, m in body.named_modules()}
+    gates = [m for m in body.modules() if isinstance(m, HATGate)]
+    units = _Units(gates, task)
+    for layer in layers:
+        units.join(layer.out)
+        units.join(layer.inp)
+        if not _foldable(layer.module):
+            units.keep_whole(layer.out)
+            units.keep_whole(layer.inp)
+    for attention in (m for m in body.modules() if isinstance(m, GatedAttention)):
+        units.keep_whole(attention.gate_units())
+    if head_units is None:
+        units.prune = False
+    else:
+        units.join(head_units)
+    units.finish()
+
+    for layer in layers:
+        module = layer.module
+        out_features = layer.out.num_features
+        rows = units.index(layer.out, out_features)
+        if isinstance(module, MaskedNorm):
+            gate_mask = _mask_of(units, layer.out)
+            _replace(body, names, module, _export_norm(module, gate_mask, rows, task))
+        elif isinstance(module, TokenEmbedding):
+            module.cls_token = nn.Parameter(module.cls_token.detach()[..., rows].clone())
+            module.pos_embedding = nn.Parameter(module.pos_embedding.detach()[..., rows].clone())
+        elif _foldable(module):
+            cols = units.index(layer.inp, module.weight.shape[1]) if layer.inp is not None else None
+            _replace(body, names, module, _prune_weighted(module, rows, cols))
+    for heads in [m for m in body.modules() if isinstance(m, TaskHeads)]:
+        head = heads.heads[task]
+        cols = None if head_units is None else units.index(head_units, head.in_features)
+        _replace(body, names, heads, ExportedHead(_prune_weighted(head, torch.arange(head.out_features), cols)))
+    for gate in gates:
+        _replace(body, names, gate, ExportedMask(units.mask(gate)))
+    return TaskModel(body, task, before)
+
+
+def _foldable(module: nn.Module) -> bool:
+    """Whether export knows how to fold and prune ``module``; the units of any other module are kept whole."""
+    if isinstance(module, SharedLayerNorm | TaskLayerNorm):
+        return False  # their statistics read every feature, the removed ones too
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return module.groups == 1 and not isinstance(module, nn.modules.conv._ConvTransposeNd)
+    return isinstance(module, MaskedNorm | TokenEmbedding | nn.Linear)
+
+
+def _mask_of(units: _Units, source: MaskSource) -> Tensor:
+    if not isinstance(source, HATGate):
+        raise TypeError(f"layers: a norm's out must be its gate (a HATGate), got {type(source).__name__}")
+    return units.mask(source)
+
+
+def _remap(source: MaskSource | None, to_copy: dict[int, nn.Module]) -> MaskSource | None:
+    """``source`` rebuilt over the copied gates."""
+    if source is None:
+        return None
+    if isinstance(source, HATGate):
+        return to_copy[id(source)]
+    if isinstance(source, Residual):
+        return Residual(*(_remap(p, to_copy) for p in source.paths))
+    if isinstance(source, Flatten):
+        return Flatten(_remap(source.channels, to_copy), source.positions)
+    if isinstance(source, Concat):
+        return Concat(*(_remap(p, to_copy) for p in source.parts))
+    raise TypeError(f"layers: unsupported mask source {type(source).__name__}; allowed: HATGate, Residual, "
+                    "Flatten, Concat")
