@@ -23,6 +23,11 @@ from hatnorm._norms import MaskedNorm
 from hatnorm._policies import GradientPolicy
 from hatnorm._protected import Protected
 
+# einops registers its backend per tensor type on first use; registering tensors and parameters now keeps a
+# first call under torch.compile from guarding on a registry it then grows, and recompiling on the next batch
+for _example in (torch.zeros(1), nn.Parameter(torch.zeros(1))):
+    rearrange(_example, "a -> a")
+
 
 class TokenEmbedding(nn.Module, Protected):
     """The cls token ``[1, 1, D]`` and the position embedding ``[1, n + 1, D]``, protected per stream unit.

@@ -1,0 +1,409 @@
+"""hatnorm's benchmarks: HAT models against their plain PyTorch twins, measured in one run on the same inputs.
+
+    python benchmarks/run.py                   # CPU, default sizes (a few minutes on 2 cores)
+    python benchmarks/run.py --compile         # everything under torch.compile, with recompile counts
+    python benchmarks/run.py --device cuda     # on a GPU
+    python benchmarks/run.py --quick           # smaller sizes and fewer repeats, to try the script
+
+Every figure is the median of ``--repeats`` timed calls after ``--warmup`` untimed ones, the HAT and the
+plain call interleaved so machine noise hits both alike. A HAT training step is forward, the loss with the
+capacity regulariser, backward, protection and the optimizer step with frozen entries restored, timed on
+task 1 after task 0 was learned (so protection is real). Peak memory is the peak resident-set growth of a
+fresh process over a few steps on CPU, and ``torch.cuda.max_memory_allocated`` on a GPU.
+
+Results go to ``benchmarks/results/<device>[-compile].json`` and, as a Markdown table, into
+``docs/performance.md`` between the markers for that run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from plain import PlainAlexNet, PlainResNet18, PlainViT
+from rich.console import Console
+from rich.table import Table
+from torch import Tensor, nn
+
+import hatnorm
+
+ROOT = Path(__file__).resolve().parent.parent
+BATCHES_PER_EPOCH = 100  # the scale s anneals over this many batches
+
+# architecture → (hatnorm options, plain twin, HAT norms to time, input side)
+MODELS: dict[str, tuple[dict[str, Any], Callable[..., nn.Module], tuple[str, ...]]] = {
+    "resnet18": ({"base_width": 64}, lambda o: PlainResNet18(10, base_width=o["base_width"]),
+                 ("masked_bn", "task_bn", "none")),
+    "alexnet": ({"width": 1.0}, lambda o: PlainAlexNet(10, width=o["width"]), ("masked_bn", "task_bn", "none")),
+    "vit_micro": ({}, lambda o: PlainViT(10), ("masked_ln", "task_ln", "none")),
+}
+QUICK = {"resnet18": {"base_width": 16}, "alexnet": {"width": 0.25}, "vit_micro": {}}
+
+
+class Clock:
+    """Median wall time of interleaved calls, synchronising the device around each."""
+
+    def __init__(self, device: torch.device, repeats: int, warmup: int) -> None:
+        self.device, self.repeats, self.warmup = device, repeats, warmup
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def __call__(self, calls: dict[str, Callable[[], object]]) -> dict[str, float]:
+        for call in calls.values():
+            for _ in range(self.warmup):
+                call()
+        times: dict[str, list[float]] = {name: [] for name in calls}
+        for _ in range(self.repeats):
+            for name, call in calls.items():
+                self.sync()
+                start = time.perf_counter()
+                call()
+                self.sync()
+                times[name].append(time.perf_counter() - start)
+        return {name: statistics.median(t) for name, t in times.items()}
+
+
+class Compiler:
+    """``torch.compile`` with a count of the graphs it compiles (a recompile is a new graph)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.graphs = 0
+        self.inductor = torch._dynamo.lookup_backend("inductor")
+
+    def backend(self, gm: torch.fx.GraphModule, example_inputs: list[Tensor]) -> Callable:
+        self.graphs += 1
+        return self.inductor(gm, example_inputs)
+
+    def __call__(self, fn: Callable) -> Callable:
+        return torch.compile(fn, backend=self.backend) if self.enabled else fn
+
+
+def hat_model(arch: str, norm: str, options: dict[str, Any], num_tasks: int, device: torch.device) -> nn.Module:
+    torch.manual_seed(0)
+    return hatnorm.build(arch, num_tasks=num_tasks, norm=norm, num_classes=10, **options).to(device)
+
+
+def hat_step(model: nn.Module, x: Tensor, y: Tensor, compiler: Compiler) -> tuple[Callable[[], None], hatnorm.HAT]:
+    """A HAT training step on task 1, after a short task 0."""
+    hat = hatnorm.HAT(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+
+    def loss_of(task: int) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+        return compiler(lambda x, y, s: hat.loss(F.cross_entropy(model(x, task=task, s=s), y), s))
+
+    def train(task: int, steps: int) -> Callable[[], None]:
+        loss_fn = loss_of(task)
+        batch = iter(range(10**9))
+
+        def step() -> None:
+            # the scale as a tensor: a changing s does not recompile
+            s = torch.tensor(hat.scale(next(batch) % BATCHES_PER_EPOCH, BATCHES_PER_EPOCH), device=x.device)
+            loss = loss_fn(x, y, s)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            hat.protect(s)
+            hat.step(optimizer)
+
+        for _ in range(steps):
+            step()
+        return step
+
+    model.train()
+    hat.begin_task(0)
+    train(0, 3)
+    hat.end_task()
+    hat.begin_task(1)
+    return train(1, 0), hat
+
+
+def plain_step(model: nn.Module, x: Tensor, y: Tensor, compiler: Compiler) -> Callable[[], None]:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    loss_fn = compiler(lambda x, y: F.cross_entropy(model(x), y))
+    model.train()
+
+    def step() -> None:
+        loss = loss_fn(x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def inputs(batch: int, device: torch.device, size: int = 32) -> tuple[Tensor, Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, size, size, generator=generator)
+    return x.to(device), torch.randint(0, 10, (batch,), generator=generator).to(device)
+
+
+def peak_memory(spec: dict[str, Any], device: torch.device) -> float:
+    """Peak memory (MiB) of a few training steps of ``spec``: in a fresh process on CPU."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        step = make_step(spec, device, Compiler(False))
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    out = subprocess.run([sys.executable, __file__, "--memory-probe", json.dumps(spec)], capture_output=True,
+                         text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def make_step(spec: dict[str, Any], device: torch.device, compiler: Compiler) -> Callable[[], None]:
+    x, y = inputs(spec["batch"], device)
+    if spec["kind"] == "plain":
+        torch.manual_seed(0)
+        return plain_step(MODELS[spec["arch"]][1](spec["options"]).to(device), x, y, compiler)
+    model = hat_model(spec["arch"], spec["norm"], spec["options"], spec.get("num_tasks", 10), device)
+    return hat_step(model, x, y, compiler)[0]
+
+
+def _status_kib(field: str) -> int:
+    return int(re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1))
+
+
+def probe_memory(spec: dict[str, Any]) -> None:
+    """The child side of :func:`peak_memory`: prints the peak resident-set growth (MiB) from just before the
+    model is built to the end of 3 training steps: parameters, gradients, optimizer and HAT state, activations."""
+    Path("/proc/self/clear_refs").write_text("5")  # resets the peak resident set (VmHWM) to the current size
+    before = _status_kib("VmRSS")
+    step = make_step(spec, torch.device("cpu"), Compiler(False))
+    for _ in range(3):
+        step()
+    print((_status_kib("VmHWM") - before) / 1024)
+
+
+def training_steps(args: argparse.Namespace, clock: Clock, compiler: Compiler) -> list[dict[str, Any]]:
+    rows = []
+    for arch, (options, _, norms) in MODELS.items():
+        options = QUICK[arch] if args.quick else options
+        x, y = inputs(args.batch, args.device)
+        plain_spec = {"kind": "plain", "arch": arch, "options": options, "batch": args.batch}
+        calls = {"plain": make_step(plain_spec, args.device, compiler)}
+        recompiles = {}
+        for norm in norms:
+            model = hat_model(arch, norm, options, 10, args.device)
+            step, _ = hat_step(model, x, y, compiler)
+            before = compiler.graphs
+            step()
+            step()
+            recompiles[norm] = compiler.graphs - before
+            calls[norm] = step
+        times = clock(calls)
+        memory = {"plain": peak_memory(plain_spec, args.device)} if args.memory else {}
+        for norm in norms:
+            if args.memory:
+                memory[norm] = peak_memory(plain_spec | {"kind": "hat", "norm": norm}, args.device)
+            rows.append({
+                "benchmark": f"train step {arch} ({_describe(options)}, batch {args.batch}), HAT {norm} / plain",
+                "hat_ms": 1e3 * times[norm], "base_ms": 1e3 * times["plain"], "ratio": times[norm] / times["plain"],
+                "target": 1.10 if (arch, norm) == ("resnet18", "masked_bn") else None,
+                "memory_ratio": memory[norm] / memory["plain"] if args.memory else None,
+                "hat_mib": memory.get(norm), "base_mib": memory.get("plain"),
+                "recompiles": recompiles[norm] if args.compile else None,
+            })
+    return rows
+
+
+def _describe(options: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in options.items()) or "defaults"
+
+
+def _forward_backward(forward: Callable[..., Tensor], *args: Tensor, grad: Tensor) -> None:
+    forward(*args).backward(grad)
+
+
+def norm_layers(args: argparse.Namespace, clock: Clock, compiler: Compiler) -> list[dict[str, Any]]:
+    """Forward and backward of masked BN against nn.BatchNorm2d and masked LN against nn.LayerNorm, training mode."""
+    rows = []
+    shapes_bn = [(32, 64, 32, 32), (32, 128, 16, 16), (128, 512, 4, 4)]
+    shapes_ln = [(32, 65, 64), (32, 65, 192), (8, 197, 768)]
+    if args.quick:
+        shapes_bn, shapes_ln = shapes_bn[1:], shapes_ln[:2]
+    generator = torch.Generator().manual_seed(0)
+    for kind, shapes in (("bn", shapes_bn), ("ln", shapes_ln)):
+        for shape in shapes:
+            channels = shape[1] if kind == "bn" else shape[-1]
+            x = torch.randn(*shape, generator=generator).to(args.device).requires_grad_()
+            grad = torch.randn(*shape, generator=generator).to(args.device)
+            embedding = torch.randn(channels, generator=generator).to(args.device)
+            mask = torch.sigmoid(100 * embedding).requires_grad_()  # a soft gate late in an epoch
+            if kind == "bn":
+                ours = hatnorm.MaskedBatchNorm2d(channels, num_tasks=10).to(args.device)
+                theirs = nn.BatchNorm2d(channels).to(args.device)
+            else:
+                ours = hatnorm.MaskedLayerNorm(channels, num_tasks=10).to(args.device)
+                theirs = nn.LayerNorm(channels).to(args.device)
+            forward_ours = compiler(lambda x, m, ours=ours: ours(x, m, 1))
+            forward_theirs = compiler(lambda x, theirs=theirs: theirs(x))
+
+            times = clock({"ours": partial(_forward_backward, forward_ours, x, mask, grad=grad),
+                           "theirs": partial(_forward_backward, forward_theirs, x, grad=grad)})
+            name = "masked BN / nn.BatchNorm2d" if kind == "bn" else "masked LN / nn.LayerNorm"
+            rows.append({"benchmark": f"{name} forward+backward {list(shape)}", "hat_ms": 1e3 * times["ours"],
+                         "base_ms": 1e3 * times["theirs"], "ratio": times["ours"] / times["theirs"],
+                         "target": 1.25 if kind == "bn" else 1.5})
+    return rows
+
+
+def task_count(args: argparse.Namespace, clock: Clock, compiler: Compiler) -> list[dict[str, Any]]:
+    """The same HAT step with 2 and with 100 tasks."""
+    options = QUICK["resnet18"] if args.quick else MODELS["resnet18"][0]
+    x, y = inputs(args.batch, args.device)
+    calls = {n: hat_step(hat_model("resnet18", "masked_bn", options, n, args.device), x, y, compiler)[0]
+             for n in (2, 100)}
+    times = clock(calls)
+    return [{"benchmark": f"train step resnet18 masked_bn ({_describe(options)}), 100 tasks / 2 tasks",
+             "hat_ms": 1e3 * times[100], "base_ms": 1e3 * times[2], "ratio": times[100] / times[2], "target": 1.05}]
+
+
+def export_inference(args: argparse.Namespace, clock: Clock, compiler: Compiler) -> list[dict[str, Any]]:
+    """Inference of task 1's export (after tasks 0 and 1 were learned) against the plain twin."""
+    rows = []
+    for arch, (options, plain, norms) in MODELS.items():
+        options = QUICK[arch] if args.quick else options
+        x, y = inputs(args.batch, args.device)
+        model = hat_model(arch, norms[0], options, 10, args.device)
+        step, hat = hat_step(model, x, y, Compiler(False))
+        step()
+        hat.end_task()
+        model.eval()
+        exported = hatnorm.export(model, 1)
+        torch.manual_seed(0)
+        twin = plain(options).to(args.device).eval()
+        ours, theirs = compiler(exported), compiler(twin)
+        with torch.no_grad():
+            times = clock({"export": partial(ours, x), "plain": partial(theirs, x)})
+        kept = 1 - exported.parameters_saved / exported.parameters_before
+        rows.append({"benchmark": f"inference {arch} {norms[0]} export of task 1 ({kept:.0%} of the HAT "
+                                  f"model's parameters) / plain", "hat_ms": 1e3 * times["export"],
+                     "base_ms": 1e3 * times["plain"], "ratio": times["export"] / times["plain"], "target": 1.0})
+    return rows
+
+
+def recompiles_during_a_task(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Graphs compiled over 20 batches of one task, once the first batch compiled."""
+    rows = []
+    for arch, (options, _, norms) in MODELS.items():
+        options = QUICK[arch]  # compile time grows with the model, recompiles do not
+        compiler = Compiler(True)
+        x, y = inputs(8, args.device)
+        step, _ = hat_step(hat_model(arch, norms[0], options, 10, args.device), x, y, compiler)
+        step()
+        first = compiler.graphs
+        for _ in range(20):
+            step()
+        rows.append({"benchmark": f"recompiles in 20 batches of task 1, {arch} {norms[0]}",
+                     "recompiles": compiler.graphs - first, "graphs": first})
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]], machine: str) -> str:
+    lines = [f"Measured on {machine}.", "",
+             "| benchmark | HAT / export (ms) | baseline (ms) | ratio | target | peak memory ratio |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if "hat_ms" not in r:
+            lines.append(f"| {r['benchmark']} | | | {r['recompiles']} recompiles | 0 | |")
+            continue
+        target = "" if r.get("target") is None else f"≤ {r['target']:.2f}"
+        memory = "" if r.get("memory_ratio") is None else (f"{r['memory_ratio']:.2f} ({r['hat_mib']:.0f} / "
+                                                           f"{r['base_mib']:.0f} MiB)")
+        lines.append(f"| {r['benchmark']} | {r['hat_ms']:.2f} | {r['base_ms']:.2f} | {r['ratio']:.3f} | {target} | "
+                     f"{memory} |")
+    return "\n".join(lines)
+
+
+def update_doc(doc: Path, label: str, text: str) -> None:
+    start, end = f"<!-- bench:{label}:start -->", f"<!-- bench:{label}:end -->"
+    body = doc.read_text() if doc.exists() else "# Performance\n"
+    block = f"{start}\n{text}\n{end}"
+    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
+    body = pattern.sub(lambda _: block, body) if pattern.search(body) else f"{body.rstrip()}\n\n{block}\n"
+    doc.write_text(body)
+
+
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    return (f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads, "
+            f"torch {torch.__version__}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--batch", type=int, default=32, help="batch size of the training steps")
+    p.add_argument("--repeats", type=int, default=15, help="timed calls per figure (the median is reported)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls before timing")
+    p.add_argument("--compile", action="store_true", help="run everything under torch.compile")
+    p.add_argument("--quick", action="store_true", help="small models and 5 repeats, to try the script")
+    p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory runs")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="folder for the JSON")
+    p.add_argument("--doc", type=Path, default=ROOT / "docs" / "performance.md", help="Markdown file to update")
+    p.add_argument("--memory-probe", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.memory_probe:
+        probe_memory(json.loads(args.memory_probe))
+        return
+    for name in ("batch", "repeats"):
+        if getattr(args, name) < 2:
+            p.error(f"--{name} must be ≥ 2, got {getattr(args, name)}")
+    if args.warmup < 1:
+        p.error(f"--warmup must be ≥ 1, got {args.warmup}")
+    if args.device not in ("cpu", "cuda") or (args.device == "cuda" and not torch.cuda.is_available()):
+        p.error(f"--device must be cpu or cuda (when a GPU is present), got {args.device}")
+    if args.quick:
+        args.repeats = min(args.repeats, 5)
+    args.device = torch.device(args.device)
+    console = Console()
+    clock, compiler = Clock(args.device, args.repeats, args.warmup), Compiler(args.compile)
+    rows: list[dict[str, Any]] = []
+    sections = [("training steps", training_steps), ("norm layers", norm_layers), ("task count", task_count),
+                ("export inference", export_inference)]
+    for title, section in sections:
+        console.print(f"[bold]{title}[/bold] …")
+        rows += section(args, clock, compiler)
+    if args.compile:
+        console.print("[bold]recompiles[/bold] …")
+        rows += recompiles_during_a_task(args)
+    label = args.device.type + ("-compile" if args.compile else "") + ("-quick" if args.quick else "")
+    where = machine(args.device)
+    table = Table(title=f"hatnorm benchmarks ({label}; {where}; median of {args.repeats})")
+    for column in ("benchmark", "HAT (ms)", "baseline (ms)", "ratio", "target", "memory ratio", "recompiles"):
+        table.add_column(column, justify="left" if column == "benchmark" else "right")
+    for r in rows:
+        table.add_row(r["benchmark"], f"{r['hat_ms']:.2f}" if "hat_ms" in r else "",
+                      f"{r['base_ms']:.2f}" if "base_ms" in r else "", f"{r['ratio']:.3f}" if "ratio" in r else "",
+                      f"≤ {r['target']:.2f}" if r.get("target") else "",
+                      f"{r['memory_ratio']:.2f}" if r.get("memory_ratio") else "",
+                      str(r["recompiles"]) if r.get("recompiles") is not None else "")
+    console.print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{label}.json"
+    path.write_text(json.dumps({"machine": where, "repeats": args.repeats, "batch": args.batch, "rows": rows},
+                               indent=2))
+    update_doc(args.doc, label, markdown(rows, where))
+    console.print(f"wrote {path} and the {label} table in {args.doc}")
+
+
+if __name__ == "__main__":
+    main()
