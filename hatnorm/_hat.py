@@ -17,7 +17,12 @@ decay, and Adam's moments, move entries whose gradient is zero. :meth:`HAT.step`
 after ``optimizer.step()``, every entry whose multiplier is exactly 0 to its value before the step
 (a ``torch.where`` with a mask fixed for the task). Restoring is exact for every optimizer, needs no
 knowledge of the optimizer's update rule, and touches only parameters that have protected entries;
-masking the update instead would need one implementation per optimizer.
+masking the update instead would need one implementation per optimizer. Plain SGD (no momentum, no
+weight decay) moves no entry whose gradient is 0, so with it the restore, and its copy of the frozen
+parameters, is skipped.
+
+Cost. Multipliers are fixed at task start; binary ones (HAT's, with binarized masks) are kept as bool
+tensors, one byte per parameter, and also serve as the restore mask.
 """
 
 from __future__ import annotations
@@ -81,6 +86,12 @@ def _weight_rate(policy: GradientPolicy, weight: Tensor, out: MaskState, inp: Ma
         )
     rate = policy.weight_rate(out, inp)
     return rate.reshape(*rate.shape, *([1] * (weight.dim() - 2))).expand_as(weight)
+
+
+def _moves_only_by_gradient(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer.step()`` leaves every entry with a zero gradient exactly as it is: plain SGD."""
+    return type(optimizer) is torch.optim.SGD and all(
+        group["momentum"] == 0 and group["weight_decay"] == 0 for group in optimizer.param_groups)
 
 
 class HAT:
@@ -244,13 +255,14 @@ class HAT:
         for p, mult in merged.values():
             if bool((mult == 1).all()):
                 continue
-            self._params.append(p)
-            self._mults.append(mult)
             keep = mult != 0
+            # a 0/1 multiplier is its restore mask: one bool tensor instead of a float and a bool one
+            binary = bool((keep == mult).all())
+            self._params.append(p)
+            self._mults.append(keep if binary else mult)
             if not bool(keep.all()):
                 self._frozen.append(p)
                 self._keep.append(keep)
-                self._snapshots.append(torch.empty_like(p))
         self._free = [1 - g.cumulative for g in self.gates]
         self._free_total = max(float(sum(f.sum() for f in self._free)), 1e-12)
         self.task = task
@@ -298,13 +310,17 @@ class HAT:
         task = self._active("step")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        restore = bool(self._frozen) and not _moves_only_by_gradient(optimizer)
         with torch.no_grad():
-            if self._frozen:
+            if restore:
+                if not self._snapshots:
+                    self._snapshots = [torch.empty_like(p) for p in self._frozen]
                 torch._foreach_copy_(self._snapshots, [p.detach() for p in self._frozen])
         optimizer.step()
         with torch.no_grad():
-            for p, keep, before in zip(self._frozen, self._keep, self._snapshots, strict=True):
-                p.copy_(torch.where(keep, p, before))
+            if restore:
+                for p, keep, before in zip(self._frozen, self._keep, self._snapshots, strict=True):
+                    p.copy_(torch.where(keep, p, before))
             for g in self.gates:
                 g.embedding[task].clamp_(-self.clamp, self.clamp)
 
@@ -324,4 +340,4 @@ class HAT:
     def gradient_multipliers(self) -> dict[str, Tensor]:
         """The multipliers of the active task by parameter name; parameters left out keep their raw gradient."""
         self._active("gradient_multipliers")
-        return {self._names[id(p)]: m for p, m in zip(self._params, self._mults, strict=True)}
+        return {self._names[id(p)]: m.to(p.dtype) for p, m in zip(self._params, self._mults, strict=True)}
