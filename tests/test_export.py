@@ -120,7 +120,7 @@ def test_export_refuses_bad_input() -> None:
         hatnorm.export(model, 2)
     with pytest.raises(TypeError, match="task must be an int"):
         hatnorm.export(model, 0.5)
-    with pytest.raises(TypeError, match="model must be an nn.Module, got str"):
+    with pytest.raises(TypeError, match=r"model must be an nn\.Module, got str"):
         hatnorm.export("model", 0)
     with pytest.raises(ValueError, match="model must contain at least one HATGate"):
         hatnorm.export(nn.Linear(2, 2), 0)
