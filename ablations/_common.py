@@ -6,6 +6,7 @@ import argparse
 import csv
 import json
 import math
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from rich.table import Table
 
 import hatnorm
 from hatnorm import metrics
+from hatnorm.checkpoint import CheckpointError
 from hatnorm.data import Task, cifar_sequence, permuted_mnist, split_mnist
 from hatnorm.training import Method, TrainConfig, train_joint, train_sequence
 
@@ -82,6 +84,12 @@ def parser(prog: str, description: str, *, epochs: int, out: str) -> argparse.Ar
     p.add_argument("--patience", type=positive_int, default=5, help="epochs without improvement before lr ÷ 3")
     p.add_argument("--seed", type=int, default=0, help="random seed (model, split, batch order, CIFAR task order)")
     p.add_argument("--out", type=Path, default=Path(out), help="folder for results.json, results.csv and plots")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a killed run in the same --out folder from the checkpoints in its checkpoints/ "
+                        "folder: finished runs are read back, the interrupted one continues where it stopped")
+    p.add_argument("--checkpoint-every", type=positive_int, default=None, metavar="N",
+                   help="also checkpoint every N epochs within a task (a checkpoint is always written after "
+                        "every task)")
     return p
 
 
@@ -105,6 +113,12 @@ def load_tasks(args: argparse.Namespace, parser_: argparse.ArgumentParser) -> tu
     return make(num_tasks=args.tasks), 1, 32
 
 
+def check_cnn_width(parser_: argparse.ArgumentParser, arch: str, width: float) -> None:
+    """Refuse a ``--width`` the architecture cannot take (AlexNet's width multiplier is at most 16)."""
+    if arch == "alexnet" and width > 16:
+        parser_.error(f"--width must be ≤ 16 for alexnet (a width multiplier), got {width}")
+
+
 def cnn_options(arch: str, width: float, channels: int, size: int) -> dict[str, Any]:
     """Options of ``alexnet`` (width multiplier) or ``resnet18`` (base width, rounded) for the data."""
     if arch == "alexnet":
@@ -122,11 +136,13 @@ def _random_accuracies(tasks: Sequence[Task]) -> list[float]:
 
 
 def run(variants: Sequence[Variant], tasks: Sequence[Task], cfg: TrainConfig, out: Path, console: Console,
-        *, joint_norm: dict[str, str], title: str) -> dict[str, Any]:
+        *, joint_norm: dict[str, str], title: str, resume: bool = False,
+        checkpoint_every: int | None = None) -> dict[str, Any]:
     """Train every variant, joint training per architecture, and compute the metrics.
 
     Returns the results by variant label; also writes them (``results.json``, ``results.csv``) with
-    each run's own folder under ``out``.
+    each run's own folder under ``out``. Every run checkpoints into its folder under ``out/checkpoints``
+    after every task (and every ``checkpoint_every`` epochs); ``resume`` continues from there.
     """
     out.mkdir(parents=True, exist_ok=True)
     counts = [t.num_classes for t in tasks]
@@ -138,16 +154,22 @@ def run(variants: Sequence[Variant], tasks: Sequence[Task], cfg: TrainConfig, ou
         key = json.dumps([variant.arch, {k: v for k, v in variant.options.items() if k != "s_max"}], sort_keys=True)
         if key not in joint:
             console.print(f"[bold]{variant.arch}[/bold]: joint training on tasks 0..t for every t (A_J)")
+            same_arch = sum(json.loads(k)[0] == variant.arch for k in joint)
+            folder = f"joint_{_slug(variant.arch)}" + (f"_{same_arch + 1}" if same_arch else "")
             joint[key] = train_joint(lambda v=variant: hatnorm.build(v.arch, num_tasks=len(tasks),
                                                                      norm=joint_norm[v.arch], num_classes=counts,
                                                                      **v.options),
-                                     tasks, cfg, console=console, title=f"{variant.arch} joint")
+                                     tasks, cfg, console=console, title=f"{variant.arch} joint",
+                                     checkpoint_dir=out / "checkpoints" / folder, checkpoint_every=checkpoint_every,
+                                     resume=resume)
         console.print(f"[bold]{variant.label}[/bold]")
         result = train_sequence(
             lambda v=variant: hatnorm.build(v.arch, num_tasks=len(tasks), norm=v.norm, num_classes=counts,
                                             **v.options),
             tasks, variant.method(), cfg, out_dir=out / _slug(variant.label), console=console, title=variant.label,
-            info={"arch": variant.arch, "norm": variant.norm, "options": variant.options})
+            info={"arch": variant.arch, "norm": variant.norm, "options": variant.options},
+            checkpoint_dir=out / "checkpoints" / _slug(variant.label), checkpoint_every=checkpoint_every,
+            resume=resume)
         rho = metrics.mean_forgetting_ratio(result.accuracy, random, joint[key])
         results[variant.label] = {
             "arch": variant.arch, "norm": variant.norm, "method": variant.method().name,
@@ -240,7 +262,11 @@ def console() -> Console:
 def run_and_report(variants: Sequence[Variant], tasks: Sequence[Task], args: argparse.Namespace,
                    console: Console, *, joint_norm: dict[str, str], title: str) -> dict[str, Any]:
     """:func:`run` with the options' settings, then the table, the files and the plots."""
-    results = run(variants, tasks, config(args), args.out, console, joint_norm=joint_norm, title=title)
+    try:
+        results = run(variants, tasks, config(args), args.out, console, joint_norm=joint_norm, title=title,
+                      resume=args.resume, checkpoint_every=args.checkpoint_every)
+    except CheckpointError as error:  # --resume with other options than the killed run's
+        sys.exit(f"--resume: {error}")
     finish(results, args.out, title, console)
     return results
 

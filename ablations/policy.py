@@ -22,6 +22,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--alpha", type=_common.positive_float, default=0.1, help="AdaHAT adjustment intensity α")
     p.add_argument("--c", type=_common.non_negative_float, default=0.75, help="HAT capacity-regulariser weight")
     args = p.parse_args(argv)
+    _common.check_cnn_width(p, args.arch, args.width)
     console = _common.console()
     tasks, channels, size = _common.load_tasks(args, p)
     options = _common.cnn_options(args.arch, args.width, channels, size)

@@ -24,6 +24,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--c", type=_common.non_negative_float, nargs="+", default=[0.0, 0.1, 0.75, 2.5],
                    help="c values (s_max fixed at 400)")
     args = p.parse_args(argv)
+    _common.check_cnn_width(p, args.arch, args.width)
     console = _common.console()
     tasks, channels, size = _common.load_tasks(args, p)
     base = _common.cnn_options(args.arch, args.width, channels, size)

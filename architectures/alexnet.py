@@ -20,6 +20,7 @@ from hatnorm import (
     TaskHeads,
     register_architecture,
 )
+from hatnorm._checks import check_batch, check_batch_statistics, check_positive_int, check_task_and_scale
 
 
 def _conv_out(size: int, kernel: int) -> int:
@@ -69,6 +70,7 @@ class AlexNet(HATModule):
             raise ValueError(f"size {size} leaves no spatial positions after the three conv/pool stages")
         if not isinstance(width, int | float) or not 0 < width <= 16:
             raise ValueError(f"width must be a number in (0, 16], got {width!r}")
+        self.in_channels, self.size = check_positive_int(in_channels, "in_channels"), size
         widths = tuple(max(1, round(w * width)) for w in (64, 128, 256, 2048, 2048))
         c1, c2, c3, f1, f2 = widths
         self.convs = nn.ModuleList([
@@ -80,9 +82,22 @@ class AlexNet(HATModule):
         self.gates = nn.ModuleList(HATGate(w, num_tasks=num_tasks, s_max=s_max) for w in widths)
         self.drops = nn.ModuleList(nn.Dropout(p) for p in (0.2, 0.2, 0.5, 0.5, 0.5))
         self.heads = TaskHeads(f2, num_classes, num_tasks=num_tasks)
+        self.num_tasks = self.heads.num_tasks
         self.positions = side * side
+        # the positions each norm sees per sample: a convolution's output map (before its pool), 1 after an FC
+        seen, edge = [], size
+        for k in kernels:
+            seen.append((edge - k + 1) ** 2)
+            edge = _conv_out(edge, k)
+        seen += [1, 1]
+        self._fewest_positions = min((p for p, norm in zip(seen, self.norms, strict=True) if norm.batch_statistics),
+                                     default=None)
 
     def forward(self, x: Tensor, task: int, s: float | Tensor | None = None) -> Tensor:
+        """The logits of task ``task`` for images ``x`` ``[N, in_channels, size, size]`` (N ≥ 1)."""
+        check_batch(x, (self.in_channels, self.size, self.size), like=self.convs[0].weight)
+        check_batch_statistics(x, self._fewest_positions, training=self.training)
+        task, s = check_task_and_scale(task, s, num_tasks=self.num_tasks, training=self.training)
         h = x
         for i, conv in enumerate(self.convs):
             h = self.drops[i](F.relu(self.norms[i](conv(h), self.gates[i](task, s), task)))

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hatnorm import HATGate, HATModule, Layer, MaskedNorm, MaskSource, NormSpec, TaskHeads, register_architecture
+from hatnorm._checks import check_batch_statistics, check_flat_batch, check_positive_int, check_task_and_scale
 
 
 class GatedMLP(HATModule):
@@ -37,14 +38,27 @@ class GatedMLP(HATModule):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
+        self.in_features = check_positive_int(in_features, "in_features")
+        if not isinstance(hidden, Sequence) or not hidden:
+            raise ValueError(f"hidden must be a non-empty sequence of layer widths, got {hidden!r}")
+        hidden = [check_positive_int(w, f"hidden[{i}]") for i, w in enumerate(hidden)]
+        if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
         widths = [in_features, *hidden]
         self.fcs = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(widths))
         self.norms = nn.ModuleList(norm_layer(w) for w in hidden)
         self.gates = nn.ModuleList(HATGate(w, num_tasks=num_tasks, s_max=s_max) for w in hidden)
         self.drop = nn.Dropout(dropout)
         self.heads = TaskHeads(widths[-1], num_classes, num_tasks=num_tasks)
+        self.num_tasks = self.heads.num_tasks
+        # every norm sees [N, C]: one value per sample and channel
+        self._fewest_positions = 1 if any(norm.batch_statistics for norm in self.norms) else None
 
     def forward(self, x: Tensor, task: int, s: float | Tensor | None = None) -> Tensor:
+        """The logits of task ``task`` for ``x`` ``[N, ...]`` with ``in_features`` values per sample (N ≥ 1)."""
+        check_flat_batch(x, self.in_features, like=self.fcs[0].weight)
+        check_batch_statistics(x, self._fewest_positions, training=self.training)
+        task, s = check_task_and_scale(task, s, num_tasks=self.num_tasks, training=self.training)
         h = x.flatten(1)  # [N, in_features]
         for fc, norm, gate in zip(self.fcs, self.norms, self.gates, strict=True):
             h = self.drop(F.relu(norm(fc(h), gate(task, s), task)))

@@ -26,6 +26,7 @@ from hatnorm import (
     TaskHeads,
     register_architecture,
 )
+from hatnorm._checks import check_batch, check_batch_statistics, check_positive_int, check_task_and_scale
 
 
 class BasicBlock(nn.Module):
@@ -100,6 +101,10 @@ class ResNet(HATModule):
             raise ValueError(f"stem must be 'cifar' or 'imagenet', got {stem!r}")
         if not isinstance(base_width, int) or base_width < 1:
             raise ValueError(f"base_width must be an int ≥ 1, got {base_width!r}")
+        if not isinstance(blocks, Sequence) or not blocks:
+            raise ValueError(f"blocks must be a non-empty sequence of block counts, got {blocks!r}")
+        blocks = [check_positive_int(n, f"blocks[{i}]") for i, n in enumerate(blocks)]
+        self.in_channels = check_positive_int(in_channels, "in_channels")
         self.stem = stem
         if stem == "cifar":
             self.conv1 = nn.Conv2d(in_channels, base_width, 3, 1, 1, bias=False)
@@ -119,11 +124,25 @@ class ResNet(HATModule):
             self.add_module(f"layer{i + 1}", nn.ModuleList(stage))
         self.num_stages = len(blocks)
         self.heads = TaskHeads(inplanes, num_classes, num_tasks=num_tasks)
+        self.num_tasks = self.heads.num_tasks
+        self._batch_statistics = self.bn1.batch_statistics  # every norm comes from the one norm_layer
 
     def stages(self) -> list[nn.ModuleList]:
         return [getattr(self, f"layer{i + 1}") for i in range(self.num_stages)]
 
+    def _last_positions(self, height: int, width: int) -> int:
+        """The positions of the last stage's maps for an input ``height``×``width``: the fewest any norm sees."""
+        halvings = (self.num_stages - 1) + (2 if self.stem == "imagenet" else 0)
+        for _ in range(halvings):  # a stride-2 convolution or max-pool with padding: ⌈side / 2⌉
+            height, width = (height - 1) // 2 + 1, (width - 1) // 2 + 1
+        return height * width
+
     def forward(self, x: Tensor, task: int, s: float | Tensor | None = None) -> Tensor:
+        """The logits of task ``task`` for images ``x`` ``[N, in_channels, H, W]`` (N, H, W ≥ 1)."""
+        check_batch(x, (self.in_channels, "H", "W"), like=self.conv1.weight)
+        if self._batch_statistics:
+            check_batch_statistics(x, self._last_positions(x.shape[2], x.shape[3]), training=self.training)
+        task, s = check_task_and_scale(task, s, num_tasks=self.num_tasks, training=self.training)
         h = F.relu(self.bn1(self.conv1(x), self.gate1(task, s), task))
         if self.stem == "imagenet":
             h = F.max_pool2d(h, 3, 2, 1)

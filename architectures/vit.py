@@ -25,6 +25,7 @@ from hatnorm import (
     TokenEmbedding,
     register_architecture,
 )
+from hatnorm._checks import check_batch, check_task_and_scale
 from hatnorm._transformer import blocks_wiring, run_blocks
 
 
@@ -64,8 +65,9 @@ class ViT(HATModule):
     ) -> None:
         super().__init__()
         for name, value in (("image_size", image_size), ("patch_size", patch_size), ("dim", dim), ("depth", depth),
-                            ("heads", heads)):
-            if not isinstance(value, int) or value < 1:
+                            ("heads", heads), ("in_channels", in_channels), ("dim_head", dim_head or 1),
+                            ("mlp_dim", mlp_dim or 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int ≥ 1, got {value!r}")
         if image_size % patch_size:
             raise ValueError(f"patch_size must divide image_size {image_size}, got {patch_size}")
@@ -84,11 +86,13 @@ class ViT(HATModule):
             for _ in range(depth))
         self.norm = norm_layer(dim)
         self.heads = TaskHeads(dim, num_classes, num_tasks=num_tasks)
+        self.num_tasks = self.heads.num_tasks
 
     def forward(self, img: Tensor, task: int, s: float | Tensor | None = None) -> Tensor:
-        if img.dim() != 4 or img.shape[1:] != (self.in_channels, self.image_size, self.image_size):
-            raise ValueError(f"img must have shape [N, {self.in_channels}, {self.image_size}, {self.image_size}], "
-                             f"got {list(img.shape)}")
+        """The logits of task ``task`` for images ``img`` ``[N, in_channels, image_size, image_size]`` (N ≥ 1)."""
+        size = self.image_size
+        check_batch(img, (self.in_channels, size, size), like=self.to_patch_embedding.weight, name="img")
+        task, s = check_task_and_scale(task, s, num_tasks=self.num_tasks, training=self.training)
         stream = self.gate_stream(task, s)
         patches = rearrange(img, "b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=self.patch_size, p2=self.patch_size)
         x = self.tokens(self.to_patch_embedding(patches)) * stream

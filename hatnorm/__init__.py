@@ -32,10 +32,12 @@ from hatnorm._norms import (
     masked_layer_norm,
     masked_moments,
     selective_batch_norm,
+    sync_batch_norm,
 )
 from hatnorm._policies import AdaHATPolicy, GradientPolicy, HATPolicy, get_policy, list_policies, register_policy
 from hatnorm._protected import Protected
 from hatnorm._transformer import GatedAttention, GatedFeedForward, TokenEmbedding
+from hatnorm.distributed import convert_sync
 
 __version__ = "0.1.0"
 
@@ -80,6 +82,7 @@ __all__ = [
     "compensate",
     "compensation_factor",
     "convert",
+    "convert_sync",
     "export",
     "get_architecture",
     "get_norm",
@@ -96,4 +99,5 @@ __all__ = [
     "register_norm",
     "register_policy",
     "selective_batch_norm",
+    "sync_batch_norm",
 ]

@@ -11,7 +11,7 @@ from torch import nn
 from hatnorm._checks import check_positive_int
 from hatnorm._heads import class_counts
 from hatnorm._norm_registry import FAMILIES, Family, NormSpec, get_norm, list_norms
-from hatnorm._registry import Registry
+from hatnorm._registry import Registry, check_callable
 
 ArchitectureBuilder = Callable[..., nn.Module]
 
@@ -48,6 +48,7 @@ def register_architecture(name: str, *, family: Family) -> Callable[[Architectur
         raise ValueError(f"family must be one of {list(FAMILIES)}, got {family!r}")
 
     def wrap(builder: ArchitectureBuilder) -> ArchitectureBuilder:
+        check_callable(builder, "architecture")
         ARCHITECTURES.register(name, ArchitectureSpec(name, family, builder))
         return builder
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -60,8 +61,10 @@ def check_scale(s: object) -> float | Tensor:
     return check_positive(s, "s")
 
 
-def check_mask(mask: object, num_features: int) -> Tensor:
-    """Check a layer's gate: a float tensor of shape ``[num_features]``."""
+def check_mask(mask: object, num_features: int, *, like: Tensor | None = None,
+               device: torch.device | None = None) -> Tensor:
+    """Check a layer's gate: a float tensor of shape ``[num_features]``, of a dtype and on the device that fit
+    ``like`` (the norm's parameter, see :func:`check_dtype`), and on ``device`` (its input's) when given."""
     if not isinstance(mask, Tensor):
         raise TypeError(f"mask must be a tensor of shape [{num_features}], got {type(mask).__name__}")
     if mask.shape != (num_features,):
@@ -69,11 +72,17 @@ def check_mask(mask: object, num_features: int) -> Tensor:
                          f"got shape {list(mask.shape)}")
     if not mask.dtype.is_floating_point:
         raise ValueError(f"mask must be a floating-point tensor with values in [0, 1], got dtype {mask.dtype}")
+    if device is not None and mask.device != device:
+        raise ValueError(f"mask must be on the device of x, {device}, got {mask.device}")
+    check_dtype(mask, like, name="mask", mixed=True)
     return mask
 
 
-def check_input(x: object, num_features: int, *, dims: tuple[int, ...], channel_dim: int, name: str = "x") -> Tensor:
-    """Check a norm's input: a float tensor whose rank is in ``dims`` and with ``num_features`` channels."""
+def check_input(x: object, num_features: int, *, dims: tuple[int, ...], channel_dim: int, like: Tensor | None = None,
+                name: str = "x") -> Tensor:
+    """Check a norm's input: a non-empty float tensor whose rank is in ``dims``, with ``num_features`` channels
+    in ``channel_dim``, of a dtype and on the device that fit ``like`` (the norm's parameter, see
+    :func:`check_dtype`)."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
     if x.dim() not in dims:
@@ -82,6 +91,128 @@ def check_input(x: object, num_features: int, *, dims: tuple[int, ...], channel_
     if x.shape[channel_dim] != num_features:
         raise ValueError(f"{name} must have {num_features} features in dim {channel_dim}, "
                          f"got shape {list(x.shape)}")
+    if x.numel() == 0:
+        raise ValueError(f"{name} must not be empty (every size ≥ 1, a batch of N ≥ 1), got shape {list(x.shape)}")
     if not x.dtype.is_floating_point:
         raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    check_dtype(x, like, name=name, mixed=True)
     return x
+
+
+#: the lower-precision inputs that ``F.batch_norm`` and ``F.layer_norm`` take with float32 parameters
+_MIXED = (torch.float16, torch.bfloat16)
+
+
+def check_dtype(x: Tensor, like: Tensor | None, *, name: str, mixed: bool) -> None:
+    """Check that floating-point ``x`` can meet ``like``, a parameter of the module it enters.
+
+    ``x`` must be on ``like``'s device and have its dtype. With ``mixed``, a float16/bfloat16 ``x`` also
+    fits float32 parameters (the norms compute their statistics in float32, as ``F.batch_norm`` does); at a
+    model's input any floating dtype fits while autocast is on for the device, since autocast casts it.
+    ``like=None`` (a module without parameters) accepts any device and dtype.
+    """
+    if like is None:
+        return
+    if x.device != like.device:
+        raise ValueError(f"{name} must be on the device of the model's parameters, {like.device}, got {x.device}")
+    if x.dtype == like.dtype:
+        return
+    if mixed and like.dtype == torch.float32:
+        if x.dtype in _MIXED:
+            return
+        raise ValueError(f"{name} must have dtype torch.float32 (the parameters' dtype), or torch.float16 or "
+                         f"torch.bfloat16 (mixed precision), got {x.dtype}")
+    if not mixed and torch.is_autocast_enabled(x.device.type):
+        return
+    raise ValueError(f"{name} must have dtype {like.dtype} (the dtype of the model's parameters), got {x.dtype}")
+
+
+def _shape_text(shape: Sequence[int | str]) -> str:
+    return "[" + ", ".join(["N", *map(str, shape)]) + "]"
+
+
+def check_batch(x: object, shape: Sequence[int | str], *, like: Tensor, name: str = "x") -> Tensor:
+    """Check a model's input: a floating-point tensor ``[N, *shape]`` with N ≥ 1, on ``like``'s device and
+    of its dtype (``like`` is a parameter of the model).
+
+    Args:
+        x: the input.
+        shape: the size of every dim after the batch dim: an int for a fixed size, a name (``"H"``) for any
+            size ≥ 1.
+        like: a parameter of the model.
+        name: the argument's name in messages.
+    """
+    expected = _shape_text(shape)
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a tensor of shape {expected}, got {type(x).__name__}")
+    fits = x.dim() == len(shape) + 1 and all(
+        isinstance(size, str) or x.shape[i] == size for i, size in enumerate(shape, start=1))
+    if not fits or x.numel() == 0:
+        free = ", ".join(["N", *(size for size in shape if isinstance(size, str))])
+        raise ValueError(f"{name} must have shape {expected} with {free} ≥ 1, got {list(x.shape)}")
+    if not x.dtype.is_floating_point:
+        raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    check_dtype(x, like, name=name, mixed=False)
+    return x
+
+
+def check_flat_batch(x: object, features: int, *, like: Tensor, name: str = "x") -> Tensor:
+    """Check the input of a model that flattens it from dim 1: a floating-point tensor ``[N, ...]`` with N ≥ 1
+    and ``features`` values per sample, on ``like``'s device and of its dtype."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a tensor of shape [N, {features}] (or [N, ...] with {features} values "
+                        f"per sample), got {type(x).__name__}")
+    if x.dim() < 2 or x.shape[0] < 1 or math.prod(x.shape[1:]) != features:
+        raise ValueError(f"{name} must have shape [N, {features}] (or [N, ...] with {features} values per sample) "
+                         f"with N ≥ 1, got {list(x.shape)}")
+    if not x.dtype.is_floating_point:
+        raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    check_dtype(x, like, name=name, mixed=False)
+    return x
+
+
+def check_batch_statistics(x: Tensor, positions: int | None, *, training: bool, name: str = "x") -> None:
+    """Refuse, in training, a batch that would give a batch-statistics norm a single value per channel.
+
+    Args:
+        x: the model's input ``[N, ...]``.
+        positions: the fewest values per sample and channel that any batch-statistics norm of the model sees
+            (1 after a fully connected layer, H·W after a convolution), or ``None`` when the model has none.
+        training: whether the model is in training mode.
+        name: the argument's name in messages.
+    """
+    if training and positions is not None and x.shape[0] * positions < 2:
+        raise ValueError(f"{name} must have N ≥ 2 in training: the model's batch-statistics norms need more than "
+                         f"1 value per channel, got shape {list(x.shape)}")
+
+
+def check_training_scale(s: object, training: bool) -> float | Tensor | None:
+    """Check the gate scale of a forward: required (see :func:`check_scale`) while training, ignored in evaluation."""
+    if not training:
+        return s
+    if s is None:
+        raise ValueError("s must be given while training (a number > 0, e.g. HAT.scale(batch, num_batches)), "
+                         "got None")
+    return check_scale(s)
+
+
+def check_task_loss(task_loss: object) -> Tensor:
+    """Check the task loss given to :meth:`hatnorm.HAT.loss`: a one-element floating-point tensor, finite.
+
+    The finiteness check reads the value (a device synchronisation); it is skipped while ``torch.compile``
+    traces, so a compiled step has no graph break.
+    """
+    if not isinstance(task_loss, Tensor) or task_loss.numel() != 1 or not task_loss.dtype.is_floating_point:
+        given = (f"a tensor of shape {list(task_loss.shape)} and dtype {task_loss.dtype}"
+                 if isinstance(task_loss, Tensor) else repr(task_loss))
+        raise TypeError(f"task_loss must be a one-element floating-point tensor (the batch's mean loss), got {given}")
+    if not torch.compiler.is_compiling() and not bool(torch.isfinite(task_loss).all()):
+        raise ValueError(f"task_loss must be finite, got {task_loss.item()}: the batch had NaN/inf inputs or "
+                         "training diverged")
+    return task_loss
+
+
+def check_task_and_scale(task: object, s: object, *, num_tasks: int,
+                         training: bool) -> tuple[int, float | Tensor | None]:
+    """Check a model forward's ``task`` (see :func:`check_task`) and ``s`` (see :func:`check_training_scale`)."""
+    return check_task(task, num_tasks), check_training_scale(s, training)

@@ -27,7 +27,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from hatnorm._checks import check_positive, check_positive_int
+from hatnorm._checks import (
+    check_batch_statistics,
+    check_dtype,
+    check_positive,
+    check_positive_int,
+    check_task,
+    check_training_scale,
+)
 from hatnorm._gate import HATGate
 from hatnorm._hat import HATModule, Layer
 from hatnorm._heads import TaskHeads, class_counts
@@ -91,8 +98,15 @@ class Heads(nn.Module):
 class ConvertedModel(HATModule):
     """A converted model: ``model(x, task=t, s=s)``; its wiring comes from the traced graph.
 
+    The original model's input shape is not declared anywhere, so the first time an input of a new shape
+    (after the batch dim), dtype or device arrives, one sample of it runs through the model in evaluation
+    mode without gradients, which moves no statistic: an input the model cannot take is refused before
+    the real forward, and the fewest values per channel any batch-statistics norm sees is remembered, so
+    a training batch too small for batch statistics is refused up front too.
+
     Attributes:
         body: the traced and rewritten graph module.
+        num_tasks: number of tasks.
     """
 
     def __init__(self, body: nn.Module, layers: Sequence[Layer], head_units: MaskSource | None = None) -> None:
@@ -100,9 +114,67 @@ class ConvertedModel(HATModule):
         self.body = body
         self._layers = list(layers)
         self._head_units = head_units
+        self.num_tasks = next(m.num_tasks for m in body.modules() if isinstance(m, TaskHeads))
+        # per-sample shape, dtype and device of every input the model took → positions per channel (see _probe)
+        self._accepted: dict[tuple[tuple[int, ...], torch.dtype, torch.device], int | None] = {}
 
     def forward(self, x: Tensor, task: int, s: float | Tensor | None = None) -> Tensor:
+        """The logits of task ``task`` for ``x``, a batch ``[N, ...]`` (N ≥ 1) the original model takes.
+
+        Args:
+            x: the input batch.
+            task: the task id, in ``[0, num_tasks)``.
+            s: the gates' scale; required while training.
+
+        Raises:
+            TypeError: ``x`` is not a tensor or ``task`` not an int.
+            ValueError: ``x`` is empty, of a dtype or device other than the model's, of a shape the model
+                cannot take, or a training batch too small for batch statistics; ``task`` out of range; ``s``
+                missing or not > 0 while training.
+        """
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a tensor [N, ...], got {type(x).__name__}")
+        if x.dim() < 1 or x.numel() == 0:
+            raise ValueError(f"x must be a non-empty batch [N, ...] with N ≥ 1 and every size ≥ 1, "
+                             f"got shape {list(x.shape)}")
+        if not x.dtype.is_floating_point:
+            raise ValueError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+        check_dtype(x, next(self.parameters()), name="x", mixed=False)
+        task = check_task(task, self.num_tasks)
+        s = check_training_scale(s, self.training)
+        if not torch.compiler.is_compiling():
+            check_batch_statistics(x, self._probe(x, task), training=self.training)
         return self.body(x, task, s)
+
+    def _probe(self, x: Tensor, task: int) -> int | None:
+        """The fewest values per sample and channel any batch-statistics norm sees for inputs shaped like ``x``
+        (``None``: no such norm), from one evaluation-mode pass of ``x[:1]`` the first time the shape comes."""
+        key = (tuple(x.shape[1:]), x.dtype, x.device)
+        if key in self._accepted:
+            return self._accepted[key]
+        seen: list[int] = []
+
+        def record(norm: nn.Module, args: tuple[Tensor, ...]) -> None:
+            seen.append(args[0].numel() // norm.num_features)
+
+        norms = [m for m in self.body.modules() if isinstance(m, MaskedNorm) and m.batch_statistics]
+        handles = [norm.register_forward_pre_hook(record) for norm in norms]
+        modes = {m: m.training for m in self.modules()}
+        self.eval()
+        try:
+            with torch.no_grad():
+                self.body(x[:1], task)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except (RuntimeError, ValueError) as error:  # a layer, norm or head that cannot take the shape
+            raise ValueError(f"x must have a shape the converted model takes, got {list(x.shape)}: {error}") from None
+        finally:
+            for handle in handles:
+                handle.remove()
+            for m, training in modes.items():
+                m.training = training
+        self._accepted[key] = min(seen, default=None)
+        return self._accepted[key]
 
     def hat_layers(self) -> list[Layer]:
         return list(self._layers)
@@ -354,6 +426,8 @@ def open_gates(model: nn.Module, value: float = 6.0) -> None:
 
     Used to check that a converted model reproduces the original (SPEC invariant 7).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     value = check_positive(value, "value")
     with torch.no_grad():
         for gate in (m for m in model.modules() if isinstance(m, HATGate)):

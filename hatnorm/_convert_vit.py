@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from hatnorm._checks import check_batch, check_task, check_training_scale
 from hatnorm._gate import HATGate
 from hatnorm._hat import HATModule, Layer
 from hatnorm._heads import TaskHeads
@@ -91,6 +92,7 @@ class ConvertedViT(HATModule):
         self._load_norm(self.norm, vit.layernorm, spec)
         counts = num_classes or [classifier.out_features] * num_tasks
         self.heads = TaskHeads(dim, counts, num_tasks=num_tasks)
+        self.num_tasks = self.heads.num_tasks
         if num_classes is None:
             for head in self.heads.heads:
                 _load(head, classifier)
@@ -101,9 +103,11 @@ class ConvertedViT(HATModule):
             norm.load_state_dict(layer_norm.state_dict())
 
     def forward(self, pixel_values: Tensor, task: int, s: float | Tensor | None = None) -> Tensor:
-        if pixel_values.dim() != 4 or pixel_values.shape[-2:] != (self.image_size, self.image_size):
-            raise ValueError(f"pixel_values must have shape [N, C, {self.image_size}, {self.image_size}], "
-                             f"got {list(pixel_values.shape)}")
+        """The logits of task ``task`` for images ``[N, C, image_size, image_size]`` (N ≥ 1)."""
+        size = self.image_size
+        check_batch(pixel_values, (self.patch.in_channels, size, size), like=self.patch.weight, name="pixel_values")
+        task = check_task(task, self.num_tasks)
+        s = check_training_scale(s, self.training)
         stream = self.gate_stream(task, s)
         x = self.tokens(self.patch(pixel_values).flatten(2).transpose(1, 2)) * stream
         x = run_blocks(x, stream, self.attentions, self.feedforwards, task, s)

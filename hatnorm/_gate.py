@@ -7,13 +7,25 @@ from typing import final
 import torch
 from torch import Tensor, nn
 
-from hatnorm._checks import check_positive, check_positive_int, check_scale, check_task
+from hatnorm._checks import check_positive, check_positive_int, check_scale, check_task, check_training_scale
 from hatnorm._masks import MaskSource, MaskState
 
 
 def hat_gate(e: Tensor, s: float | Tensor) -> Tensor:
-    """The gate a = σ(s·e) (Serrà et al. eq. 1)."""
-    return torch.sigmoid(s * e)
+    """The gate a = σ(s·e) (Serrà et al. eq. 1).
+
+    Args:
+        e: the embedding, a floating-point tensor of any shape.
+        s: the scale, a number > 0 or a one-element float tensor.
+    """
+    _check_embedding(e)
+    return torch.sigmoid(check_scale(s) * e)
+
+
+def _check_embedding(e: object, name: str = "e") -> None:
+    if not isinstance(e, Tensor) or not e.dtype.is_floating_point:
+        given = f"dtype {e.dtype}" if isinstance(e, Tensor) else type(e).__name__
+        raise TypeError(f"{name} must be a floating-point tensor, got {given}")
 
 
 def anneal_scale(batch: int, num_batches: int, s_max: float) -> float:
@@ -33,14 +45,36 @@ def anneal_scale(batch: int, num_batches: int, s_max: float) -> float:
 
 def compensation_factor(e: Tensor, s: float | Tensor, s_max: float, thres_cosh: float = 50.0) -> Tensor:
     """The factor q'/q of the embedding-gradient compensation (Serrà et al. eq. 5):
-    s_max·[cosh(clamp(s·e, ±thres_cosh)) + 1] / (s·[cosh(e) + 1])."""
+    s_max·[cosh(clamp(s·e, ±thres_cosh)) + 1] / (s·[cosh(e) + 1]).
+
+    Args:
+        e: the embedding, a floating-point tensor.
+        s: the scale, a number > 0 or a one-element float tensor.
+        s_max: the largest scale, > 0.
+        thres_cosh: the clamp of s·e, > 0.
+    """
+    _check_embedding(e)
+    s = check_scale(s)
+    s_max = check_positive(s_max, "s_max")
+    thres_cosh = check_positive(thres_cosh, "thres_cosh")
     num = torch.cosh(torch.clamp(s * e, -thres_cosh, thres_cosh)) + 1
     den = torch.cosh(e) + 1
     return (s_max / s) * num / den
 
 
 def compensate(grad: Tensor, e: Tensor, s: float | Tensor, s_max: float, thres_cosh: float = 50.0) -> Tensor:
-    """The compensated embedding gradient q' = factor·q (see :func:`compensation_factor`)."""
+    """The compensated embedding gradient q' = factor·q (see :func:`compensation_factor`).
+
+    Args:
+        grad: the embedding's gradient q, a floating-point tensor of ``e``'s shape.
+        e: the embedding, a floating-point tensor.
+        s: the scale, a number > 0 or a one-element float tensor.
+        s_max: the largest scale, > 0.
+        thres_cosh: the clamp of s·e, > 0.
+    """
+    _check_embedding(grad, "grad")
+    if isinstance(e, Tensor) and grad.shape != e.shape:
+        raise ValueError(f"grad must have the shape of e, {list(e.shape)}, got {list(grad.shape)}")
     return grad * compensation_factor(e, s, s_max, thres_cosh)
 
 
@@ -88,13 +122,11 @@ class HATGate(nn.Module, MaskSource):
             s: the scale; required while training, ignored in evaluation.
         """
         task = check_task(task, self.num_tasks)
+        s = check_training_scale(s, self.training)
         e = self.embedding[task]
         if not self.training:
             return (e > 0).to(e.dtype) if self.binarize else hat_gate(e, self.s_max)
-        if s is None:
-            raise ValueError("s must be given while training (a number > 0, e.g. HAT.scale(batch, num_batches)), "
-                             "got None")
-        return hat_gate(e, check_scale(s))
+        return hat_gate(e, s)
 
     def selection(self, task: int) -> Tensor:
         """The units ``task`` selects: 1[a^t > 0.5] = 1[e^t > 0], a bool tensor ``[num_features]``."""

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from hatnorm._checks import check_non_negative, check_positive, check_scale, check_task
+from hatnorm._checks import check_non_negative, check_positive, check_scale, check_task, check_task_loss
 from hatnorm._gate import HATGate, anneal_scale, compensation_factor, hat_gate
 from hatnorm._heads import TaskHeads
 from hatnorm._masks import MaskSource, MaskState
@@ -133,6 +133,8 @@ class HAT:
                 raise ValueError("layers must be given unless model is a HATModule (which lists its own), "
                                  f"got layers=None for a {type(model).__name__}")
             layers = model.hat_layers()
+        if not isinstance(layers, Sequence) or isinstance(layers, str):
+            raise TypeError(f"layers must be a sequence of hatnorm.Layer, got {type(layers).__name__}")
         self.c = check_non_negative(c, "c")
         self.clamp = check_positive(clamp, "clamp")
         self.thres_cosh = check_positive(thres_cosh, "thres_cosh")
@@ -285,8 +287,21 @@ class HAT:
         return used / self._free_total
 
     def loss(self, task_loss: Tensor, s: float | Tensor) -> Tensor:
-        """``task_loss + c·R``."""
-        return task_loss + self.c * self.regularizer(s)
+        """``task_loss + c·R``.
+
+        Args:
+            task_loss: the batch's task loss, a one-element floating-point tensor.
+            s: the scale of the batch.
+
+        Raises:
+            TypeError: ``task_loss`` is not a one-element floating-point tensor.
+            ValueError: ``task_loss`` is NaN or infinite (the batch had NaN/inf inputs or training diverged;
+                not checked while ``torch.compile`` traces, so a compiled step has no graph break), or ``s``
+                is not a number > 0.
+            RuntimeError: no task is active.
+        """
+        reg = self.regularizer(s)
+        return check_task_loss(task_loss) + self.c * reg
 
     @torch.no_grad()
     def protect(self, s: float | Tensor) -> None:
@@ -341,3 +356,26 @@ class HAT:
         """The multipliers of the active task by parameter name; parameters left out keep their raw gradient."""
         self._active("gradient_multipliers")
         return {self._names[id(p)]: m.to(p.dtype) for p, m in zip(self._params, self._mults, strict=True)}
+
+    def state_dict(self) -> dict[str, list[int] | int | None]:
+        """What the model's own ``state_dict`` leaves out: the learned tasks and the active task (or ``None``)."""
+        return {"learned_tasks": list(self.learned_tasks), "task": self.task}
+
+    def load_state_dict(self, state: dict[str, list[int] | int | None]) -> None:
+        """Restore :meth:`state_dict` after the model's state is loaded (an active task is begun again: its
+        multipliers come from the restored masks, as when it began).
+
+        Raises:
+            ValueError: a learned task out of range or repeated, or an active task out of range or learned.
+        """
+        learned, task = state["learned_tasks"], state["task"]
+        if not isinstance(learned, list) or len(set(learned)) != len(learned):
+            raise ValueError(f"state['learned_tasks'] must be a list of distinct tasks, got {learned!r}")
+        learned = [check_task(t, self.num_tasks, "state['learned_tasks'][i]") for t in learned]
+        if task is not None and check_task(task, self.num_tasks, "state['task']") in learned:
+            raise ValueError(f"state['task'] must be a task not learned yet, got {task}; learned: {learned}")
+        self.task = None
+        self.learned_tasks = learned
+        self._reset_task_state()
+        if task is not None:
+            self.begin_task(task)

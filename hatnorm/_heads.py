@@ -2,28 +2,27 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from typing import final
 
 import torch
 from torch import Tensor, nn
 
-from hatnorm._checks import check_positive_int, check_task
+from hatnorm._checks import check_batch, check_positive_int, check_task
 
 
 def class_counts(num_classes: int | Sequence[int], num_tasks: int) -> list[int]:
     """``num_classes`` as one count per task: an int is repeated, a sequence must have ``num_tasks`` counts ≥ 1."""
     num_tasks = check_positive_int(num_tasks, "num_tasks")
-    if isinstance(num_classes, int) and not isinstance(num_classes, bool):
+    if isinstance(num_classes, numbers.Integral) and not isinstance(num_classes, bool):
         return [check_positive_int(num_classes, "num_classes")] * num_tasks
-    if not isinstance(num_classes, Sequence) or isinstance(num_classes, str):
+    if not isinstance(num_classes, Sequence) or isinstance(num_classes, str | bytes):
         raise TypeError(f"num_classes must be an int or a sequence of {num_tasks} ints, got {num_classes!r}")
     counts = list(num_classes)
     if len(counts) != num_tasks:
         raise ValueError(f"num_classes must have one count per task ({num_tasks}), got {len(counts)}: {counts}")
-    for c in counts:
-        check_positive_int(c, "num_classes[i]")
-    return [int(c) for c in counts]
+    return [check_positive_int(c, f"num_classes[{i}]") for i, c in enumerate(counts)]
 
 
 @final
@@ -42,15 +41,13 @@ class TaskHeads(nn.Module):
         super().__init__()
         self.in_features = check_positive_int(in_features, "in_features")
         self.num_classes = class_counts(num_classes, num_tasks)
-        self.num_tasks = num_tasks
+        self.num_tasks = int(num_tasks)
         self.heads = nn.ModuleList(nn.Linear(in_features, c) for c in self.num_classes)
 
     def forward(self, x: Tensor, task: int) -> Tensor:
         """The logits of task ``task`` for ``x`` ``[N, in_features]``: ``[N, num_classes[task]]``."""
         task = check_task(task, self.num_tasks)
-        if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[1] != self.in_features:
-            shape = list(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"x must have shape [N, {self.in_features}], got {shape}")
+        check_batch(x, (self.in_features,), like=self.heads[task].weight)
         return self.heads[task](x)
 
     def gradient_multipliers(self, task: int) -> dict[str, Tensor]:

@@ -48,6 +48,13 @@ class MaskSource(ABC):
         """The masks earlier tasks left on these units."""
 
 
+def _check_sources(sources: tuple[object, ...], name: str) -> None:
+    for source in sources:
+        if not isinstance(source, MaskSource):
+            raise TypeError(f"{name} must be gates or other mask sources (hatnorm.MaskSource), "
+                            f"got a {type(source).__name__}")
+
+
 class Residual(MaskSource):
     """The units of a residual add: a unit is used when it is used on any summed path (elementwise max).
 
@@ -58,6 +65,7 @@ class Residual(MaskSource):
     def __init__(self, *paths: MaskSource) -> None:
         if len(paths) < 2:
             raise ValueError(f"paths: a residual add sums at least 2 paths, got {len(paths)}")
+        _check_sources(paths, "paths")
         sizes = {p.num_features for p in paths}
         if len(sizes) != 1:
             raise ValueError(f"paths must all have the same number of features, got {[p.num_features for p in paths]}")
@@ -84,6 +92,7 @@ class Flatten(MaskSource):
     """
 
     def __init__(self, channels: MaskSource, positions: int) -> None:
+        _check_sources((channels,), "channels")
         self.channels = channels
         self.positions = check_positive_int(positions, "positions")
 
@@ -110,6 +119,7 @@ class Concat(MaskSource):
     def __init__(self, *parts: MaskSource) -> None:
         if not parts:
             raise ValueError("parts: a concatenation needs at least 1 part, got 0")
+        _check_sources(parts, "parts")
         self.parts = parts
 
     @property

@@ -22,7 +22,7 @@ from hatnorm._norms import (
     TaskBatchNorm2d,
     TaskLayerNorm,
 )
-from hatnorm._registry import Registry
+from hatnorm._registry import Registry, check_callable
 
 Family = Literal["batch", "layer", "any"]
 NormBuilder = Callable[..., MaskedNorm]
@@ -72,6 +72,7 @@ def register_norm(name: str, *, family: Family) -> Callable[[NormBuilder], NormB
         raise ValueError(f"family must be one of {list(FAMILIES)}, got {family!r}")
 
     def wrap(builder: NormBuilder) -> NormBuilder:
+        check_callable(builder, "norm")
         NORMS.register(name, NormSpec(name, family, builder))
         return builder
 

@@ -9,21 +9,102 @@ parameters, so :class:`hatnorm.HAT` protects norms by the same mechanism as weig
 from __future__ import annotations
 
 from abc import abstractmethod
-from typing import Any, ClassVar, final
+from typing import TYPE_CHECKING, Any, ClassVar, final
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from hatnorm._checks import check_input, check_mask, check_non_negative, check_positive, check_positive_int, check_task
 from hatnorm._masks import MaskState
 from hatnorm._policies import GradientPolicy
 from hatnorm._protected import Protected
 
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """The sum of a tensor over the ranks of a process group. Its gradient is the sum of the ranks' gradients,
+    so each rank's backward carries every rank's loss through the shared result."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: Tensor, group: ProcessGroup) -> Tensor:
+        ctx.group = group
+        total = tensor.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total, group=group)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return _AllReduceSum.apply(grad, ctx.group), None
+
+
+def sync_batch_norm(
+    x: Tensor,
+    selected: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor,
+    running_var: Tensor,
+    *,
+    momentum: float,
+    eps: float,
+    process_group: ProcessGroup,
+) -> Tensor:
+    """Training-mode batch norm over channel dim 1 with the statistics of every rank's batch together.
+
+    Like :class:`torch.nn.SyncBatchNorm`: each rank's per-channel count, mean and biased variance go
+    through one autograd-aware all-reduce over ``process_group`` and are combined exactly, so outputs and
+    gradients (after DDP's gradient averaging) are those of the concatenated batch. The running statistics
+    take the global mean and unbiased variance on ``selected`` channels only (``None``: every channel);
+    the others stay bit-identical. Every rank must call it with the same ``selected``.
+
+    Args:
+        x: this rank's batch ``[N, C, *spatial]``.
+        selected: bool ``[C]``, the channels whose running statistics move, or ``None`` for all.
+        weight: γ ``[C]`` or ``None``.
+        bias: β ``[C]`` or ``None``.
+        running_mean: ``[C]``, updated in place.
+        running_var: ``[C]``, updated in place.
+        momentum: running-statistics momentum.
+        eps: added to the variance.
+        process_group: the ranks whose batches are normalised together.
+    """
+    # statistics in float32 at least, as F.batch_norm keeps them for half-precision inputs
+    xs = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    var, mean = torch.var_mean(xs, dim=[0, *range(2, x.dim())], correction=0)  # [C] each
+    count = torch.full_like(mean, x.numel() // x.shape[1])
+    world, rank = dist.get_world_size(process_group), dist.get_rank(process_group)
+    # rank r fills row r of [world, 3, C]; the sum gathers all rows and sends each row's gradient home
+    rows = F.pad(torch.stack([count, mean, var])[None], (0, 0, 0, 0, rank, world - rank - 1))
+    counts, means, variances = _AllReduceSum.apply(rows, process_group).unbind(1)  # [world, C] each
+    total = counts.sum(0)
+    mean = (counts * means).sum(0) / total
+    # Chan et al.'s parallel variance: within-rank plus between-rank sums of squares
+    var = (counts * (variances + (means - mean).square())).sum(0) / total
+    shape = per_channel(mean, x).shape
+    out = (xs - mean.view(shape)) * torch.rsqrt(var + eps).view(shape)
+    if weight is not None:
+        out = out * weight.view(shape)
+    if bias is not None:
+        out = out + bias.view(shape)
+    with torch.no_grad():
+        new_mean = momentum * mean + (1 - momentum) * running_mean
+        new_var = momentum * var * total / (total - 1) + (1 - momentum) * running_var
+        if selected is not None:
+            new_mean = torch.where(selected, new_mean, running_mean)
+            new_var = torch.where(selected, new_var, running_var)
+        running_mean.copy_(new_mean)
+        running_var.copy_(new_var)
+    return out.to(x.dtype)
+
 
 def selective_batch_norm(
     x: Tensor,
-    selected: Tensor,
+    selected: Tensor | None,
     weight: Tensor | None,
     bias: Tensor | None,
     running_mean: Tensor,
@@ -32,14 +113,22 @@ def selective_batch_norm(
     training: bool,
     momentum: float,
     eps: float,
+    process_group: ProcessGroup | None = None,
 ) -> Tensor:
     """``F.batch_norm`` over channel dim 1 whose running statistics move only on ``selected`` channels.
 
     While training, the batch statistics update a copy of the running statistics and only the selected
-    channels take the new values: the others stay bit-identical. Evaluation uses the running statistics.
+    channels take the new values: the others stay bit-identical (``selected=None`` moves every channel).
+    Evaluation uses the running statistics. With a ``process_group``, training uses the statistics of
+    every rank's batch together (:func:`sync_batch_norm`).
     """
     if not training:
         return F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
+    if process_group is not None:
+        return sync_batch_norm(x, selected, weight, bias, running_mean, running_var, momentum=momentum, eps=eps,
+                               process_group=process_group)
+    if selected is None:
+        return F.batch_norm(x, running_mean, running_var, weight, bias, True, momentum, eps)
     new_mean, new_var = running_mean.clone(), running_var.clone()
     out = F.batch_norm(x, new_mean, new_var, weight, bias, True, momentum, eps)
     with torch.no_grad():
@@ -59,15 +148,17 @@ def masked_batch_norm(
     training: bool,
     momentum: float,
     eps: float,
+    process_group: ProcessGroup | None = None,
 ) -> Tensor:
     """a ⊙ (γ·x̂ + β) over channel dim 1, moving the running statistics of channels with a > 0.5 only.
 
     The gate folds into the affine (weight γ·a, bias β·a), so the layer is one ``F.batch_norm`` call.
+    With a ``process_group``, training uses the statistics of every rank's batch together.
     """
     w = mask if weight is None else weight * mask
     b = None if bias is None else bias * mask
     return selective_batch_norm(x, mask.detach() > 0.5, w, b, running_mean, running_var,
-                                training=training, momentum=momentum, eps=eps)
+                                training=training, momentum=momentum, eps=eps, process_group=process_group)
 
 
 def per_channel(mask: Tensor, x: Tensor) -> Tensor:
@@ -88,17 +179,52 @@ def masked_moments(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     return mean, var
 
 
+class _MaskedLayerNorm(torch.autograd.Function):
+    """Masked LayerNorm with its backward written out, so training keeps one saved tensor and a few passes
+    instead of autograd's graph of a dozen ops.
+
+    With m = 1[a > 0.5], k = Σ m, x̂ = (x − μ)·r, r = (σ² + eps)^−½ and g = ∂L/∂x̂ = dy ⊙ γ ⊙ a:
+    ∂L/∂x = r·(g − m/k·Σ g − m/k·x̂·Σ g x̂), since μ and σ² read only the selected features.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, mask: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+        selected = (mask > 0.5).to(x.dtype)
+        count = selected.sum()
+        scale = selected / count.clamp_min(1)  # m / k
+        mean = (x * scale).sum(-1, keepdim=True)
+        x_hat = x - mean
+        rstd = torch.rsqrt((x_hat.square() * scale).sum(-1, keepdim=True) + eps)
+        x_hat.mul_(rstd)
+        any_selected = (count > 0).to(x.dtype)  # no selected feature: zeros
+        w, b = weight * mask * any_selected, bias * mask * any_selected
+        ctx.save_for_backward(x_hat, rstd, scale, mask, weight, bias, any_selected)
+        return torch.addcmul(b, x_hat, w)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
+        x_hat, rstd, scale, mask, weight, bias, any_selected = ctx.saved_tensors
+        batch_dims = tuple(range(dy.dim() - 1))
+        dy_x_hat = (dy * x_hat).sum(batch_dims) * any_selected
+        dy_sum = dy.sum(batch_dims) * any_selected
+        dx = None
+        if ctx.needs_input_grad[0]:
+            g = dy * (weight * mask * any_selected)
+            sum_g = g.sum(-1, keepdim=True)
+            sum_g_x_hat = (g * x_hat).sum(-1, keepdim=True)
+            dx = (g - scale * (sum_g + x_hat * sum_g_x_hat)).mul_(rstd)
+        return dx, dy_x_hat * weight + dy_sum * bias, dy_x_hat * mask, dy_sum * mask, None
+
+
 def masked_layer_norm(x: Tensor, mask: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
     """a ⊙ (γ·x̂ + β) over the last dim, with x̂ normalised by the statistics of the selected features.
 
     Features outside the selection do not change the selected outputs. No selected feature gives zeros.
     """
-    mean, var = masked_moments(x, mask)
-    x_hat = (x - mean) * torch.rsqrt(var + eps)
-    w = mask if weight is None else weight * mask
-    out = x_hat * w if bias is None else torch.addcmul(bias * mask, x_hat, w)
-    any_selected = (mask.detach() > 0.5).any()
-    return out * any_selected.to(out.dtype)
+    weight = torch.ones_like(mask) if weight is None else weight
+    bias = torch.zeros_like(mask) if bias is None else bias
+    return _MaskedLayerNorm.apply(x, mask, weight, bias, eps)
 
 
 class MaskedNorm(nn.Module, Protected):
@@ -113,6 +239,8 @@ class MaskedNorm(nn.Module, Protected):
     dims: ClassVar[tuple[int, ...]]
     #: the dim holding the ``num_features`` units
     channel_dim: ClassVar[int]
+    #: whether training normalises with batch statistics, which need more than 1 value per channel
+    batch_statistics: ClassVar[bool] = False
 
     def __init__(self, num_features: int, *, num_tasks: int) -> None:
         super().__init__()
@@ -139,8 +267,11 @@ class MaskedNorm(nn.Module, Protected):
         super()._load_from_state_dict(state_dict, prefix, *args)
 
     def _check(self, x: Tensor, mask: Tensor, task: int) -> int:
-        check_input(x, self.num_features, dims=self.dims, channel_dim=self.channel_dim)
-        check_mask(mask, self.num_features)
+        # any own parameter fixes the dtype and device x must meet; read from the dict, since a
+        # parameters() generator would cost more than all the checks together
+        like = next(iter(self._parameters.values()), None)
+        check_input(x, self.num_features, dims=self.dims, channel_dim=self.channel_dim, like=like)
+        check_mask(mask, self.num_features, like=like, device=x.device)
         return check_task(task, self.num_tasks)
 
     def extra_repr(self) -> str:
@@ -148,9 +279,14 @@ class MaskedNorm(nn.Module, Protected):
 
 
 class _BatchNormBase(MaskedNorm):
-    """Validation and options shared by the batch-statistics norms."""
+    """Validation and options shared by the batch-statistics norms.
+
+    ``process_group``: when set (by :func:`hatnorm.convert_sync`), training statistics are computed over
+    the batches of every rank of the group; ``None`` normalises each process's batch alone.
+    """
 
     channel_dim = 1
+    batch_statistics = True
 
     def __init__(self, num_features: int, *, num_tasks: int, eps: float = 1e-5, momentum: float = 0.1) -> None:
         super().__init__(num_features, num_tasks=num_tasks)
@@ -158,6 +294,7 @@ class _BatchNormBase(MaskedNorm):
         self.momentum = check_non_negative(momentum, "momentum")
         if self.momentum > 1:
             raise ValueError(f"momentum must be in [0, 1], got {momentum!r}")
+        self.process_group: ProcessGroup | None = None
 
     def _check(self, x: Tensor, mask: Tensor, task: int) -> int:
         task = super()._check(x, mask, task)
@@ -181,7 +318,8 @@ class _MaskedBatchNorm(_BatchNormBase):
     def forward(self, x: Tensor, mask: Tensor, task: int) -> Tensor:
         task = self._check(x, mask, task)
         return masked_batch_norm(x, mask, self.weight, self.bias, self.running_mean[task], self.running_var[task],
-                                 training=self.training, momentum=self.momentum, eps=self.eps)
+                                 training=self.training, momentum=self.momentum, eps=self.eps,
+                                 process_group=self.process_group)
 
     def gradient_multipliers(self, previous: MaskState, task: int, policy: GradientPolicy) -> dict[str, Tensor]:
         rate = policy.unit_rate(previous)
@@ -226,8 +364,9 @@ class _TaskBatchNorm(_BatchNormBase):
 
     def forward(self, x: Tensor, mask: Tensor, task: int) -> Tensor:
         task = self._check(x, mask, task)
-        return F.batch_norm(x, self.running_mean[task], self.running_var[task], self.weight[task] * mask,
-                            self.bias[task] * mask, self.training, self.momentum, self.eps)
+        return selective_batch_norm(x, None, self.weight[task] * mask, self.bias[task] * mask, self.running_mean[task],
+                                    self.running_var[task], training=self.training, momentum=self.momentum,
+                                    eps=self.eps, process_group=self.process_group)
 
     def gradient_multipliers(self, previous: MaskState, task: int, policy: GradientPolicy) -> dict[str, Tensor]:
         own = torch.zeros_like(self.weight)
@@ -275,8 +414,9 @@ class _SharedBatchNorm(_BatchNormBase):
 
     def forward(self, x: Tensor, mask: Tensor, task: int) -> Tensor:
         self._check(x, mask, task)
-        return F.batch_norm(x, self.running_mean, self.running_var, self.weight * mask, self.bias * mask,
-                            self.training, self.momentum, self.eps)
+        return selective_batch_norm(x, None, self.weight * mask, self.bias * mask, self.running_mean,
+                                    self.running_var, training=self.training, momentum=self.momentum, eps=self.eps,
+                                    process_group=self.process_group)
 
     def gradient_multipliers(self, previous: MaskState, task: int, policy: GradientPolicy) -> dict[str, Tensor]:
         rate = policy.unit_rate(previous)
@@ -307,7 +447,8 @@ class _PostGateBatchNorm(_MaskedBatchNorm):
         task = self._check(x, mask, task)
         return selective_batch_norm(x * per_channel(mask, x), mask.detach() > 0.5, self.weight, self.bias,
                                     self.running_mean[task], self.running_var[task],
-                                    training=self.training, momentum=self.momentum, eps=self.eps)
+                                    training=self.training, momentum=self.momentum, eps=self.eps,
+                                    process_group=self.process_group)
 
 
 @final

@@ -69,10 +69,17 @@ class Registry(Generic[T]):
             point.load()
 
 
+def check_callable(entry: object, kind: str) -> None:
+    """Refuse a registry entry that cannot be called to build the component."""
+    if not callable(entry):
+        raise TypeError(f"the registered {kind} must be a class or function that builds it, got {entry!r}")
+
+
 def decorator(registry: Registry[T], name: str) -> Callable[[T], T]:
     """A decorator registering what it decorates under ``name``."""
 
     def wrap(entry: T) -> T:
+        check_callable(entry, registry.kind)
         return registry.register(name, entry)
 
     return wrap

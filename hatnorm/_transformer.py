@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
+from hatnorm._checks import check_batch, check_positive_int
 from hatnorm._gate import HATGate
 from hatnorm._hat import Layer
 from hatnorm._masks import Concat, MaskState
@@ -39,11 +40,15 @@ class TokenEmbedding(nn.Module, Protected):
 
     def __init__(self, num_patches: int, dim: int) -> None:
         super().__init__()
+        num_patches, dim = check_positive_int(num_patches, "num_patches"), check_positive_int(dim, "dim")
         self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
         self.pos_embedding = nn.Parameter(torch.randn(1, num_patches + 1, dim) * 0.02)
 
     def forward(self, patches: Tensor) -> Tensor:
         """``[N, n, D]`` patch embeddings → ``[N, n + 1, D]`` tokens with the cls token first."""
+        # read from the parameters, which a per-task export may have pruned to fewer stream units
+        num_tokens, dim = self.pos_embedding.shape[1:]
+        check_batch(patches, (num_tokens - 1, dim), like=self.cls_token, name="patches")
         cls = repeat(self.cls_token, "1 1 d -> b 1 d", b=patches.shape[0])
         return torch.cat([cls, patches], dim=1) + self.pos_embedding
 
@@ -68,6 +73,8 @@ class GatedAttention(nn.Module):
     def __init__(self, dim: int, *, heads: int, dim_head: int, num_tasks: int,
                  norm_layer: Callable[[int], MaskedNorm], s_max: float, qkv_bias: bool = False) -> None:
         super().__init__()
+        dim, heads, dim_head = (check_positive_int(v, n) for v, n in ((dim, "dim"), (heads, "heads"),
+                                                                     (dim_head, "dim_head")))
         inner = heads * dim_head
         self.heads = heads
         self.norm = norm_layer(dim)
@@ -108,6 +115,7 @@ class GatedFeedForward(nn.Module):
     def __init__(self, dim: int, hidden: int, *, num_tasks: int, norm_layer: Callable[[int], MaskedNorm],
                  s_max: float, activation: nn.Module | None = None) -> None:
         super().__init__()
+        dim, hidden = check_positive_int(dim, "dim"), check_positive_int(hidden, "hidden")
         self.norm = norm_layer(dim)
         self.fc1 = nn.Linear(dim, hidden)
         self.gate = HATGate(hidden, num_tasks=num_tasks, s_max=s_max)

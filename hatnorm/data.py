@@ -60,9 +60,18 @@ def load_mnist_5k() -> tuple[Tensor, Tensor]:
 
 
 def stratified_split(labels: Tensor, test_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
-    """Indices of a train/test split with ``test_fraction`` of every class in the test part."""
-    if not 0 < test_fraction < 1:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
+    """Indices of a train/test split with ``test_fraction`` of every class in the test part.
+
+    Args:
+        labels: the class label of every sample, a 1-D integer tensor.
+        test_fraction: the share of every class held out for testing, in (0, 1).
+        seed: the seed of the split.
+    """
+    if not isinstance(labels, Tensor) or labels.dim() != 1 or labels.dtype.is_floating_point:
+        given = f"shape {list(labels.shape)} and dtype {labels.dtype}" if isinstance(labels, Tensor) else repr(labels)
+        raise TypeError(f"labels must be a 1-D integer tensor of class labels, got {given}")
+    _check_fraction(test_fraction)
+    seed = _check_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     train, test = [], []
     for c in labels.unique(sorted=True):
@@ -79,12 +88,11 @@ def _mnist_images(size: int, channels: int, test_fraction: float) -> tuple[Tenso
 
     Returns images ``[5000, channels, size, size]``, labels ``[5000]``, train and test indices.
     """
-    if isinstance(test_fraction, bool) or not isinstance(test_fraction, numbers.Real) or not 0 < test_fraction < 1:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
+    _check_fraction(test_fraction)
     size = check_positive_int(size, "size")
     if size < 28:
         raise ValueError(f"size must be ≥ 28 (MNIST digits are 28×28), got {size}")
-    if channels not in (1, 3):
+    if isinstance(channels, bool) or channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels!r}")
     images, labels = load_mnist_5k()
     images = (images - MNIST_MEAN) / MNIST_STD
@@ -92,6 +100,11 @@ def _mnist_images(size: int, channels: int, test_fraction: float) -> tuple[Tenso
     images = F.pad(images, (pad // 2, pad - pad // 2, pad // 2, pad - pad // 2), value=-MNIST_MEAN / MNIST_STD)
     train_idx, test_idx = stratified_split(labels, test_fraction, SPLIT_SEED)
     return images.expand(-1, channels, -1, -1).contiguous(), labels, train_idx, test_idx
+
+
+def _check_fraction(test_fraction: object) -> None:
+    if isinstance(test_fraction, bool) or not isinstance(test_fraction, numbers.Real) or not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must be a number in (0, 1), got {test_fraction!r}")
 
 
 def _check_seed(seed: object) -> int:
@@ -229,6 +242,8 @@ def cifar_sequence(data_root: str | os.PathLike, *, seed: int = 0, num_tasks: in
         FileNotFoundError: a folder or file of either dataset is missing under ``data_root``.
         ImportError: torchvision is not installed (``pip install hatnorm[vision]``).
     """
+    if not isinstance(data_root, str | os.PathLike):
+        raise TypeError(f"data_root must be a folder path (str or os.PathLike), got {data_root!r}")
     num_tasks = check_positive_int(num_tasks, "num_tasks")
     if num_tasks > 10:
         raise ValueError(f"num_tasks must be in [1, 10] for the CIFAR sequence, got {num_tasks}")

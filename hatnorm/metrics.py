@@ -6,6 +6,7 @@ on τ). Entries with τ > t are not used by any metric here.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import numpy as np
@@ -15,8 +16,20 @@ from torch import Tensor
 Matrix = Sequence[Sequence[float]] | np.ndarray | Tensor
 
 
+def _array(values: object, name: str, what: str) -> np.ndarray:
+    """``values`` as a float64 array, or an error naming ``name`` and what it must be."""
+    if isinstance(values, str | bytes) or values is None:
+        raise TypeError(f"{name} must be {what}, got {values!r}")
+    try:
+        return np.asarray(values.detach().cpu() if isinstance(values, Tensor) else values, dtype=np.float64)
+    except TypeError as error:
+        raise TypeError(f"{name} must be {what}, got {values!r} ({error})") from None
+    except ValueError as error:  # ragged rows, or text that is not a number
+        raise ValueError(f"{name} must be {what}, got {values!r} ({error})") from None
+
+
 def _square(matrix: Matrix, name: str) -> np.ndarray:
-    a = np.asarray(matrix.detach().cpu() if isinstance(matrix, Tensor) else matrix, dtype=np.float64)
+    a = _array(matrix, name, "a square matrix [T, T] of accuracies (numbers)")
     if a.ndim != 2 or a.shape[0] != a.shape[1] or a.shape[0] == 0:
         raise ValueError(f"{name} must be a non-empty square matrix [T, T], got shape {list(a.shape)}")
     lower = np.tril(a)
@@ -59,10 +72,12 @@ def forgetting_ratio(matrix: Matrix, random: Sequence[float], joint: Matrix) -> 
     """
     a = _square(matrix, "matrix")
     j = _square(joint, "joint")
-    r = np.asarray(random, dtype=np.float64)
+    r = _array(random, "random", "one accuracy per task")
     if j.shape != a.shape or r.shape != (a.shape[0],):
         raise ValueError(f"joint must be [{a.shape[0]}, {a.shape[0]}] and random [{a.shape[0]}], "
                          f"got {list(j.shape)} and {list(r.shape)}")
+    if not np.isfinite(r).all():
+        raise ValueError(f"random must be finite, got {r.tolist()}")
     rho = np.full(a.shape, np.nan)
     for t in range(a.shape[0]):
         for tau in range(t + 1):
@@ -85,10 +100,20 @@ def random_stratified_accuracy(train_labels: Tensor, test_labels: Tensor) -> flo
     """Expected accuracy of a classifier that draws each prediction from the training class frequencies.
 
     Σ_c p_train(c) · p_test(c): exact, so no random seed enters the metric.
+
+    Args:
+        train_labels: the training set's class labels, a non-empty integer tensor.
+        test_labels: the test set's class labels, a non-empty integer tensor.
     """
+    for name, labels in (("train_labels", train_labels), ("test_labels", test_labels)):
+        if not isinstance(labels, Tensor):
+            raise TypeError(f"{name} must be an integer tensor of class labels, got {labels!r}")
     if train_labels.numel() == 0 or test_labels.numel() == 0:
         raise ValueError(f"train_labels and test_labels must not be empty, got {train_labels.numel()} and "
                          f"{test_labels.numel()} labels")
+    for name, labels in (("train_labels", train_labels), ("test_labels", test_labels)):
+        if labels.dtype.is_floating_point or labels.dtype.is_complex:
+            raise TypeError(f"{name} must be an integer tensor of class labels, got dtype {labels.dtype}")
     classes = torch.cat([train_labels.flatten(), test_labels.flatten()]).unique()
     p = torch.stack([(train_labels == c).double().mean() for c in classes])
     q = torch.stack([(test_labels == c).double().mean() for c in classes])
@@ -96,6 +121,6 @@ def random_stratified_accuracy(train_labels: Tensor, test_labels: Tensor) -> flo
 
 
 def _index(value: int, size: int, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < size:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value < size:
         raise ValueError(f"{name} must be an int in [0, {size}), got {value!r}")
-    return value
+    return int(value)

@@ -226,7 +226,7 @@ def test_build_rejects_a_norm_that_does_not_fit_the_family(tiny_arch) -> None:
 @pytest.mark.parametrize(("num_classes", "message"), [
     ([2, 3, 4], r"num_classes must have one count per task \(2\), got 3: \[2, 3, 4\]"),
     ([2], r"num_classes must have one count per task \(2\), got 1: \[2\]"),
-    ([2, 0], r"num_classes\[i\] must be an int ≥ 1, got 0"),
+    ([2, 0], r"num_classes\[1\] must be an int ≥ 1, got 0"),
     (0, r"num_classes must be an int ≥ 1, got 0"),
     ("10", r"num_classes must be an int or a sequence of 2 ints, got '10'"),
 ])

@@ -1,9 +1,11 @@
 """Shared hypothesis strategies for the property tests: sizes, shapes, gates and masks, tasks, dtypes,
-seeds and optimizers. Tensors are drawn as a seed and made with a ``torch.Generator``, so an example
-stays small for hypothesis to shrink and the tensors stay reproducible."""
+seeds, optimizers, and malformed input (junk values, bad tasks and scales, malformed tensors). Tensors are
+drawn as a seed and made with a ``torch.Generator``, so an example stays small for hypothesis to shrink and
+the tensors stay reproducible."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -144,3 +146,87 @@ def optimizers(draw: st.DrawFn, names: tuple[str, ...] = ("sgd", "adam", "adamw"
     momentum = draw(st.floats(min_value=low, max_value=0.99)) if name == "sgd" else 0.0
     weight_decay = draw(st.floats(min_value=1e-3 if decay else 0.0, max_value=0.1))
     return OptimizerSpec(name, lr, momentum, weight_decay)
+
+
+# Malformed input ----------------------------------------------------------------------------------------------
+
+#: values no argument of the API takes in place of a number, tensor or name: None, bools, text, containers, objects
+junk = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.text(max_size=4),
+    st.lists(st.integers(min_value=-3, max_value=3), max_size=3),
+    st.dictionaries(st.text(max_size=2), st.integers(), max_size=2),
+    st.builds(object),
+    st.complex_numbers(max_magnitude=10, allow_nan=False, allow_infinity=False),
+)
+#: numbers that are never a size, a scale or an option that must be > 0
+non_positive = st.one_of(
+    st.sampled_from([0, 0.0, -0.0, -1, math.nan, math.inf, -math.inf]),
+    st.integers(max_value=0),
+    st.floats(max_value=0.0),
+)
+#: the dtypes no floating-point input takes
+non_float_dtypes = st.sampled_from([torch.int64, torch.int32, torch.uint8, torch.bool, torch.complex64])
+
+
+@st.composite
+def bad_tasks(draw: st.DrawFn, num_tasks: int) -> object:
+    """A task id that is out of ``[0, num_tasks)`` or not an integer (floats, bools, text, float or multi-element
+    tensors, ...)."""
+    return draw(st.one_of(
+        st.integers(min_value=num_tasks, max_value=num_tasks + 10**6),
+        st.integers(max_value=-1, min_value=-(10**6)),
+        st.floats(allow_nan=True, allow_infinity=True),
+        st.sampled_from([0.0, 1.0, float(num_tasks - 1)]),
+        junk,
+        st.builds(torch.tensor, st.floats(min_value=0, max_value=num_tasks - 1)),
+        st.builds(torch.tensor, st.lists(st.integers(0, num_tasks - 1), min_size=2, max_size=3)),
+        st.builds(lambda t: torch.tensor(t, dtype=torch.long), st.integers(num_tasks, num_tasks + 3)),
+        st.just(torch.tensor(True)),
+        st.just(torch.zeros(0, dtype=torch.long)),
+    ))
+
+
+@st.composite
+def bad_scales(draw: st.DrawFn) -> object:
+    """A gate scale that is not a number > 0 nor a one-element float tensor (None included: required while
+    training). A one-element float tensor is taken unchecked (its value is not read, to keep compiled steps
+    whole), so none is drawn."""
+    return draw(st.one_of(
+        non_positive,
+        junk,
+        st.builds(torch.ones, st.integers(min_value=2, max_value=3)),
+        st.just(torch.zeros(0)),
+        st.just(torch.tensor(2)),
+        st.just(torch.tensor(True)),
+        st.just(torch.tensor(2 + 0j)),
+    ))
+
+
+@st.composite
+def malformed_tensors(draw: st.DrawFn, shape: tuple[int, ...], *, fixed: dict[int, int], ranks: tuple[int, ...],
+                      bad_floats: tuple[torch.dtype, ...] = (), other_device: bool = True) -> object:
+    """Something in place of a tensor of ``shape`` that is refused: a rank not in ``ranks``, a wrong size of a
+    ``fixed`` dim (dim → required size), a size-0 dim, a dtype that is not floating-point or is in
+    ``bad_floats``, another device (meta; unless ``other_device`` is off, for a module without parameters),
+    or no tensor at all."""
+    kinds = ["rank", "empty", "dtype", "not_a_tensor"] + (["size"] if fixed else []) + (["device"] if other_device
+                                                                                         else [])
+    kind = draw(st.sampled_from(kinds))
+    if kind == "device":
+        return torch.zeros(shape, device="meta")
+    if kind == "not_a_tensor":
+        return draw(st.one_of(junk, st.just(torch.zeros(shape).tolist())))
+    if kind == "dtype":
+        return torch.zeros(shape).to(draw(st.one_of(non_float_dtypes, st.sampled_from(bad_floats or [torch.int16]))))
+    new = list(shape)
+    if kind == "rank":
+        rank = draw(st.integers(min_value=0, max_value=6).filter(lambda r: r not in ranks))
+        new = draw(st.lists(st.integers(min_value=1, max_value=3), min_size=rank, max_size=rank))
+    elif kind == "size":
+        dim = draw(st.sampled_from(sorted(fixed)))
+        new[dim] = draw(st.integers(min_value=1, max_value=fixed[dim] + 3).filter(lambda n: n != fixed[dim]))
+    else:
+        new[draw(st.integers(min_value=0, max_value=len(shape) - 1))] = 0
+    return torch.zeros(new)

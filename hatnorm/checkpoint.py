@@ -1,0 +1,275 @@
+"""Atomic checkpoints: the tensors of a state in safetensors, the rest in a small JSON that commits them.
+
+A checkpoint folder holds two files::
+
+    checkpoint.json                  the commit point: format, step, identity of the run, the state's
+                                     JSON values, and the name of the tensor file
+    checkpoint-000007.safetensors    every tensor of the state (step 7), the JSON naming each by its path
+
+:func:`save_checkpoint` writes the tensor file under a new name, then the JSON; each goes to a temporary
+file in the same folder that is flushed, fsync'ed and renamed over its final name with ``os.replace``
+(atomic on POSIX and Windows). Only then are the previous tensor file and leftover temporary files
+removed. A kill at any moment therefore leaves ``checkpoint.json`` naming a complete tensor file: the
+new one once the JSON's rename happened, the previous one before it.
+
+:func:`load_checkpoint` compares the run's identity (architecture, norm, task count, settings,
+parameter names and shapes, ...) with the saved one first and refuses a checkpoint of a different run
+with a :class:`CheckpointError` that names every difference, before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as serialize
+from torch import Tensor, nn
+
+FORMAT = "hatnorm-checkpoint"
+VERSION = 1
+#: the commit point of a checkpoint folder
+INDEX = "checkpoint.json"
+_TENSOR_FILE = re.compile(r"checkpoint-(\d+)\.safetensors")
+_TEMPORARY = re.compile(r"checkpoint.*\.tmp")
+_TENSOR_KEY = "__tensor__"
+#: differences listed per identity entry before "and N more"
+_SHOWN = 3
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: written by a different run, or damaged."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """The last complete checkpoint of a folder.
+
+    Attributes:
+        path: the folder.
+        step: how many checkpoints the folder has seen (the tensor file's number).
+        identity: what the run that wrote it was (see :func:`save_checkpoint`).
+        state: the saved state, tensors restored in place (on the CPU).
+    """
+
+    path: Path
+    step: int
+    identity: dict[str, Any]
+    state: dict[str, Any]
+
+
+def save_checkpoint(directory: str | Path, state: Mapping[str, Any], *, identity: Mapping[str, Any]) -> Path:
+    """Write ``state`` atomically as the folder's new checkpoint; returns the path of its ``checkpoint.json``.
+
+    Call it from one process per folder.
+
+    Args:
+        directory: the checkpoint folder (created if missing).
+        state: nested dicts (string keys), lists, tensors and JSON values; tensors are copied to the CPU
+            and go to the safetensors file, everything else to the JSON.
+        identity: JSON values describing the run; :func:`load_checkpoint` refuses to resume a run whose
+            identity differs.
+
+    Raises:
+        TypeError: a key that is not a string, or a value that is neither a tensor nor a JSON value.
+    """
+    directory = Path(directory)
+    tensors: dict[str, Tensor] = {}
+    body = _split(state, (), tensors)
+    index_identity = json.loads(json.dumps(identity))
+    directory.mkdir(parents=True, exist_ok=True)
+    numbers = [int(m[1]) for f in directory.iterdir() if (m := _TENSOR_FILE.fullmatch(f.name))]
+    step = max(numbers, default=0) + 1
+    name = f"checkpoint-{step:06d}.safetensors"
+    _write_atomic(directory / name, serialize(tensors, metadata={"format": FORMAT, "step": str(step)}))
+    index = {"format": FORMAT, "version": VERSION, "step": step, "tensors": name, "identity": index_identity,
+             "state": body}
+    _write_atomic(directory / INDEX, json.dumps(index, indent=1).encode())
+    for f in directory.iterdir():
+        if (_TENSOR_FILE.fullmatch(f.name) and f.name != name) or _TEMPORARY.fullmatch(f.name):
+            f.unlink(missing_ok=True)
+    return directory / INDEX
+
+
+def load_checkpoint(directory: str | Path, *, identity: Mapping[str, Any] | None = None) -> Checkpoint | None:
+    """The last complete checkpoint in ``directory``, or ``None`` when it holds none.
+
+    Temporary files and tensor files that ``checkpoint.json`` does not name (left by a save that was
+    killed) are ignored.
+
+    Args:
+        directory: the checkpoint folder.
+        identity: the identity of the run about to resume; when given, a checkpoint whose saved identity
+            differs is refused before anything is loaded.
+
+    Raises:
+        CheckpointError: the checkpoint belongs to a different run (the message lists what differs), or
+            its files are damaged or missing.
+    """
+    directory = Path(directory)
+    index_path = directory / INDEX
+    if not index_path.is_file():
+        return None
+    try:
+        index = json.loads(index_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{index_path} is not a readable checkpoint index: {error}") from None
+    if not isinstance(index, dict) or index.get("format") != FORMAT:
+        raise CheckpointError(f"{index_path} is not a hatnorm checkpoint (no \"format\": {FORMAT!r})")
+    if index.get("version") != VERSION:
+        raise CheckpointError(f"{index_path} has checkpoint format version {index.get('version')!r}; this hatnorm "
+                              f"reads version {VERSION}")
+    if identity is not None:
+        differences = identity_differences(index["identity"], json.loads(json.dumps(identity)))
+        if differences:
+            raise CheckpointError(f"{directory}: the checkpoint was written by a different run and cannot be "
+                                  f"resumed; {'; '.join(differences)}. Resume with the run's settings, or start "
+                                  "afresh (resume=False, or no --resume) to replace it")
+    tensor_path = directory / index["tensors"]
+    if not tensor_path.is_file():
+        raise CheckpointError(f"{index_path} names the tensor file {index['tensors']}, which is missing")
+    try:
+        with safe_open(tensor_path, framework="pt") as f:
+            saved_step = (f.metadata() or {}).get("step")
+            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 - safe_open is no Mapping
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"{tensor_path} is not a readable safetensors file: {error}") from None
+    if saved_step != str(index["step"]):
+        raise CheckpointError(f"{tensor_path} belongs to step {saved_step}, but {index_path} is step {index['step']}")
+    return Checkpoint(path=directory, step=index["step"], identity=index["identity"],
+                      state=_join(index["state"], tensors))
+
+
+def remove_checkpoint(directory: str | Path) -> None:
+    """Remove the checkpoint files of ``directory`` (its index, tensor files and leftovers); other files stay."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return
+    (directory / INDEX).unlink(missing_ok=True)  # first: the folder holds no checkpoint from here on
+    for f in directory.iterdir():
+        if _TENSOR_FILE.fullmatch(f.name) or _TEMPORARY.fullmatch(f.name):
+            f.unlink(missing_ok=True)
+
+
+def describe_model(model: nn.Module) -> dict[str, Any]:
+    """A model's identity: the class of every submodule and the shape and dtype of every state entry."""
+    return {
+        "modules": {name or "(model)": type(m).__qualname__ for name, m in model.named_modules()},
+        "parameters": {name: [list(t.shape), str(t.dtype).removeprefix("torch.")]
+                       for name, t in model.state_dict().items()},
+    }
+
+
+def identity_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """Readable differences between a saved and a current identity, a few per top-level entry."""
+    out = []
+    for key in dict.fromkeys([*saved, *current]):
+        leaves = list(_leaf_differences(saved.get(key, _ABSENT), current.get(key, _ABSENT), key))
+        out += leaves[:_SHOWN]
+        if len(leaves) > _SHOWN:
+            out.append(f"{key}: and {len(leaves) - _SHOWN} more differences")
+    return out
+
+
+def rng_state() -> dict[str, Any]:
+    """The random states of torch (CPU, and every initialised CUDA device), numpy and Python."""
+    kind, keys, position, has_gauss, gauss = np.random.get_state(legacy=True)
+    version, internal, python_gauss = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss": python_gauss},
+    }
+    if torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore random states saved by :func:`rng_state`."""
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["position"], n["has_gauss"], n["gauss"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"].tolist()), p["gauss"]))
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class _Absent:
+    def __repr__(self) -> str:
+        return "absent"
+
+
+_ABSENT = _Absent()
+
+
+def _leaf_differences(saved: Any, current: Any, path: str) -> Iterator[str]:
+    if isinstance(saved, dict) and isinstance(current, dict):
+        for key in dict.fromkeys([*saved, *current]):
+            yield from _leaf_differences(saved.get(key, _ABSENT), current.get(key, _ABSENT), f"{path}.{key}")
+    elif saved != current:
+        yield f"{path}: {_short(saved)} in the checkpoint, {_short(current)} in this run"
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _split(value: Any, path: tuple[str, ...], tensors: dict[str, Tensor]) -> Any:
+    """``value`` with every tensor moved into ``tensors`` under its path and replaced by a reference."""
+    if isinstance(value, Tensor):
+        key = "/".join(path)
+        if key in tensors:
+            raise TypeError(f"state: two tensors share the path {key!r}; keys must not contain '/'")
+        tensors[key] = value.detach().to("cpu", copy=True).contiguous()
+        return {_TENSOR_KEY: key}
+    if isinstance(value, Mapping):
+        for key in value:
+            if not isinstance(key, str):
+                raise TypeError(f"state: keys must be strings, got {key!r} under {'/'.join(path) or 'the top level'}")
+        return {key: _split(v, (*path, key), tensors) for key, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_split(v, (*path, str(i)), tensors) for i, v in enumerate(value)]
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    raise TypeError(f"state: {'/'.join(path) or 'the state'} must be a tensor, a JSON value, a list or a dict, "
+                    f"got {type(value).__name__}")
+
+
+def _join(value: Any, tensors: Mapping[str, Tensor]) -> Any:
+    if isinstance(value, dict):
+        if set(value) == {_TENSOR_KEY}:
+            return tensors[value[_TENSOR_KEY]]
+        return {key: _join(v, tensors) for key, v in value.items()}
+    if isinstance(value, list):
+        return [_join(v, tensors) for v in value]
+    return value
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temporary, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    if os.name == "posix":  # make the rename itself durable
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

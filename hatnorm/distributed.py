@@ -1,0 +1,177 @@
+"""Multi-process training under ``torchrun``: batch statistics synchronised across ranks, and DDP set up for HAT.
+
+Each rank runs the same script on its share of every batch::
+
+    dist.init_process_group("gloo")                 # "nccl" on GPUs; torchrun sets rank and world size
+    model = hatnorm.build("resnet18", num_tasks=5, norm="masked_bn", num_classes=2)
+    ddp = hatnorm.distributed.wrap(model)           # convert_sync + DistributedDataParallel
+    hat = hatnorm.HAT(ddp)                          # HAT unwraps DDP and works on the inner model
+    ...
+    out = ddp(hatnorm.distributed.shard(x), task=task, s=s)
+
+DDP averages the gradients during ``backward``; :meth:`hatnorm.HAT.protect` then compensates and
+multiplies the averaged gradients and :meth:`hatnorm.HAT.step` restores frozen entries, identically on
+every rank, so the ranks stay in step without further communication. Loops that cannot use DDP call
+:func:`average_gradients` after ``backward`` instead (as :mod:`hatnorm.training` does). Everything here
+does nothing in a single process.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from hatnorm._norms import _BatchNormBase
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
+# No buffer broadcast before every forward: synchronised norms keep their statistics equal on every rank.
+# torch ≥ 2.15 calls this forward_sync_buffers=False (buffers are still made equal once, at wrapping);
+# older versions broadcast_buffers=False.
+_NO_FORWARD_BUFFER_SYNC = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+    else {"broadcast_buffers": False}
+)
+
+
+def _group(process_group: object) -> ProcessGroup | None:
+    """The group to synchronise over, or ``None`` when there is nothing to synchronise."""
+    if not dist.is_available():
+        if process_group is not None:
+            raise TypeError(f"process_group must be None when torch.distributed is unavailable, got {process_group!r}")
+        return None
+    if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError(f"process_group must be None (every rank) or a torch.distributed.ProcessGroup, "
+                        f"got {process_group!r} of type {type(process_group).__name__}")
+    if not dist.is_initialized():
+        return None
+    group = process_group if process_group is not None else dist.group.WORLD
+    if dist.get_rank(group) < 0:
+        raise ValueError(f"process_group must contain this process (global rank {dist.get_rank()}), "
+                         "got a group it is not a member of")
+    return group if dist.get_world_size(group) > 1 else None
+
+
+def convert_sync(model: nn.Module, process_group: ProcessGroup | None = None) -> nn.Module:
+    """Make every batch-statistics norm of ``model`` normalise over the batches of all ranks together.
+
+    The hatnorm counterpart of :meth:`torch.nn.SyncBatchNorm.convert_sync_batchnorm`: masked, per-task,
+    shared and post-gate BatchNorms compute their training statistics (per-channel count, mean and
+    variance) over every rank of ``process_group`` through an autograd-aware all-reduce, so outputs,
+    gradients (after DDP's averaging) and running statistics are those of the concatenated batch. Each
+    norm moves exactly what it moves in one process: masked BN the task's selected units, per-task BN
+    the task's slot. Evaluation and layer norms need no communication and are unchanged.
+
+    The norms are converted in place. Nothing happens when ``torch.distributed`` is unavailable or not
+    initialised, or the group has a single rank. Plain ``torch.nn`` BatchNorm layers are left alone
+    (convert them with :meth:`torch.nn.SyncBatchNorm.convert_sync_batchnorm`).
+
+    Args:
+        model: the model, or a ``DistributedDataParallel`` wrapping it.
+        process_group: the ranks to synchronise over; ``None`` for every rank (the default group).
+
+    Returns:
+        ``model`` itself.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``, or ``process_group`` is not ``None`` or a
+            ``torch.distributed.ProcessGroup``.
+        ValueError: this process is not a member of ``process_group``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    group = _group(process_group)
+    if group is not None:
+        for norm in model.modules():
+            if isinstance(norm, _BatchNormBase):
+                norm.process_group = group
+    return model
+
+
+def is_distributed(process_group: ProcessGroup | None = None) -> bool:
+    """Whether ``torch.distributed`` is initialised with more than one rank in ``process_group`` (``None``: all)."""
+    return _group(process_group) is not None
+
+
+def wrap(model: nn.Module, process_group: ProcessGroup | None = None, **ddp_options: Any) -> nn.Module:
+    """:func:`convert_sync` the model and wrap it in ``DistributedDataParallel`` with HAT's settings.
+
+    ``find_unused_parameters=True``: the heads of other tasks take no part in a step (a static graph
+    does not fit either, since the head changes with the task). No buffer broadcast before each forward
+    (``forward_sync_buffers=False``, ``broadcast_buffers=False`` before torch 2.15): the synchronised
+    norms keep their running statistics equal on every rank, and the gates' masks follow from
+    parameters DDP keeps equal. Both can be overridden through ``ddp_options``. A single process gets
+    ``model`` back unwrapped.
+
+    Args:
+        model: the HAT model, already on its device.
+        process_group: the ranks to train over; ``None`` for every rank.
+        **ddp_options: further ``DistributedDataParallel`` arguments (``device_ids`` on GPUs, ...).
+
+    Returns:
+        The ``DistributedDataParallel`` wrapper, or ``model`` in a single process.
+    """
+    convert_sync(model, process_group)
+    if not is_distributed(process_group):
+        return model
+    options = {"find_unused_parameters": True, **_NO_FORWARD_BUFFER_SYNC} | ddp_options
+    return DistributedDataParallel(model, process_group=process_group, **options)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a ``DistributedDataParallel`` wrapper, or ``model`` itself."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def shard(batch: Tensor, process_group: ProcessGroup | None = None) -> Tensor:
+    """This rank's contiguous share of a global ``batch`` (split along dim 0); the whole batch in one process.
+
+    Ranks get equal shares when the batch size is a multiple of the world size; only then is the
+    average of the ranks' mean losses the mean loss of the whole batch.
+
+    Raises:
+        ValueError: the batch has fewer samples than the group has ranks.
+    """
+    if not isinstance(batch, Tensor) or batch.dim() == 0:
+        what = "a 0-D tensor" if isinstance(batch, Tensor) else type(batch).__name__
+        raise TypeError(f"batch must be a tensor whose dim 0 is the batch, got {what}")
+    group = _group(process_group)
+    if group is None:
+        return batch
+    world = dist.get_world_size(group)
+    if len(batch) < world:
+        raise ValueError(f"batch must hold at least one sample per rank ({world}), got {len(batch)}")
+    return batch.tensor_split(world)[dist.get_rank(group)]
+
+
+def average_gradients(model: nn.Module, process_group: ProcessGroup | None = None) -> None:
+    """Average the gradients of ``model``'s parameters over the ranks, as DDP does during ``backward``.
+
+    For loops that do not wrap the model in ``DistributedDataParallel`` (such as
+    :func:`hatnorm.training.train_sequence`, whose joint training runs several forwards per step). Call
+    it after ``backward`` and before :meth:`hatnorm.HAT.protect`. Parameters without a gradient are left
+    alone; every rank must have gradients for the same parameters, as ranks running the same task do.
+    Nothing happens in a single process.
+    """
+    group = _group(process_group)
+    if group is None:
+        return
+    grads = [p.grad for p in unwrap(model).parameters() if p.grad is not None]
+    for work in [dist.all_reduce(g, group=group, async_op=True) for g in grads]:
+        work.wait()
+    if grads:
+        torch._foreach_div_(grads, dist.get_world_size(group))
+
+
+def is_main_process() -> bool:
+    """Whether this process writes files and logs: rank 0 of a distributed run, or the only process."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0

@@ -1,0 +1,301 @@
+"""Checkpoints: a killed run resumes to the same bits, atomic files, refusal of another run's checkpoint, NaN/inf."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+from safetensors.torch import load_file
+from torch.utils.data import TensorDataset
+
+import hatnorm
+from ablations import _common, layernorm
+from hatnorm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from hatnorm.data import Task
+from hatnorm.training import EWC, HATMethod, TrainConfig, split_validation, train_joint, train_sequence
+
+WORKER = Path(__file__).with_name("checkpoint_worker.py")
+ROOT = WORKER.parent.parent
+
+
+def toy_tasks(n: int = 2, samples: int = 160, shape: tuple[int, ...] = (16,)) -> list[Task]:
+    """2-class tasks, one input direction per task."""
+    generator = torch.Generator().manual_seed(0)
+    tasks = []
+    for k in range(n):
+        x = torch.randn(samples + 40, *shape, generator=generator)
+        y = (x.flatten(1)[:, k] > 0).long()
+        tasks.append(Task(f"toy-{k}", (0, 1), TensorDataset(x[:samples], y[:samples]),
+                          TensorDataset(x[samples:], y[samples:])))
+    return tasks
+
+
+def mlp(norm: str = "masked_bn", n: int = 2, in_features: int = 16):
+    return lambda: hatnorm.build("mlp", num_tasks=n, norm=norm, num_classes=2, in_features=in_features,
+                                 hidden=(32, 32), dropout=0.1)
+
+
+CONFIG = TrainConfig(epochs=3, batch_size=32, lr=0.1, momentum=0.5, patience=1)
+
+
+class Interrupted(Exception):
+    """Stands for Ctrl-C: raised from the log after a number of epoch lines."""
+
+
+class Log(io.StringIO):
+    """A log that interrupts the run when its ``stop``-th epoch line arrives (before that epoch's checkpoint)."""
+
+    def __init__(self, stop: int | None = None) -> None:
+        super().__init__()
+        self.stop, self.epochs = stop, 0
+
+    def write(self, text: str) -> int:
+        self.epochs += text.count("train loss")
+        if self.stop is not None and self.epochs >= self.stop:
+            raise Interrupted
+        return super().write(text)
+
+
+def console(stop: int | None = None) -> Console:
+    return Console(file=Log(stop), width=200)
+
+
+def step(out: Path) -> int:
+    try:
+        return json.loads((out / "checkpoint" / "checkpoint.json").read_text())["step"]
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
+
+
+def worker(out: Path, *extra: str) -> subprocess.Popen:
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    return subprocess.Popen([sys.executable, str(WORKER), str(out), *extra], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def test_a_run_killed_at_several_points_resumes_to_the_same_bits(tmp_path) -> None:
+    reference = worker(tmp_path / "reference")
+    # checkpoints 1-3 are task 0's epochs and 4 its end, 5-8 task 1's (a plateau after its epoch 2: lr ÷ 3,
+    # best weights back, a fresh optimizer), 9-12 task 2's; each kill lands just after the one awaited
+    logs = []
+    for kill_after in (2, 6, 8):
+        run = worker(tmp_path / "killed", *(["--resume"] if logs else []))
+        while run.poll() is None and step(tmp_path / "killed") < kill_after:
+            time.sleep(0.005)
+        run.send_signal(signal.SIGKILL)
+        logs.append(run.communicate()[0])
+        assert run.returncode == -signal.SIGKILL, logs[-1]
+        assert not (tmp_path / "killed" / "result.json").exists()
+    last = worker(tmp_path / "killed", "--resume")
+    logs.append(last.communicate()[0])
+    assert last.returncode == 0 and reference.wait() == 0, logs[-1] + reference.communicate()[0]
+    for log in logs[1:]:
+        assert "worker: resumed from checkpoint" in log
+    assert "continues after epoch" in "".join(logs)  # at least one resume was mid-task
+    # a resumed run does not start over, and each kill costs at most the epoch after the last checkpoint
+    assert all("mnist-0/1 epoch 1:" not in log for log in logs[1:])
+    assert sum(log.count("train loss") for log in logs) <= 9 + 3
+
+    expected = json.loads((tmp_path / "reference" / "result.json").read_text())
+    resumed = json.loads((tmp_path / "killed" / "result.json").read_text())
+    assert resumed == expected
+    want = load_file(tmp_path / "reference" / "model.safetensors")
+    got = load_file(tmp_path / "killed" / "model.safetensors")
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_ewc_and_joint_runs_interrupted_mid_task_resume_exactly(tmp_path) -> None:
+    tasks = toy_tasks()
+    expected = train_sequence(mlp("shared_bn"), tasks, EWC(lam=10.0), CONFIG, console=console())
+    # epoch lines 1-3 are task 0; the 5th is task 1's epoch 2, before its checkpoint
+    with pytest.raises(Interrupted):
+        train_sequence(mlp("shared_bn"), tasks, EWC(lam=10.0), CONFIG, console=console(stop=5),
+                       checkpoint_dir=tmp_path / "ewc", checkpoint_every=1)
+    saved = load_checkpoint(tmp_path / "ewc")
+    assert saved.state["fit"]["epoch"] == 1 and len(saved.state["method"]["anchors"]) == 1
+    log = console()
+    resumed = train_sequence(mlp("shared_bn"), tasks, EWC(lam=10.0), CONFIG, console=log,
+                             checkpoint_dir=tmp_path / "ewc", checkpoint_every=1, resume=True)
+    assert resumed.accuracy == expected.accuracy and resumed.loss == expected.loss
+    assert resumed.epochs == expected.epochs
+    assert log.file.getvalue().count("train loss") == 2  # only task 1's epochs 2 and 3 ran again
+
+    joint = train_joint(mlp("shared_bn"), tasks, CONFIG, console=console())
+    with pytest.raises(Interrupted):
+        train_joint(mlp("shared_bn"), tasks, CONFIG, console=console(stop=6), checkpoint_dir=tmp_path / "joint",
+                    checkpoint_every=2)
+    again = train_joint(mlp("shared_bn"), tasks, CONFIG, console=console(), checkpoint_dir=tmp_path / "joint",
+                        resume=True)
+    assert again[1] == joint[1] and again[0][0] == joint[0][0] and math.isnan(again[0][1])
+
+
+def test_a_finished_run_resumes_to_its_results_without_training(tmp_path) -> None:
+    tasks = toy_tasks()
+    first = train_sequence(mlp(), tasks, HATMethod(), CONFIG, console=console(), checkpoint_dir=tmp_path)
+    log = console()
+    again = train_sequence(mlp(), tasks, HATMethod(), CONFIG, console=log, checkpoint_dir=tmp_path, resume=True)
+    assert again == first
+    assert "train loss" not in log.file.getvalue() and "2 of 2 tasks done" in log.file.getvalue()
+
+
+def test_a_killed_save_leaves_the_last_complete_checkpoint(tmp_path) -> None:
+    identity = {"run": "test"}
+    save_checkpoint(tmp_path, {"w": torch.zeros(3), "epoch": 1}, identity=identity)
+    save_checkpoint(tmp_path, {"w": torch.ones(3), "epoch": 2}, identity=identity)
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["checkpoint-000002.safetensors", "checkpoint.json"]
+    # what a save killed at any moment can leave: half-written temporary files, a tensor file the index
+    # does not name yet
+    (tmp_path / "checkpoint-000003.safetensors.4242.tmp").write_bytes(b"\x00" * 10)
+    (tmp_path / "checkpoint-000003.safetensors").write_bytes(b"truncated")
+    (tmp_path / "checkpoint.json.4242.tmp").write_text('{"format": ')
+    saved = load_checkpoint(tmp_path, identity=identity)
+    assert saved.step == 2 and saved.state["epoch"] == 2 and torch.equal(saved.state["w"], torch.ones(3))
+    # the next save takes a fresh name and removes the leftovers
+    save_checkpoint(tmp_path, {"w": torch.full((3,), 3.0), "epoch": 3}, identity=identity)
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["checkpoint-000004.safetensors", "checkpoint.json"]
+    assert load_checkpoint(tmp_path).state["epoch"] == 3
+    (tmp_path / "checkpoint-000004.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"names the tensor file checkpoint-000004\.safetensors, which is "):
+        load_checkpoint(tmp_path)
+    assert load_checkpoint(tmp_path / "empty") is None
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {f.name: f.read_bytes() for f in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ("arch", "arch: 'mlp' in the checkpoint, 'alexnet' in this run"),
+    ("norm", "norm: 'masked_bn' in the checkpoint, 'task_bn' in this run"),
+    ("tasks", "num_tasks: 2 in the checkpoint, 3 in this run"),
+    ("seed", "config.seed: 0 in the checkpoint, 1 in this run"),
+])
+def test_a_checkpoint_of_another_run_is_refused_and_left_as_it_is(tmp_path, change: str, message: str) -> None:
+    tasks = toy_tasks(3, samples=64, shape=(1, 32, 32))
+    config = TrainConfig(epochs=1, batch_size=32)
+    first = train_sequence(mlp(in_features=1024), tasks[:2], HATMethod(), config, console=console(),
+                           info={"arch": "mlp", "norm": "masked_bn"}, checkpoint_dir=tmp_path)
+    before = files(tmp_path)
+    build, info, n = mlp(in_features=1024), {"arch": "mlp", "norm": "masked_bn"}, 2
+    if change == "arch":
+        info["arch"] = "alexnet"
+        build = lambda: hatnorm.build("alexnet", num_tasks=2, norm="masked_bn", num_classes=2,  # noqa: E731
+                                      width=0.05, in_channels=1, size=32)
+    elif change == "norm":
+        info["norm"], build = "task_bn", mlp("task_bn", in_features=1024)
+    elif change == "tasks":
+        build, n = mlp(n=3, in_features=1024), 3
+    else:
+        config = TrainConfig(epochs=1, batch_size=32, seed=1)
+    with pytest.raises(CheckpointError, match="written by a different run") as refused:
+        train_sequence(build, tasks[:n], HATMethod(), config, console=console(), info=info, checkpoint_dir=tmp_path,
+                       resume=True)
+    assert message in str(refused.value)
+    assert files(tmp_path) == before
+    again = train_sequence(mlp(in_features=1024), tasks[:2], HATMethod(), TrainConfig(epochs=1, batch_size=32),
+                           console=console(), info={"arch": "mlp", "norm": "masked_bn"}, checkpoint_dir=tmp_path,
+                           resume=True)
+    assert again == first
+
+
+def test_without_architecture_info_the_modules_and_shapes_name_the_difference(tmp_path) -> None:
+    config = TrainConfig(epochs=1, batch_size=32)
+    train_sequence(mlp("masked_bn"), toy_tasks(samples=64), HATMethod(), config, console=console(),
+                   checkpoint_dir=tmp_path)
+    with pytest.raises(CheckpointError, match=r"modules\.norms\.0: 'MaskedBatchNorm1d' in the checkpoint, "
+                                              r"'PostGateBatchNorm1d' in this run"):
+        train_sequence(mlp("post_gate_bn"), toy_tasks(samples=64), HATMethod(), config, console=console(),
+                       checkpoint_dir=tmp_path, resume=True)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_nonfinite_inputs_raise_or_are_skipped(bad: float) -> None:
+    tasks = toy_tasks(1, samples=320)
+    train, _ = split_validation(tasks[0].train, 0.1, seed=0)
+    tasks[0].train.tensors[0][train.indices[0], 3] = bad
+    config = TrainConfig(epochs=2, batch_size=32, lr=0.1)
+    with pytest.raises(ValueError, match=r"task 0 \(toy-0\), epoch 1, batch \d+ of 9: the inputs hold NaN or inf; "
+                                         r".*TrainConfig\(nonfinite='skip'\)"):
+        train_sequence(mlp(n=1), tasks, HATMethod(), config, console=console())
+    log = console()
+    skipping = TrainConfig(epochs=2, batch_size=32, lr=0.1, nonfinite="skip")
+    result = train_sequence(mlp(n=1), tasks, HATMethod(), skipping, console=log)
+    assert result.skipped == [2] and log.file.getvalue().count("skipped 1 non-finite batches") == 2
+    assert result.accuracy[0][0] >= 0.75
+    assert all(torch.isfinite(torch.tensor(loss)) for loss in result.loss[0])
+
+
+def test_hat_state_round_trips_and_bad_state_changes_nothing() -> None:
+    model = mlp(n=3)()
+    hat = hatnorm.HAT(model)
+    hat.begin_task(0)
+    hat.end_task()
+    hat.begin_task(1)
+    other = hatnorm.HAT(model)
+    other.load_state_dict(hat.state_dict())
+    assert other.state_dict() == {"learned_tasks": [0], "task": 1}
+    assert other.gradient_multipliers().keys() == hat.gradient_multipliers().keys()
+    assert all(torch.equal(a, b) for a, b in zip(other.gradient_multipliers().values(),
+                                                 hat.gradient_multipliers().values(), strict=True))
+    for bad, message in [({"learned_tasks": [0, 0], "task": None}, "must be a list of distinct tasks"),
+                         ({"learned_tasks": [3], "task": None}, r"must be in \[0, 3\), got 3"),
+                         ({"learned_tasks": [0], "task": 0}, "must be a task not learned yet, got 0")]:
+        with pytest.raises(ValueError, match=message):
+            other.load_state_dict(bad)
+        assert other.state_dict() == {"learned_tasks": [0], "task": 1}
+
+
+def test_checkpoint_options_are_checked_before_anything_runs(tmp_path) -> None:
+    with pytest.raises(ValueError, match="nonfinite must be 'raise' or 'skip', got 'ignore'"):
+        TrainConfig(nonfinite="ignore")
+    with pytest.raises(ValueError, match="checkpoint_every must be an int ≥ 1, got 0"):
+        train_sequence(mlp(), toy_tasks(), HATMethod(), CONFIG, checkpoint_dir=tmp_path, checkpoint_every=0)
+    with pytest.raises(ValueError, match="resume=True needs checkpoint_dir"):
+        train_sequence(mlp(), toy_tasks(), HATMethod(), CONFIG, resume=True)
+    with pytest.raises(ValueError, match="checkpoint_every=2 needs checkpoint_dir"):
+        train_joint(mlp(), toy_tasks(), CONFIG, checkpoint_every=2)
+    assert not any(tmp_path.iterdir())
+
+
+LAYERNORM = ["--tasks", "2", "--epochs", "1", "--seed", "0", "--dim", "8", "--depth", "1", "--patch-size", "8",
+             "--norms", "masked_ln"]
+
+
+def test_the_ablation_resumes_a_killed_run(tmp_path, monkeypatch, capsys) -> None:
+    expected = layernorm.main([*LAYERNORM, "--out", str(tmp_path / "reference")])
+    # joint training writes epoch lines 1-2, the HAT run 3-4: stop at its task 1, before that task's checkpoint
+    monkeypatch.setattr(_common, "console", lambda: console(stop=4))
+    with pytest.raises(Interrupted):
+        layernorm.main([*LAYERNORM, "--out", str(tmp_path / "killed"), "--checkpoint-every", "1"])
+    monkeypatch.undo()
+    capsys.readouterr()
+    resumed = layernorm.main([*LAYERNORM, "--out", str(tmp_path / "killed"), "--resume"])
+    out = capsys.readouterr().out
+    assert "vit_micro joint: resumed from checkpoint" in out and "2 of 2 joint models trained" in out
+    assert "vit_micro HAT masked LN: resumed from checkpoint" in out and "1 of 2 tasks done" in out
+    assert out.count("train loss") == 1 + 2  # the HAT run's task 1, then the SGD run
+    assert resumed.keys() == expected.keys()
+    for label, r in expected.items():
+        # json: NaN (joint accuracy above the diagonal) compares equal to NaN
+        assert json.dumps(resumed[label] | {"seconds": 0}) == json.dumps(r | {"seconds": 0})
+    # other options than the killed run's: refused, with the difference named
+    with pytest.raises(SystemExit, match=r"config\.patience: 5 in the checkpoint, 2 in this run"):
+        layernorm.main([*LAYERNORM, "--out", str(tmp_path / "killed"), "--resume", "--patience", "2"])
+
+
+def test_the_ablation_options(capsys) -> None:
+    with pytest.raises(SystemExit):
+        layernorm.main(["--checkpoint-every", "0"])
+    assert "--checkpoint-every: must be an int ≥ 1, got 0" in capsys.readouterr().err
+    usage = _common.parser("python -m ablations.norms", "", epochs=4, out="runs/norms").format_help()
+    assert "--resume" in usage and "--checkpoint-every N" in usage
