@@ -374,7 +374,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         args.repeats = min(args.repeats, 5)
     args.device = torch.device(args.device)
-    console = Console()
+    console = Console() if Console().is_terminal else Console(width=200)
     clock, compiler = Clock(args.device, args.repeats, args.warmup), Compiler(args.compile)
     rows: list[dict[str, Any]] = []
     sections = [("training steps", training_steps), ("norm layers", norm_layers), ("task count", task_count),
