@@ -26,10 +26,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from rich.console import Console
 from torch import Tensor, nn
-from torch.utils.data import TensorDataset
+from toys import toy_tasks
 
 import hatnorm
-from hatnorm.data import Task
 from hatnorm.distributed import shard, wrap
 from hatnorm.training import HATMethod, TrainConfig, train_sequence
 
@@ -74,17 +73,6 @@ def run(norm: str) -> dict[str, Tensor]:
     return result | {f"state.{k}": v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def toy_tasks() -> list[Task]:
-    """Two 2-class tasks on 16 features, one direction each; 288 training samples (9 batches of 32) each."""
-    g = torch.Generator().manual_seed(0)
-    tasks = []
-    for k in range(TASKS):
-        x = torch.randn(360, 16, generator=g, dtype=torch.float64)
-        y = (x[:, k] > 0).long()
-        tasks.append(Task(f"toy-{k}", (0, 1), TensorDataset(x[:320], y[:320]), TensorDataset(x[320:], y[320:])))
-    return tasks
-
-
 def run_trainer(out_dir: Path) -> dict[str, Any]:
     """``train_sequence`` with HAT and masked BN; returns its results and the final model state."""
     models: list[nn.Module] = []
@@ -95,7 +83,7 @@ def run_trainer(out_dir: Path) -> dict[str, Any]:
         return models[-1]
 
     config = TrainConfig(epochs=3, batch_size=32, lr=0.1, momentum=0.5)
-    result = train_sequence(build, toy_tasks(), HATMethod(), config, out_dir=out_dir,
+    result = train_sequence(build, toy_tasks(TASKS, dtype=torch.float64), HATMethod(), config, out_dir=out_dir,
                             console=Console(file=io.StringIO()))
     return {"result": asdict(result) | {"seconds": None}, "state": models[0].state_dict()}
 

@@ -41,8 +41,24 @@ def test_other_ablations_run(module, tmp_path) -> None:
     results = module.main([*TINY, "--out", str(tmp_path), *extra])
     assert results and (tmp_path / "forgetting_ratio.png").exists()
     for label, r in results.items():
-        if label.startswith(("masked", "s_max", "c=")) or "masked LN" in label:
+        A = r["accuracy"]
+        assert all(0.0 <= a <= 1.0 for row in A for a in row if a == a)
+        # BWT is what the accuracy matrix says, for every variant
+        assert r["bwt"] == pytest.approx(A[1][0] - A[0][0], abs=1e-12)
+        if _hat_guarantees_no_forgetting(label):
             assert r["bwt"] == 0.0
+
+
+def _hat_guarantees_no_forgetting(label: str) -> bool:
+    """Whether the variant is HAT's hard policy with binarised masks and a task-aware norm.
+
+    Only those forget nothing by construction (invariant 5). AdaHAT's soft protection lets later tasks
+    move what earlier tasks use, at the rate r/(n + r) (tested by hand in test_hat.py), so its BWT is a
+    training outcome that differs between floating-point paths, not a guarantee.
+    """
+    if label.endswith("adahat"):
+        return False
+    return label.startswith(("masked_bn hat", "task_bn hat", "s_max=", "c=")) or "masked LN" in label
 
 
 @pytest.mark.parametrize(("argv", "message"), [

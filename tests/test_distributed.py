@@ -108,7 +108,7 @@ def test_train_sequence_under_torchrun_matches_one_process(two_ranks: Path, tmp_
     torch.testing.assert_close(torch.tensor(result["loss"]), torch.tensor(expected["loss"]), atol=1e-6, rtol=0)
     # rank 0 wrote the results; HAT kept task 0 through task 1
     assert json.loads((two_ranks / "trainer" / "results.json").read_text())["accuracy"] == expected["accuracy"]
-    assert expected["accuracy"][1][0] == expected["accuracy"][0][0] > 0.8
+    assert expected["accuracy"][1][0] == expected["accuracy"][0][0] > 0.8  # learnt: the toy classes have a gap
 
 
 def test_convert_sync_is_a_no_op_in_one_process() -> None:

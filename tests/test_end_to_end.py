@@ -89,7 +89,9 @@ def test_demo_main_job_prints_matrix_with_zero_backward_transfer(capsys) -> None
     assert "backward transfer (BWT): +0.0000" in out
     rows = [line for line in out.splitlines() if "│" in line]
     accuracies = [float(a) for line in rows for a in re.findall(r"\b[01]\.\d{4}\b", line)]
-    assert len(accuracies) == 3 and min(accuracies) > 0.9
+    # a learning check, not a guarantee: one epoch on digits 0/1 and 2/3 measured 0.955-0.995 over seeds 1
+    # and 2; 0.8 leaves room for other floating-point paths and still fails a trainer that does not learn
+    assert len(accuracies) == 3 and min(accuracies) > 0.8
 
 
 def test_demo_rejects_bad_options(capsys) -> None:

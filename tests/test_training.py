@@ -5,27 +5,24 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 
 import pytest
 import torch
 from rich.console import Console
-from torch.utils.data import TensorDataset
+from toys import toy_tasks
 
 import hatnorm
-from hatnorm.data import Task
-from hatnorm.training import EWC, FineTune, HATMethod, TrainConfig, recalibrate_norms, train_joint, train_sequence
-
-
-def toy_tasks(n: int = 2, samples: int = 320) -> list[Task]:
-    """Linearly separable 2-class tasks on 16 features, one direction per task."""
-    generator = torch.Generator().manual_seed(0)
-    tasks = []
-    for k in range(n):
-        x = torch.randn(samples + 40, 16, generator=generator)
-        y = (x[:, k] > 0).long()
-        tasks.append(Task(f"toy-{k}", (0, 1), TensorDataset(x[:samples], y[:samples]),
-                          TensorDataset(x[samples:], y[samples:])))
-    return tasks
+from hatnorm.training import (
+    EWC,
+    FineTune,
+    HATMethod,
+    TrainConfig,
+    recalibrate_norms,
+    split_validation,
+    train_joint,
+    train_sequence,
+)
 
 
 def mlp(norm: str = "masked_bn", n: int = 2):
@@ -45,6 +42,8 @@ def test_hat_sequence_writes_results_after_every_task_and_forgets_nothing(tmp_pa
                             info={"arch": "mlp"})
     assert len(result.accuracy) == 2 and result.epochs == [4, 4]
     assert result.accuracy[1][0] == result.accuracy[0][0]
+    # a learning check, not a guarantee: the toy tasks have a gap between classes, and every seed and
+    # machine we measured reaches 0.95-1.0; 0.8 fails only a trainer that does not learn
     assert result.accuracy[0][0] > 0.8 and result.accuracy[1][1] > 0.8
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["accuracy"] == result.accuracy and saved["arch"] == "mlp" and saved["method"] == "hat"
@@ -65,42 +64,71 @@ def test_runs_are_deterministic_with_a_seed() -> None:
 
 
 def test_plateau_divides_the_learning_rate_and_stops_below_the_minimum() -> None:
-    # lr 1e-3 ÷ 10 after each epoch without improvement: below lr_min 2e-5 after two plateaus
-    config = TrainConfig(epochs=50, batch_size=16, lr=1e-3, lr_min=2e-5, lr_factor=10, patience=1)
+    # at lr 1e-30 every update is below half an ulp of its weight, and no norm keeps running statistics,
+    # so the validation loss repeats exactly: epoch 1 improves on the untrained model, every later epoch
+    # is a plateau (patience 1) that divides lr by 10, and after the third division lr < lr_min stops
+    config = TrainConfig(epochs=50, batch_size=16, lr=1e-30, lr_min=5e-33, lr_factor=10, patience=1)
     console = quiet()
-    result = train_sequence(mlp(), toy_tasks(1), HATMethod(), config, console=console)
-    assert result.epochs[0] < 50
-    log = console.file.getvalue()
-    assert "lr 0.0001 " in log or "lr 0.0001\n" in log or "lr 1e-04" in log
+    result = train_sequence(mlp("none"), toy_tasks(1), HATMethod(), config, console=console)
+    assert result.epochs == [4]
+    assert re.findall(r"lr (\S+)", console.file.getvalue()) == ["1e-30", "1e-30", "1e-31", "1e-32"]
 
 
 def test_sgd_baseline_opens_the_gates_and_forgets() -> None:
     result = train_sequence(mlp("shared_bn"), toy_tasks(), FineTune(), CONFIG, console=quiet())
-    assert result.accuracy[1][1] > 0.8
-    assert result.accuracy[1][0] != result.accuracy[0][0]
+    assert result.accuracy[1][1] > 0.8  # a learning check with a wide margin, as above
+    # fine-tuning moves what task 0 uses: its test loss changes (its accuracy may happen not to)
+    assert result.loss[1][0] != result.loss[0][0]
 
 
-def test_ewc_keeps_the_weights_near_the_first_task() -> None:
-    def moved(method) -> float:
-        models = []
+def test_ewc_anchors_each_task_and_penalises_the_fisher_weighted_distance() -> None:
+    # what EWC computes, checked by hand; how far its weights then move is a training outcome that
+    # depends on how well task 0 is fitted (a fitted task has a small empirical Fisher), not a guarantee
+    models, ends = [], []
 
-        def build():
-            models.append(mlp("shared_bn")())
-            return models[-1]
+    def build():
+        models.append(mlp("shared_bn")())
+        return models[-1]
 
-        snapshots = []
+    class Recording(EWC):
+        def end_task(self, task, data):
+            ends.append({n: t.clone() for n, t in models[0].state_dict().items()})
+            super().end_task(task, data)
 
-        class Recording(type(method)):
-            def end_task(self, task, data):
-                super().end_task(task, data)
-                snapshots.append(models[0].fcs[0].weight.detach().clone())
-
-        recording = Recording.__new__(Recording)
-        recording.__dict__.update(method.__dict__)
-        train_sequence(build, toy_tasks(), recording, CONFIG, console=quiet())
-        return (snapshots[1] - snapshots[0]).norm().item()
-
-    assert moved(EWC(lam=100.0)) < 0.6 * moved(FineTune())
+    method = Recording(lam=100.0, fisher_batches=4)
+    tasks = toy_tasks()
+    train_sequence(build, tasks, method, CONFIG, console=quiet())
+    model = models[0]
+    params = dict(model.named_parameters())
+    assert len(method.anchors) == 2
+    for k, (fisher, anchor) in enumerate(method.anchors):
+        assert all(torch.equal(anchor[n], ends[k][n]) for n in anchor)
+        # the Fisher: squared gradients of the summed log-likelihood of each of the first 4 batches of 32,
+        # divided by the samples seen (of the 288 the seeded validation split leaves for training)
+        model.load_state_dict(ends[k])
+        model.eval()
+        train = torch.utils.data.DataLoader(split_validation(tasks[k].train, 0.1, k)[0], batch_size=32)
+        expected = {n: torch.zeros_like(p) for n, p in params.items()}
+        for _, (x, y) in zip(range(4), train, strict=False):
+            model.zero_grad()
+            torch.nn.functional.cross_entropy(model(x, task=k), y, reduction="sum").backward()
+            for n, p in params.items():
+                if p.grad is not None:
+                    expected[n] += p.grad.square()
+        for n in fisher:
+            torch.testing.assert_close(fisher[n], expected[n] / 128, rtol=1e-5, atol=1e-9)
+    # the penalty on any weights: λ/2 Σ_k Σ F_k (θ − θ*_k)², and its gradient λ Σ_k F_k (θ − θ*_k)
+    with torch.no_grad():
+        for p in params.values():
+            p.add_(torch.randn_like(p), alpha=0.1)
+    model.zero_grad()
+    penalty = method.loss(torch.tensor(0.0), 1.0)
+    penalty.backward()
+    by_hand = sum((f[n] * (params[n] - a[n]).square()).sum() for f, a in method.anchors for n in f)
+    torch.testing.assert_close(penalty, 50.0 * by_hand)
+    for n in method.anchors[0][0]:
+        grad = sum(100.0 * f[n] * (params[n] - a[n]) for f, a in method.anchors)
+        torch.testing.assert_close(params[n].grad, grad.detach(), rtol=1e-5, atol=1e-8)
 
 
 def test_joint_training_learns_every_task() -> None:
