@@ -9,7 +9,7 @@ from hatnorm._arch_registry import (
 )
 from hatnorm._convert import ConversionError, ConvertedModel, convert, open_gates
 from hatnorm._export import TaskModel, export
-from hatnorm._gate import HATGate, anneal_scale, compensate, compensation_factor, hat_gate
+from hatnorm._gate import GATE_FLOOR, HATGate, anneal_scale, compensate, compensation_factor, hat_gate
 from hatnorm._hat import HAT, HATModule, Layer
 from hatnorm._heads import TaskHeads
 from hatnorm._masks import Concat, Flatten, MaskSource, MaskState, Residual
@@ -42,6 +42,7 @@ from hatnorm.distributed import convert_sync
 __version__ = "0.1.0"
 
 __all__ = [
+    "GATE_FLOOR",
     "HAT",
     "AdaHATPolicy",
     "ArchitectureSpec",

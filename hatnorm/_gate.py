@@ -7,19 +7,52 @@ from typing import final
 import torch
 from torch import Tensor, nn
 
-from hatnorm._checks import check_positive, check_positive_int, check_scale, check_task, check_training_scale
+from hatnorm._checks import (
+    check_non_negative,
+    check_positive,
+    check_positive_int,
+    check_scale,
+    check_task,
+    check_training_scale,
+)
 from hatnorm._masks import MaskSource, MaskState
 
+GATE_FLOOR = 1e-8
+"""Gate values never fall below this (see :func:`hat_gate`)."""
 
-def hat_gate(e: Tensor, s: float | Tensor) -> Tensor:
-    """The gate a = σ(s·e) (Serrà et al. eq. 1).
+
+def hat_gate(e: Tensor, s: float | Tensor, floor: float = GATE_FLOOR) -> Tensor:
+    """The gate a = σ(s·e) (Serrà et al. eq. 1), held at ``floor`` in value where σ(s·e) is smaller.
+
+    Why the floor: at the scales the schedule spends most of an epoch at, σ(s·e) of a closed unit is
+    tiny (σ(−88) ≈ 6e−39 is a float32 subnormal), and so are its products with activations and
+    gradients; x86 cores process subnormals one to two orders of magnitude slower. Held at 1e−8
+    (s·e < −18.4), no tensor of a training step holds a subnormal, even where two gates multiply
+    (attention's q·k; at 1e−12 a ViT still made ~1e−3 of its values subnormal), while the gradient stays
+    σ'(s·e), exactly the gradient HAT's compensation (eq. 5) rescales to recruit closed units. 1e−8 is
+    below float32's relative precision (6e−8): next to an open unit, a held unit's share of a sum is
+    lost in rounding, as Serrà's smaller value is. The floor is a small positive value rather than 0
+    because a gate sits before the activation (norm(x, a, t) → ReLU): ReLU(0·y) passes no gradient to
+    the gate, ReLU(1e−8·y) passes Serrà's, whose gate follows the activation.
 
     Args:
         e: the embedding, a floating-point tensor of any shape.
         s: the scale, a number > 0 or a one-element float tensor.
+        floor: the smallest gate value, in [0, 0.5) [1e-8]; 0 gives the plain sigmoid.
     """
     _check_embedding(e)
-    return torch.sigmoid(check_scale(s) * e)
+    floor = _check_floor(floor)
+    a = torch.sigmoid(check_scale(s) * e)
+    if floor == 0:
+        return a
+    # value max(a, floor) exactly ((a − a) + max(a, floor)); gradient σ's, also below the floor
+    return (a - a.detach()) + a.detach().clamp_min(floor)
+
+
+def _check_floor(floor: object) -> float:
+    if check_non_negative(floor, "floor") >= 0.5:
+        raise ValueError(f"floor must be a number in [0, 0.5) (0.5 is where a unit is selected), got {floor!r}")
+    return float(floor)
 
 
 def _check_embedding(e: object, name: str = "e") -> None:
@@ -95,9 +128,13 @@ class HATGate(nn.Module, MaskSource):
         num_tasks: number of tasks, one embedding row each.
         s_max: the largest scale, used in evaluation [400].
         binarize: store and evaluate binarized masks [True].
+        floor: the smallest gate value while training and in soft evaluation (see :func:`hat_gate`)
+            [``GATE_FLOOR``, 1e-8]; 0 gives the plain sigmoid. An attribute: set it on a built model's
+            gates to compare.
     """
 
-    def __init__(self, num_features: int, *, num_tasks: int, s_max: float = 400.0, binarize: bool = True) -> None:
+    def __init__(self, num_features: int, *, num_tasks: int, s_max: float = 400.0, binarize: bool = True,
+                 floor: float = GATE_FLOOR) -> None:
         super().__init__()
         self._num_features = check_positive_int(num_features, "num_features")
         self.num_tasks = check_positive_int(num_tasks, "num_tasks")
@@ -105,6 +142,7 @@ class HATGate(nn.Module, MaskSource):
         if not isinstance(binarize, bool):
             raise TypeError(f"binarize must be a bool, got {binarize!r}")
         self.binarize = binarize
+        self.floor = _check_floor(floor)
         # e_l^t ~ N(0, 1), one row per task: [T, N]
         self.embedding = nn.Parameter(torch.randn(num_tasks, num_features))
         self.register_buffer("cumulative", torch.zeros(num_features))
@@ -125,8 +163,8 @@ class HATGate(nn.Module, MaskSource):
         s = check_training_scale(s, self.training)
         e = self.embedding[task]
         if not self.training:
-            return (e > 0).to(e.dtype) if self.binarize else hat_gate(e, self.s_max)
-        return hat_gate(e, s)
+            return (e > 0).to(e.dtype) if self.binarize else hat_gate(e, self.s_max, self.floor)
+        return hat_gate(e, s, self.floor)
 
     def selection(self, task: int) -> Tensor:
         """The units ``task`` selects: 1[a^t > 0.5] = 1[e^t > 0], a bool tensor ``[num_features]``."""
@@ -137,7 +175,7 @@ class HATGate(nn.Module, MaskSource):
         """The mask ``task`` leaves when it ends: a^t at s_max, or 1[e^t > 0] when binarized."""
         task = check_task(task, self.num_tasks)
         e = self.embedding[task].detach()
-        return (e > 0).to(e.dtype) if self.binarize else hat_gate(e, self.s_max)
+        return (e > 0).to(e.dtype) if self.binarize else hat_gate(e, self.s_max, self.floor)
 
     def state(self) -> MaskState:
         return MaskState(cumulative=self.cumulative, summative=self.summative)
@@ -150,4 +188,5 @@ class HATGate(nn.Module, MaskSource):
         self.summative.add_(self.selection(task).to(self.summative.dtype))
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, num_tasks={self.num_tasks}, s_max={self.s_max}, binarize={self.binarize}"
+        return (f"{self.num_features}, num_tasks={self.num_tasks}, s_max={self.s_max}, binarize={self.binarize}, "
+                f"floor={self.floor:g}")

@@ -282,7 +282,7 @@ class HAT:
         """The capacity regulariser R = Σ a^t(1 − a^{<t}) / Σ (1 − a^{<t}) over all gates (Serrà et al. eq. 6)."""
         task = self._active("regularizer")
         s = check_scale(s)
-        gates = (hat_gate(g.embedding[task], s) for g in self.gates)
+        gates = (hat_gate(g.embedding[task], s, g.floor) for g in self.gates)
         used = sum((a * free).sum() for a, free in zip(gates, self._free, strict=True))
         return used / self._free_total
 

@@ -41,6 +41,50 @@ def test_hat_gate_accepts_a_tensor_scale_and_passes_gradients() -> None:
     torch.testing.assert_close(e.grad, torch.tensor(expected), rtol=0, atol=1e-7)
 
 
+def _subnormals(t: torch.Tensor) -> int:
+    return int(((t != 0) & (t.abs() < torch.finfo(t.dtype).tiny)).sum())
+
+
+@pytest.mark.parametrize("s", [1.0, 25.0, 100.0, 200.0, 400.0])
+def test_hat_gate_is_held_at_the_floor_and_never_subnormal(s: float) -> None:
+    e = torch.linspace(-6, 6, 4001)
+    a, plain = hatnorm.hat_gate(e, s), torch.sigmoid(s * e)
+    below = plain < hatnorm.GATE_FLOOR
+    assert torch.equal(a[below], torch.full((int(below.sum()),), hatnorm.GATE_FLOOR))
+    assert torch.equal(a[~below], plain[~below])
+    assert _subnormals(a) == 0
+    assert torch.equal(hatnorm.hat_gate(e, s, floor=0), plain)
+
+
+@pytest.mark.parametrize("s", [1.0, 100.0, 400.0])
+def test_hat_gate_keeps_the_sigmoid_gradient_below_the_floor(s: float) -> None:
+    # the embedding gradient HAT's compensation rescales is σ'(s·e), also where the gate's value is 0
+    e = torch.linspace(-1, 1, 2001, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(2001, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    (hatnorm.hat_gate(e, s) * upstream).sum().backward()
+    floored = e.grad.clone()
+    e.grad = None
+    (torch.sigmoid(s * e) * upstream).sum().backward()
+    assert torch.equal(floored, e.grad)
+
+
+def test_gate_floor_is_an_option_of_the_module() -> None:
+    gate = gate_with([[-0.5, 0.5]])
+    plain = gate_with([[-0.5, 0.5]], floor=0.0)
+    e = torch.tensor([-0.5, 0.5])
+    assert torch.equal(gate(0, 100.0), torch.tensor([1e-8, 1.0]))  # σ(−50) ≈ 2e-22 is below the floor
+    assert torch.equal(plain(0, 100.0), torch.sigmoid(100.0 * e))
+    assert "floor=1e-08" in repr(gate)
+    with pytest.raises(ValueError, match=r"floor must be a number in \[0, 0.5\)"):
+        hatnorm.HATGate(3, num_tasks=1, floor=0.5)
+
+
+@pytest.mark.parametrize("floor", [-1e-12, 0.5, math.nan, "0"])
+def test_hat_gate_refuses_a_bad_floor(floor: object) -> None:
+    with pytest.raises(ValueError, match=r"floor must be a (finite )?number"):
+        hatnorm.hat_gate(torch.zeros(3), 1.0, floor=floor)
+
+
 # --- anneal_scale -----------------------------------------------------------------------------------------
 
 

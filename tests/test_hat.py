@@ -280,6 +280,34 @@ def test_protect_applies_multipliers_and_compensation_to_real_gradients() -> Non
             assert torch.equal(p.grad, raw[name]), name
 
 
+@pytest.mark.parametrize("s", [25.0, 100.0, 400.0])
+def test_floored_gates_give_serras_gradients(s: float) -> None:
+    # the same protected step with the plain sigmoid gate (Serrà et al.'s code) and with the floored one:
+    # at these scales many gates are far below the floor, yet every compensated embedding gradient and
+    # every weight gradient agrees
+    grads = []
+    for floor in (0.0, hatnorm.GATE_FLOOR):
+        torch.manual_seed(0)
+        model = hatnorm.build("alexnet", num_tasks=2, norm="masked_bn", num_classes=4, width=0.25)
+        for gate in model.modules():
+            if isinstance(gate, hatnorm.HATGate):
+                gate.floor = floor
+        hat = hatnorm.HAT(model)
+        hat.begin_task(1)
+        model.train()
+        x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 4, (16,))
+        hat.loss(F.cross_entropy(model(x, task=1, s=s), y), s).backward()
+        hat.protect(s)
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    plain, floored = grads
+    below = sum(int((torch.sigmoid(s * g.embedding[1]) < hatnorm.GATE_FLOOR).sum()) for g in hat.gates)
+    assert below > 10
+    assert plain.keys() == floored.keys()
+    for name in plain:
+        torch.testing.assert_close(floored[name], plain[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert all(bool((g.embedding.grad[1] != 0).any()) for g in hat.gates)
+
+
 def test_protect_zeroes_exactly_where_the_binarized_mask_is_one() -> None:
     torch.manual_seed(0)
     net = Net(binarize=True)
