@@ -23,6 +23,7 @@ from hatnorm import (
     NormSpec,
     TaskHeads,
     TokenEmbedding,
+    gated_linear,
     register_architecture,
 )
 from hatnorm._checks import check_batch, check_task_and_scale
@@ -95,7 +96,7 @@ class ViT(HATModule):
         task, s = check_task_and_scale(task, s, num_tasks=self.num_tasks, training=self.training)
         stream = self.gate_stream(task, s)
         patches = rearrange(img, "b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=self.patch_size, p2=self.patch_size)
-        x = self.tokens(self.to_patch_embedding(patches)) * stream
+        x = self.tokens(gated_linear(patches, self.to_patch_embedding, stream), stream)
         x = run_blocks(x, stream, self.attentions, self.feedforwards, task, s)
         return self.heads(self.norm(x, stream, task)[:, 0], task)
 

@@ -36,7 +36,7 @@ from hatnorm._norms import (
 )
 from hatnorm._policies import AdaHATPolicy, GradientPolicy, HATPolicy, get_policy, list_policies, register_policy
 from hatnorm._protected import Protected
-from hatnorm._transformer import GatedAttention, GatedFeedForward, TokenEmbedding
+from hatnorm._transformer import GatedAttention, GatedFeedForward, TokenEmbedding, gated_linear
 from hatnorm.distributed import convert_sync
 
 __version__ = "0.1.0"
@@ -85,6 +85,7 @@ __all__ = [
     "convert",
     "convert_sync",
     "export",
+    "gated_linear",
     "get_architecture",
     "get_norm",
     "get_policy",

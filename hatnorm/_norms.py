@@ -172,11 +172,24 @@ def masked_moments(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     μ = Σ m_i z_i / Σ m_i, σ² = Σ m_i (z_i − μ)² / Σ m_i. With no selected feature both are 0.
     Returns two tensors of shape ``x.shape[:-1] + (1,)``.
     """
-    selected = (mask.detach() > 0.5).to(x.dtype)
-    weights = selected / selected.sum().clamp_min(1)
-    mean = (x @ weights)[..., None]
-    var = ((x - mean).square() @ weights)[..., None]
+    mean, _, var = _centred_moments(x, _selection_weights(mask.detach())[0])
     return mean, var
+
+
+def _selection_weights(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """m/k with m = 1[a > 0.5] and k = Σ m (``[C]``), and k itself."""
+    selected = (mask > 0.5).to(mask.dtype)
+    count = selected.sum()
+    return selected / count.clamp_min(1), count
+
+
+def _centred_moments(x: Tensor, scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """μ, x − μ and σ² over the last dim, weighted by ``scale`` = m/k: each moment is one matrix-vector
+    product with the selection, a single read of its operand."""
+    mean = (x @ scale.to(x.dtype))[..., None]
+    centred = x - mean
+    var = (centred.square() @ scale.to(x.dtype))[..., None]
+    return mean, centred, var
 
 
 class _MaskedLayerNorm(torch.autograd.Function):
@@ -184,17 +197,15 @@ class _MaskedLayerNorm(torch.autograd.Function):
     instead of autograd's graph of a dozen ops.
 
     With m = 1[a > 0.5], k = Σ m, x̂ = (x − μ)·r, r = (σ² + eps)^−½ and g = ∂L/∂x̂ = dy ⊙ γ ⊙ a:
-    ∂L/∂x = r·(g − m/k·Σ g − m/k·x̂·Σ g x̂), since μ and σ² read only the selected features.
+    ∂L/∂x = r·(g − m/k·Σ g − m/k·x̂·Σ g x̂), since μ and σ² read only the selected features. The sums over
+    features, Σ g and Σ g x̂, are matrix-vector products with γ ⊙ a, so g itself is never formed.
     """
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, mask: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
-        selected = (mask > 0.5).to(x.dtype)
-        count = selected.sum()
-        scale = selected / count.clamp_min(1)  # m / k
-        mean = (x * scale).sum(-1, keepdim=True)
-        x_hat = x - mean
-        rstd = torch.rsqrt((x_hat.square() * scale).sum(-1, keepdim=True) + eps)
+        scale, count = _selection_weights(mask)
+        _, x_hat, var = _centred_moments(x, scale)
+        rstd = torch.rsqrt(var + eps)
         x_hat.mul_(rstd)
         any_selected = (count > 0).to(x.dtype)  # no selected feature: zeros
         w, b = weight * mask * any_selected, bias * mask * any_selected
@@ -206,14 +217,16 @@ class _MaskedLayerNorm(torch.autograd.Function):
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
         x_hat, rstd, scale, mask, weight, bias, any_selected = ctx.saved_tensors
         batch_dims = tuple(range(dy.dim() - 1))
-        dy_x_hat = (dy * x_hat).sum(batch_dims) * any_selected
-        dy_sum = dy.sum(batch_dims) * any_selected
+        dy_x_hat = dy * x_hat
         dx = None
         if ctx.needs_input_grad[0]:
-            g = dy * (weight * mask * any_selected)
-            sum_g = g.sum(-1, keepdim=True)
-            sum_g_x_hat = (g * x_hat).sum(-1, keepdim=True)
-            dx = (g - scale * (sum_g + x_hat * sum_g_x_hat)).mul_(rstd)
+            w = weight * mask * any_selected
+            sum_g = (dy @ w)[..., None] * rstd  # r·Σ g
+            sum_g_x_hat = (dy_x_hat @ w)[..., None] * rstd  # r·Σ g x̂
+            # r·g − m/k·(r·Σ g + x̂·r·Σ g x̂)
+            dx = torch.addcmul((dy * w).mul_(rstd), torch.addcmul(sum_g, x_hat, sum_g_x_hat), scale, value=-1)
+        dy_x_hat = dy_x_hat.sum(batch_dims) * any_selected
+        dy_sum = dy.sum(batch_dims) * any_selected
         return dx, dy_x_hat * weight + dy_sum * bias, dy_x_hat * mask, dy_sum * mask, None
 
 

@@ -5,6 +5,10 @@ are gated by it, so the stream only holds its units, and each pre-norm reads the
 (a masked LayerNorm normalises over the stream's selected features). Attention has a gate on each of
 the q, k and v features; the MLP gates its hidden units before the activation, which must map 0 to 0
 so unselected units stay exactly 0.
+
+Gates on linear outputs are folded into the weights: a ⊙ (Wx + b) = (a ⊙ W)x + a ⊙ b costs one multiply
+per weight instead of one per token and feature (65× fewer for ``vit_micro`` at batch 32), and the
+gate's gradient comes from the weight gradient autograd forms anyway.
 """
 
 from __future__ import annotations
@@ -30,6 +34,13 @@ for _example in (torch.zeros(1), nn.Parameter(torch.zeros(1))):
     rearrange(_example, "a -> a")
 
 
+def gated_linear(x: Tensor, linear: nn.Linear, gate: Tensor) -> Tensor:
+    """``linear(x) * gate`` computed as ``F.linear(x, gate ⊙ W, gate ⊙ b)``: the gate ``[out]`` scales the
+    weight's rows, not the output's tokens."""
+    bias = None if linear.bias is None else linear.bias * gate
+    return F.linear(x, linear.weight * gate[:, None], bias)
+
+
 class TokenEmbedding(nn.Module, Protected):
     """The cls token ``[1, 1, D]`` and the position embedding ``[1, n + 1, D]``, protected per stream unit.
 
@@ -44,13 +55,21 @@ class TokenEmbedding(nn.Module, Protected):
         self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
         self.pos_embedding = nn.Parameter(torch.randn(1, num_patches + 1, dim) * 0.02)
 
-    def forward(self, patches: Tensor) -> Tensor:
-        """``[N, n, D]`` patch embeddings → ``[N, n + 1, D]`` tokens with the cls token first."""
+    def forward(self, patches: Tensor, gate: Tensor | None = None) -> Tensor:
+        """``[N, n, D]`` patch embeddings → ``[N, n + 1, D]`` tokens with the cls token first.
+
+        With ``gate`` (the stream's ``[D]``), the cls token and the position embedding are gated, for
+        patches already gated: the result is the gated tokens, with the gate applied to ``[n + 1, D]``
+        parameters rather than to every token of the batch.
+        """
         # read from the parameters, which a per-task export may have pruned to fewer stream units
         num_tokens, dim = self.pos_embedding.shape[1:]
         check_batch(patches, (num_tokens - 1, dim), like=self.cls_token, name="patches")
-        cls = repeat(self.cls_token, "1 1 d -> b 1 d", b=patches.shape[0])
-        return torch.cat([cls, patches], dim=1) + self.pos_embedding
+        cls_token, pos_embedding = self.cls_token, self.pos_embedding
+        if gate is not None:
+            cls_token, pos_embedding = cls_token * gate, pos_embedding * gate
+        cls = repeat(cls_token, "1 1 d -> b 1 d", b=patches.shape[0])
+        return torch.cat([cls, patches], dim=1) + pos_embedding
 
     def gradient_multipliers(self, previous: MaskState, task: int, policy: GradientPolicy) -> dict[str, Tensor]:
         rate = policy.unit_rate(previous)  # [D], broadcast over tokens
@@ -85,10 +104,10 @@ class GatedAttention(nn.Module):
     def forward(self, x: Tensor, stream: Tensor, task: int, s: float | Tensor | None) -> Tensor:
         """The gated update ``[N, n, D]`` for the stream ``x``, given the stream's gate values ``stream``."""
         h = self.norm(x, stream, task)
-        q, k, v = (rearrange(proj(h) * gate(task, s), "b n (h d) -> b h n d", h=self.heads) for proj, gate in
-                   ((self.to_q, self.gate_q), (self.to_k, self.gate_k), (self.to_v, self.gate_v)))
+        q, k, v = (rearrange(gated_linear(h, proj, gate(task, s)), "b n (h d) -> b h n d", h=self.heads)
+                   for proj, gate in ((self.to_q, self.gate_q), (self.to_k, self.gate_k), (self.to_v, self.gate_v)))
         out = rearrange(F.scaled_dot_product_attention(q, k, v), "b h n d -> b n (h d)")
-        return self.to_out(out) * stream
+        return gated_linear(out, self.to_out, stream)
 
     def wiring(self, stream: HATGate) -> list[Layer]:
         return [Layer(self.norm, out=stream),
@@ -123,8 +142,8 @@ class GatedFeedForward(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: Tensor, stream: Tensor, task: int, s: float | Tensor | None) -> Tensor:
-        h = self.activation(self.fc1(self.norm(x, stream, task)) * self.gate(task, s))
-        return self.fc2(h) * stream
+        h = self.activation(gated_linear(self.norm(x, stream, task), self.fc1, self.gate(task, s)))
+        return gated_linear(h, self.fc2, stream)
 
     def wiring(self, stream: HATGate) -> list[Layer]:
         return [Layer(self.norm, out=stream), Layer(self.fc1, out=self.gate, inp=stream),
