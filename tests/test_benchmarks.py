@@ -1,0 +1,38 @@
+"""The benchmark script runs: a small section end to end, and the machine line it prints."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_norm_layer_section_runs_at_every_scale_and_names_the_machine() -> None:
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--only", "norms",
+                           "--repeats", "2", "--warmup", "1", "--no-memory"], capture_output=True, text=True,
+                          check=True, cwd=ROOT)
+    out = " ".join(done.stdout.split())
+    for s in ("1", "100", "400"):
+        assert f"gate at s = {s}" in out
+    assert "float32 subnormals" in out and "gate floor 1e-08" in out
+    assert "wrote" not in out  # --only prints the table and writes no file
+
+
+def test_flush_detection_follows_torch_setting() -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import run
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    before = run.flushes_subnormals()
+    try:
+        if torch.set_flush_denormal(True):  # False where the CPU cannot flush
+            assert run.flushes_subnormals()
+        torch.set_flush_denormal(False)
+        assert not run.flushes_subnormals()
+    finally:
+        torch.set_flush_denormal(before)
