@@ -52,11 +52,17 @@ def check_non_negative(value: object, name: str) -> float:
 
 def check_scale(s: object) -> float | Tensor:
     """Check the gate scale ``s``: a number > 0, or a one-element tensor (kept as is, so a changing
-    scale does not force a recompile; its value is checked where it is made, in :func:`anneal_scale`)."""
+    scale does not force a recompile). A tensor's value is checked where reading it is free: on the CPU,
+    outside ``torch.compile``; on an accelerator it would cost a device synchronisation per call, and is
+    left to where the scale is made (:func:`anneal_scale`)."""
     if isinstance(s, Tensor):
         if s.numel() != 1 or not s.dtype.is_floating_point:
             raise ValueError(f"s must be a number > 0 or a one-element float tensor, got a tensor of shape "
                              f"{tuple(s.shape)} and dtype {s.dtype}")
+        if s.device.type == "cpu" and not torch.compiler.is_compiling():
+            value = s.item()
+            if not math.isfinite(value) or value <= 0:
+                raise ValueError(f"s must be a finite number > 0, got a tensor holding {value}")
         return s
     return check_positive(s, "s")
 

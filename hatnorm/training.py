@@ -65,9 +65,12 @@ class TrainConfig:
             over its training data in inference mode (gates binarized, dropout off), as the exact
             mean of the batch statistics. Short runs need it: a running average with momentum lags
             weights that move fast, and dropout before a norm shifts the variance it sees.
-        nonfinite: what a training batch whose inputs hold NaN or inf does: ``"raise"`` a ValueError
-            naming the task, epoch and batch, or ``"skip"`` the batch (no forward, no step; the skipped
-            batches are counted in :attr:`SequenceResult.skipped` and the log lines).
+        nonfinite: what a batch whose inputs hold NaN or inf does, in training, validation, test and
+            recalibration alike: ``"raise"`` a ValueError naming the task, epoch and batch, or ``"skip"``
+            it (a training batch takes no forward and no step, and is counted in
+            :attr:`SequenceResult.skipped` and the log lines; validation and test leave out the samples
+            with NaN or inf inputs). A NaN or inf loss on finite inputs (a
+            diverged run) always raises a FloatingPointError naming the task and epoch.
     """
 
     epochs: int = 200
@@ -314,16 +317,54 @@ def _finite(x: Tensor) -> bool:
     return bool(torch.isfinite(x).all())
 
 
+def _skip_hint(what: str) -> str:
+    return f"the inputs hold NaN or inf; clean the data, or pass {what}(nonfinite='skip') to skip such batches"
+
+
+def _diverged(where: str, what: str, value: float) -> FloatingPointError:
+    return FloatingPointError(f"{where}: the {what} is {value} with finite inputs: training diverged; lower the "
+                              "learning rate or check the model")
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, data: Dataset, task: int, batch_size: int = 256) -> tuple[float, float]:
-    """Mean cross-entropy and top-1 accuracy of ``model`` on ``data`` for ``task``, in evaluation mode."""
+def evaluate(model: nn.Module, data: Dataset, task: int, batch_size: int = 256, *,
+             nonfinite: Literal["raise", "skip"] = "raise", where: str | None = None) -> tuple[float, float]:
+    """Mean cross-entropy and top-1 accuracy of ``model`` on ``data`` for ``task``, in evaluation mode.
+
+    Args:
+        model: the network; its forward takes ``task=``.
+        data: ``(x, y)`` pairs.
+        task: the task id.
+        batch_size: evaluation batch size.
+        nonfinite: what a batch whose inputs hold NaN or inf does: ``"raise"`` a ValueError, or
+            ``"skip"``: its samples with NaN or inf inputs are left out.
+        where: names the split in messages [``"task <task>"``].
+
+    Raises:
+        ValueError: a batch's inputs hold NaN or inf (``nonfinite="raise"``), or every batch was left out.
+        FloatingPointError: the loss is NaN or inf on finite inputs: the model diverged. No accuracy is
+            reported next to a non-finite loss.
+    """
+    where = where or f"task {task}"
     model.eval()
     total_loss, correct, count = 0.0, 0, 0
-    for x, y in DataLoader(data, batch_size=batch_size):
+    loader = DataLoader(data, batch_size=batch_size)
+    for b, (x, y) in enumerate(loader):
+        if not _finite(x):
+            if nonfinite == "raise":
+                raise ValueError(f"{where}, batch {b + 1} of {len(loader)}: {_skip_hint('TrainConfig')}")
+            finite = torch.isfinite(x).flatten(1).all(1)  # evaluation leaves out samples, not whole batches
+            x, y = x[finite], y[finite]
+            if not len(y):
+                continue
         out = model(x, task=task)
         total_loss += F.cross_entropy(out, y, reduction="sum").item()
         correct += (out.argmax(1) == y).sum().item()
         count += len(y)
+    if count == 0:
+        raise ValueError(f"{where}: every sample holds NaN or inf inputs; nothing left to evaluate")
+    if not math.isfinite(total_loss):
+        raise _diverged(where, "loss", total_loss / count)
     return total_loss / count, correct / count
 
 
@@ -353,8 +394,7 @@ def recalibrate_norms(model: nn.Module, parts: Sequence[tuple[int, Dataset]], ba
                 if not _finite(x):
                     if nonfinite == "skip":
                         continue
-                    raise ValueError(f"task {task}, recalibration batch {b + 1}: the inputs hold NaN or inf; clean "
-                                     "the data, or pass nonfinite='skip' to leave such batches out")
+                    raise ValueError(f"task {task}, recalibration batch {b + 1}: {_skip_hint('recalibrate_norms')}")
                 for i, m in enumerate(norms):
                     key = (i, task if m.running_mean.dim() == 2 else None)
                     seen[key] = seen.get(key, 0) + 1
@@ -466,8 +506,10 @@ def _fit(model: nn.Module, method: Method, task_ids: Sequence[int], train: Seque
         return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr,
                                momentum=config.momentum, weight_decay=config.weight_decay)
 
-    def validation_loss() -> tuple[float, float]:
-        results = [evaluate(model, v, t) for t, v in zip(task_ids, valid, strict=True)]
+    def validation_loss(epoch: int) -> tuple[float, float]:
+        results = [evaluate(model, v, t, nonfinite=config.nonfinite,
+                            where=f"task {t} ({name}), epoch {epoch + 1}, validation")
+                   for t, v in zip(task_ids, valid, strict=True)]
         return sum(r[0] for r in results) / len(results), sum(r[1] for r in results) / len(results)
 
     optimizer = new_optimizer()
@@ -486,12 +528,15 @@ def _fit(model: nn.Module, method: Method, task_ids: Sequence[int], train: Seque
             if bad:
                 if config.nonfinite == "raise":
                     raise ValueError(f"task {bad[0]} ({name}), epoch {epoch + 1}, batch {b + 1} of {num_batches}: "
-                                     "the inputs hold NaN or inf; clean the data, or pass "
-                                     "TrainConfig(nonfinite='skip') to skip such batches")
+                                     f"{_skip_hint('TrainConfig')}")
                 skipped_now += 1
                 continue
             task_loss = sum(F.cross_entropy(model(shard(x), task=t, s=s), shard(y)) for t, (x, y) in
                             zip(task_ids, batches, strict=True))
+            # checked before any gradient or step: the model is left as the last finite step made it
+            if not math.isfinite(value := task_loss.item()):
+                raise _diverged(f"task {task_ids[-1]} ({name}), epoch {epoch + 1}, batch {b + 1} of {num_batches}",
+                                "training loss", value)
             loss = method.loss(task_loss, s)
             optimizer.zero_grad()
             loss.backward()
@@ -502,7 +547,7 @@ def _fit(model: nn.Module, method: Method, task_ids: Sequence[int], train: Seque
             running += loss.item()
             trained += 1
         skipped += skipped_now
-        val_loss, val_acc = validation_loss()
+        val_loss, val_acc = validation_loss(epoch)
         display.epoch(name, epoch, running / max(trained, 1), val_acc, lr, s, skipped_now)
         if val_loss < best_loss:
             best_loss, patience = val_loss, config.patience
@@ -693,7 +738,9 @@ def train_sequence(
                                    epoch_end=epoch_end if checkpoints is not None else None)
             fit_state, elapsed = None, 0.0
             method.end_task(t, train)
-            tested = [evaluate(model, other.test, tau) for tau, other in enumerate(tasks)]
+            tested = [evaluate(model, other.test, tau, nonfinite=config.nonfinite,
+                               where=f"after task {t} ({tasks[t].name}), test split of task {tau} ({other.name})")
+                      for tau, other in enumerate(tasks)]
             result.epochs.append(epochs)
             result.skipped.append(skipped)
             result.loss.append([loss for loss, _ in tested])
@@ -774,8 +821,9 @@ def train_joint(
                  display, f"tasks 0..{t}", config.seed + 100 + t, resume=fit_state,
                  epoch_end=epoch_end if checkpoints is not None else None)
             fit_state = None
-            matrix.append([evaluate(model, tasks[tau].test, tau)[1] if tau <= t else math.nan
-                           for tau in range(len(tasks))])
+            matrix.append([evaluate(model, tasks[tau].test, tau, nonfinite=config.nonfinite,
+                                    where=f"joint tasks 0..{t}, test split of task {tau} ({tasks[tau].name})")[1]
+                           if tau <= t else math.nan for tau in range(len(tasks))])
             if checkpoints is not None:
                 checkpoints.save({"matrix": matrix, "fit": None, "model": None, "rng": None})
     return matrix

@@ -913,6 +913,13 @@ def test_token_embedding_refuses_patches_of_the_wrong_shape() -> None:
      r"^s_max must be a finite number > 0, got -400.0$"),
     (lambda: hatnorm.compensate(torch.zeros(2), torch.zeros(3), 1.0, 400.0), ValueError,
      r"^grad must have the shape of e, \[3\], got \[2\]$"),
+    # a CPU tensor scale is read (free there): 0 would make the embeddings NaN, −400 would invert the gates
+    (lambda: hatnorm.hat_gate(torch.zeros(3), torch.tensor(0.0)), ValueError,
+     r"^s must be a finite number > 0, got a tensor holding 0.0$"),
+    (lambda: hatnorm.compensation_factor(torch.zeros(3), torch.tensor(-400.0), 400.0), ValueError,
+     r"^s must be a finite number > 0, got a tensor holding -400.0$"),
+    (lambda: hatnorm.hat_gate(torch.zeros(3), torch.tensor(float("nan"))), ValueError,
+     r"^s must be a finite number > 0, got a tensor holding nan$"),
 ])
 def test_gate_functions_refuse_bad_input(call, exc, match) -> None:
     with pytest.raises(exc, match=match):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import re
 
 import pytest
@@ -18,6 +19,7 @@ from hatnorm.training import (
     FineTune,
     HATMethod,
     TrainConfig,
+    evaluate,
     recalibrate_norms,
     split_validation,
     train_joint,
@@ -165,3 +167,50 @@ def test_config_rejects_bad_values(field: str, value: object, message: str) -> N
 def test_empty_sequence_is_refused() -> None:
     with pytest.raises(ValueError, match="tasks must hold at least one task"):
         train_sequence(mlp(), [], HATMethod(), CONFIG, console=quiet())
+
+
+# --- non-finite values anywhere, divergence ---------------------------------------------------------------
+
+
+def _poisoned(split: str) -> list:
+    """Toy tasks with one NaN pixel in task 0's validation or test split."""
+    tasks = toy_tasks(1)
+    if split == "validation":
+        _, valid = split_validation(tasks[0].train, 0.1, 0)
+        tasks[0].train.tensors[0][valid.indices[0], 3] = math.nan
+    else:
+        tasks[0].test.tensors[0][5, 3] = math.nan
+    return tasks
+
+
+@pytest.mark.parametrize(("split", "message"), [
+    ("validation", r"task 0 \(toy-0\), epoch 1, validation, batch 1 of 1: the inputs hold NaN or inf"),
+    ("test", r"after task 0 \(toy-0\), test split of task 0 \(toy-0\), batch 1 of 1: the inputs hold NaN or inf"),
+])
+def test_nonfinite_validation_or_test_inputs_follow_the_training_rule(split: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message + r"; clean the data, or pass TrainConfig\(nonfinite='skip'\)"):
+        train_sequence(mlp(n=1), _poisoned(split), HATMethod(), CONFIG, console=quiet())
+    skipping = TrainConfig(epochs=4, batch_size=32, lr=0.1, nonfinite="skip")
+    result = train_sequence(mlp(n=1), _poisoned(split), HATMethod(), skipping, console=quiet())
+    # the task is learnt (a NaN validation loss used to restore the untrained weights), its loss is finite
+    assert result.accuracy[0][0] > 0.8 and math.isfinite(result.loss[0][0])
+
+
+def test_evaluate_with_every_sample_left_out_says_so() -> None:
+    data = toy_tasks(1)[0].test
+    data.tensors[0][:, 0] = math.inf
+    with pytest.raises(ValueError, match=r"^task 0: every sample holds NaN or inf inputs; nothing left to evaluate$"):
+        evaluate(mlp(n=1)(), data, 0, nonfinite="skip")
+
+
+@pytest.mark.parametrize(("method", "norm", "lr"), [(HATMethod, "masked_bn", 1e8), (FineTune, "shared_bn", 1e15),
+                                                   (lambda: EWC(lam=10.0), "shared_bn", 1e15)])
+def test_a_diverging_run_stops_naming_task_and_epoch(method, norm: str, lr: float, tmp_path) -> None:
+    config = TrainConfig(epochs=4, batch_size=32, lr=lr)
+    # caught where it shows: a training loss, a validation loss, or the test loss after the task (the
+    # best-validation weights can still overflow once their statistics are re-estimated)
+    where = r"(task 0 \(toy-0\), epoch \d+, (batch \d+ of 9|validation)|after task 0 \(toy-0\), test split of task 0)"
+    with pytest.raises(FloatingPointError, match=where + r".*: the (training loss|loss) is (nan|inf|-inf) with finite "
+                                                         r"inputs: training diverged"):
+        train_sequence(mlp(norm), toy_tasks(), method(), config, console=quiet(), out_dir=tmp_path)
+    assert not (tmp_path / "results.json").exists()  # no accuracy is reported for a diverged task

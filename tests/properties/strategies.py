@@ -190,11 +190,11 @@ def bad_tasks(draw: st.DrawFn, num_tasks: int) -> object:
 
 @st.composite
 def bad_scales(draw: st.DrawFn) -> object:
-    """A gate scale that is not a number > 0 nor a one-element float tensor (None included: required while
-    training). A one-element float tensor is taken unchecked (its value is not read, to keep compiled steps
-    whole), so none is drawn."""
+    """A gate scale that is not a number > 0 nor a one-element float tensor holding one (None included:
+    required while training). A CPU tensor's value is checked (free there); an accelerator's is not read."""
     return draw(st.one_of(
         non_positive,
+        st.sampled_from([0.0, -400.0, math.nan, math.inf, -math.inf]).map(torch.tensor),
         junk,
         st.builds(torch.ones, st.integers(min_value=2, max_value=3)),
         st.just(torch.zeros(0)),
