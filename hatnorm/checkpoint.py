@@ -3,7 +3,7 @@
 A checkpoint folder holds two files::
 
     checkpoint.json                  the commit point: format, step, identity of the run, the state's
-                                     JSON values, and the name of the tensor file
+                                     JSON values, and the name and SHA-256 of the tensor file
     checkpoint-000007.safetensors    every tensor of the state (step 7), the JSON naming each by its path
 
 :func:`save_checkpoint` writes the tensor file under a new name, then the JSON; each goes to a temporary
@@ -14,11 +14,14 @@ new one once the JSON's rename happened, the previous one before it.
 
 :func:`load_checkpoint` compares the run's identity (architecture, norm, task count, settings,
 parameter names and shapes, ...) with the saved one first and refuses a checkpoint of a different run
-with a :class:`CheckpointError` that names every difference, before anything is loaded.
+with a :class:`CheckpointError` that names every difference, before anything is loaded. It then checks
+the tensor file against the SHA-256 the index recorded, so a file changed or corrupted after it was
+written (a flipped bit included) is refused rather than trained on.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -30,12 +33,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
+from safetensors.torch import load as deserialize
 from safetensors.torch import save as serialize
 from torch import Tensor, nn
 
 FORMAT = "hatnorm-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: the index records the tensor file's SHA-256
 #: the commit point of a checkpoint folder
 INDEX = "checkpoint.json"
 _TENSOR_FILE = re.compile(r"checkpoint-(\d+)\.safetensors")
@@ -89,9 +93,10 @@ def save_checkpoint(directory: str | Path, state: Mapping[str, Any], *, identity
     numbers = [int(m[1]) for f in directory.iterdir() if (m := _TENSOR_FILE.fullmatch(f.name))]
     step = max(numbers, default=0) + 1
     name = f"checkpoint-{step:06d}.safetensors"
-    _write_atomic(directory / name, serialize(tensors, metadata={"format": FORMAT, "step": str(step)}))
-    index = {"format": FORMAT, "version": VERSION, "step": step, "tensors": name, "identity": index_identity,
-             "state": body}
+    data = serialize(tensors, metadata={"format": FORMAT, "step": str(step)})
+    _write_atomic(directory / name, data)
+    index = {"format": FORMAT, "version": VERSION, "step": step, "tensors": name,
+             "sha256": hashlib.sha256(data).hexdigest(), "identity": index_identity, "state": body}
     _write_atomic(directory / INDEX, json.dumps(index, indent=1).encode())
     for f in directory.iterdir():
         if (_TENSOR_FILE.fullmatch(f.name) and f.name != name) or _TEMPORARY.fullmatch(f.name):
@@ -137,15 +142,28 @@ def load_checkpoint(directory: str | Path, *, identity: Mapping[str, Any] | None
     if not tensor_path.is_file():
         raise CheckpointError(f"{index_path} names the tensor file {index['tensors']}, which is missing")
     try:
-        with safe_open(tensor_path, framework="pt") as f:
-            saved_step = (f.metadata() or {}).get("step")
-            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 - safe_open is no Mapping
-    except (SafetensorError, OSError) as error:
+        data = tensor_path.read_bytes()
+    except OSError as error:
+        raise CheckpointError(f"{tensor_path} cannot be read: {error}") from None
+    if hashlib.sha256(data).hexdigest() != index.get("sha256"):
+        raise CheckpointError(f"{tensor_path} does not match the SHA-256 that {index_path} recorded for it: the "
+                              "file was changed or corrupted after it was written. Nothing was loaded; start "
+                              "afresh (resume=False, or no --resume) to replace the checkpoint")
+    try:
+        tensors = deserialize(data)
+        saved_step = _metadata(data).get("step")
+    except (SafetensorError, ValueError) as error:
         raise CheckpointError(f"{tensor_path} is not a readable safetensors file: {error}") from None
     if saved_step != str(index["step"]):
         raise CheckpointError(f"{tensor_path} belongs to step {saved_step}, but {index_path} is step {index['step']}")
     return Checkpoint(path=directory, step=index["step"], identity=index["identity"],
                       state=_join(index["state"], tensors))
+
+
+def _metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a serialized safetensors file: its header is 8 bytes of length, then JSON."""
+    length = int.from_bytes(data[:8], "little")
+    return json.loads(data[8 : 8 + length]).get("__metadata__") or {}
 
 
 def remove_checkpoint(directory: str | Path) -> None:

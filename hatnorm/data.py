@@ -8,6 +8,7 @@ sequence reads a local copy of CIFAR-10 and CIFAR-100 through ``torchvision``.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import numbers
 import os
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
 from hatnorm._checks import check_positive_int
 
@@ -47,6 +48,31 @@ class Task:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+
+def fingerprint(data: Dataset) -> str:
+    """The SHA-256 of a dataset's contents (every tensor's dtype, shape and bytes), as hex.
+
+    Two datasets with the same samples in the same order have the same fingerprint; a changed pixel,
+    label or order changes it. A ``TensorDataset`` is hashed from its tensors directly; any other
+    dataset sample by sample (one pass over it).
+    """
+    digest = hashlib.sha256()
+
+    def add(value: object) -> None:
+        t = torch.as_tensor(value).detach().cpu().contiguous()
+        digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+    if isinstance(data, TensorDataset):
+        for tensor in data.tensors:
+            add(tensor)
+    else:
+        for i in range(len(data)):
+            sample = data[i]
+            for item in sample if isinstance(sample, tuple | list) else (sample,):
+                add(item)
+    return digest.hexdigest()
 
 
 def load_mnist_5k() -> tuple[Tensor, Tensor]:

@@ -41,7 +41,7 @@ from hatnorm.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from hatnorm.data import Task
+from hatnorm.data import Task, fingerprint
 from hatnorm.distributed import average_gradients, convert_sync, is_main_process, shard
 
 
@@ -632,7 +632,10 @@ def _identity(run: str, model: nn.Module, tasks: Sequence[Task], method: dict[st
     return (info or {}) | {
         "run": run,
         "num_tasks": len(tasks),
-        "tasks": [[t.name, len(t.train), len(t.test)] for t in tasks],
+        # the data itself, not only its size: a checkpoint of other data (another seed's permutations) is refused
+        "tasks": {str(i): {"name": t.name, "train": len(t.train), "test": len(t.test),
+                           "train_sha256": fingerprint(t.train), "test_sha256": fingerprint(t.test)}
+                  for i, t in enumerate(tasks)},
         "method": method,
         "config": {k: v for k, v in asdict(config).items() if k != "nonfinite"},
     } | describe_model(model)

@@ -162,6 +162,23 @@ def test_a_killed_save_leaves_the_last_complete_checkpoint(tmp_path) -> None:
     assert load_checkpoint(tmp_path / "empty") is None
 
 
+def test_a_flipped_bit_in_the_tensor_file_is_refused(tmp_path) -> None:
+    tasks = toy_tasks()
+    train_sequence(mlp(), tasks, HATMethod(), CONFIG, console=console(), checkpoint_dir=tmp_path, checkpoint_every=1)
+    tensor_file = next(tmp_path.glob("checkpoint-*.safetensors"))
+    data = bytearray(tensor_file.read_bytes())
+    data[-5] ^= 0x10  # one bit of the last tensor's values
+    tensor_file.write_bytes(bytes(data))
+    before = files(tmp_path)
+    match = rf"{tensor_file.name} does not match the SHA-256 that .*checkpoint\.json recorded for it"
+    with pytest.raises(CheckpointError, match=match):
+        load_checkpoint(tmp_path)
+    # the finished run's stored results are not returned beside corrupted weights
+    with pytest.raises(CheckpointError, match=match):
+        train_sequence(mlp(), tasks, HATMethod(), CONFIG, console=console(), checkpoint_dir=tmp_path, resume=True)
+    assert files(tmp_path) == before
+
+
 def files(folder: Path) -> dict[str, bytes]:
     return {f.name: f.read_bytes() for f in sorted(folder.iterdir())}
 
@@ -171,6 +188,7 @@ def files(folder: Path) -> dict[str, bytes]:
     ("norm", "norm: 'masked_bn' in the checkpoint, 'task_bn' in this run"),
     ("tasks", "num_tasks: 2 in the checkpoint, 3 in this run"),
     ("seed", "config.seed: 0 in the checkpoint, 1 in this run"),
+    ("data", "tasks.1.test_sha256: "),  # one changed pixel: another seed's data, say
 ])
 def test_a_checkpoint_of_another_run_is_refused_and_left_as_it_is(tmp_path, change: str, message: str) -> None:
     tasks = toy_tasks(3, samples=64, shape=(1, 32, 32))
@@ -178,7 +196,7 @@ def test_a_checkpoint_of_another_run_is_refused_and_left_as_it_is(tmp_path, chan
     first = train_sequence(mlp(in_features=1024), tasks[:2], HATMethod(), config, console=console(),
                            info={"arch": "mlp", "norm": "masked_bn"}, checkpoint_dir=tmp_path)
     before = files(tmp_path)
-    build, info, n = mlp(in_features=1024), {"arch": "mlp", "norm": "masked_bn"}, 2
+    build, info, n, run_tasks = mlp(in_features=1024), {"arch": "mlp", "norm": "masked_bn"}, 2, tasks
     if change == "arch":
         info["arch"] = "alexnet"
         build = lambda: hatnorm.build("alexnet", num_tasks=2, norm="masked_bn", num_classes=2,  # noqa: E731
@@ -187,10 +205,13 @@ def test_a_checkpoint_of_another_run_is_refused_and_left_as_it_is(tmp_path, chan
         info["norm"], build = "task_bn", mlp("task_bn", in_features=1024)
     elif change == "tasks":
         build, n = mlp(n=3, in_features=1024), 3
+    elif change == "data":
+        run_tasks = toy_tasks(3, samples=64, shape=(1, 32, 32))
+        run_tasks[1].test.tensors[0][0, 0, 0, 0] += 1
     else:
         config = TrainConfig(epochs=1, batch_size=32, seed=1)
     with pytest.raises(CheckpointError, match="written by a different run") as refused:
-        train_sequence(build, tasks[:n], HATMethod(), config, console=console(), info=info, checkpoint_dir=tmp_path,
+        train_sequence(build, run_tasks[:n], HATMethod(), config, console=console(), info=info, checkpoint_dir=tmp_path,
                        resume=True)
     assert message in str(refused.value)
     assert files(tmp_path) == before

@@ -19,6 +19,7 @@ from hatnorm.data import (
     MNIST_STD,
     Task,
     cifar_sequence,
+    fingerprint,
     permuted_mnist,
     split_mnist,
 )
@@ -262,3 +263,18 @@ def test_cifar_sequence_bad_arguments_raise_naming_the_argument(
 ) -> None:
     with pytest.raises(ValueError, match=message):
         cifar_sequence(fake_root[0], **kwargs)
+
+
+def test_fingerprint_tells_data_apart() -> None:
+    first, again, other = permuted_mnist(num_tasks=2, seed=0), permuted_mnist(num_tasks=2, seed=0), \
+        permuted_mnist(num_tasks=2, seed=1)
+    assert fingerprint(first[1].train) == fingerprint(again[1].train)
+    assert fingerprint(first[1].train) != fingerprint(other[1].train)  # another permutation
+    assert fingerprint(first[0].train) != fingerprint(first[0].test)
+    changed = permuted_mnist(num_tasks=1, seed=0)[0].test
+    changed.tensors[0][3, 0, 5, 5] += 1e-3
+    assert fingerprint(changed) != fingerprint(first[0].test)
+    # any dataset, sample by sample
+    subset = torch.utils.data.Subset(first[0].test, range(10))
+    assert fingerprint(subset) == fingerprint(torch.utils.data.Subset(again[0].test, range(10)))
+    assert fingerprint(subset) != fingerprint(torch.utils.data.Subset(first[0].test, range(1, 11)))
