@@ -7,6 +7,7 @@ import csv
 import json
 import math
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -94,7 +95,18 @@ def parser(prog: str, description: str, *, epochs: int, out: str) -> argparse.Ar
 
 
 def load_tasks(args: argparse.Namespace, parser_: argparse.ArgumentParser) -> tuple[list[Task], int, int]:
-    """The task sequence the options ask for, its input channels and image side."""
+    """The task sequence the options ask for, its input channels and image side; ``--out`` checked writable."""
+    loaded = _tasks(args, parser_)
+    try:  # now, not after the first task's training
+        args.out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=args.out):
+            pass
+    except OSError as error:
+        parser_.error(f"--out: {args.out} is not a folder this run can write to ({error.strerror})")
+    return loaded
+
+
+def _tasks(args: argparse.Namespace, parser_: argparse.ArgumentParser) -> tuple[list[Task], int, int]:
     if args.batch_size < 2:
         parser_.error(f"--batch-size must be ≥ 2 (batch statistics), got {args.batch_size}")
     if args.data == "cifar":

@@ -233,6 +233,8 @@ class HAT:
         self._snapshots: list[Tensor] = []
         self._free: list[Tensor] = []
         self._free_total = 1.0
+        # each gate's masks as begin_task read them: (version, values) of cumulative, then of summative
+        self._masks: list[tuple[int, Tensor, int, Tensor]] = []
 
     def begin_task(self, task: int) -> None:
         """Start training ``task``: fix its gradient multipliers and the regulariser's weights.
@@ -267,6 +269,8 @@ class HAT:
                 self._keep.append(keep)
         self._free = [1 - g.cumulative for g in self.gates]
         self._free_total = max(float(sum(f.sum() for f in self._free)), 1e-12)
+        self._masks = [(g.cumulative._version, g.cumulative.clone(), g.summative._version, g.summative.clone())
+                       for g in self.gates]
         self.task = task
 
     def _active(self, what: str) -> int:
@@ -309,6 +313,7 @@ class HAT:
         (Serrà et al. eq. 5), then multiply every governed gradient by its task multiplier in one fused pass."""
         task = self._active("protect")
         s = check_scale(s)
+        self._check_masks_unchanged(task)
         for g in self.gates:
             if g.embedding.grad is not None:
                 g.embedding.grad[task] *= compensation_factor(g.embedding[task], s, self.s_max, self.thres_cosh)
@@ -316,6 +321,26 @@ class HAT:
         if pairs:
             grads, mults = map(list, zip(*pairs, strict=True))
             torch._foreach_mul_(grads, mults)
+
+    def _check_masks_unchanged(self, task: int) -> None:
+        """Refuse to protect with multipliers computed from masks that have since been replaced.
+
+        A tensor's version counter moves on every in-place write, ``load_state_dict`` included, and reading
+        it costs nothing; only when it moved are the values compared (a reload of the same masks, as the
+        trainer's restore of its best weights, is fine).
+        """
+        for i, (gate, (cum_version, cumulative, sum_version, summative)) in enumerate(
+                zip(self.gates, self._masks, strict=True)):
+            if gate.cumulative._version == cum_version and gate.summative._version == sum_version:
+                continue
+            if not (torch.equal(gate.cumulative, cumulative) and torch.equal(gate.summative, summative)):
+                name = next(n for n, m in self.model.named_modules() if m is gate)
+                raise RuntimeError(
+                    f"the masks of gate {name} changed after begin_task({task}), so the gradient multipliers no "
+                    "longer match them: a model state was loaded after hat.load_state_dict, or during a task. "
+                    "Load the model's state first, then hat.load_state_dict(...), which begins the active task "
+                    "again from the loaded masks")
+            self._masks[i] = (gate.cumulative._version, cumulative, gate.summative._version, summative)
 
     def step(self, optimizer: torch.optim.Optimizer) -> None:
         """``optimizer.step()``, then restore every entry with multiplier 0 and clamp the active embeddings.
@@ -325,6 +350,9 @@ class HAT:
         task = self._active("step")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if isinstance(optimizer, torch.optim.LBFGS):
+            raise TypeError("optimizer must be one whose step() needs no closure (SGD, Adam, AdamW, ...), got LBFGS, "
+                            "which re-evaluates the loss inside step(); HAT.step calls optimizer.step() once")
         restore = bool(self._frozen) and not _moves_only_by_gradient(optimizer)
         with torch.no_grad():
             if restore:

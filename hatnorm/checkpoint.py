@@ -26,7 +26,10 @@ import json
 import os
 import random
 import re
+import socket
+import time
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +45,8 @@ FORMAT = "hatnorm-checkpoint"
 VERSION = 2  # 2: the index records the tensor file's SHA-256
 #: the commit point of a checkpoint folder
 INDEX = "checkpoint.json"
+#: the file a writing run holds locked (see :func:`lock_folder`)
+LOCK = "checkpoint.lock"
 _TENSOR_FILE = re.compile(r"checkpoint-(\d+)\.safetensors")
 _TEMPORARY = re.compile(r"checkpoint.*\.tmp")
 _TENSOR_KEY = "__tensor__"
@@ -132,6 +137,9 @@ def load_checkpoint(directory: str | Path, *, identity: Mapping[str, Any] | None
     if index.get("version") != VERSION:
         raise CheckpointError(f"{index_path} has checkpoint format version {index.get('version')!r}; this hatnorm "
                               f"reads version {VERSION}")
+    missing = [key for key in ("step", "tensors", "sha256", "identity", "state") if key not in index]
+    if missing:
+        raise CheckpointError(f"{index_path} lacks {', '.join(missing)}: it is not a complete checkpoint index")
     if identity is not None:
         differences = identity_differences(index["identity"], json.loads(json.dumps(identity)))
         if differences:
@@ -164,6 +172,56 @@ def _metadata(data: bytes) -> dict[str, str]:
     """The ``__metadata__`` of a serialized safetensors file: its header is 8 bytes of length, then JSON."""
     length = int.from_bytes(data[:8], "little")
     return json.loads(data[8 : 8 + length]).get("__metadata__") or {}
+
+
+@contextmanager
+def lock_folder(directory: str | Path) -> Iterator[None]:
+    """Hold ``directory`` for one writing run while the block runs; a second run is refused, naming the holder.
+
+    The lock is an exclusive, non-blocking OS lock (``flock``) on ``checkpoint.lock``, which names its
+    holder (host, process id, start time). The operating system releases it when the holder exits or is
+    killed, so a killed run's lock is never stale: the file stays, unlocked, and the next run takes it.
+    The file is never removed (removing a lock file others may have opened breaks exclusion).
+
+    Raises:
+        CheckpointError: another process holds the folder.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if not _try_lock(fd):
+            os.lseek(fd, 0, os.SEEK_SET)
+            holder = os.read(fd, 4096).decode(errors="replace").strip() or "a process that has not said who it is"
+            raise CheckpointError(f"{directory} is in use by another run ({holder}); checkpoints of one folder must "
+                                  "come from one run at a time: wait for it to end, or give this run another folder")
+        me = f"process {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, me.encode())
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _try_lock(fd: int) -> bool:
+    if os.name == "posix":
+        import fcntl
+
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+    import msvcrt
+
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+    except OSError:
+        return False
+    return True
 
 
 def remove_checkpoint(directory: str | Path) -> None:

@@ -45,6 +45,19 @@ class Task:
     train: TensorDataset
     test: TensorDataset
 
+    def __post_init__(self) -> None:
+        for split in ("train", "test"):
+            data = getattr(self, split)
+            if not isinstance(data, TensorDataset) or not data.tensors:
+                continue
+            labels = data.tensors[-1]
+            bad = (labels < 0) | (labels >= self.num_classes)
+            if bool(bad.any()):
+                where = int(bad.nonzero()[0, 0])
+                raise ValueError(f"Task {self.name!r}: {split} labels must be local to the task, in "
+                                 f"[0, {self.num_classes}) for its classes {list(self.classes)}; got "
+                                 f"{int(labels[where])} at sample {where}")
+
     @property
     def num_classes(self) -> int:
         return len(self.classes)

@@ -13,9 +13,11 @@ import copy
 import csv
 import json
 import math
+import tempfile
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -36,6 +38,7 @@ from hatnorm.checkpoint import (
     Checkpoint,
     describe_model,
     load_checkpoint,
+    lock_folder,
     remove_checkpoint,
     rng_state,
     save_checkpoint,
@@ -605,6 +608,13 @@ class _Checkpoints:
             save_checkpoint(self.directory, state, identity=self.identity)
 
 
+def _holding(checkpoints: _Checkpoints | None) -> AbstractContextManager[None]:
+    """The run's hold on its checkpoint folder: one writer at a time (rank 0 writes under ``torchrun``)."""
+    if checkpoints is None or not is_main_process():
+        return nullcontext()
+    return lock_folder(checkpoints.directory)
+
+
 def _checkpoints(directory: str | Path | None, every: int | None, resume: bool) -> _Checkpoints | None:
     if every is not None:
         check_positive_int(every, "checkpoint_every")
@@ -639,6 +649,23 @@ def _identity(run: str, model: nn.Module, tasks: Sequence[Task], method: dict[st
         "method": method,
         "config": {k: v for k, v in asdict(config).items() if k != "nonfinite"},
     } | describe_model(model)
+
+
+def _check_writable(folder: str | Path | None, name: str) -> None:
+    """Refuse a folder results or checkpoints cannot be written to now, not after a task's training."""
+    if folder is None or not is_main_process():
+        return
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise PermissionError(f"{name}: {folder} is not a folder this run can write to ({error.strerror}); "
+                              "results are written there after every task") from None
+
+
+def _afresh(title: str, directory: Path) -> str:
+    return f"{title or 'run'}: resume asked, but {directory} holds no checkpoint: starting afresh"
 
 
 def _resumed(title: str, checkpoint: Checkpoint, done: str, fit: _FitState | None, current: str) -> str:
@@ -697,63 +724,71 @@ def train_sequence(
     if not tasks:
         raise ValueError("tasks must hold at least one task, got none")
     checkpoints = _checkpoints(checkpoint_dir, checkpoint_every, resume)
-    console = console or Console(quiet=not is_main_process())
-    method_identity = _method_identity(method)
-    torch.manual_seed(config.seed)
-    model = build_model()
-    method.setup(model)
-    splits = [split_validation(task.train, config.validation_fraction, config.seed + t) for t, task in enumerate(tasks)]
-    result = SequenceResult(tasks=[t.name for t in tasks])
-    meta = (info or {}) | {"method": method.name, "config": asdict(config)}
-    fit_state, elapsed = None, 0.0
-    if checkpoints is not None:
-        saved = checkpoints.start(_identity("sequence", model, tasks, method_identity, config, info))
-        if saved is not None:
-            model.load_state_dict(saved.state["model"])
-            method.load_state_dict(saved.state["method"])
-            result = SequenceResult(**saved.state["result"])
-            fit_state = None if saved.state["fit"] is None else _FitState.from_state_dict(saved.state["fit"])
-            elapsed = saved.state["elapsed"]
-            set_rng_state(saved.state["rng"])
-            done = len(result.accuracy)
-            console.print(_resumed(title, saved, f"{done} of {len(tasks)} tasks done", fit_state,
-                                   f"task {done} ({tasks[min(done, len(tasks) - 1)].name})"),
-                          highlight=False, soft_wrap=True)
+    _check_writable(out_dir, "out_dir")
+    _check_writable(checkpoint_dir, "checkpoint_dir")
+    with _holding(checkpoints):
+        console = console or Console(quiet=not is_main_process())
+        method_identity = _method_identity(method)
+        torch.manual_seed(config.seed)
+        model = build_model()
+        method.setup(model)
+        splits = [split_validation(task.train, config.validation_fraction, config.seed + t)
+                  for t, task in enumerate(tasks)]
+        result = SequenceResult(tasks=[t.name for t in tasks])
+        meta = (info or {}) | {"method": method.name, "config": asdict(config)}
+        fit_state, elapsed = None, 0.0
+        if checkpoints is not None:
+            saved = checkpoints.start(_identity("sequence", model, tasks, method_identity, config, info))
+            if saved is not None:
+                model.load_state_dict(saved.state["model"])
+                method.load_state_dict(saved.state["method"])
+                result = SequenceResult(**saved.state["result"])
+                fit_state = None if saved.state["fit"] is None else _FitState.from_state_dict(saved.state["fit"])
+                elapsed = saved.state["elapsed"]
+                set_rng_state(saved.state["rng"])
+                done = len(result.accuracy)
+                console.print(_resumed(title, saved, f"{done} of {len(tasks)} tasks done", fit_state,
+                                       f"task {done} ({tasks[min(done, len(tasks) - 1)].name})"),
+                              highlight=False, soft_wrap=True)
+                if done and out_dir is not None and is_main_process():  # the results, wherever they go now
+                    _write(result, Path(out_dir), meta)
+            elif resume:
+                console.print(_afresh(title, checkpoints.directory), highlight=False, soft_wrap=True)
 
-    def save(fit: _FitState | None, seconds: float) -> None:
-        checkpoints.save({"fit": None if fit is None else fit.state_dict(), "elapsed": seconds,
-                          "model": model.state_dict(), "method": method.state_dict(), "result": asdict(result),
-                          "rng": rng_state()})
+        def save(fit: _FitState | None, seconds: float) -> None:
+            checkpoints.save({"fit": None if fit is None else fit.state_dict(), "elapsed": seconds,
+                              "model": model.state_dict(), "method": method.state_dict(), "result": asdict(result),
+                              "rng": rng_state()})
 
-    with _Display(console, title) as display:
-        for t in range(len(result.accuracy), len(tasks)):
-            start = time.perf_counter() - elapsed
-            if fit_state is None:
-                method.begin_task(t)
-            train, valid = splits[t]
+        with _Display(console, title) as display:
+            for t in range(len(result.accuracy), len(tasks)):
+                start = time.perf_counter() - elapsed
+                if fit_state is None:
+                    method.begin_task(t)
+                train, valid = splits[t]
 
-            def epoch_end(fit: _FitState, start: float = start) -> None:
-                if checkpoints.due(fit.epoch):
-                    save(fit, time.perf_counter() - start)
+                def epoch_end(fit: _FitState, start: float = start) -> None:
+                    if checkpoints.due(fit.epoch):
+                        save(fit, time.perf_counter() - start)
 
-            epochs, skipped = _fit(model, method, [t], [train], [valid], config, display, tasks[t].name,
-                                   config.seed + t, resume=fit_state,
-                                   epoch_end=epoch_end if checkpoints is not None else None)
-            fit_state, elapsed = None, 0.0
-            method.end_task(t, train)
-            tested = [evaluate(model, other.test, tau, nonfinite=config.nonfinite,
-                               where=f"after task {t} ({tasks[t].name}), test split of task {tau} ({other.name})")
-                      for tau, other in enumerate(tasks)]
-            result.epochs.append(epochs)
-            result.skipped.append(skipped)
-            result.loss.append([loss for loss, _ in tested])
-            result.accuracy.append([acc for _, acc in tested])
-            result.seconds.append(time.perf_counter() - start)
-            if out_dir is not None and is_main_process():
-                _write(result, Path(out_dir), meta)
-            if checkpoints is not None:
-                save(None, 0.0)
-    return result
+                epochs, skipped = _fit(model, method, [t], [train], [valid], config, display, tasks[t].name,
+                                       config.seed + t, resume=fit_state,
+                                       epoch_end=epoch_end if checkpoints is not None else None)
+                fit_state, elapsed = None, 0.0
+                method.end_task(t, train)
+                tested = [evaluate(model, other.test, tau, nonfinite=config.nonfinite,
+                                   where=f"after task {t} ({tasks[t].name}), test split of task {tau} ({other.name})")
+                          for tau, other in enumerate(tasks)]
+                result.epochs.append(epochs)
+                result.skipped.append(skipped)
+                result.loss.append([loss for loss, _ in tested])
+                result.accuracy.append([acc for _, acc in tested])
+                result.seconds.append(time.perf_counter() - start)
+                if out_dir is not None and is_main_process():
+                    _write(result, Path(out_dir), meta)
+                if checkpoints is not None:
+                    save(None, 0.0)
+        return result
 
 
 def train_joint(
@@ -790,43 +825,47 @@ def train_joint(
         hatnorm.checkpoint.CheckpointError: the checkpoint to resume is from a different run, or damaged.
     """
     checkpoints = _checkpoints(checkpoint_dir, checkpoint_every, resume)
-    console = console or Console(quiet=not is_main_process())
-    matrix: list[list[float]] = []
-    fit_state, model_state, rng = None, None, None
-    if checkpoints is not None:
-        torch.manual_seed(config.seed)  # every t seeds again: this model only describes the run
-        saved = checkpoints.start(_identity("joint", build_model(), tasks, {"name": "joint"}, config, None))
-        if saved is not None:
-            matrix = saved.state["matrix"]
-            if saved.state["fit"] is not None:
-                fit_state = _FitState.from_state_dict(saved.state["fit"])
-                model_state, rng = saved.state["model"], saved.state["rng"]
-            console.print(_resumed(title, saved, f"{len(matrix)} of {len(tasks)} joint models trained", fit_state,
-                                   f"tasks 0..{len(matrix)}"), highlight=False, soft_wrap=True)
-    with _Display(console, title) as display:
-        for t in range(len(matrix), len(tasks)):
-            torch.manual_seed(config.seed)
-            model = build_model()
-            method = FineTune()
-            method.setup(model)
-            if fit_state is not None:
-                model.load_state_dict(model_state)
-                set_rng_state(rng)
-            splits = [split_validation(task.train, config.validation_fraction, config.seed + k)
-                      for k, task in enumerate(tasks[: t + 1])]
+    _check_writable(checkpoint_dir, "checkpoint_dir")
+    with _holding(checkpoints):
+        console = console or Console(quiet=not is_main_process())
+        matrix: list[list[float]] = []
+        fit_state, model_state, rng = None, None, None
+        if checkpoints is not None:
+            torch.manual_seed(config.seed)  # every t seeds again: this model only describes the run
+            saved = checkpoints.start(_identity("joint", build_model(), tasks, {"name": "joint"}, config, None))
+            if saved is not None:
+                matrix = saved.state["matrix"]
+                if saved.state["fit"] is not None:
+                    fit_state = _FitState.from_state_dict(saved.state["fit"])
+                    model_state, rng = saved.state["model"], saved.state["rng"]
+                console.print(_resumed(title, saved, f"{len(matrix)} of {len(tasks)} joint models trained", fit_state,
+                                       f"tasks 0..{len(matrix)}"), highlight=False, soft_wrap=True)
+            elif resume:
+                console.print(_afresh(title, checkpoints.directory), highlight=False, soft_wrap=True)
+        with _Display(console, title) as display:
+            for t in range(len(matrix), len(tasks)):
+                torch.manual_seed(config.seed)
+                model = build_model()
+                method = FineTune()
+                method.setup(model)
+                if fit_state is not None:
+                    model.load_state_dict(model_state)
+                    set_rng_state(rng)
+                splits = [split_validation(task.train, config.validation_fraction, config.seed + k)
+                          for k, task in enumerate(tasks[: t + 1])]
 
-            def epoch_end(fit: _FitState, model: nn.Module = model) -> None:
-                if checkpoints.due(fit.epoch):
-                    checkpoints.save({"matrix": matrix, "fit": fit.state_dict(), "model": model.state_dict(),
-                                      "rng": rng_state()})
+                def epoch_end(fit: _FitState, model: nn.Module = model) -> None:
+                    if checkpoints.due(fit.epoch):
+                        checkpoints.save({"matrix": matrix, "fit": fit.state_dict(), "model": model.state_dict(),
+                                          "rng": rng_state()})
 
-            _fit(model, method, list(range(t + 1)), [s[0] for s in splits], [s[1] for s in splits], config,
-                 display, f"tasks 0..{t}", config.seed + 100 + t, resume=fit_state,
-                 epoch_end=epoch_end if checkpoints is not None else None)
-            fit_state = None
-            matrix.append([evaluate(model, tasks[tau].test, tau, nonfinite=config.nonfinite,
-                                    where=f"joint tasks 0..{t}, test split of task {tau} ({tasks[tau].name})")[1]
-                           if tau <= t else math.nan for tau in range(len(tasks))])
-            if checkpoints is not None:
-                checkpoints.save({"matrix": matrix, "fit": None, "model": None, "rng": None})
-    return matrix
+                _fit(model, method, list(range(t + 1)), [s[0] for s in splits], [s[1] for s in splits], config,
+                     display, f"tasks 0..{t}", config.seed + 100 + t, resume=fit_state,
+                     epoch_end=epoch_end if checkpoints is not None else None)
+                fit_state = None
+                matrix.append([evaluate(model, tasks[tau].test, tau, nonfinite=config.nonfinite,
+                                        where=f"joint tasks 0..{t}, test split of task {tau} ({tasks[tau].name})")[1]
+                               if tau <= t else math.nan for tau in range(len(tasks))])
+                if checkpoints is not None:
+                    checkpoints.save({"matrix": matrix, "fit": None, "model": None, "rng": None})
+        return matrix

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 import hatnorm
 from ablations import _common, layernorm
-from hatnorm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from hatnorm.checkpoint import CheckpointError, load_checkpoint, lock_folder, save_checkpoint
 from hatnorm.training import EWC, HATMethod, TrainConfig, split_validation, train_joint, train_sequence
 
 WORKER = Path(__file__).with_name("checkpoint_worker.py")
@@ -106,6 +106,56 @@ def test_a_run_killed_at_several_points_resumes_to_the_same_bits(tmp_path) -> No
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
 
 
+HOLDER = """
+import sys
+from hatnorm.checkpoint import lock_folder
+with lock_folder(sys.argv[1]):
+    print("holding", flush=True)
+    sys.stdin.read()  # until the test closes stdin
+"""
+
+
+def holder(folder: Path) -> subprocess.Popen:
+    """A process holding ``folder``'s lock, as a run writing there does, until its stdin closes."""
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    process = subprocess.Popen([sys.executable, "-c", HOLDER, str(folder)], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True, env=env)
+    assert process.stdout.readline().strip() == "holding"
+    return process
+
+
+@pytest.mark.parametrize("end", ["exits", "is killed"])
+def test_a_second_writer_is_refused_naming_the_holder(tmp_path, end: str) -> None:
+    train_sequence(mlp(), toy_tasks(), HATMethod(), CONFIG, console=console(), checkpoint_dir=tmp_path / "checkpoint")
+    before = files(tmp_path / "checkpoint")
+    first = holder(tmp_path / "checkpoint")
+    # a fresh run would delete the holder's checkpoint when it starts, a resumed one would write beside it
+    for extra in ([], ["--resume"]):
+        second = worker(tmp_path, *extra)
+        refused = second.communicate()[0]
+        assert second.returncode != 0
+        assert f"is in use by another run (process {first.pid} on " in refused, refused
+    assert files(tmp_path / "checkpoint") == before
+    if end == "exits":
+        first.communicate("")
+    else:  # a killed run's lock is not stale: the OS released it with the process
+        first.kill()
+        first.wait()
+    third = worker(tmp_path)
+    out = third.communicate()[0]
+    assert third.returncode == 0, out
+
+
+def test_the_folder_lock_is_exclusive_and_released(tmp_path) -> None:
+    with lock_folder(tmp_path):
+        assert "process" in (tmp_path / "checkpoint.lock").read_text()
+        with pytest.raises(CheckpointError, match=r"is in use by another run \(process \d+ on .*, since "), \
+                lock_folder(tmp_path):
+            pass
+    with lock_folder(tmp_path):  # released on exit; a killed holder's lock is released by the OS
+        pass
+
+
 def test_ewc_and_joint_runs_interrupted_mid_task_resume_exactly(tmp_path) -> None:
     tasks = toy_tasks()
     expected = train_sequence(mlp("shared_bn"), tasks, EWC(lam=10.0), CONFIG, console=console())
@@ -180,7 +230,8 @@ def test_a_flipped_bit_in_the_tensor_file_is_refused(tmp_path) -> None:
 
 
 def files(folder: Path) -> dict[str, bytes]:
-    return {f.name: f.read_bytes() for f in sorted(folder.iterdir())}
+    """The checkpoint's files; ``checkpoint.lock`` only names the last run that held the folder."""
+    return {f.name: f.read_bytes() for f in sorted(folder.iterdir()) if f.name != "checkpoint.lock"}
 
 
 @pytest.mark.parametrize(("change", "message"), [
@@ -268,6 +319,47 @@ def test_hat_state_round_trips_and_bad_state_changes_nothing() -> None:
         assert other.state_dict() == {"learned_tasks": [0], "task": 1}
 
 
+def _trained_on_task_0() -> tuple[dict, dict]:
+    """A model's and its HAT's state after task 0, with task 1 begun."""
+    model = mlp(n=3)()
+    hat = hatnorm.HAT(model)
+    hat.begin_task(0)
+    with torch.no_grad():
+        for gate in hat.gates:
+            gate.embedding[0].uniform_(-1, 1)  # task 0 selects about half of every layer's units
+    hat.end_task()
+    hat.begin_task(1)
+    return {k: v.clone() for k, v in model.state_dict().items()}, hat.state_dict()
+
+
+def step_task_1(model, hat) -> None:
+    model.train()
+    x, y = torch.randn(8, 16), torch.randint(0, 2, (8,))
+    hat.loss(torch.nn.functional.cross_entropy(model(x, task=1, s=10.0), y), 10.0).backward()
+    hat.protect(10.0)
+
+
+def test_hat_state_loaded_before_the_model_state_is_refused() -> None:
+    model_state, hat_state = _trained_on_task_0()
+    # the documented order: model first, then HAT, which begins task 1 from the loaded masks
+    model = mlp(n=3)()
+    hat = hatnorm.HAT(model)
+    model.load_state_dict(model_state)
+    hat.load_state_dict(hat_state)
+    step_task_1(model, hat)
+    # reloading the same state during the task (the trainer's restore of its best weights) is fine
+    model.load_state_dict(model_state)
+    step_task_1(model, hat)
+    # HAT first: its multipliers come from the fresh model's empty masks, then the masks change under them
+    model = mlp(n=3)()
+    hat = hatnorm.HAT(model)
+    hat.load_state_dict(hat_state)
+    model.load_state_dict(model_state)
+    with pytest.raises(RuntimeError, match=r"the masks of gate gates\.0 changed after begin_task\(1\), so the "
+                                           r"gradient multipliers no longer match them.*Load the model's state first"):
+        step_task_1(model, hat)
+
+
 def test_checkpoint_options_are_checked_before_anything_runs(tmp_path) -> None:
     with pytest.raises(ValueError, match="nonfinite must be 'raise' or 'skip', got 'ignore'"):
         TrainConfig(nonfinite="ignore")
@@ -312,3 +404,39 @@ def test_the_ablation_options(capsys) -> None:
     assert "--checkpoint-every: must be an int ≥ 1, got 0" in capsys.readouterr().err
     usage = _common.parser("python -m ablations.norms", "", epochs=4, out="runs/norms").format_help()
     assert "--resume" in usage and "--checkpoint-every N" in usage
+
+
+def test_resume_says_when_it_starts_afresh_and_writes_results_where_asked(tmp_path) -> None:
+    tasks = toy_tasks()
+    log = console()
+    first = train_sequence(mlp(), tasks, HATMethod(), CONFIG, console=log, checkpoint_dir=tmp_path / "typo",
+                           resume=True)
+    assert f"resume asked, but {tmp_path / 'typo'} holds no checkpoint: starting afresh" in log.file.getvalue()
+    # a finished run resumed into another results folder writes its results there
+    again = train_sequence(mlp(), tasks, HATMethod(), CONFIG, console=console(), checkpoint_dir=tmp_path / "typo",
+                           resume=True, out_dir=tmp_path / "results")
+    assert again == first
+    assert json.loads((tmp_path / "results" / "results.json").read_text())["accuracy"] == first.accuracy
+
+
+def test_an_unwritable_results_folder_is_refused_before_training(tmp_path, capsys) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    log = console()
+    with pytest.raises(PermissionError, match=rf"^out_dir: {blocker / 'out'} is not a folder this run can write to"):
+        train_sequence(mlp(), toy_tasks(), HATMethod(), CONFIG, console=log, out_dir=blocker / "out")
+    assert "train loss" not in log.file.getvalue()
+    with pytest.raises(SystemExit) as exit_:
+        layernorm.main([*LAYERNORM, "--out", str(blocker / "out")])
+    assert exit_.value.code == 2
+    assert f"--out: {blocker / 'out'} is not a folder this run can write to" in capsys.readouterr().err
+
+
+def test_an_index_missing_a_key_is_refused_naming_it(tmp_path) -> None:
+    save_checkpoint(tmp_path, {"w": torch.zeros(3)}, identity={"run": "test"})
+    index = json.loads((tmp_path / "checkpoint.json").read_text())
+    del index["sha256"], index["state"]
+    (tmp_path / "checkpoint.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=r"checkpoint\.json lacks sha256, state: it is not a complete checkpoint "
+                                              r"index$"):
+        load_checkpoint(tmp_path)

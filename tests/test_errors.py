@@ -14,11 +14,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import TensorDataset
 
 import hatnorm
 import hatnorm._arch_registry
 from ablations import policy, sweep
 from hatnorm import data, metrics
+from hatnorm.data import Task
 
 T = 3
 C = 6
@@ -999,3 +1001,23 @@ def test_ablation_cli_refuses_options_out_of_range(module, argv, message, tmp_pa
     assert exit_.value.code == 2
     assert message in capsys.readouterr().err
     assert not any(tmp_path.iterdir()), "a refused command wrote files"
+
+
+def test_task_labels_outside_its_classes_are_refused_at_construction() -> None:
+    x = torch.randn(6, 4)
+    good = TensorDataset(x, torch.tensor([0, 1, 0, 1, 0, 1]))
+    with pytest.raises(ValueError, match=r"^Task 'digits': test labels must be local to the task, in \[0, 2\) for "
+                                         r"its classes \[3, 4\]; got 4 at sample 2$"):
+        Task("digits", (3, 4), good, TensorDataset(x, torch.tensor([0, 1, 4, 1, 0, 1])))
+
+
+def test_lbfgs_is_refused_by_hat_step_with_nothing_changed() -> None:
+    torch.manual_seed(0)
+    model = hatnorm.build("mlp", num_tasks=2, norm="masked_bn", num_classes=2, in_features=4, hidden=(8,))
+    hat = hatnorm.HAT(model)
+    hat.begin_task(0)
+    optimizer = torch.optim.LBFGS(model.parameters())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(TypeError, match=r"^optimizer must be one whose step\(\) needs no closure .*got LBFGS"):
+        hat.step(optimizer)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
