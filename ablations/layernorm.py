@@ -20,7 +20,8 @@ LABELS = {"shared_ln": "shared LN", "task_ln": "per-task LN", "masked_ln": "mask
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    p = _common.parser("python -m ablations.layernorm", __doc__.splitlines()[0], epochs=4, out="runs/layernorm")
+    p = _common.parser("python -m ablations.layernorm", __doc__.splitlines()[0],
+                       budget=_common.Budget(smoke=4, converged=30, optimizer="adamw"), out="runs/layernorm")
     p.add_argument("--arch", choices=("vit_micro", "vit_tiny", "vit"), default="vit_micro", help="the ViT")
     p.add_argument("--norms", nargs="+", choices=NORMS, default=list(NORMS), help="norm variants under HAT")
     p.add_argument("--dim", type=_common.positive_int, default=32, help="width of the residual stream")
@@ -38,9 +39,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     arch = args.arch
     variants = [Variant(f"{arch} HAT {LABELS[n]}", arch, n, lambda: HATMethod(c=args.c), options) for n in args.norms]
     variants.append(Variant(f"{arch} SGD", arch, "shared_ln", FineTune, options))
-    title = f"LayerNorm under HAT ({args.data}, {len(tasks)} tasks, seed {args.seed})"
-    return _common.run_and_report(variants, tasks, args, console,
-                                  joint_norm={arch: "shared_ln"}, title=title)
+    title = f"LayerNorm under HAT ({args.data}, {len(tasks(args.seeds[0]))} tasks, {_common.seeds_text(args.seeds)})"
+    masked = f"{arch} HAT masked LN"
+    contrasts = [(masked, f"{arch} HAT {LABELS[n]}") for n in args.norms if n != "masked_ln"]
+    return _common.run_and_report(variants, tasks, args, console, joint_norm={arch: "shared_ln"}, title=title,
+                                  contrasts=[*contrasts, (masked, f"{arch} SGD")], parser_=p)
 
 
 if __name__ == "__main__":

@@ -32,8 +32,20 @@ def variants(archs: Sequence[str], norms: Sequence[str], options: dict[str, dict
     return out
 
 
+def contrasts(archs: Sequence[str]) -> list[tuple[str, str]]:
+    """The paired comparisons the ablation is about, per architecture."""
+    pairs = [("masked BN", "per-task BN"), ("masked BN", "shared BN"), ("masked BN", "BN after gate"),
+             ("per-task BN", "shared BN")]
+    out = []
+    for arch in archs:
+        out += [(f"{arch} HAT {a}", f"{arch} HAT {b}") for a, b in pairs]
+        out += [(f"{arch} HAT {n}", f"{arch} SGD") for n in ("masked BN", "per-task BN")]
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
-    p = _common.parser("python -m ablations.norms", __doc__.splitlines()[0], epochs=4, out="runs/norms")
+    p = _common.parser("python -m ablations.norms", __doc__.splitlines()[0],
+                       budget=_common.Budget(smoke=4, converged=100), out="runs/norms")
     p.add_argument("--archs", nargs="+", choices=ARCHS, default=list(ARCHS), help="architectures")
     p.add_argument("--norms", nargs="+", choices=NORMS, default=list(NORMS), help="norm variants under HAT")
     p.add_argument("--resnet-width", type=_common.positive_int, default=4,
@@ -45,16 +57,19 @@ def main(argv: Sequence[str] | None = None) -> dict:
                    help="reference settings: 200 epochs, ResNet-18 width 64, AlexNet width 1")
     args = p.parse_args(argv)
     if args.full:
-        args.epochs, args.resnet_width, args.alexnet_width = 200, 64, 1.0
+        args.resnet_width, args.alexnet_width = 64, 1.0
+        if not hasattr(args, "epochs"):
+            args.epochs = 200
     if args.alexnet_width > 16:
         p.error(f"--alexnet-width must be ≤ 16, got {args.alexnet_width}")
     console = _common.console()
     tasks, channels, size = _common.load_tasks(args, p)
     options = {"resnet18": {"base_width": args.resnet_width, "in_channels": channels},
                "alexnet": {"width": args.alexnet_width, "in_channels": channels, "size": size}}
-    title = f"Norms under HAT ({args.data}, {len(tasks)} tasks, seed {args.seed})"
+    title = f"Norms under HAT ({args.data}, {len(tasks(args.seeds[0]))} tasks, {_common.seeds_text(args.seeds)})"
     return _common.run_and_report(variants(args.archs, args.norms, options, args.c), tasks, args,
-                                  console, joint_norm={"resnet18": "shared_bn", "alexnet": "shared_bn"}, title=title)
+                                  console, joint_norm={"resnet18": "shared_bn", "alexnet": "shared_bn"}, title=title,
+                                  contrasts=contrasts(args.archs), parser_=p)
 
 
 if __name__ == "__main__":

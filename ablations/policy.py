@@ -14,7 +14,8 @@ from hatnorm.training import HATMethod
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    p = _common.parser("python -m ablations.policy", __doc__.splitlines()[0], epochs=4, out="runs/policy")
+    p = _common.parser("python -m ablations.policy", __doc__.splitlines()[0],
+                       budget=_common.Budget(smoke=4, converged=100), out="runs/policy")
     p.add_argument("--arch", choices=("alexnet", "resnet18"), default="alexnet", help="architecture")
     p.add_argument("--norms", nargs="+", choices=list_norms("batch"), default=["masked_bn", "task_bn"], help="norms")
     p.add_argument("--width", type=_common.positive_float, default=0.125,
@@ -31,9 +32,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         variants.append(Variant(f"{norm} hat", args.arch, norm, lambda: HATMethod(c=args.c), options))
         variants.append(Variant(f"{norm} adahat", args.arch, norm,
                                 lambda: HATMethod(c=args.c, policy=AdaHATPolicy(alpha=args.alpha)), options))
-    title = f"Gradient policy, {args.arch} ({args.data}, seed {args.seed})"
-    return _common.run_and_report(variants, tasks, args, console,
-                                  joint_norm={args.arch: "shared_bn"}, title=title)
+    title = f"Gradient policy, {args.arch} ({args.data}, {_common.seeds_text(args.seeds)})"
+    contrasts = [(f"{norm} hat", f"{norm} adahat") for norm in args.norms]
+    return _common.run_and_report(variants, tasks, args, console, joint_norm={args.arch: "shared_bn"}, title=title,
+                                  contrasts=contrasts, parser_=p)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ from hatnorm.training import HATMethod
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    p = _common.parser("python -m ablations.sweep", __doc__.splitlines()[0], epochs=4, out="runs/sweep")
+    p = _common.parser("python -m ablations.sweep", __doc__.splitlines()[0],
+                       budget=_common.Budget(smoke=4, converged=100), out="runs/sweep")
     p.add_argument("--arch", choices=("alexnet", "resnet18"), default="alexnet", help="architecture")
     p.add_argument("--norm", choices=list_norms("batch"), default="masked_bn", help="norm")
     p.add_argument("--width", type=_common.positive_float, default=0.125,
@@ -30,9 +31,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     base = _common.cnn_options(args.arch, args.width, channels, size)
     variants = [Variant(f"s_max={s:g}", args.arch, args.norm, HATMethod, base | {"s_max": s}) for s in args.s_max]
     variants += [Variant(f"c={c:g}", args.arch, args.norm, lambda c=c: HATMethod(c=c), base) for c in args.c]
-    title = f"s_max and c sweep, {args.arch} + {args.norm} ({args.data}, seed {args.seed})"
-    return _common.run_and_report(variants, tasks, args, console,
-                                  joint_norm={args.arch: "shared_bn"}, title=title)
+    title = f"s_max and c sweep, {args.arch} + {args.norm} ({args.data}, {_common.seeds_text(args.seeds)})"
+    # each value against the reference one (s_max = 400, c = 0.75), where the sweep holds it
+    contrasts = [(f"s_max={s:g}", "s_max=400") for s in args.s_max if s != 400]
+    contrasts += [(f"c={c:g}", "c=0.75") for c in args.c if c != 0.75]
+    return _common.run_and_report(variants, tasks, args, console, joint_norm={args.arch: "shared_bn"}, title=title,
+                                  contrasts=contrasts, parser_=p)
 
 
 if __name__ == "__main__":

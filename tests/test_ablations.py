@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import math
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from ablations import __main__ as cli
-from ablations import layernorm, norms, policy, sweep
+from ablations import _common, layernorm, norms, policy, sweep
+from hatnorm.stats import paired_difference, summarize
+from hatnorm.training import TrainConfig
 
-TINY = ["--tasks", "2", "--epochs", "1", "--seed", "0"]
+TINY = ["--tasks", "2", "--epochs", "1", "--seeds", "0"]
 
 
 def test_default_ablation_at_a_tiny_size(tmp_path, capsys) -> None:
@@ -19,18 +24,68 @@ def test_default_ablation_at_a_tiny_size(tmp_path, capsys) -> None:
                           "--norms", "shared_bn", "masked_bn", "task_bn"])
     out = capsys.readouterr().out
     assert "Norms under HAT" in out and "resnet18 HAT masked BN" in out and "alexnet SGD" in out
-    for name in ("results.json", "results.csv", "forgetting_ratio.png", "accuracy_matrices.png"):
+    assert "This is a smoke-size run" in out and "docs/ablations.md" in out
+    for name in ("results.json", "results.csv", "contrasts.csv", "forgetting_ratio.png", "accuracy_matrices.png"):
         assert (tmp_path / name).stat().st_size > 0
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert set(saved["variants"]) == set(results) and len(results) == 2 * 4
-    for label, r in results.items():
-        assert len(r["accuracy"]) == 2 and len(r["rho"]) == 2
+    assert set(saved["variants"]) == set(results["variants"]) and len(results["variants"]) == 2 * 4
+    for label, r in results["variants"].items():
+        run = r["runs"]["0"]
+        assert len(run["accuracy"]) == 2 and len(run["rho"]) == 2
         # HAT with a task-aware norm has zero backward transfer, exactly
         if "masked BN" in label or "per-task BN" in label:
-            assert r["bwt"] == 0.0
-            assert r["accuracy"][1][0] == r["accuracy"][0][0]
-    # every run also wrote its own files after every task
-    assert (tmp_path / "resnet18_hat_masked_bn" / "accuracy.csv").read_text().count("\n") == 3
+            assert run["bwt"] == 0.0
+            assert run["accuracy"][1][0] == run["accuracy"][0][0]
+        # one seed: the mean is the run's value, and there is no interval
+        assert r["summary"]["bwt"]["mean"] == run["bwt"] and math.isnan(r["summary"]["bwt"]["low"])
+    # every run also wrote its own files after every task, under its seed's folder
+    assert (tmp_path / "seed_0" / "resnet18_hat_masked_bn" / "accuracy.csv").read_text().count("\n") == 3
+
+
+def test_several_seeds_give_means_intervals_and_paired_contrasts(tmp_path, capsys) -> None:
+    results = norms.main(["--tasks", "2", "--epochs", "1", "--seeds", "3", "4", "--archs", "alexnet",
+                          "--alexnet-width", "0.05", "--norms", "shared_bn", "masked_bn", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "seeds 3, 4" in out and "mean ± 95% CI half-width over 2 seeds" in out and "Paired contrasts" in out
+    variants = results["variants"]
+    masked, shared = variants["alexnet HAT masked BN"], variants["alexnet HAT shared BN"]
+    for r in (masked, shared):
+        values = [r["runs"][seed]["average_accuracy"] for seed in ("3", "4")]
+        assert r["summary"]["average_accuracy"] == summarize(values).to_dict()
+    # the contrast pairs the seeds: its mean is the mean of the per-seed differences
+    contrast = next(c for c in results["contrasts"]
+                    if (c["a"], c["b"], c["metric"]) == ("alexnet HAT masked BN", "alexnet HAT shared BN", "bwt"))
+    differences = [masked["runs"][s]["bwt"] - shared["runs"][s]["bwt"] for s in ("3", "4")]
+    assert contrast["difference"] == paired_difference(
+        [masked["runs"][s]["bwt"] for s in ("3", "4")], [shared["runs"][s]["bwt"] for s in ("3", "4")]).to_dict()
+    assert contrast["difference"]["mean"] == pytest.approx(sum(differences) / 2)
+    assert contrast["established"] == (contrast["difference"]["low"] > 0 or contrast["difference"]["high"] < 0)
+    with (tmp_path / "results.csv").open() as f:
+        rows = {row["variant"]: row for row in csv.DictReader(f)}
+    assert rows["alexnet HAT masked BN"]["seeds"] == "2"
+    low = float(rows["alexnet HAT masked BN"]["bwt_ci_low"])
+    assert low == pytest.approx(masked["summary"]["bwt"]["low"], abs=1e-6)
+    assert (tmp_path / "contrasts.csv").read_text().count("\n") == 1 + len(results["contrasts"])
+    assert (tmp_path / "seed_3" / "results.json").exists() and (tmp_path / "seed_4" / "results.json").exists()
+
+
+def test_presets_and_optimizers_resolve_to_the_training_settings() -> None:
+    cnn = _common.Budget(smoke=4, converged=100)
+
+    def settings(*argv: str, budget: _common.Budget = cnn) -> TrainConfig:
+        return _common.config(_common.parser("p", "", budget=budget, out="runs").parse_args(list(argv)))
+
+    assert settings() == TrainConfig(epochs=4, seed=0)  # the smoke run: the reference schedule, 4 epochs
+    assert settings("--preset", "converged") == TrainConfig(epochs=100, patience=3, lr_min=5e-4)
+    assert settings("--preset", "converged", "--patience", "5", "--epochs", "50") == TrainConfig(
+        epochs=50, patience=5, lr_min=5e-4)
+    vit = _common.Budget(smoke=4, converged=30, optimizer="adamw")
+    assert settings(budget=vit) == TrainConfig(epochs=4, optimizer="adamw", schedule="cosine", lr=1e-3,
+                                               weight_decay=0.05, warmup_epochs=1)
+    assert settings("--epochs", "1", budget=vit).warmup_epochs == 0  # the default warmup fits one epoch
+    assert settings("--optimizer", "sgd", "--momentum", "0.9", "--weight-decay", "5e-4", budget=vit) == TrainConfig(
+        epochs=4, momentum=0.9, weight_decay=5e-4)
+    assert settings("--seeds", "7", "8").seed == 7
 
 
 @pytest.mark.parametrize("module", [layernorm, sweep, policy])
@@ -39,14 +94,14 @@ def test_other_ablations_run(module, tmp_path) -> None:
              sweep: ["--width", "0.05", "--s-max", "100", "--c", "0.5"],
              policy: ["--width", "0.05", "--norms", "masked_bn"]}[module]
     results = module.main([*TINY, "--out", str(tmp_path), *extra])
-    assert results and (tmp_path / "forgetting_ratio.png").exists()
-    for label, r in results.items():
-        A = r["accuracy"]
+    assert results["variants"] and (tmp_path / "forgetting_ratio.png").exists()
+    for label, r in results["variants"].items():
+        A = r["runs"]["0"]["accuracy"]
         assert all(0.0 <= a <= 1.0 for row in A for a in row if a == a)
         # BWT is what the accuracy matrix says, for every variant
-        assert r["bwt"] == pytest.approx(A[1][0] - A[0][0], abs=1e-12)
+        assert r["runs"]["0"]["bwt"] == pytest.approx(A[1][0] - A[0][0], abs=1e-12)
         if _hat_guarantees_no_forgetting(label):
-            assert r["bwt"] == 0.0
+            assert r["runs"]["0"]["bwt"] == 0.0
 
 
 def _hat_guarantees_no_forgetting(label: str) -> bool:
@@ -61,10 +116,28 @@ def _hat_guarantees_no_forgetting(label: str) -> bool:
     return label.startswith(("masked_bn hat", "task_bn hat", "s_max=", "c=")) or "masked LN" in label
 
 
+@pytest.mark.parametrize(("tasks", "expected"), [([], 10), (["--tasks", "20"], 20)])
+def test_permuted_mnist_sequences_of_10_and_20_tasks(tasks: list[str], expected: int, tmp_path) -> None:
+    p = _common.parser("p", "", budget=_common.Budget(smoke=1, converged=1), out=str(tmp_path))
+    args = p.parse_args(["--data", "permuted_mnist", "--seeds", "0", "1", *tasks])
+    tasks_of, channels, size = _common.load_tasks(args, p)
+    first, second = tasks_of(0), tasks_of(1)
+    assert len(first) == expected and (channels, size) == (1, 32)
+    assert all(len(t.train) == 4000 and t.num_classes == 10 for t in first)
+    # every seed draws its own permutations; the same seed, the same tasks
+    assert not torch.equal(first[0].train.tensors[0], second[0].train.tensors[0])
+    assert tasks_of(0) is first
+
+
 @pytest.mark.parametrize(("argv", "message"), [
     (["--epochs", "0"], "--epochs: must be an int ≥ 1, got 0"),
     (["--lr", "-0.1"], "--lr: must be a finite number > 0, got -0.1"),
     (["--tasks", "6"], "--tasks must be ≤ 5 for split_mnist, got 6"),
+    (["--seeds", "1", "1"], "--seeds must not repeat a seed, got 1 1"),
+    (["--preset", "long"], "invalid choice: 'long'"),
+    (["--optimizer", "adam"], "invalid choice: 'adam'"),
+    (["--optimizer", "adamw", "--momentum", "0.9"], "momentum applies to optimizer='sgd' only"),
+    (["--schedule", "plateau", "--warmup-epochs", "1"], "warmup_epochs applies to schedule='cosine' only"),
     (["--batch-size", "1"], "--batch-size must be ≥ 2"),
     (["--data", "cifar"], "--data cifar needs --data-root"),
     (["--norms", "batchnorm"], "invalid choice: 'batchnorm'"),
@@ -87,7 +160,8 @@ def test_cifar_without_the_data_names_the_folder(tmp_path, capsys) -> None:
 def test_help_documents_every_option() -> None:
     done = subprocess.run([sys.executable, "-m", "ablations.norms", "--help"], capture_output=True, text=True,
                           check=True)
-    for option in ("--data", "--data-root", "--tasks", "--epochs", "--lr", "--batch-size", "--patience", "--seed",
+    for option in ("--data", "--data-root", "--tasks", "--epochs", "--lr", "--batch-size", "--patience", "--seeds",
+                   "--preset", "--optimizer", "--schedule", "--momentum", "--weight-decay", "--warmup-epochs",
                    "--out", "--archs", "--norms", "--resnet-width", "--alexnet-width", "--c", "--full"):
         assert option in done.stdout
 

@@ -181,6 +181,21 @@ def test_ewc_and_joint_runs_interrupted_mid_task_resume_exactly(tmp_path) -> Non
     assert again[1] == joint[1] and again[0][0] == joint[0][0] and math.isnan(again[0][1])
 
 
+def test_an_adamw_cosine_run_interrupted_mid_task_resumes_exactly(tmp_path) -> None:
+    # the optimizer's moments and the schedule's position travel in the checkpoint
+    config = TrainConfig(epochs=3, batch_size=32, lr=3e-3, optimizer="adamw", schedule="cosine", warmup_epochs=1,
+                         weight_decay=0.05)
+    tasks = toy_tasks()
+    expected = train_sequence(mlp(), tasks, HATMethod(), config, console=console())
+    with pytest.raises(Interrupted):
+        train_sequence(mlp(), tasks, HATMethod(), config, console=console(stop=5), checkpoint_dir=tmp_path,
+                       checkpoint_every=1)
+    assert load_checkpoint(tmp_path).state["fit"]["scheduler"] is not None
+    resumed = train_sequence(mlp(), tasks, HATMethod(), config, console=console(), checkpoint_dir=tmp_path,
+                             checkpoint_every=1, resume=True)
+    assert resumed.accuracy == expected.accuracy and resumed.loss == expected.loss
+
+
 def test_a_finished_run_resumes_to_its_results_without_training(tmp_path) -> None:
     tasks = toy_tasks()
     first = train_sequence(mlp(), tasks, HATMethod(), CONFIG, console=console(), checkpoint_dir=tmp_path)
@@ -372,7 +387,7 @@ def test_checkpoint_options_are_checked_before_anything_runs(tmp_path) -> None:
     assert not any(tmp_path.iterdir())
 
 
-LAYERNORM = ["--tasks", "2", "--epochs", "1", "--seed", "0", "--dim", "8", "--depth", "1", "--patch-size", "8",
+LAYERNORM = ["--tasks", "2", "--epochs", "1", "--seeds", "0", "--dim", "8", "--depth", "1", "--patch-size", "8",
              "--norms", "masked_ln"]
 
 
@@ -386,13 +401,15 @@ def test_the_ablation_resumes_a_killed_run(tmp_path, monkeypatch, capsys) -> Non
     capsys.readouterr()
     resumed = layernorm.main([*LAYERNORM, "--out", str(tmp_path / "killed"), "--resume"])
     out = capsys.readouterr().out
-    assert "vit_micro joint: resumed from checkpoint" in out and "2 of 2 joint models trained" in out
-    assert "vit_micro HAT masked LN: resumed from checkpoint" in out and "1 of 2 tasks done" in out
+    assert "vit_micro joint s0: resumed from checkpoint" in out and "2 of 2 joint models trained" in out
+    assert "vit_micro HAT masked LN s0: resumed from checkpoint" in out and "1 of 2 tasks done" in out
     assert out.count("train loss") == 1 + 2  # the HAT run's task 1, then the SGD run
-    assert resumed.keys() == expected.keys()
-    for label, r in expected.items():
+    assert resumed["variants"].keys() == expected["variants"].keys()
+    untimed = {"seconds": 0, "joint_seconds": 0}
+    for label, r in expected["variants"].items():
         # json: NaN (joint accuracy above the diagonal) compares equal to NaN
-        assert json.dumps(resumed[label] | {"seconds": 0}) == json.dumps(r | {"seconds": 0})
+        assert json.dumps(resumed["variants"][label]["runs"]["0"] | untimed) == json.dumps(r["runs"]["0"] | untimed)
+        assert resumed["variants"][label]["summary"] == r["summary"]
     # other options than the killed run's: refused, with the difference named
     with pytest.raises(SystemExit, match=r"config\.patience: 5 in the checkpoint, 2 in this run"):
         layernorm.main([*LAYERNORM, "--out", str(tmp_path / "killed"), "--resume", "--patience", "2"])
@@ -402,7 +419,8 @@ def test_the_ablation_options(capsys) -> None:
     with pytest.raises(SystemExit):
         layernorm.main(["--checkpoint-every", "0"])
     assert "--checkpoint-every: must be an int ≥ 1, got 0" in capsys.readouterr().err
-    usage = _common.parser("python -m ablations.norms", "", epochs=4, out="runs/norms").format_help()
+    budget = _common.Budget(smoke=4, converged=100)
+    usage = _common.parser("python -m ablations.norms", "", budget=budget, out="runs/norms").format_help()
     assert "--resume" in usage and "--checkpoint-every N" in usage
 
 

@@ -20,6 +20,7 @@ from hatnorm.training import (
     HATMethod,
     TrainConfig,
     evaluate,
+    precise_statistics,
     recalibrate_norms,
     split_validation,
     train_joint,
@@ -152,12 +153,59 @@ def test_recalibration_moves_only_the_tasks_selected_statistics() -> None:
     assert norm.momentum == 0.1
 
 
+def test_precise_statistics_leave_no_trace() -> None:
+    torch.manual_seed(0)
+    model = mlp()()
+    task = toy_tasks()[0]
+    model.train()
+    model(task.train.tensors[0][:64], task=0, s=400.0)  # statistics from one momentum step
+    before = {n: b.clone() for n, b in model.named_buffers()}
+    with precise_statistics(model, [(0, task.train)], 64, nonfinite="raise"):
+        inside = {n: b.clone() for n, b in model.named_buffers()}
+    assert any(not torch.equal(inside[n], before[n]) for n in before)
+    assert all(torch.equal(b, before[n]) for n, b in model.named_buffers())
+
+
+def test_validation_and_the_kept_weights_see_statistics_of_the_current_weights() -> None:
+    models = []
+
+    def build():
+        models.append(mlp()())
+        return models[-1]
+
+    tasks = toy_tasks(1)
+    train_sequence(build, tasks, HATMethod(), CONFIG, console=quiet())
+    model = models[0]
+    kept = {n: b.clone() for n, b in model.named_buffers()}
+    # the statistics the run ended with are exactly those one recalibration pass gives the kept weights
+    recalibrate_norms(model, [(0, split_validation(tasks[0].train, 0.1, 0)[0])], CONFIG.batch_size)
+    assert all(torch.equal(b, kept[n]) for n, b in model.named_buffers())
+
+
+def test_adamw_with_warmup_and_cosine_decays_per_batch_and_forgets_nothing() -> None:
+    config = TrainConfig(epochs=3, batch_size=32, lr=3e-3, optimizer="adamw", schedule="cosine", warmup_epochs=1,
+                         weight_decay=0.05)
+    console = quiet()
+    result = train_sequence(mlp(), toy_tasks(), HATMethod(), config, console=console)
+    assert result.epochs == [3, 3]  # the cosine schedule runs every epoch
+    assert result.accuracy[1][0] == result.accuracy[0][0] and result.loss[1][0] == result.loss[0][0]
+    assert result.accuracy[0][0] > 0.8 and result.accuracy[1][1] > 0.8  # a learning check, as above
+    # 9 batches per epoch: the first 9 warm up to the peak, the last 18 decay along the cosine to 0
+    lrs = [float(v) for v in re.findall(r"lr (\S+)", console.file.getvalue())[:3]]
+    assert lrs[0] == pytest.approx(3e-3, rel=1e-6)
+    assert lrs[1] == pytest.approx(3e-3 * (1 + math.cos(math.pi * 9 / 18)) / 2, rel=1e-3)
+    assert lrs[2] == pytest.approx(0.0, abs=1e-12)
+
+
 @pytest.mark.parametrize(("field", "value", "message"), [
     ("epochs", 0, "epochs must be an int ≥ 1, got 0"),
     ("lr", 0.0, "lr must be a finite number > 0"),
     ("batch_size", 1, "batch_size must be ≥ 2"),
     ("lr_factor", 1.0, "lr_factor must be > 1"),
     ("validation_fraction", 1.0, r"validation_fraction must be in \(0, 1\)"),
+    ("optimizer", "adam", "optimizer must be one of 'sgd', 'adamw', got 'adam'"),
+    ("schedule", "step", "schedule must be one of 'plateau', 'cosine', got 'step'"),
+    ("warmup_epochs", -1, "warmup_epochs must be an int ≥ 0, got -1"),
 ])
 def test_config_rejects_bad_values(field: str, value: object, message: str) -> None:
     with pytest.raises(ValueError, match=message):
