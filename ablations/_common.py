@@ -27,7 +27,7 @@ from hatnorm import metrics
 from hatnorm.checkpoint import CheckpointError
 from hatnorm.data import Task, cifar_sequence, permuted_mnist, split_mnist
 from hatnorm.stats import Summary, paired_difference, summarize
-from hatnorm.training import OPTIMIZERS, SCHEDULES, Method, TrainConfig, train_joint, train_sequence
+from hatnorm.training import OPTIMIZERS, SCHEDULES, HATMethod, Method, TrainConfig, train_joint, train_sequence
 
 DATASETS = ("split_mnist", "permuted_mnist", "cifar")
 PRESETS = ("smoke", "converged")
@@ -142,6 +142,9 @@ def parser(prog: str, description: str, *, budget: Budget, out: str) -> argparse
     p.add_argument("--warmup-epochs", type=non_negative_int, default=argparse.SUPPRESS,
                    help="cosine schedule: epochs of linear warmup (default: 1 for the cosine schedule)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="batch size (≥ 2)")
+    p.add_argument("--reference", action="store_true",
+                   help="HAT as Serrà et al.'s code runs it rather than the paper: soft cumulative masks, the scale "
+                        "annealed over the sample index, every task's embeddings clamped (docs/concepts.md)")
     p.add_argument("--patience", type=positive_int, default=argparse.SUPPRESS,
                    help="plateau schedule: epochs without improvement before lr ÷ 3 (default: 5; 3 with "
                         "--preset converged)")
@@ -238,6 +241,18 @@ def config(args: argparse.Namespace, parser_: argparse.ArgumentParser | None = N
         if parser_ is None:
             raise
         parser_.error(str(error))
+
+
+def as_reference(variant: Variant) -> Variant:
+    """The variant as Serrà et al.'s code runs it: its model built with soft masks, HAT in reference mode."""
+
+    def method(factory: Callable[[], Method] = variant.method) -> Method:
+        made = factory()
+        if isinstance(made, HATMethod):
+            made.reference = True
+        return made
+
+    return replace(variant, method=method, options=variant.options | {"reference": True})
 
 
 def _random_accuracies(tasks: Sequence[Task]) -> list[float]:
@@ -472,6 +487,8 @@ def run_and_report(variants: Sequence[Variant], tasks_of: Callable[[int], list[T
     Each seed's runs go to ``<--out>/seed_<seed>/``; ``<--out>`` gets the summary over seeds.
     """
     cfg = config(args, parser_)
+    if args.reference:
+        variants = [as_reference(v) for v in variants]
     started = time.perf_counter()
     by_seed = {}
     try:
@@ -483,7 +500,7 @@ def run_and_report(variants: Sequence[Variant], tasks_of: Callable[[int], list[T
         sys.exit(f"--resume: {error}")
     summary = aggregate(by_seed, contrasts)
     config_info = {k: v for k, v in asdict(cfg).items() if k != "seed"}
-    write(summary, args.out, {"title": title, "preset": args.preset, "config": config_info,
+    write(summary, args.out, {"title": title, "preset": args.preset, "reference": args.reference, "config": config_info,
                               "tasks": [t.name for t in tasks_of(args.seeds[0])],
                               "wall_seconds": time.perf_counter() - started})
     finish(summary, args.out, title, console)

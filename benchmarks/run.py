@@ -44,6 +44,8 @@ from rich.table import Table
 from torch import Tensor, nn
 
 import hatnorm
+from hatnorm.data import split_mnist
+from hatnorm.training import HATMethod, TrainConfig, train_sequence
 
 ROOT = Path(__file__).resolve().parent.parent
 BATCHES_PER_EPOCH = 100  # the scale s anneals over this many batches
@@ -335,6 +337,26 @@ def export_inference(args: argparse.Namespace, clock: Clock, compiler: Compiler)
     return rows
 
 
+def precise_validation(args: argparse.Namespace, clock: Clock, compiler: Compiler) -> list[dict[str, Any]]:
+    """One training epoch of the default ablation's models on a Split-MNIST task (720 training images, 80 for
+    validation), with validation on statistics re-estimated for the current weights against without."""
+    task = split_mnist(num_tasks=1)
+    rows = []
+    for arch, options in (("resnet18", {"base_width": 4, "in_channels": 1}),
+                          ("alexnet", {"width": 0.125, "in_channels": 1, "size": 32})):
+        def epoch(recalibrate: bool, arch: str = arch, options: dict[str, Any] = options) -> None:
+            config = TrainConfig(epochs=1, recalibrate=recalibrate)
+            train_sequence(lambda: hatnorm.build(arch, num_tasks=1, norm="masked_bn", num_classes=2, **options),
+                           task, HATMethod(), config, console=Console(quiet=True))
+
+        times = clock({"precise": partial(epoch, True), "plain": partial(epoch, False)})
+        rows.append({"benchmark": f"training epoch {arch} masked_bn ({_describe(options)}, Split-MNIST task), "
+                                  "validation on precise statistics / on running averages",
+                     "hat_ms": 1e3 * times["precise"], "base_ms": 1e3 * times["plain"],
+                     "ratio": times["precise"] / times["plain"], "target": None})
+    return rows
+
+
 def recompiles_during_a_task(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Graphs compiled over 20 batches of one task, once the first batch compiled."""
     rows = []
@@ -409,7 +431,8 @@ def machine(device: torch.device) -> str:
             f"{flush}; gate floor {GATE_FLOOR:g}")
 
 
-SECTIONS = {"training": training_steps, "norms": norm_layers, "tasks": task_count, "export": export_inference}
+SECTIONS = {"training": training_steps, "norms": norm_layers, "tasks": task_count, "export": export_inference,
+            "validation": precise_validation}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -426,7 +449,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="folder for the JSON")
     p.add_argument("--doc", type=Path, default=ROOT / "docs" / "performance.md", help="Markdown file to update")
     p.add_argument("--only", nargs="+", choices=list(SECTIONS),
-                   help="run only these sections (training steps, norm layers, task count, export inference); "
+                   help="run only these sections (training steps, norm layers, task count, export inference, "
+                        "the cost of precise-BN validation); "
                         "the table is printed and no file is written")
     p.add_argument("--memory-probe", help=argparse.SUPPRESS)
     args = p.parse_args(argv)

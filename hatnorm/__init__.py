@@ -38,6 +38,7 @@ from hatnorm._policies import AdaHATPolicy, GradientPolicy, HATPolicy, get_polic
 from hatnorm._protected import Protected
 from hatnorm._transformer import GatedAttention, GatedFeedForward, TokenEmbedding, gated_linear
 from hatnorm.distributed import convert_sync
+from hatnorm.training._evaluation import recalibrate_norms
 
 __version__ = "0.1.0"
 
@@ -97,6 +98,7 @@ __all__ = [
     "masked_layer_norm",
     "masked_moments",
     "open_gates",
+    "recalibrate_norms",
     "register_architecture",
     "register_norm",
     "register_policy",

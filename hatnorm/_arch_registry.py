@@ -8,7 +8,8 @@ from typing import Any
 
 from torch import nn
 
-from hatnorm._checks import check_positive_int
+from hatnorm._checks import check_num_tasks
+from hatnorm._gate import HATGate
 from hatnorm._heads import class_counts
 from hatnorm._norm_registry import FAMILIES, Family, NormSpec, get_norm, list_norms
 from hatnorm._registry import Registry, check_callable
@@ -71,6 +72,7 @@ def build(
     num_tasks: int,
     norm: str | NormSpec = "masked_bn",
     num_classes: int | Sequence[int],
+    reference: bool = False,
     **options: Any,
 ) -> nn.Module:
     """Build the registered architecture ``name`` with a task-aware norm and one head per task.
@@ -80,10 +82,15 @@ def build(
         num_tasks: number of tasks.
         norm: a registered norm name (see :func:`list_norms`) that fits the architecture.
         num_classes: the class count of every task, or one count per task.
+        reference: Serrà et al.'s code rather than the paper: soft cumulative masks σ(s_max·e), every
+            gate built with ``binarize=False``; train it with ``HAT(model, reference=True)``
+            (:class:`hatnorm.training.HATMethod` ``(reference=True)``) [False].
         **options: architecture options (input size, width, ``s_max``, ...).
     """
+    if not isinstance(reference, bool):
+        raise TypeError(f"reference must be a bool, got {reference!r}")
     spec = get_architecture(name)
-    num_tasks = check_positive_int(num_tasks, "num_tasks")
+    num_tasks = check_num_tasks(num_tasks)
     norm_spec = get_norm(norm) if isinstance(norm, str) else norm
     if not isinstance(norm_spec, NormSpec):
         raise TypeError(f"norm must be a registered norm name or a NormSpec, got {norm!r}")
@@ -91,4 +98,9 @@ def build(
         raise ValueError(f"norm {norm_spec.name!r} does not fit architecture {name!r}; "
                          f"allowed: {list_norms(spec.family)}")
     counts = class_counts(num_classes, num_tasks)
-    return spec.builder(num_tasks=num_tasks, norm=norm_spec, num_classes=counts, **options)
+    model = spec.builder(num_tasks=num_tasks, norm=norm_spec, num_classes=counts, **options)
+    if reference:
+        for gate in model.modules():
+            if isinstance(gate, HATGate):
+                gate.binarize = False
+    return model

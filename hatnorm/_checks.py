@@ -36,6 +36,20 @@ def check_positive_int(value: object, name: str) -> int:
     return int(value)
 
 
+#: the most tasks a model takes: every gate and per-task norm keeps a row per task, so 10,000 tasks of a
+#: full-width ResNet-18 already hold about 200 MB of embeddings, and a mistyped 10**6 would take gigabytes
+MAX_TASKS = 10_000
+
+
+def check_num_tasks(value: object, name: str = "num_tasks") -> int:
+    """Return ``value`` after checking it is an integer in ``[1, MAX_TASKS]``."""
+    value = check_positive_int(value, name)
+    if value > MAX_TASKS:
+        raise ValueError(f"{name} must be ≤ {MAX_TASKS:,} (every gate and per-task norm keeps a row per task), "
+                         f"got {value:,}")
+    return value
+
+
 def check_positive(value: object, name: str) -> float:
     """Return ``value`` as a float after checking it is a finite number > 0."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
@@ -81,6 +95,11 @@ def check_mask(mask: object, num_features: int, *, like: Tensor | None = None,
     if device is not None and mask.device != device:
         raise ValueError(f"mask must be on the device of x, {device}, got {mask.device}")
     check_dtype(mask, like, name="mask", mixed=True)
+    # read on the CPU only, where it costs no device synchronisation (and not while compiling)
+    if mask.device.type == "cpu" and not torch.compiler.is_compiling() and not ((mask >= 0) & (mask <= 1)).all():
+        outside = mask[~((mask >= 0) & (mask <= 1))]
+        raise ValueError(f"mask must hold gate values in [0, 1], got {outside.numel()} outside, e.g. "
+                         f"{outside[:3].tolist()}")
     return mask
 
 

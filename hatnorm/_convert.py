@@ -30,8 +30,8 @@ from torch import Tensor, fx, nn
 from hatnorm._checks import (
     check_batch_statistics,
     check_dtype,
+    check_num_tasks,
     check_positive,
-    check_positive_int,
     check_task,
     check_training_scale,
 )
@@ -402,7 +402,7 @@ def convert(
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
-    num_tasks = check_positive_int(num_tasks, "num_tasks")
+    num_tasks = check_num_tasks(num_tasks)
     spec = get_norm(norm) if isinstance(norm, str) else norm
     if not isinstance(spec, NormSpec):
         raise TypeError(f"norm must be a registered norm name or a NormSpec, got {norm!r}")

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from hatnorm._checks import (
     check_non_negative,
+    check_num_tasks,
     check_positive,
     check_positive_int,
     check_scale,
@@ -61,16 +62,20 @@ def _check_embedding(e: object, name: str = "e") -> None:
         raise TypeError(f"{name} must be a floating-point tensor, got {given}")
 
 
-def anneal_scale(batch: int, num_batches: int, s_max: float) -> float:
+def anneal_scale(batch: int, num_batches: int, s_max: float, *, reference: bool = False) -> float:
     """The scale for batch ``batch`` (0-based) of ``num_batches``, annealed within each epoch.
 
     s = 1/s_max + (s_max − 1/s_max)·(b − 1)/(B − 1) with b = batch + 1 (Serrà et al. eq. 2); one batch
-    per epoch gives s_max.
+    per epoch gives s_max. ``reference=True`` gives the form of Serrà et al.'s code instead,
+    s = 1/s_max + (s_max − 1/s_max)·i/N over the index i of the batch's first sample among N, which for
+    batches of equal size is batch/num_batches: the last batch stays below s_max.
     """
     num_batches = check_positive_int(num_batches, "num_batches")
     s_max = check_positive(s_max, "s_max")
     if isinstance(batch, bool) or not isinstance(batch, int) or not 0 <= batch < num_batches:
         raise ValueError(f"batch must be an int in [0, {num_batches}), got {batch!r}")
+    if reference:
+        return 1.0 / s_max + (s_max - 1.0 / s_max) * batch / num_batches
     if num_batches == 1:
         return s_max
     return 1.0 / s_max + (s_max - 1.0 / s_max) * batch / (num_batches - 1)
@@ -137,7 +142,7 @@ class HATGate(nn.Module, MaskSource):
                  floor: float = GATE_FLOOR) -> None:
         super().__init__()
         self._num_features = check_positive_int(num_features, "num_features")
-        self.num_tasks = check_positive_int(num_tasks, "num_tasks")
+        self.num_tasks = check_num_tasks(num_tasks)
         self.s_max = check_positive(s_max, "s_max")
         if not isinstance(binarize, bool):
             raise TypeError(f"binarize must be a bool, got {binarize!r}")

@@ -108,6 +108,10 @@ class HAT:
             :class:`GradientPolicy` [``"hat"``].
         clamp: embeddings are clamped to [−clamp, clamp] after every step [6].
         thres_cosh: the clamp of s·e in the compensation [50].
+        reference: reproduce Serrà et al.'s code where it differs from the paper: the scale anneals over
+            the sample index (the last batch of an epoch stays below s_max), every task's embeddings are
+            clamped after each step (not only the active task's), and the masks are soft, so the model's
+            gates must not binarize (``hatnorm.build(..., reference=True)``) [False].
 
     Raises:
         ValueError: when a trainable parameter is neither protected by a mask nor owned by one task
@@ -123,6 +127,7 @@ class HAT:
         policy: str | GradientPolicy = "hat",
         clamp: float = 6.0,
         thres_cosh: float = 50.0,
+        reference: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -147,6 +152,14 @@ class HAT:
         self.gates = [m for m in model.modules() if isinstance(m, HATGate)]
         if not self.gates:
             raise ValueError("model must contain at least one HATGate, found none")
+        if not isinstance(reference, bool):
+            raise TypeError(f"reference must be a bool, got {reference!r}")
+        if reference and any(g.binarize for g in self.gates):
+            binarizing = [n for n, m in model.named_modules() if isinstance(m, HATGate) and m.binarize]
+            raise ValueError(f"reference=True reproduces Serrà et al.'s soft masks, but gates {binarizing[:3]}"
+                             f"{' ...' if len(binarizing) > 3 else ''} binarize; build the model with "
+                             "hatnorm.build(..., reference=True) or its gates with HATGate(binarize=False)")
+        self.reference = reference
         self.s_max = self._agree("s_max", {g.s_max for g in self.gates})
         self.num_tasks = self._agree("num_tasks", {g.num_tasks for g in self.gates} | {
             m.num_tasks for m in model.modules() if isinstance(m, MaskedNorm | TaskHeads)})
@@ -279,8 +292,9 @@ class HAT:
         return self.task
 
     def scale(self, batch: int, num_batches: int) -> float:
-        """The annealed scale s for batch ``batch`` (0-based) of ``num_batches`` (Serrà et al. eq. 2)."""
-        return anneal_scale(batch, num_batches, self.s_max)
+        """The annealed scale s for batch ``batch`` (0-based) of ``num_batches`` (Serrà et al. eq. 2; their
+        code's form with ``reference=True``)."""
+        return anneal_scale(batch, num_batches, self.s_max, reference=self.reference)
 
     def regularizer(self, s: float | Tensor) -> Tensor:
         """The capacity regulariser R = Σ a^t(1 − a^{<t}) / Σ (1 − a^{<t}) over all gates (Serrà et al. eq. 6)."""
@@ -343,7 +357,8 @@ class HAT:
             self._masks[i] = (gate.cumulative._version, cumulative, gate.summative._version, summative)
 
     def step(self, optimizer: torch.optim.Optimizer) -> None:
-        """``optimizer.step()``, then restore every entry with multiplier 0 and clamp the active embeddings.
+        """``optimizer.step()``, then restore every entry with multiplier 0 and clamp the active embeddings
+        (every embedding with ``reference=True``).
 
         See the module docstring for why restoring is needed for momentum, weight decay and Adam.
         """
@@ -364,8 +379,8 @@ class HAT:
             if restore:
                 for p, keep, before in zip(self._frozen, self._keep, self._snapshots, strict=True):
                     p.copy_(torch.where(keep, p, before))
-            for g in self.gates:
-                g.embedding[task].clamp_(-self.clamp, self.clamp)
+            for g in self.gates:  # Serrà et al.'s code clamps every task's embedding
+                (g.embedding if self.reference else g.embedding[task]).clamp_(-self.clamp, self.clamp)
 
     def end_task(self) -> None:
         """Finish the active task: fold its masks into every gate's cumulative mask (binarized by default)

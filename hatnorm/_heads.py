@@ -9,12 +9,12 @@ from typing import final
 import torch
 from torch import Tensor, nn
 
-from hatnorm._checks import check_batch, check_positive_int, check_task
+from hatnorm._checks import check_batch, check_num_tasks, check_positive_int, check_task
 
 
 def class_counts(num_classes: int | Sequence[int], num_tasks: int) -> list[int]:
     """``num_classes`` as one count per task: an int is repeated, a sequence must have ``num_tasks`` counts ≥ 1."""
-    num_tasks = check_positive_int(num_tasks, "num_tasks")
+    num_tasks = check_num_tasks(num_tasks)
     if isinstance(num_classes, numbers.Integral) and not isinstance(num_classes, bool):
         return [check_positive_int(num_classes, "num_classes")] * num_tasks
     if not isinstance(num_classes, Sequence) or isinstance(num_classes, str | bytes):

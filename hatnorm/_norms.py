@@ -17,7 +17,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from hatnorm._checks import check_input, check_mask, check_non_negative, check_positive, check_positive_int, check_task
+from hatnorm._checks import (
+    check_input,
+    check_mask,
+    check_non_negative,
+    check_num_tasks,
+    check_positive,
+    check_positive_int,
+    check_task,
+)
 from hatnorm._masks import MaskState
 from hatnorm._policies import GradientPolicy
 from hatnorm._protected import Protected
@@ -258,7 +266,7 @@ class MaskedNorm(nn.Module, Protected):
     def __init__(self, num_features: int, *, num_tasks: int) -> None:
         super().__init__()
         self.num_features = check_positive_int(num_features, "num_features")
-        self.num_tasks = check_positive_int(num_tasks, "num_tasks")
+        self.num_tasks = check_num_tasks(num_tasks)
 
     @abstractmethod
     def forward(self, x: Tensor, mask: Tensor, task: int) -> Tensor:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset, TensorDataset
 
-from hatnorm._checks import check_positive_int
+from hatnorm._checks import check_num_tasks, check_positive_int
 
 #: MNIST's pixel mean and standard deviation (of the full training set)
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
@@ -171,7 +171,7 @@ def split_mnist(
         size: the output side, ≥ 28.
         channels: 1 (gray) or 3 (repeated for RGB models).
     """
-    num_tasks = check_positive_int(num_tasks, "num_tasks")
+    num_tasks = check_num_tasks(num_tasks)
     if num_tasks > 5:
         raise ValueError(f"num_tasks must be in [1, 5] for Split-MNIST (10 classes in pairs), got {num_tasks}")
     images, labels, train_idx, test_idx = _mnist_images(size, channels, test_fraction)
@@ -208,7 +208,7 @@ def permuted_mnist(
         size: the output side, ≥ 28.
         channels: 1 (gray) or 3 (repeated for RGB models).
     """
-    num_tasks = check_positive_int(num_tasks, "num_tasks")
+    num_tasks = check_num_tasks(num_tasks)
     seed = _check_seed(seed)
     images, labels, train_idx, test_idx = _mnist_images(size, channels, test_fraction)
     pixels = images.flatten(2)  # [n, c, size*size]
@@ -283,7 +283,7 @@ def cifar_sequence(data_root: str | os.PathLike, *, seed: int = 0, num_tasks: in
     """
     if not isinstance(data_root, str | os.PathLike):
         raise TypeError(f"data_root must be a folder path (str or os.PathLike), got {data_root!r}")
-    num_tasks = check_positive_int(num_tasks, "num_tasks")
+    num_tasks = check_num_tasks(num_tasks)
     if num_tasks > 10:
         raise ValueError(f"num_tasks must be in [1, 10] for the CIFAR sequence, got {num_tasks}")
     seed = _check_seed(seed)

@@ -104,6 +104,18 @@ def test_other_ablations_run(module, tmp_path) -> None:
             assert r["runs"]["0"]["bwt"] == 0.0
 
 
+def test_reference_mode_from_the_command_line(tmp_path) -> None:
+    results = sweep.main([*TINY, "--out", str(tmp_path), "--width", "0.05", "--s-max", "100", "--c", "0.5",
+                          "--reference"])
+    assert json.loads((tmp_path / "results.json").read_text())["reference"] is True
+    run = json.loads((tmp_path / "seed_0" / "s_max_100" / "results.json").read_text())
+    assert run["options"]["reference"] is True and run["method"] == "hat"
+    # soft masks forget a little by design: what is checked is that the run is consistent
+    for r in results["variants"].values():
+        A = r["runs"]["0"]["accuracy"]
+        assert r["runs"]["0"]["bwt"] == pytest.approx(A[1][0] - A[0][0], abs=1e-12)
+
+
 def _hat_guarantees_no_forgetting(label: str) -> bool:
     """Whether the variant is HAT's hard policy with binarised masks and a task-aware norm.
 

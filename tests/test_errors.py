@@ -120,6 +120,12 @@ NORM_CASES: dict[str, tuple[Callable, type[Exception], str]] = {
     "mask_int": (lambda n, x: n(x, torch.ones(C, dtype=torch.long), 0), ValueError,
                  r"mask must be a floating-point tensor with values in \[0, 1\], got dtype torch.int64"),
     "mask_list": (lambda n, x: n(x, [1.0] * C, 0), TypeError, r"mask must be a tensor of shape \[6\], got list"),
+    "mask_above_one": (lambda n, x: n(x, torch.full((C,), 1.5), 0), ValueError,
+                       r"mask must hold gate values in \[0, 1\], got 6 outside, e\.g\. \[1\.5, 1\.5, 1\.5\]"),
+    "mask_negative": (lambda n, x: n(x, torch.tensor([0.5, -0.1, 1.0, 0.0, 1.0, 1.0]), 0), ValueError,
+                      r"mask must hold gate values in \[0, 1\], got 1 outside, e\.g\. \[-0\.1"),
+    "mask_nan": (lambda n, x: n(x, torch.tensor([0.5, math.nan, 1.0, 0.0, 1.0, 1.0]), 0), ValueError,
+                 r"mask must hold gate values in \[0, 1\], got 1 outside, e\.g\. \[nan\]"),
     "x_int": (lambda n, x: n(x.long(), MASK, 0), ValueError,
               r"x must be a floating-point tensor, got dtype torch.int64"),
     "x_not_a_tensor": (lambda n, x: n(x.tolist(), MASK, 0), TypeError, r"x must be a tensor, got list"),
@@ -182,7 +188,8 @@ def test_batch_norm_refuses_one_value_per_channel_in_training(cls) -> None:
     (0, T, r"num_features must be an int ≥ 1, got 0"),
     (2.5, T, r"num_features must be an int ≥ 1, got 2.5"),
     (C, 0, r"num_tasks must be an int ≥ 1, got 0"),
-], ids=["num_features_0", "num_features_float", "num_tasks_0"])
+    (C, 10**6, r"num_tasks must be ≤ 10,000 \(every gate and per-task norm keeps a row per task\), got 1,000,000"),
+], ids=["num_features_0", "num_features_float", "num_tasks_0", "num_tasks_huge"])
 def test_norm_constructor_refuses_bad_sizes(cls, num_features, num_tasks, match) -> None:
     with pytest.raises(ValueError, match=match):
         cls(num_features, num_tasks=num_tasks)
@@ -261,6 +268,7 @@ def test_gate_needs_a_scale_in_training() -> None:
 @pytest.mark.parametrize(("args", "kwargs", "exc", "match"), [
     ((0,), {"num_tasks": T}, ValueError, r"num_features must be an int ≥ 1, got 0"),
     ((C,), {"num_tasks": 0}, ValueError, r"num_tasks must be an int ≥ 1, got 0"),
+    ((C,), {"num_tasks": 10**6}, ValueError, r"num_tasks must be ≤ 10,000 .*, got 1,000,000"),
     ((C,), {"num_tasks": T, "s_max": 0.0}, ValueError, r"s_max must be a finite number > 0, got 0.0"),
     ((C,), {"num_tasks": T, "s_max": -400}, ValueError, r"s_max must be a finite number > 0, got -400"),
     ((C,), {"num_tasks": T, "binarize": 1}, TypeError, r"binarize must be a bool, got 1"),
@@ -851,6 +859,8 @@ def test_build_takes_numpy_class_counts() -> None:
     ("vit", {"norm": "masked_bn"}, ValueError, r"^norm 'masked_bn' does not fit architecture 'vit'; allowed: \["),
     ("mlp", {"norm": 3}, TypeError, r"^norm must be a registered norm name or a NormSpec, got 3$"),
     ("mlp", {"num_tasks": 0}, ValueError, r"^num_tasks must be an int ≥ 1, got 0$"),
+    ("mlp", {"num_tasks": 10**6}, ValueError, r"^num_tasks must be ≤ 10,000 .*, got 1,000,000$"),
+    ("mlp", {"reference": 1}, TypeError, r"^reference must be a bool, got 1$"),
 ])
 def test_build_refuses_bad_options(name, options, exc, match) -> None:
     kwargs = {"num_tasks": T, "num_classes": 2} | options

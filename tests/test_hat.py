@@ -395,6 +395,45 @@ def test_step_clamps_the_active_embedding() -> None:
     assert torch.equal(net.g1.embedding[0].detach(), torch.tensor([10.0, -10.0, 5.0, -7.0]))
 
 
+# --- reference mode: Serrà et al.'s code where it differs from the paper ----------------------------------
+
+
+def test_reference_mode_anneals_over_the_sample_index_and_clamps_every_row() -> None:
+    torch.manual_seed(0)
+    net = TwoGates(binarize=False)
+    hat = hatnorm.HAT(net, net.layers(), reference=True)
+    # s = 1/s_max + (s_max − 1/s_max)·i/N, i = b·64 of N = 10·64: the last batch stays below s_max
+    assert [hat.scale(b, 10) for b in (0, 5, 9)] == pytest.approx(
+        [1 / S_MAX, 1 / S_MAX + (S_MAX - 1 / S_MAX) * 0.5, 1 / S_MAX + (S_MAX - 1 / S_MAX) * 0.9])
+    hat.begin_task(1)
+    with torch.no_grad():
+        net.g1.embedding[0] = torch.tensor([10.0, -10.0, 5.0])
+    hat.step(torch.optim.SGD(net.parameters(), lr=0.0))
+    assert torch.equal(net.g1.embedding[0].detach(), torch.tensor([6.0, -6.0, 5.0]))  # not the active row
+
+
+def test_the_paper_mode_reaches_s_max_on_the_last_batch() -> None:
+    net = TwoGates()
+    assert hatnorm.HAT(net, net.layers()).scale(9, 10) == S_MAX
+
+
+def test_reference_mode_refuses_binarizing_gates_and_build_makes_soft_ones() -> None:
+    net = TwoGates()
+    with pytest.raises(ValueError, match=r"reference=True reproduces Serrà et al.'s soft masks, but gates "
+                                         r"\['g1', 'g2'\] binarize"):
+        hatnorm.HAT(net, net.layers(), reference=True)
+    model = hatnorm.build("mlp", num_tasks=2, norm="masked_bn", num_classes=2, in_features=4, hidden=(8,),
+                          reference=True)
+    assert all(not g.binarize for g in model.modules() if isinstance(g, hatnorm.HATGate))
+    hat = hatnorm.HAT(model, reference=True)
+    hat.begin_task(0)
+    hat.end_task()
+    cumulative = model.gates[0].cumulative
+    assert torch.equal(cumulative, hatnorm.hat_gate(model.gates[0].embedding[0].detach(), S_MAX))  # soft: σ(s_max·e)
+    with pytest.raises(TypeError, match="reference must be a bool, got 'yes'"):
+        hatnorm.build("mlp", num_tasks=2, norm="masked_bn", num_classes=2, in_features=4, reference="yes")
+
+
 # --- capacity regulariser ---------------------------------------------------------------------------------
 
 

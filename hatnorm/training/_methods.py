@@ -68,15 +68,17 @@ class HATMethod(Method):
     Args:
         c: capacity-regulariser weight.
         policy: gradient policy name or instance.
+        reference: Serrà et al.'s code rather than the paper (``HAT(reference=True)``); the model must be
+            built with ``hatnorm.build(..., reference=True)``.
     """
 
     name = "hat"
 
-    def __init__(self, c: float = 0.75, policy: str | GradientPolicy = "hat") -> None:
-        self.c, self.policy = c, policy
+    def __init__(self, c: float = 0.75, policy: str | GradientPolicy = "hat", reference: bool = False) -> None:
+        self.c, self.policy, self.reference = c, policy, reference
 
     def setup(self, model: nn.Module) -> None:
-        self.hat = HAT(model, c=self.c, policy=self.policy)
+        self.hat = HAT(model, c=self.c, policy=self.policy, reference=self.reference)
 
     def begin_task(self, task: int) -> None:
         self.hat.begin_task(task)
