@@ -24,7 +24,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                        budget=_common.Budget(smoke=4, converged=30, optimizer="adamw"), out="runs/layernorm")
     p.add_argument("--arch", choices=("vit_micro", "vit_tiny", "vit"), default="vit_micro", help="the ViT")
     p.add_argument("--norms", nargs="+", choices=NORMS, default=list(NORMS), help="norm variants under HAT")
-    p.add_argument("--dim", type=_common.positive_int, default=32, help="width of the residual stream")
+    p.add_argument("--dim", type=_common.positive_int, default=64, help="width of the residual stream")
     p.add_argument("--depth", type=_common.positive_int, default=2, help="number of blocks")
     p.add_argument("--heads", type=_common.positive_int, default=4, help="attention heads")
     p.add_argument("--patch-size", type=_common.positive_int, default=4, help="patch side (divides 32)")

@@ -20,7 +20,7 @@ from hatnorm import (
     TaskHeads,
     register_architecture,
 )
-from hatnorm._checks import check_batch, check_batch_statistics, check_positive_int, check_task_and_scale
+from hatnorm.checks import check_batch, check_batch_statistics, check_positive_int, check_task_and_scale
 
 
 def _conv_out(size: int, kernel: int) -> int:

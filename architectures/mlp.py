@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hatnorm import HATGate, HATModule, Layer, MaskedNorm, MaskSource, NormSpec, TaskHeads, register_architecture
-from hatnorm._checks import check_batch_statistics, check_flat_batch, check_positive_int, check_task_and_scale
+from hatnorm.checks import check_batch_statistics, check_flat_batch, check_positive_int, check_task_and_scale
 
 
 class GatedMLP(HATModule):

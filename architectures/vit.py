@@ -23,11 +23,12 @@ from hatnorm import (
     NormSpec,
     TaskHeads,
     TokenEmbedding,
+    blocks_wiring,
     gated_linear,
     register_architecture,
+    run_blocks,
 )
-from hatnorm._checks import check_batch, check_task_and_scale
-from hatnorm._transformer import blocks_wiring, run_blocks
+from hatnorm.checks import check_batch, check_task_and_scale
 
 
 class ViT(HATModule):

@@ -36,7 +36,14 @@ from hatnorm._norms import (
 )
 from hatnorm._policies import AdaHATPolicy, GradientPolicy, HATPolicy, get_policy, list_policies, register_policy
 from hatnorm._protected import Protected
-from hatnorm._transformer import GatedAttention, GatedFeedForward, TokenEmbedding, gated_linear
+from hatnorm._transformer import (
+    GatedAttention,
+    GatedFeedForward,
+    TokenEmbedding,
+    blocks_wiring,
+    gated_linear,
+    run_blocks,
+)
 from hatnorm.distributed import convert_sync
 from hatnorm.training._evaluation import recalibrate_norms
 
@@ -80,6 +87,7 @@ __all__ = [
     "TaskModel",
     "TokenEmbedding",
     "anneal_scale",
+    "blocks_wiring",
     "build",
     "compensate",
     "compensation_factor",
@@ -102,6 +110,7 @@ __all__ = [
     "register_architecture",
     "register_norm",
     "register_policy",
+    "run_blocks",
     "selective_batch_norm",
     "sync_batch_norm",
 ]

@@ -35,17 +35,14 @@ from hatnorm._checks import (
     check_task,
     check_training_scale,
 )
+from hatnorm._conversion_error import ConversionError
+from hatnorm._convert_vit import convert_vit, is_transformers_vit
 from hatnorm._gate import HATGate
 from hatnorm._hat import HATModule, Layer
 from hatnorm._heads import TaskHeads, class_counts
 from hatnorm._masks import Concat, Flatten, MaskSource, Residual
 from hatnorm._norm_registry import NormSpec, get_norm
 from hatnorm._norms import MaskedNorm, NoNorm
-
-
-class ConversionError(ValueError):
-    """A model, or a part of it, that :func:`convert` cannot turn into a HAT model."""
-
 
 #: modules that act on every unit alone and keep a zero unit at zero
 _UNITWISE_MODULES = (
@@ -408,8 +405,6 @@ def convert(
         raise TypeError(f"norm must be a registered norm name or a NormSpec, got {norm!r}")
     counts = None if num_classes is None else class_counts(num_classes, num_tasks)
     s_max = check_positive(s_max, "s_max")
-    from hatnorm._convert_vit import convert_vit, is_transformers_vit
-
     if is_transformers_vit(module):
         return convert_vit(module, num_tasks=num_tasks, spec=spec, num_classes=counts, s_max=s_max)
     try:

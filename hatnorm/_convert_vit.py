@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from hatnorm._checks import check_batch, check_task, check_training_scale
+from hatnorm._conversion_error import ConversionError
 from hatnorm._gate import HATGate
 from hatnorm._hat import HATModule, Layer
 from hatnorm._heads import TaskHeads
@@ -30,12 +31,6 @@ def is_transformers_vit(module: nn.Module) -> bool:
     return type(module).__name__ == "ViTForImageClassification"
 
 
-def _convert_error(message: str) -> Exception:
-    from hatnorm._convert import ConversionError
-
-    return ConversionError(message)
-
-
 def _load(target: nn.Module, source: nn.Module) -> None:
     target.load_state_dict(source.state_dict())
 
@@ -48,10 +43,10 @@ class ConvertedViT(HATModule):
         super().__init__()
         config = vit.config
         if config.hidden_act not in _ZERO_PRESERVING:
-            raise _convert_error(f"module: activation {config.hidden_act!r} does not map 0 to 0; allowed: "
+            raise ConversionError(f"module: activation {config.hidden_act!r} does not map 0 to 0; allowed: "
                                  f"{sorted(_ZERO_PRESERVING)}")
         if not spec.fits("layer"):
-            raise _convert_error(f"norm {spec.name!r} cannot replace a transformer's LayerNorm; use a layer-family "
+            raise ConversionError(f"norm {spec.name!r} cannot replace a transformer's LayerNorm; use a layer-family "
                                  "norm")
         embeddings = vit.embeddings
         dim, eps = config.hidden_size, config.layer_norm_eps
@@ -127,9 +122,9 @@ def convert_vit(module: nn.Module, *, num_tasks: int, spec: NormSpec, num_classe
     """Convert a transformers ``ViTForImageClassification`` (see the module docstring)."""
     vit, classifier = module.vit, module.classifier
     if not isinstance(classifier, nn.Linear):
-        raise _convert_error(f"module.classifier must be an nn.Linear, got {type(classifier).__name__}")
+        raise ConversionError(f"module.classifier must be an nn.Linear, got {type(classifier).__name__}")
     if getattr(vit.embeddings, "mask_token", None) is not None:
-        raise _convert_error("module: ViT models with a mask token (use_mask_token=True) are not supported")
+        raise ConversionError("module: ViT models with a mask token (use_mask_token=True) are not supported")
     converted = ConvertedViT(vit, classifier, num_tasks=num_tasks, spec=spec, num_classes=num_classes, s_max=s_max)
     return converted.to(classifier.weight.device).train(module.training)
 
