@@ -50,6 +50,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--norms", nargs="+", choices=NORMS, default=list(NORMS), help="norm variants under HAT")
     p.add_argument("--resnet-width", type=_common.positive_int, default=4,
                    help="ResNet-18 base width (64 is torchvision's, 20 the reduced ResNet-18)")
+    p.add_argument("--resnet-stem", choices=("cifar", "imagenet"), default="cifar",
+                   help="ResNet-18 stem: 3×3 conv for 32×32 inputs, or torchvision's 7×7 conv + max-pool (what "
+                        "ImageNet checkpoints for --weights hold)")
     p.add_argument("--alexnet-width", type=_common.positive_float, default=0.125,
                    help="AlexNet width multiplier (1 is Serrà's)")
     p.add_argument("--c", type=_common.non_negative_float, default=0.75, help="HAT capacity-regulariser weight")
@@ -64,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         p.error(f"--alexnet-width must be ≤ 16, got {args.alexnet_width}")
     console = _common.console()
     tasks, channels, size = _common.load_tasks(args, p)
-    options = {"resnet18": {"base_width": args.resnet_width, "in_channels": channels},
+    options = {"resnet18": {"base_width": args.resnet_width, "in_channels": channels, "stem": args.resnet_stem},
                "alexnet": {"width": args.alexnet_width, "in_channels": channels, "size": size}}
     title = f"Norms under HAT ({args.data}, {len(tasks(args.seeds[0]))} tasks, {_common.seeds_text(args.seeds)})"
     return _common.run_and_report(variants(args.archs, args.norms, options, args.c), tasks, args,

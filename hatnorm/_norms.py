@@ -303,7 +303,8 @@ class _BatchNormBase(MaskedNorm):
     """Validation and options shared by the batch-statistics norms.
 
     ``process_group``: when set (by :func:`hatnorm.convert_sync`), training statistics are computed over
-    the batches of every rank of the group; ``None`` normalises each process's batch alone.
+    the batches of every rank of the group; ``None`` normalises each process's batch alone. ``frozen``
+    (set by :meth:`freeze`): the norm normalises with its running statistics in training too.
     """
 
     channel_dim = 1
@@ -316,10 +317,24 @@ class _BatchNormBase(MaskedNorm):
         if self.momentum > 1:
             raise ValueError(f"momentum must be in [0, 1], got {momentum!r}")
         self.process_group: ProcessGroup | None = None
+        self.frozen = False
+
+    def freeze(self) -> None:
+        """Hold the norm at its current values, as PackNet and Piggyback hold pretrained BatchNorm: training
+        normalises with the running statistics (which no longer move, recalibration included) and γ, β
+        get no gradient (``requires_grad`` off, so optimizers leave them out)."""
+        self.frozen = True
+        for p in self.parameters(recurse=False):
+            p.requires_grad_(False)
+
+    @property
+    def _batch_statistics(self) -> bool:
+        """Whether this call normalises with batch statistics (and moves the running ones)."""
+        return self.training and not self.frozen
 
     def _check(self, x: Tensor, mask: Tensor, task: int) -> int:
         task = super()._check(x, mask, task)
-        if self.training and x.numel() // self.num_features < 2:
+        if self._batch_statistics and x.numel() // self.num_features < 2:
             raise ValueError(f"x: batch statistics need more than 1 value per channel in training, "
                              f"got shape {list(x.shape)}")
         return task
@@ -339,7 +354,7 @@ class _MaskedBatchNorm(_BatchNormBase):
     def forward(self, x: Tensor, mask: Tensor, task: int) -> Tensor:
         task = self._check(x, mask, task)
         return masked_batch_norm(x, mask, self.weight, self.bias, self.running_mean[task], self.running_var[task],
-                                 training=self.training, momentum=self.momentum, eps=self.eps,
+                                 training=self._batch_statistics, momentum=self.momentum, eps=self.eps,
                                  process_group=self.process_group)
 
     def gradient_multipliers(self, previous: MaskState, task: int, policy: GradientPolicy) -> dict[str, Tensor]:
@@ -386,7 +401,7 @@ class _TaskBatchNorm(_BatchNormBase):
     def forward(self, x: Tensor, mask: Tensor, task: int) -> Tensor:
         task = self._check(x, mask, task)
         return selective_batch_norm(x, None, self.weight[task] * mask, self.bias[task] * mask, self.running_mean[task],
-                                    self.running_var[task], training=self.training, momentum=self.momentum,
+                                    self.running_var[task], training=self._batch_statistics, momentum=self.momentum,
                                     eps=self.eps, process_group=self.process_group)
 
     def gradient_multipliers(self, previous: MaskState, task: int, policy: GradientPolicy) -> dict[str, Tensor]:
@@ -436,8 +451,8 @@ class _SharedBatchNorm(_BatchNormBase):
     def forward(self, x: Tensor, mask: Tensor, task: int) -> Tensor:
         self._check(x, mask, task)
         return selective_batch_norm(x, None, self.weight * mask, self.bias * mask, self.running_mean,
-                                    self.running_var, training=self.training, momentum=self.momentum, eps=self.eps,
-                                    process_group=self.process_group)
+                                    self.running_var, training=self._batch_statistics, momentum=self.momentum,
+                                    eps=self.eps, process_group=self.process_group)
 
     def gradient_multipliers(self, previous: MaskState, task: int, policy: GradientPolicy) -> dict[str, Tensor]:
         rate = policy.unit_rate(previous)
@@ -468,7 +483,7 @@ class _PostGateBatchNorm(_MaskedBatchNorm):
         task = self._check(x, mask, task)
         return selective_batch_norm(x * per_channel(mask, x), mask.detach() > 0.5, self.weight, self.bias,
                                     self.running_mean[task], self.running_var[task],
-                                    training=self.training, momentum=self.momentum, eps=self.eps,
+                                    training=self._batch_statistics, momentum=self.momentum, eps=self.eps,
                                     process_group=self.process_group)
 
 

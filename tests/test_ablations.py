@@ -7,12 +7,17 @@ import json
 import math
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
+import torchvision
+from fake_cifar import write_fake_cifar
 
+import hatnorm
 from ablations import __main__ as cli
-from ablations import _common, layernorm, norms, policy, sweep
+from ablations import _common, layernorm, norms, policy, pretrained, sweep
 from hatnorm.stats import paired_difference, summarize
 from hatnorm.training import TrainConfig
 
@@ -114,6 +119,80 @@ def test_reference_mode_from_the_command_line(tmp_path) -> None:
     for r in results["variants"].values():
         A = r["runs"]["0"]["accuracy"]
         assert r["runs"]["0"]["bwt"] == pytest.approx(A[1][0] - A[0][0], abs=1e-12)
+
+
+def test_the_pretrained_ablation_starts_from_a_source_network(tmp_path, capsys) -> None:
+    results = pretrained.main([*TINY, "--out", str(tmp_path), "--arch", "alexnet", "--width", "0.05",
+                               "--source-tasks", "1"])
+    out = capsys.readouterr().out
+    assert "pretraining, seed 0: source test accuracy" in out and "Pretrained BN under HAT" in out
+    saved = torch.load(tmp_path / "seed_0" / "pretrained.pt", weights_only=True)
+    assert "convs.0.weight" in saved and "norms.0.running_mean" in saved
+    assert not any(k.startswith(("gates.", "heads.")) for k in saved)  # what an ordinary checkpoint holds
+    assert len(results["variants"]) == 2 * 4
+    for r in results["variants"].values():
+        assert r["runs"]["0"]["bwt"] == 0.0  # HAT's hard policy with a task-aware norm, any start
+    # a second run reuses the seed's source network
+    pretrained.main([*TINY, "--out", str(tmp_path), "--arch", "alexnet", "--width", "0.05", "--source-tasks", "1",
+                     "--resume"])
+    assert "pretraining, seed 0: reusing" in capsys.readouterr().out
+
+
+def test_frozen_and_reset_starts_do_what_they_say() -> None:
+    model = hatnorm.build("alexnet", num_tasks=2, norm="masked_bn", num_classes=2, width=0.05, in_channels=1)
+    state = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in pretrained.trunk_state(model).items()}
+    state = {k: v.abs() if "running_var" in k else v for k, v in state.items()}
+    pretrained.start("BN frozen", lambda seed: _saved(state))(model, 0)
+    norm = model.norms[0]
+    assert norm.frozen and not norm.weight.requires_grad
+    assert torch.equal(norm.running_mean[1], state["norms.0.running_mean"][1])
+    model.train()
+    before = norm.running_mean.clone()
+    model(torch.randn(4, 1, 32, 32), task=0, s=400.0)
+    assert torch.equal(norm.running_mean, before)  # frozen statistics never move
+    pretrained.start("BN reset", lambda seed: _saved(state))(model, 0)
+    assert torch.equal(norm.running_var, torch.ones_like(norm.running_var)) and torch.equal(
+        norm.weight, torch.ones_like(norm.weight))
+
+
+def _saved(state: dict) -> Path:
+    path = Path(tempfile.mkdtemp()) / "weights.pt"
+    torch.save(state, path)
+    return path
+
+
+def test_weights_start_every_model_from_a_torchvision_checkpoint(tmp_path, capsys) -> None:
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(num_classes=10)
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+    path = tmp_path / "resnet18.pth"
+    torch.save(net.state_dict(), path)
+    model = hatnorm.build("resnet18", num_tasks=2, norm="masked_bn", num_classes=2, base_width=64, in_channels=3,
+                          stem="imagenet")
+    left_out = _common.load_weights(model, _common.read_weights(path), str(path))
+    assert left_out[:2] == ["bn1.num_batches_tracked", "fc.bias"] and "fc.weight" in left_out
+    assert torch.equal(model.conv1.weight, net.conv1.weight)
+    for t in range(2):  # plain BatchNorm statistics in every task slot
+        assert torch.equal(model.layer1[0].bn1.running_mean[t], net.layer1[0].bn1.running_mean)
+    write_fake_cifar(tmp_path / "data", train_per_class=6, test_per_class=2)
+    norms.main(["--data", "cifar", "--data-root", str(tmp_path / "data"), "--tasks", "1", "--epochs", "1",
+                "--batch-size", "8", "--archs", "resnet18", "--resnet-width", "64", "--resnet-stem", "imagenet",
+                "--norms", "masked_bn", "--weights", str(path), "--out", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert f"--weights: every model starts from {path} (" in out and "fc.bias, fc.weight; 20 BatchNorm step" in out
+    saved = json.loads((tmp_path / "out" / "seed_0" / "resnet18_hat_masked_bn" / "results.json").read_text())
+    assert saved["weights"].startswith(f"{path} (sha256 ")
+    # another width does not fit: refused before training, naming the file
+    with pytest.raises(SystemExit) as exit_:
+        norms.main(["--data", "cifar", "--data-root", str(tmp_path / "data"), "--tasks", "1", "--archs", "resnet18",
+                    "--resnet-width", "8", "--resnet-stem", "imagenet", "--weights", str(path), "--out",
+                    str(tmp_path / "other")])
+    assert exit_.value.code == 2
+    assert (f"--weights: {path} does not fit the model (another width, stem or input channels?): conv1.weight is "
+            "[64, 3, 7, 7] there and [8, 3, 7, 7] in the model, and ") in capsys.readouterr().err
 
 
 def _hat_guarantees_no_forgetting(label: str) -> bool:
