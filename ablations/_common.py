@@ -452,7 +452,8 @@ def write(summary: dict[str, Any], out: Path, info: dict[str, Any]) -> None:
                              d["n"], c["established"]])
 
 
-def _cell(s: dict[str, Any], metric: str) -> str:
+def cell(s: dict[str, Any], metric: str) -> str:
+    """A metric's summary as the tables print it: mean ± 95% CI half-width (the mean alone for one seed)."""
     if math.isnan(s["mean"]):
         return "n/a"
     mean = f"{s['mean']:.4f}" if metric == "average_accuracy" else f"{s['mean']:+.4f}"
@@ -466,7 +467,7 @@ def table(summary: dict[str, Any], title: str) -> Table:
     for column in ("variant", *METRICS.values(), "epochs/task", "time (s)"):
         t.add_column(column, justify="left" if column == "variant" else "right")
     for label, r in summary["variants"].items():
-        t.add_row(label, *(_cell(r["summary"][m], m) for m in METRICS), f"{r['epochs_mean']:.1f}",
+        t.add_row(label, *(cell(r["summary"][m], m) for m in METRICS), f"{r['epochs_mean']:.1f}",
                   f"{r['seconds']:.0f}")
     return t
 

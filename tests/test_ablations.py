@@ -17,7 +17,7 @@ from fake_cifar import write_fake_cifar
 
 import hatnorm
 from ablations import __main__ as cli
-from ablations import _common, layernorm, norms, policy, pretrained, sweep
+from ablations import _common, layernorm, norms, policy, pretrained, report, sweep
 from hatnorm.stats import paired_difference, summarize
 from hatnorm.training import TrainConfig
 
@@ -72,6 +72,13 @@ def test_several_seeds_give_means_intervals_and_paired_contrasts(tmp_path, capsy
     assert low == pytest.approx(masked["summary"]["bwt"]["low"], abs=1e-6)
     assert (tmp_path / "contrasts.csv").read_text().count("\n") == 1 + len(results["contrasts"])
     assert (tmp_path / "seed_3" / "results.json").exists() and (tmp_path / "seed_4" / "results.json").exists()
+    # the Markdown the docs show, made from the files
+    report.main([str(tmp_path)])
+    markdown = capsys.readouterr().out
+    assert "seeds 3, 4; wall time" in markdown and "| alexnet HAT masked BN | " in markdown
+    row = next(line for line in markdown.splitlines() if line.startswith("| alexnet HAT masked BN − alexnet HAT shared "
+                                                                           "BN | BWT |"))
+    assert ("**yes**" in row) == contrast["established"]
 
 
 def test_presets_and_optimizers_resolve_to_the_training_settings() -> None:
