@@ -490,7 +490,8 @@ def plot(summary: dict[str, Any], out: Path, title: str) -> list[Path]:
     seed-mean accuracy matrices as heatmaps."""
     results = summary["variants"]
     archs = list(dict.fromkeys(r["arch"] for r in results.values()))
-    fig, axes = plt.subplots(1, len(archs), figsize=(5.5 * len(archs), 4), squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(1, len(archs), figsize=(max(7.0, 5.5 * len(archs)), 4.5), squeeze=False,
+                             layout="constrained")
     for ax, arch in zip(axes[0], archs, strict=True):
         for label, r in results.items():
             if r["arch"] != arch:
@@ -505,7 +506,7 @@ def plot(summary: dict[str, Any], out: Path, title: str) -> list[Path]:
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.legend(fontsize=7)
     n = len(summary["seeds"])
-    fig.suptitle(title + (f" (mean, 95% band over {n} seeds)" if n > 1 else ""))
+    fig.suptitle(title + (f"\nmean and 95% band over {n} seeds" if n > 1 else ""), fontsize=10)
     rho_path = out / "forgetting_ratio.png"
     fig.savefig(rho_path, dpi=120)
     plt.close(fig)

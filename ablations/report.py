@@ -2,6 +2,7 @@
 
     python -m ablations.report runs/norms                       # one run's folder (its results.json)
     python -m ablations.report runs/norms_alexnet runs/norms_resnet18
+    python -m ablations.report --plot runs/norms                # and redraw its plots
 
 The tables are those docs/ablations.md shows, made from the files a run wrote, so a documented number
 can be traced to its run.
@@ -16,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ablations._common import METRICS, cell
+from ablations._common import METRICS, cell, plot
 
 
 def variants_table(results: dict[str, Any]) -> str:
@@ -56,6 +57,7 @@ def describe(results: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m ablations.report", description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", type=Path, help="folders of finished runs (each with its results.json)")
+    p.add_argument("--plot", action="store_true", help="also redraw each run's plots from its results.json")
     args = p.parse_args(argv)
     for folder in args.runs:
         path = folder / "results.json"
@@ -65,6 +67,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         if "contrasts" not in results:
             p.error(f"{path}: a results.json of one seed's run; give the run's --out folder")
         print(f"{describe(results)}\n\n{variants_table(results)}\n\n{contrasts_table(results)}\n")
+        if args.plot:
+            for drawn in plot(results, folder, results["title"]):
+                print(f"wrote {drawn}")
 
 
 if __name__ == "__main__":

@@ -73,8 +73,10 @@ def test_several_seeds_give_means_intervals_and_paired_contrasts(tmp_path, capsy
     assert (tmp_path / "contrasts.csv").read_text().count("\n") == 1 + len(results["contrasts"])
     assert (tmp_path / "seed_3" / "results.json").exists() and (tmp_path / "seed_4" / "results.json").exists()
     # the Markdown the docs show, made from the files
-    report.main([str(tmp_path)])
+    (tmp_path / "forgetting_ratio.png").unlink()
+    report.main(["--plot", str(tmp_path)])
     markdown = capsys.readouterr().out
+    assert (tmp_path / "forgetting_ratio.png").stat().st_size > 0  # redrawn from the files
     assert "seeds 3, 4; wall time" in markdown and "| alexnet HAT masked BN | " in markdown
     row = next(line for line in markdown.splitlines() if line.startswith("| alexnet HAT masked BN − alexnet HAT shared "
                                                                            "BN | BWT |"))
