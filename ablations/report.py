@@ -3,6 +3,10 @@
     python -m ablations.report runs/norms                       # one run's folder (its results.json)
     python -m ablations.report runs/norms_alexnet runs/norms_resnet18
     python -m ablations.report --plot runs/norms                # and redraw its plots
+    python -m ablations.report --merge runs/all runs/seeds012 runs/seeds345   # one table over every seed
+
+``--merge`` joins runs of the same ablation and settings made on different seeds (in turn, or on several
+machines) into one summary over all their seeds, written to the given folder like a run's own.
 
 The tables are those docs/ablations.md shows, made from the files a run wrote, so a documented number
 can be traced to its run.
@@ -17,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ablations._common import METRICS, cell, plot
+from ablations._common import METRICS, aggregate, cell, plot, seeds_text, write
 
 
 def variants_table(results: dict[str, Any]) -> str:
@@ -54,11 +58,42 @@ def describe(results: dict[str, Any]) -> str:
             f"seeds {', '.join(map(str, results['seeds']))}; wall time {minutes:.0f} min")
 
 
+def merge(runs: Sequence[dict[str, Any]], names: Sequence[str]) -> dict[str, Any]:
+    """One summary over the seeds of several runs of the same ablation, variants and settings.
+
+    Raises:
+        ValueError: the runs differ in title (other than the seeds), preset, settings or variants, or share a seed.
+    """
+    first = runs[0]
+    by_seed: dict[int, dict[str, Any]] = {}
+    for name, results in zip(names, runs, strict=True):
+        for key, default in (("preset", None), ("config", None), ("tasks", None), ("reference", False),
+                             ("weights", None)):
+            mine, theirs = results.get(key, default), first.get(key, default)
+            if mine != theirs:
+                raise ValueError(f"{name}: {key} {mine!r} differs from {names[0]}'s {theirs!r}")
+        if list(results["variants"]) != list(first["variants"]):
+            raise ValueError(f"{name}: variants {list(results['variants'])} differ from {names[0]}'s")
+        for seed in results["seeds"]:
+            if seed in by_seed:
+                raise ValueError(f"{name}: seed {seed} is in two of the runs; each seed must come from one")
+            by_seed[seed] = {label: r["runs"][str(seed)] for label, r in results["variants"].items()}
+    pairs = list(dict.fromkeys((c["a"], c["b"]) for c in first["contrasts"]))
+    summary = aggregate(dict(sorted(by_seed.items())), pairs)
+    title = first["title"].rsplit(", seed", 1)[0] + f", {seeds_text(list(summary['seeds']))})"
+    wall = sum(r.get("wall_seconds", math.nan) for r in runs)
+    return {k: v for k, v in first.items() if k not in ("variants", "contrasts", "seeds")} | {
+        "title": title, "wall_seconds": wall, "merged_from": list(names)} | summary
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m ablations.report", description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", type=Path, help="folders of finished runs (each with its results.json)")
     p.add_argument("--plot", action="store_true", help="also redraw each run's plots from its results.json")
+    p.add_argument("--merge", type=Path, default=None, metavar="OUT",
+                   help="join the runs (the same ablation and settings, other seeds) into one summary in OUT")
     args = p.parse_args(argv)
+    loaded = []
     for folder in args.runs:
         path = folder / "results.json"
         if not path.is_file():
@@ -66,6 +101,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         results = json.loads(path.read_text())
         if "contrasts" not in results:
             p.error(f"{path}: a results.json of one seed's run; give the run's --out folder")
+        loaded.append((folder, results))
+    if args.merge is not None:
+        try:
+            merged = merge([r for _, r in loaded], [str(f) for f, _ in loaded])
+        except ValueError as error:
+            p.error(str(error))
+        args.merge.mkdir(parents=True, exist_ok=True)
+        write({k: merged[k] for k in ("seeds", "variants", "contrasts")}, args.merge,
+              {k: v for k, v in merged.items() if k not in ("seeds", "variants", "contrasts")})
+        loaded = [(args.merge, json.loads((args.merge / "results.json").read_text()))]
+        args.plot = True
+    for folder, results in loaded:
         print(f"{describe(results)}\n\n{variants_table(results)}\n\n{contrasts_table(results)}\n")
         if args.plot:
             for drawn in plot(results, folder, results["title"]):

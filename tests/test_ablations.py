@@ -83,6 +83,23 @@ def test_several_seeds_give_means_intervals_and_paired_contrasts(tmp_path, capsy
     assert ("**yes**" in row) == contrast["established"]
 
 
+def test_runs_on_other_seeds_merge_into_one_summary(tmp_path, capsys) -> None:
+    tiny = ["--tasks", "2", "--epochs", "1", "--archs", "alexnet", "--alexnet-width", "0.05", "--norms", "masked_bn"]
+    first = norms.main([*tiny, "--seeds", "0", "--out", str(tmp_path / "a")])
+    second = norms.main([*tiny, "--seeds", "1", "--out", str(tmp_path / "b")])
+    report.main(["--merge", str(tmp_path / "all"), str(tmp_path / "a"), str(tmp_path / "b")])
+    assert "seeds 0, 1; wall time" in capsys.readouterr().out
+    merged = json.loads((tmp_path / "all" / "results.json").read_text())
+    assert merged["seeds"] == [0, 1] and (tmp_path / "all" / "forgetting_ratio.png").exists()
+    label = "alexnet HAT masked BN"
+    values = [first["variants"][label]["runs"]["0"]["average_accuracy"],
+              second["variants"][label]["runs"]["1"]["average_accuracy"]]
+    assert merged["variants"][label]["summary"]["average_accuracy"] == summarize(values).to_dict()
+    with pytest.raises(SystemExit) as exit_:
+        report.main(["--merge", str(tmp_path / "again"), str(tmp_path / "a"), str(tmp_path / "all")])
+    assert exit_.value.code == 2 and "seed 0 is in two of the runs" in capsys.readouterr().err
+
+
 def test_presets_and_optimizers_resolve_to_the_training_settings() -> None:
     cnn = _common.Budget(smoke=4, converged=100)
 
