@@ -7,8 +7,9 @@ one gate on the residual stream, gates on the q, k, v features and on the MLP hi
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
+import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
@@ -20,6 +21,7 @@ from hatnorm import (
     Layer,
     MaskedNorm,
     MaskSource,
+    NoNorm,
     NormSpec,
     TaskHeads,
     TokenEmbedding,
@@ -47,6 +49,10 @@ class ViT(HATModule):
         mlp_dim: MLP hidden units (default ``2 * dim``).
         in_channels: input channels.
         s_max: the gates' largest scale.
+        stem: ``"patch"`` (a linear map of each patch, ViT's patchify) or ``"conv"``: a stack of stride-2 3×3
+            convolutions, each but the last gated (no norm) with a ReLU, down to the same tokens
+            (``patch_size`` a power of 2), the small-image practice of Xiao et al. 2021 ("Early convolutions
+            help transformers see better") [``"patch"``].
     """
 
     def __init__(
@@ -64,6 +70,7 @@ class ViT(HATModule):
         mlp_dim: int | None = None,
         in_channels: int = 3,
         s_max: float = 400.0,
+        stem: Literal["patch", "conv"] = "patch",
     ) -> None:
         super().__init__()
         for name, value in (("image_size", image_size), ("patch_size", patch_size), ("dim", dim), ("depth", depth),
@@ -73,11 +80,25 @@ class ViT(HATModule):
                 raise ValueError(f"{name} must be an int ≥ 1, got {value!r}")
         if image_size % patch_size:
             raise ValueError(f"patch_size must divide image_size {image_size}, got {patch_size}")
+        if stem not in ("patch", "conv"):
+            raise ValueError(f"stem must be 'patch' or 'conv', got {stem!r}")
+        if stem == "conv" and (patch_size < 2 or patch_size & (patch_size - 1)):
+            raise ValueError(f"stem='conv' halves the image once per convolution: patch_size must be a power of 2 "
+                             f"≥ 2, got {patch_size}")
         dim_head = dim_head or max(dim // heads, 1)
         mlp_dim = mlp_dim or 2 * dim
-        self.image_size, self.patch_size, self.in_channels = image_size, patch_size, in_channels
+        self.image_size, self.patch_size, self.in_channels, self.stem = image_size, patch_size, in_channels, stem
         num_patches = (image_size // patch_size) ** 2
-        self.to_patch_embedding = nn.Linear(patch_size * patch_size * in_channels, dim)
+        if stem == "patch":
+            self.to_patch_embedding = nn.Linear(patch_size * patch_size * in_channels, dim)
+        else:
+            # widths double up to dim: patch 4 and dim 64 give in → 32 → 64, each conv halving the side
+            steps = patch_size.bit_length() - 1
+            widths = [max(dim >> (steps - 1 - i), 1) for i in range(steps)]
+            self.stem_convs = nn.ModuleList(nn.Conv2d(c_in, c_out, 3, stride=2, padding=1)
+                                            for c_in, c_out in zip([in_channels, *widths], widths, strict=False))
+            self.stem_gates = nn.ModuleList(HATGate(w, num_tasks=num_tasks, s_max=s_max) for w in widths[:-1])
+            self.stem_norms = nn.ModuleList(NoNorm(w, num_tasks=num_tasks) for w in widths[:-1])
         self.tokens = TokenEmbedding(num_patches, dim)
         self.gate_stream = HATGate(dim, num_tasks=num_tasks, s_max=s_max)
         self.attentions = nn.ModuleList(
@@ -93,18 +114,35 @@ class ViT(HATModule):
     def forward(self, img: Tensor, task: int, s: float | Tensor | None = None) -> Tensor:
         """The logits of task ``task`` for images ``img`` ``[N, in_channels, image_size, image_size]`` (N ≥ 1)."""
         size = self.image_size
-        check_batch(img, (self.in_channels, size, size), like=self.to_patch_embedding.weight, name="img")
+        first = self.to_patch_embedding if self.stem == "patch" else self.stem_convs[0]
+        check_batch(img, (self.in_channels, size, size), like=first.weight, name="img")
         task, s = check_task_and_scale(task, s, num_tasks=self.num_tasks, training=self.training)
         stream = self.gate_stream(task, s)
-        patches = rearrange(img, "b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=self.patch_size, p2=self.patch_size)
-        x = self.tokens(gated_linear(patches, self.to_patch_embedding, stream), stream)
+        x = self.tokens(self._embed(img, stream, task, s), stream)
         x = run_blocks(x, stream, self.attentions, self.feedforwards, task, s)
         return self.heads(self.norm(x, stream, task)[:, 0], task)
 
+    def _embed(self, img: Tensor, stream: Tensor, task: int, s: float | Tensor | None) -> Tensor:
+        """The gated patch embeddings ``[N, n, D]``."""
+        if self.stem == "patch":
+            patches = rearrange(img, "b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=self.patch_size,
+                                p2=self.patch_size)
+            return gated_linear(patches, self.to_patch_embedding, stream)
+        h = img
+        for conv, norm, gate in zip(self.stem_convs, self.stem_norms, self.stem_gates, strict=False):
+            h = F.relu(norm(conv(h), gate(task, s), task))
+        return rearrange(self.stem_convs[-1](h), "b d h w -> b (h w) d") * stream
+
     def hat_layers(self) -> list[Layer]:
         stream = self.gate_stream
-        layers = [Layer(self.to_patch_embedding, out=stream), Layer(self.tokens, out=stream),
-                  Layer(self.norm, out=stream)]
+        if self.stem == "patch":
+            layers = [Layer(self.to_patch_embedding, out=stream)]
+        else:
+            gates = list(self.stem_gates)
+            layers = [Layer(conv, out=gate, inp=previous)
+                      for conv, gate, previous in zip(self.stem_convs, [*gates, stream], [None, *gates], strict=True)]
+            layers += [Layer(norm, out=gate) for norm, gate in zip(self.stem_norms, gates, strict=True)]
+        layers += [Layer(self.tokens, out=stream), Layer(self.norm, out=stream)]
         return layers + blocks_wiring(stream, self.attentions, self.feedforwards)
 
     def head_units(self) -> MaskSource:
@@ -118,8 +156,8 @@ def _vit(num_tasks: int, norm: NormSpec, num_classes: list[int], **options: Any)
 
 @register_architecture("vit", family="layer")
 def vit(*, num_tasks: int, norm: NormSpec, num_classes: list[int], **options: Any) -> ViT:
-    """A ViT of any size: ``image_size``, ``patch_size``, ``dim``, ``depth``, ``heads``, ``mlp_dim`` (vit_micro's
-    sizes by default)."""
+    """A ViT of any size: ``image_size``, ``patch_size``, ``dim``, ``depth``, ``heads``, ``mlp_dim``, ``stem``
+    (vit_micro's sizes by default)."""
     return _vit(num_tasks, norm, num_classes, **options)
 
 

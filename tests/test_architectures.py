@@ -15,7 +15,8 @@ OPTIONS = {
     "alexnet": [({"size": 28}, 28), ({"size": 36}, 36)],
     "resnet18": [({"base_width": 8}, 32), ({"base_width": 8, "stem": "imagenet"}, 48)],
     "vit": [({"image_size": 16, "patch_size": 4, "dim": 16, "depth": 1, "heads": 2}, 16),
-            ({"image_size": 24, "patch_size": 8, "dim": 16, "depth": 2, "heads": 2}, 24)],
+            ({"image_size": 24, "patch_size": 8, "dim": 16, "depth": 2, "heads": 2}, 24),
+            ({"image_size": 16, "patch_size": 4, "dim": 16, "depth": 1, "heads": 2, "stem": "conv"}, 16)],
     "vit_micro": [({}, 32), ({"image_size": 16}, 16)],
     "vit_tiny": [({"depth": 2}, 32), ({"depth": 2, "image_size": 16}, 16)],
 }
