@@ -28,14 +28,18 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--depth", type=_common.positive_int, default=2, help="number of blocks")
     p.add_argument("--heads", type=_common.positive_int, default=4, help="attention heads")
     p.add_argument("--patch-size", type=_common.positive_int, default=4, help="patch side (divides 32)")
+    p.add_argument("--stem", choices=("patch", "conv"), default="patch",
+                   help="token embedding: ViT's patchify layer, or a convolutional stem (stride-2 3×3 convolutions)")
     p.add_argument("--c", type=_common.non_negative_float, default=0.75, help="HAT capacity-regulariser weight")
     args = p.parse_args(argv)
     if 32 % args.patch_size:
         p.error(f"--patch-size must divide the image side 32, got {args.patch_size}")
+    if args.stem == "conv" and (args.patch_size < 2 or args.patch_size & (args.patch_size - 1)):
+        p.error(f"--stem conv needs a --patch-size that is a power of 2 ≥ 2, got {args.patch_size}")
     console = _common.console()
     tasks, channels, size = _common.load_tasks(args, p)
     options = {"in_channels": channels, "image_size": size, "patch_size": args.patch_size, "dim": args.dim,
-               "depth": args.depth, "heads": args.heads, "mlp_dim": 2 * args.dim}
+               "depth": args.depth, "heads": args.heads, "mlp_dim": 2 * args.dim, "stem": args.stem}
     arch = args.arch
     variants = [Variant(f"{arch} HAT {LABELS[n]}", arch, n, lambda: HATMethod(c=args.c), options) for n in args.norms]
     variants.append(Variant(f"{arch} SGD", arch, "shared_ln", FineTune, options))

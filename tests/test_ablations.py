@@ -121,7 +121,7 @@ def test_presets_and_optimizers_resolve_to_the_training_settings() -> None:
 
 @pytest.mark.parametrize("module", [layernorm, sweep, policy])
 def test_other_ablations_run(module, tmp_path) -> None:
-    extra = {layernorm: ["--dim", "8", "--depth", "1", "--norms", "masked_ln"],
+    extra = {layernorm: ["--dim", "8", "--depth", "1", "--norms", "masked_ln", "--stem", "conv"],
              sweep: ["--width", "0.05", "--s-max", "100", "--c", "0.5"],
              policy: ["--width", "0.05", "--norms", "masked_bn"]}[module]
     results = module.main([*TINY, "--out", str(tmp_path), *extra])
