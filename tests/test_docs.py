@@ -20,10 +20,18 @@ def python_blocks(name: str) -> list[str]:
 
 def test_add_your_architecture_tutorial(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_arch_registry.ARCHITECTURES, "_entries", dict(_arch_registry.ARCHITECTURES._entries))
-    (block,) = python_blocks("add_your_architecture.md")
+    block, checked = python_blocks("add_your_architecture.md")
     assert len(block.strip().splitlines()) < 40
     namespace: dict = {}
     exec(block, namespace)
+    exec(checked, namespace)
+    norm = hatnorm.get_norm("masked_bn")
+    strict = namespace["CheckedTinyCNN"]([2, 2], num_tasks=2, norm_layer_2d=norm.layer(num_tasks=2, dims=2),
+                                          norm_layer_1d=norm.layer(num_tasks=2, dims=1))
+    with pytest.raises(ValueError, match="x must have shape"):
+        strict(torch.randn(4, 1, 32, 32), task=0)
+    with pytest.raises(ValueError, match=r"task must be in \[0, 2\), got 5"):
+        strict(torch.randn(4, 3, 32, 32), task=5)
     assert "tiny_cnn" in hatnorm.list_architectures()
     model, hat = namespace["model"], namespace["hat"]
     hat.begin_task(0)
