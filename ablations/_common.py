@@ -177,15 +177,18 @@ def load_tasks(args: argparse.Namespace, parser_: argparse.ArgumentParser
     """
     if len(set(args.seeds)) != len(args.seeds):
         parser_.error(f"--seeds must not repeat a seed, got {' '.join(map(str, args.seeds))}")
-    cache: dict[int, list[Task]] = {}
+    cache: dict[int, tuple[list[Task], int, int]] = {}
 
-    def tasks_of(seed: int) -> list[Task]:
+    def loaded(seed: int) -> tuple[list[Task], int, int]:
         key = 0 if args.data == "split_mnist" else seed  # Split-MNIST's split is fixed; the others follow the seed
         if key not in cache:
-            cache[key] = _tasks(args, parser_, seed)[0]
+            cache[key] = _tasks(args, parser_, seed)
         return cache[key]
 
-    _, channels, size = _tasks(args, parser_, args.seeds[0])
+    def tasks_of(seed: int) -> list[Task]:
+        return loaded(seed)[0]
+
+    _, channels, size = loaded(args.seeds[0])
     try:  # now, not after the first task's training
         args.out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=args.out):
