@@ -28,11 +28,11 @@ from torch import nn
 import hatnorm
 from hatnorm import metrics
 from hatnorm.checkpoint import CheckpointError
-from hatnorm.data import Task, cifar_sequence, permuted_mnist, split_mnist
+from hatnorm.data import Task, cifar_sequence, permuted_mnist, rotated_mnist, split_mnist
 from hatnorm.stats import Summary, paired_difference, summarize
 from hatnorm.training import OPTIMIZERS, SCHEDULES, HATMethod, Method, TrainConfig, train_joint, train_sequence
 
-DATASETS = ("split_mnist", "permuted_mnist", "cifar")
+DATASETS = ("split_mnist", "permuted_mnist", "rotated_mnist", "cifar")
 PRESETS = ("smoke", "converged")
 #: what a user of each optimizer would pick: the reference SGD schedule, and AdamW with warmup + cosine
 OPTIMIZER_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -59,6 +59,9 @@ class Variant:
         method: makes the method for a run.
         options: architecture options.
         prepare: called with the built model and the seed before training (pretrained weights, ...).
+        make: builds the model instead of ``hatnorm.build(arch, ...)`` (a converted model of another library,
+            ``arch`` then only names it), called with the task count, the norm, the class counts and the seed;
+            ``--weights`` does not apply to it.
     """
 
     label: str
@@ -67,6 +70,7 @@ class Variant:
     method: Callable[[], Method]
     options: dict[str, Any] = field(default_factory=dict)
     prepare: Callable[[nn.Module, int], None] | None = None
+    make: Callable[[int, str, list[int], int], nn.Module] | None = None
 
 
 @dataclass(frozen=True)
@@ -78,11 +82,13 @@ class Budget:
         converged: the epoch cap of ``--preset converged`` (the plateau schedule usually ends first; the
             cosine schedule runs exactly this many).
         optimizer: the default optimizer (``"sgd"`` for CNNs, ``"adamw"`` for transformers).
+        lr: the default (peak) learning rate with that optimizer; ``None``: the optimizer's default.
     """
 
     smoke: int
     converged: int
     optimizer: str = "sgd"
+    lr: float | None = None
 
 
 def positive_int(text: str) -> int:
@@ -113,21 +119,24 @@ def non_negative_float(text: str) -> float:
     return value
 
 
-def parser(prog: str, description: str, *, budget: Budget, out: str) -> argparse.ArgumentParser:
-    """The options every ablation takes; ``budget`` gives its presets and default optimizer."""
+def parser(prog: str, description: str, *, budget: Budget, out: str, data: str = "split_mnist"
+           ) -> argparse.ArgumentParser:
+    """The options every ablation takes; ``budget`` gives its presets and default optimizer, ``data`` its
+    default task sequence."""
     p = argparse.ArgumentParser(prog=prog, description=description,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.set_defaults(budget=budget)
-    p.add_argument("--data", choices=DATASETS, default="split_mnist",
-                   help="task sequence: the embedded Split-/Permuted-MNIST, or Serrà's CIFAR-10/100 sequence")
+    p.add_argument("--data", choices=DATASETS, default=data,
+                   help="task sequence: the embedded Split-/Permuted-/Rotated-MNIST, or Serrà's CIFAR-10/100 sequence")
     p.add_argument("--data-root", type=Path, default=None,
                    help="folder holding cifar-10-batches-py and cifar-100-python (needed for --data cifar)")
     p.add_argument("--tasks", type=positive_int, default=None,
-                   help="number of tasks (Split-MNIST ≤ 5, CIFAR ≤ 10, Permuted-MNIST any; default: 5, 10 for "
-                        "Permuted-MNIST and CIFAR)")
+                   help="number of tasks (Split-MNIST ≤ 5, CIFAR ≤ 10, Permuted- and Rotated-MNIST any; default: 5, "
+                        "10 for Permuted-/Rotated-MNIST and CIFAR)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0],
                    help="random seeds, one run of every variant each (model, split, batch order, permutations, "
-                        "CIFAR task order); tables give the mean and a 95%% confidence interval over them")
+                        "rotation angles, CIFAR task order); tables give the mean and a 95%% confidence interval "
+                        "over them")
     p.add_argument("--preset", choices=PRESETS, default="smoke",
                    help=f"smoke: {budget.smoke} epochs per task, a quick look at the mechanics; converged: "
                         f"train each task until the plateau schedule ends (patience "
@@ -140,7 +149,9 @@ def parser(prog: str, description: str, *, budget: Budget, out: str) -> argparse
     p.add_argument("--schedule", choices=SCHEDULES, default=argparse.SUPPRESS,
                    help="learning-rate schedule (default: plateau for sgd, cosine for adamw)")
     p.add_argument("--lr", type=positive_float, default=argparse.SUPPRESS,
-                   help="initial (cosine: peak) learning rate (default: 0.05 for sgd, 1e-3 for adamw)")
+                   help="initial (cosine: peak) learning rate (default: "
+                        + (f"{budget.lr:g} for {budget.optimizer}; otherwise " if budget.lr is not None else "")
+                        + "0.05 for sgd, 1e-3 for adamw)")
     p.add_argument("--momentum", type=non_negative_float, default=0.0, help="SGD momentum")
     p.add_argument("--weight-decay", type=non_negative_float, default=argparse.SUPPRESS,
                    help="weight decay (default: 0 for sgd, 0.05 for adamw)")
@@ -214,6 +225,8 @@ def _tasks(args: argparse.Namespace, parser_: argparse.ArgumentParser, seed: int
             parser_.error(str(error))
     if args.data == "permuted_mnist":
         return permuted_mnist(num_tasks=args.tasks or 10, seed=seed), 1, 32
+    if args.data == "rotated_mnist":
+        return rotated_mnist(num_tasks=args.tasks or 10, seed=seed), 1, 32
     num_tasks = args.tasks or 5
     if num_tasks > 5:
         parser_.error(f"--tasks must be ≤ 5 for split_mnist, got {num_tasks}")
@@ -237,6 +250,8 @@ def config(args: argparse.Namespace, parser_: argparse.ArgumentParser | None = N
     """The training settings of the options: the optimizer's defaults, then the preset, then what was given."""
     budget: Budget = args.budget
     settings = dict(OPTIMIZER_DEFAULTS[args.optimizer])
+    if budget.lr is not None and args.optimizer == budget.optimizer:
+        settings["lr"] = budget.lr
     settings["epochs"] = budget.converged if args.preset == "converged" else budget.smoke
     if args.preset == "converged" and settings["schedule"] == "plateau":
         settings |= CONVERGED_PLATEAU
@@ -267,17 +282,17 @@ def as_reference(variant: Variant) -> Variant:
     return replace(variant, method=method, options=variant.options | {"reference": True})
 
 
-def read_weights(path: Path) -> dict[str, torch.Tensor]:
+def read_weights(path: Path, option: str = "--weights") -> dict[str, torch.Tensor]:
     """The state dict in ``path`` (a ``torch.save`` of a ``state_dict``, or of ``{"state_dict": ...}`` as
-    training scripts often write), read without running any code it might hold."""
+    training scripts often write), read without running any code it might hold; errors name ``option``."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, ValueError) as error:  # missing, unreadable or not a tensor file
-        raise ValueError(f"--weights: {path} is not a state dict torch can read ({error})") from None
+        raise ValueError(f"{option}: {path} is not a state dict torch can read ({error})") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"--weights: {path} must hold a state dict (names to tensors), got {type(state).__name__}")
+        raise ValueError(f"{option}: {path} must hold a state dict (names to tensors), got {type(state).__name__}")
     return state
 
 
@@ -334,6 +349,8 @@ def run(variants: Sequence[Variant], tasks: Sequence[Task], cfg: TrainConfig, ou
     counts = [t.num_classes for t in tasks]
 
     def build(variant: Variant, norm: str, prepared: bool) -> nn.Module:
+        if variant.make is not None:
+            return variant.make(len(tasks), norm, counts, cfg.seed)
         model = hatnorm.build(variant.arch, num_tasks=len(tasks), norm=norm, num_classes=counts, **variant.options)
         if weights is not None:
             load_weights(model, weights[1], weights[0])

@@ -1,41 +1,128 @@
 """Ablation 2: which LayerNorm keeps old tasks intact under HAT, on a small ViT.
 
 Variants: HAT with shared LN, per-task LN, masked LN and no norm, against SGD fine-tuning (the
-ungated ViT with shared LN) and joint training.
+ungated ViT with shared LN) and joint training; and a transformers ``ViTForImageClassification``
+of the same size, loaded from a saved state dict and converted by ``hatnorm.convert`` (its
+LayerNorms become masked LN), as a user with pretrained weights would. Unless ``--hf-weights``
+gives a state dict, that model is first pretrained as an ordinary classifier on a disjoint source
+(Permuted-MNIST tasks pooled into one 10-class problem) and saved per seed.
+
+The default sequence is Rotated-MNIST (10 tasks): digits keep their spatial structure, which the
+ViT's convolutional stem and patches rely on (on Permuted-MNIST a ViT stays below 0.9).
 
     python -m ablations.layernorm
-    python -m ablations.layernorm --arch vit_tiny --data cifar --data-root DATA --epochs 200
+    python -m ablations.layernorm --preset converged --seeds 0 1 2
+    python -m ablations.layernorm --arch vit_tiny --data cifar --data-root DATA --epochs 200 --no-converted
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import argparse
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
 
+import torch
+from rich.console import Console
+from torch import Tensor, nn
+from transformers import ViTConfig, ViTForImageClassification
+
+import hatnorm
 from ablations import _common
 from ablations._common import Variant
-from hatnorm.training import FineTune, HATMethod
+from ablations.pretrained import source_task
+from hatnorm.training import FineTune, HATMethod, TrainConfig, train_sequence
 
 NORMS = ("shared_ln", "task_ln", "masked_ln", "none")
 LABELS = {"shared_ln": "shared LN", "task_ln": "per-task LN", "masked_ln": "masked LN", "none": "no norm"}
+#: the name of the converted transformers model in tables (and its joint training)
+CONVERTED = "transformers ViT"
+
+
+class Classifier(nn.Module):
+    """A transformers image classifier called as hatnorm's trainer calls models: ``model(x, task=, s=)``.
+
+    It has one head and no gates; ``task`` and ``s`` are ignored. Used to pretrain the model to convert.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor, task: int, s: float | Tensor | None = None) -> Tensor:
+        return self.model(pixel_values=x).logits
+
+
+def hf_config(*, channels: int, size: int, patch_size: int, dim: int, depth: int, heads: int) -> ViTConfig:
+    """The transformers ViT of the ablation's sizes (patch stem, MLP 2·dim, 10 classes)."""
+    return ViTConfig(image_size=size, patch_size=patch_size, num_channels=channels, hidden_size=dim,
+                     num_hidden_layers=depth, num_attention_heads=heads, intermediate_size=2 * dim, num_labels=10)
+
+
+def pretrain_hf(config: ViTConfig, seed: int, train: TrainConfig, path: Path, console: Console,
+                *, source_tasks: int) -> Path:
+    """Pretrain a transformers ViT as an ordinary classifier on the source and save its state dict to ``path``;
+    a saved one is reused."""
+    if path.exists():
+        console.print(f"{CONVERTED} pretraining, seed {seed}: reusing {path}")
+        return path
+    models: list[ViTForImageClassification] = []
+
+    def build() -> nn.Module:
+        models.append(ViTForImageClassification(config))
+        return Classifier(models[-1])
+
+    source = source_task(seed, source_tasks, config.num_channels)
+    result = train_sequence(build, [source], FineTune(), replace(train, seed=seed), console=console,
+                            title=f"{CONVERTED} pretraining s{seed}")
+    console.print(f"{CONVERTED} pretraining, seed {seed}: source test accuracy {result.accuracy[0][0]:.4f} "
+                  f"({len(source.train)} images, {result.epochs[0]} epochs)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(models[0].state_dict(), path)
+    return path
+
+
+def converted(config: ViTConfig, weights: Callable[[int], Path]) -> Callable[[int, str, list[int], int], nn.Module]:
+    """Builds the converted variant: a ``ViTForImageClassification`` of ``config`` loads the seed's state dict
+    (strictly, as ``from_pretrained`` would), then ``hatnorm.convert`` swaps its LayerNorms for ``norm``."""
+
+    def make(num_tasks: int, norm: str, num_classes: list[int], seed: int) -> nn.Module:
+        model = ViTForImageClassification(config)
+        path = weights(seed)
+        model.load_state_dict(_common.read_weights(path, "--hf-weights"))
+        return hatnorm.convert(model.train(), num_tasks=num_tasks, norm=norm, num_classes=num_classes)
+
+    return make
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     p = _common.parser("python -m ablations.layernorm", __doc__.splitlines()[0],
-                       budget=_common.Budget(smoke=4, converged=30, optimizer="adamw"), out="runs/layernorm")
+                       budget=_common.Budget(smoke=4, converged=20, optimizer="adamw", lr=2e-3), out="runs/layernorm",
+                       data="rotated_mnist")
     p.add_argument("--arch", choices=("vit_micro", "vit_tiny", "vit"), default="vit_micro", help="the ViT")
     p.add_argument("--norms", nargs="+", choices=NORMS, default=list(NORMS), help="norm variants under HAT")
     p.add_argument("--dim", type=_common.positive_int, default=64, help="width of the residual stream")
     p.add_argument("--depth", type=_common.positive_int, default=2, help="number of blocks")
     p.add_argument("--heads", type=_common.positive_int, default=4, help="attention heads")
-    p.add_argument("--patch-size", type=_common.positive_int, default=4, help="patch side (divides 32)")
-    p.add_argument("--stem", choices=("patch", "conv"), default="patch",
+    p.add_argument("--patch-size", type=_common.positive_int, default=8, help="patch side (divides 32)")
+    p.add_argument("--stem", choices=("patch", "conv"), default="conv",
                    help="token embedding: ViT's patchify layer, or a convolutional stem (stride-2 3×3 convolutions)")
     p.add_argument("--c", type=_common.non_negative_float, default=0.75, help="HAT capacity-regulariser weight")
+    p.add_argument("--converted", action=argparse.BooleanOptionalAction, default=True,
+                   help=f"also run the {CONVERTED} variant: a transformers ViTForImageClassification of the same "
+                        "sizes (patch stem), loaded from a state dict and converted with masked LN")
+    p.add_argument("--hf-weights", type=Path, default=None, metavar="PATH",
+                   help="the converted variant's state dict (a ViTForImageClassification of the ablation's sizes, "
+                        "1 input channel, 10 labels); default: pretrain one per seed on pooled Permuted-MNIST")
+    p.add_argument("--source-tasks", type=_common.positive_int, default=2,
+                   help="Permuted-MNIST tasks pooled into the converted variant's pretraining source")
     args = p.parse_args(argv)
     if 32 % args.patch_size:
         p.error(f"--patch-size must divide the image side 32, got {args.patch_size}")
     if args.stem == "conv" and (args.patch_size < 2 or args.patch_size & (args.patch_size - 1)):
         p.error(f"--stem conv needs a --patch-size that is a power of 2 ≥ 2, got {args.patch_size}")
+    if args.dim % args.heads:
+        p.error(f"--dim must be a multiple of --heads, got {args.dim} and {args.heads}")
     console = _common.console()
     tasks, channels, size = _common.load_tasks(args, p)
     options = {"in_channels": channels, "image_size": size, "patch_size": args.patch_size, "dim": args.dim,
@@ -43,11 +130,34 @@ def main(argv: Sequence[str] | None = None) -> dict:
     arch = args.arch
     variants = [Variant(f"{arch} HAT {LABELS[n]}", arch, n, lambda: HATMethod(c=args.c), options) for n in args.norms]
     variants.append(Variant(f"{arch} SGD", arch, "shared_ln", FineTune, options))
-    title = f"LayerNorm under HAT ({args.data}, {len(tasks(args.seeds[0]))} tasks, {_common.seeds_text(args.seeds)})"
     masked = f"{arch} HAT masked LN"
     contrasts = [(masked, f"{arch} HAT {LABELS[n]}") for n in args.norms if n != "masked_ln"]
-    return _common.run_and_report(variants, tasks, args, console, joint_norm={arch: "shared_ln"}, title=title,
-                                  contrasts=[*contrasts, (masked, f"{arch} SGD")], parser_=p)
+    contrasts.append((masked, f"{arch} SGD"))
+    if args.converted:
+        config = hf_config(channels=channels, size=size, patch_size=args.patch_size, dim=args.dim,
+                           depth=args.depth, heads=args.heads)
+        if args.hf_weights is not None:
+            try:
+                ViTForImageClassification(config).load_state_dict(_common.read_weights(args.hf_weights, "--hf-weights"))
+            except (ValueError, RuntimeError) as error:
+                p.error(f"--hf-weights: {args.hf_weights} does not fit a ViTForImageClassification of the "
+                        f"ablation's sizes ({error})".replace("\n", " "))
+        train = _common.config(args, p)
+
+        def weights(seed: int) -> Path:
+            if args.hf_weights is not None:
+                return args.hf_weights
+            return pretrain_hf(config, seed, train, args.out / f"seed_{seed}" / "vit_hf.pt", console,
+                               source_tasks=args.source_tasks)
+
+        label = f"{CONVERTED} HAT masked LN (converted)"
+        variants.append(Variant(label, CONVERTED, "masked_ln", lambda: HATMethod(c=args.c),
+                                {"patch_size": args.patch_size, "dim": args.dim, "depth": args.depth,
+                                 "heads": args.heads}, make=converted(config, weights)))
+        contrasts.append((label, f"{arch} HAT masked LN"))
+    title = f"LayerNorm under HAT ({args.data}, {len(tasks(args.seeds[0]))} tasks, {_common.seeds_text(args.seeds)})"
+    return _common.run_and_report(variants, tasks, args, console, title=title, contrasts=contrasts, parser_=p,
+                                  joint_norm={arch: "shared_ln", CONVERTED: "shared_ln"})
 
 
 if __name__ == "__main__":

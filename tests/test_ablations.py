@@ -14,6 +14,7 @@ import pytest
 import torch
 import torchvision
 from fake_cifar import write_fake_cifar
+from transformers import ViTForImageClassification
 
 import hatnorm
 from ablations import __main__ as cli
@@ -117,11 +118,14 @@ def test_presets_and_optimizers_resolve_to_the_training_settings() -> None:
     assert settings("--optimizer", "sgd", "--momentum", "0.9", "--weight-decay", "5e-4", budget=vit) == TrainConfig(
         epochs=4, momentum=0.9, weight_decay=5e-4)
     assert settings("--seeds", "7", "8").seed == 7
+    tuned = _common.Budget(smoke=4, converged=20, optimizer="adamw", lr=2e-3)  # the architecture's own lr
+    assert settings(budget=tuned).lr == 2e-3 and settings("--lr", "1e-4", budget=tuned).lr == 1e-4
+    assert settings("--optimizer", "sgd", budget=tuned).lr == 0.05  # another optimizer: its own default
 
 
 @pytest.mark.parametrize("module", [layernorm, sweep, policy])
 def test_other_ablations_run(module, tmp_path) -> None:
-    extra = {layernorm: ["--dim", "8", "--depth", "1", "--norms", "masked_ln", "--stem", "conv"],
+    extra = {layernorm: ["--dim", "8", "--depth", "1", "--norms", "masked_ln", "--stem", "conv", "--source-tasks", "1"],
              sweep: ["--width", "0.05", "--s-max", "100", "--c", "0.5"],
              policy: ["--width", "0.05", "--norms", "masked_bn"]}[module]
     results = module.main([*TINY, "--out", str(tmp_path), *extra])
@@ -219,6 +223,42 @@ def test_weights_start_every_model_from_a_torchvision_checkpoint(tmp_path, capsy
     assert exit_.value.code == 2
     assert (f"--weights: {path} does not fit the model (another width, stem or input channels?): conv1.weight is "
             "[64, 3, 7, 7] there and [8, 3, 7, 7] in the model, and ") in capsys.readouterr().err
+
+
+def test_the_layernorm_ablation_converts_a_transformers_vit_from_a_saved_state_dict(tmp_path, capsys) -> None:
+    sizes = {"channels": 1, "size": 32, "patch_size": 8, "dim": 8, "depth": 1, "heads": 2}
+    torch.manual_seed(0)
+    hf = ViTForImageClassification(layernorm.hf_config(**sizes))
+    with torch.no_grad():  # LayerNorm parameters a pretrained model would have, not the initial 1 and 0
+        for m in hf.modules():
+            if isinstance(m, torch.nn.LayerNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.1)
+    path = tmp_path / "vit.pt"
+    torch.save(hf.state_dict(), path)
+    tiny = [*TINY, "--dim", "8", "--depth", "1", "--heads", "2", "--norms", "masked_ln"]
+    results = layernorm.main([*tiny, "--hf-weights", str(path), "--out", str(tmp_path / "out")])
+    label = "transformers ViT HAT masked LN (converted)"
+    assert results["variants"][label]["runs"]["0"]["bwt"] == 0.0  # converted with masked LN: nothing forgotten
+    assert {(c["a"], c["b"]) for c in results["contrasts"]} >= {(label, "vit_micro HAT masked LN")}
+    assert not (tmp_path / "out" / "seed_0" / "vit_hf.pt").exists()  # the given weights, no pretraining
+    assert "pretraining" not in capsys.readouterr().out
+    # the variant's model is the saved one, converted: open gates (and the original classifier as the head)
+    # reproduce it
+    model = layernorm.converted(layernorm.hf_config(**sizes), lambda seed: path)(2, "masked_ln", [10, 10], 0).eval()
+    x = torch.randn(3, 1, 32, 32)
+    with torch.no_grad():
+        hatnorm.open_gates(model)
+        model.heads.heads[1].load_state_dict(hf.classifier.state_dict())
+        expected = hf.eval()(pixel_values=x).logits
+        assert torch.allclose(model(x, task=1, s=400.0), expected, atol=1e-5)
+    # a state dict of other sizes is refused before training, naming the option
+    torch.save(ViTForImageClassification(layernorm.hf_config(**(sizes | {"dim": 12}))).state_dict(), path)
+    with pytest.raises(SystemExit) as exit_:
+        layernorm.main([*tiny, "--hf-weights", str(path), "--out", str(tmp_path / "other")])
+    assert exit_.value.code == 2
+    assert f"--hf-weights: {path} does not fit a ViTForImageClassification of the ablation's sizes" in \
+        capsys.readouterr().err
 
 
 def _hat_guarantees_no_forgetting(label: str) -> bool:

@@ -1,4 +1,4 @@
-"""Task sequences: Split- and Permuted-MNIST from the embedded digits, Serrà's CIFAR sequence from a fake folder."""
+"""Task sequences: Split-, Permuted- and Rotated-MNIST from the embedded digits, Serrà's CIFAR from a fake folder."""
 
 from __future__ import annotations
 
@@ -21,6 +21,8 @@ from hatnorm.data import (
     cifar_sequence,
     fingerprint,
     permuted_mnist,
+    rotate,
+    rotated_mnist,
     split_mnist,
 )
 
@@ -152,6 +154,66 @@ def test_permuted_mnist_is_fixed_by_the_seed(pmnist: list[Task]) -> None:
 def test_permuted_mnist_rejects_a_non_int_seed() -> None:
     with pytest.raises(ValueError, match=r"^seed must be an int, got 'a'"):
         permuted_mnist(seed="a")
+
+
+# --- Rotated-MNIST ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def rmnist() -> list[Task]:
+    return rotated_mnist(num_tasks=3, seed=0)
+
+
+def test_rotated_mnist_tasks_hold_all_ten_classes_under_their_own_angle(rmnist: list[Task], pmnist: list[Task]) -> None:
+    angles = torch.rand(3, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 180
+    assert [t.name for t in rmnist] == [f"rmnist-{k}-{a:.0f}deg" for k, a in enumerate(angles.tolist())]
+    for task in rmnist:
+        assert task.classes == tuple(range(10))
+        assert (len(task.train), len(task.test)) == (4000, 1000)
+        assert task.train.tensors[0].shape[1:] == (1, 32, 32)
+        # the same stratified split and labels as Permuted-MNIST
+        assert torch.equal(task.train.tensors[1], pmnist[0].train.tensors[1])
+        assert torch.equal(task.test.tensors[1], pmnist[0].test.tensors[1])
+    images = [t.train.tensors[0] for t in rmnist]
+    assert not torch.equal(images[0], images[1]) and not torch.equal(images[1], images[2])
+
+
+def test_rotated_mnist_turns_the_digits_and_keeps_the_background(rmnist: list[Task]) -> None:
+    background = -MNIST_MEAN / MNIST_STD
+    (upright,) = rotated_mnist(num_tasks=1, seed=0, max_angle=1e-9)  # an angle of ~0: the plain digits
+    plain = upright.train.tensors[0]
+    assert plain.min() == pytest.approx(background, abs=1e-6)
+    for task in rmnist:
+        turned = task.train.tensors[0]
+        degrees = float(task.name.split("-")[2][:-3])
+        back = rotate(turned, -degrees, fill=background)
+        centre = (slice(None), slice(None), slice(10, 22), slice(10, 22))
+        # rotating back restores the centre of every digit up to the two interpolations' blur
+        err = (back[centre] - plain[centre]).abs().mean()
+        assert err < 0.25 * (plain[centre] - background).abs().mean()
+        assert turned.min() >= background - 1e-5  # corners filled with the background, not zeros
+        assert torch.isclose(turned[:, :, 0, 0], torch.tensor(background)).all()
+
+
+def test_rotate_by_a_quarter_turn_is_rot90() -> None:
+    x = torch.randn(2, 3, 6, 6)
+    assert torch.allclose(rotate(x, 90.0), torch.rot90(x, 1, dims=(2, 3)), atol=1e-5)
+    assert torch.allclose(rotate(x, 180.0, fill=0.5), torch.rot90(x, 2, dims=(2, 3)), atol=1e-5)
+
+
+def test_rotated_mnist_is_fixed_by_the_seed(rmnist: list[Task]) -> None:
+    again = rotated_mnist(num_tasks=4, seed=0)  # task k does not depend on num_tasks
+    for a, b in zip(rmnist, again, strict=False):
+        assert a.name == b.name
+        assert all(torch.equal(x, y) for x, y in zip(a.test.tensors, b.test.tensors, strict=True))
+    (other,) = rotated_mnist(num_tasks=1, seed=1, channels=3)
+    assert other.name != rmnist[0].name and other.train.tensors[0].shape[1:] == (3, 32, 32)
+
+
+@pytest.mark.parametrize("max_angle", [0, -10, 361, True, "90"])
+def test_rotated_mnist_rejects_a_bad_max_angle(max_angle) -> None:
+    with pytest.raises(ValueError, match=r"^max_angle must be a number of degrees in \(0, 360\], got "):
+        rotated_mnist(max_angle=max_angle)
 
 
 # --- Serrà's CIFAR sequence -------------------------------------------------------------------------------
