@@ -170,6 +170,7 @@ def test_ewc_and_joint_runs_interrupted_mid_task_resume_exactly(tmp_path) -> Non
                              checkpoint_dir=tmp_path / "ewc", checkpoint_every=1, resume=True)
     assert resumed.accuracy == expected.accuracy and resumed.loss == expected.loss
     assert resumed.epochs == expected.epochs
+    assert resumed.validation == expected.validation  # the learning curve of task 1 spans the interruption
     assert log.file.getvalue().count("train loss") == 2  # only task 1's epochs 2 and 3 ran again
 
     joint = train_joint(mlp("shared_bn"), tasks, CONFIG, console=console())
@@ -388,7 +389,7 @@ def test_checkpoint_options_are_checked_before_anything_runs(tmp_path) -> None:
 
 
 LAYERNORM = ["--tasks", "2", "--epochs", "1", "--seeds", "0", "--dim", "8", "--depth", "1", "--patch-size", "8",
-             "--norms", "masked_ln"]
+             "--norms", "masked_ln", "--no-converted"]
 
 
 def test_the_ablation_resumes_a_killed_run(tmp_path, monkeypatch, capsys) -> None:

@@ -55,6 +55,11 @@ def test_hat_sequence_writes_results_after_every_task_and_forgets_nothing(tmp_pa
     # not a terminal: one plain log line per epoch with loss, accuracy, lr and s
     log = console.file.getvalue()
     assert log.count("epoch") == 8 and "val acc" in log and "lr 0.1" in log and "s 400" in log
+    # the learning curve: each task's validation accuracy after every epoch, as logged, and in the file
+    logged = [float(a) for a in re.findall(r"val acc (\S+)", log)]
+    assert [len(c) for c in result.validation] == result.epochs
+    assert [round(a, 4) for c in result.validation for a in c] == logged
+    assert saved["validation"] == result.validation
 
 
 def test_runs_are_deterministic_with_a_seed() -> None:

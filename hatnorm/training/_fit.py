@@ -6,7 +6,7 @@ import copy
 import math
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -66,6 +66,7 @@ class FitState:
     optimizer: dict[str, Any]
     skipped: int
     scheduler: dict[str, Any] | None = None  # the cosine schedule's state
+    curve: list[float] = field(default_factory=list)  # validation accuracy after every epoch so far
 
     def state_dict(self) -> dict[str, Any]:
         # JSON keys are strings: the optimizer's per-parameter state goes as [index, state] pairs
@@ -81,13 +82,14 @@ class FitState:
 
 def fit_task(model: nn.Module, method: Method, task_ids: Sequence[int], train: Sequence[Dataset],
         valid: Sequence[Dataset], config: TrainConfig, display: Display, name: str, seed: int, *,
-        resume: FitState | None = None, epoch_end: Callable[[FitState], None] | None = None) -> tuple[int, int]:
+        resume: FitState | None = None, epoch_end: Callable[[FitState], None] | None = None
+        ) -> tuple[int, int, list[float]]:
     """Train on one or more tasks (several for joint training) with the configured schedule.
 
     Each step takes one batch of every task in ``task_ids`` and sums their losses. Validation after every
     epoch sees statistics re-estimated for the current weights (``config.recalibrate``), and so do the
     best weights it keeps and restores. ``resume`` continues from a state ``epoch_end`` was given after an
-    epoch. Returns the epochs run and the batches skipped.
+    epoch. Returns the epochs run, the batches skipped and the validation accuracy after every epoch.
 
     Under ``torchrun`` every rank loads the same batches and trains on its share of each, with
     synchronised norms and gradients averaged over the ranks, so all ranks stay equal.
@@ -95,12 +97,12 @@ def fit_task(model: nn.Module, method: Method, task_ids: Sequence[int], train: S
     convert_sync(model)
     parts = list(zip(task_ids, train, strict=True))
     if resume is None:
-        lr, patience, best_loss, first, skipped = config.lr, config.patience, math.inf, 0, 0
+        lr, patience, best_loss, first, skipped, curve = config.lr, config.patience, math.inf, 0, 0, []
         # as in Serrà et al.'s code: the first epoch always improves on the untrained model
         best_state = copy.deepcopy(model.state_dict())
     else:
-        lr, patience, best_loss, first, skipped = (resume.lr, resume.patience, resume.best_loss, resume.epoch,
-                                                   resume.skipped)
+        lr, patience, best_loss, first, skipped, curve = (resume.lr, resume.patience, resume.best_loss,
+                                                          resume.epoch, resume.skipped, list(resume.curve))
         best_state = resume.best_state
     steps_per_epoch = min(len(_batches(d, config.batch_size, 0)) for d in train)
     optimizer = make_optimizer(model, config, lr)
@@ -153,6 +155,7 @@ def fit_task(model: nn.Module, method: Method, task_ids: Sequence[int], train: S
                       if config.recalibrate else nullcontext())
         with statistics:  # the weights kept are kept with the statistics they were validated with
             val_loss, val_acc = validated(epoch)
+            curve.append(val_acc)
             improved = val_loss < best_loss
             if improved:
                 best_loss, best_state = val_loss, copy.deepcopy(model.state_dict())
@@ -171,7 +174,7 @@ def fit_task(model: nn.Module, method: Method, task_ids: Sequence[int], train: S
                     optimizer = make_optimizer(model, config, lr)
         if epoch_end is not None:
             epoch_end(FitState(epoch + 1, lr, patience, best_loss, best_state, optimizer.state_dict(), skipped,
-                               None if scheduler is None else scheduler.state_dict()))
+                               None if scheduler is None else scheduler.state_dict(), list(curve)))
     model.load_state_dict(best_state)
     display.finish_task(config.epochs)
-    return epoch + 1, skipped
+    return epoch + 1, skipped, curve

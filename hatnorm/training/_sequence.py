@@ -49,6 +49,8 @@ class SequenceResult:
         tasks: task names.
         skipped: training batches skipped per task for inputs holding NaN or inf
             (``TrainConfig(nonfinite="skip")``).
+        validation: ``validation[t][e]``: validation accuracy on task t after its epoch e + 1, the learning
+            curve (the weights kept are those of the lowest validation loss).
     """
 
     accuracy: list[list[float]] = field(default_factory=list)
@@ -57,6 +59,7 @@ class SequenceResult:
     seconds: list[float] = field(default_factory=list)
     tasks: list[str] = field(default_factory=list)
     skipped: list[int] = field(default_factory=list)
+    validation: list[list[float]] = field(default_factory=list)
 
 
 def _write(result: SequenceResult, out_dir: Path, info: dict[str, Any]) -> None:
@@ -228,6 +231,8 @@ def train_sequence(
                 model.load_state_dict(saved.state["model"])
                 method.load_state_dict(saved.state["method"])
                 result = SequenceResult(**saved.state["result"])
+                # a checkpoint written before the learning curves were kept: those tasks have none
+                result.validation += [[] for _ in range(len(result.accuracy) - len(result.validation))]
                 fit_state = None if saved.state["fit"] is None else FitState.from_state_dict(saved.state["fit"])
                 elapsed = saved.state["elapsed"]
                 set_rng_state(saved.state["rng"])
@@ -256,9 +261,9 @@ def train_sequence(
                     if checkpoints.due(fit.epoch):
                         save(fit, time.perf_counter() - start)
 
-                epochs, skipped = fit_task(model, method, [t], [train], [valid], config, display, tasks[t].name,
-                                       config.seed + t, resume=fit_state,
-                                       epoch_end=epoch_end if checkpoints is not None else None)
+                epochs, skipped, curve = fit_task(model, method, [t], [train], [valid], config, display,
+                                                  tasks[t].name, config.seed + t, resume=fit_state,
+                                                  epoch_end=epoch_end if checkpoints is not None else None)
                 fit_state, elapsed = None, 0.0
                 method.end_task(t, train)
                 tested = [evaluate(model, other.test, tau, nonfinite=config.nonfinite,
@@ -266,6 +271,7 @@ def train_sequence(
                           for tau, other in enumerate(tasks)]
                 result.epochs.append(epochs)
                 result.skipped.append(skipped)
+                result.validation.append(curve)
                 result.loss.append([loss for loss, _ in tested])
                 result.accuracy.append([acc for _, acc in tested])
                 result.seconds.append(time.perf_counter() - start)
