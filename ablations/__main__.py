@@ -1,4 +1,4 @@
-"""The ablations' command line: ``python -m ablations [norms|layernorm|sweep|policy|pretrained|demo|report] [options]``.
+"""The ablations' command line: ``python -m ablations [norms|layernorm|sweep|policy|pretrained|curves|demo|report] [options]``.
 
 With no arguments it runs the default ablation, ``norms`` on the embedded Split-MNIST.
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-COMMANDS = ("norms", "layernorm", "sweep", "policy", "pretrained", "demo", "report")
+COMMANDS = ("norms", "layernorm", "sweep", "policy", "pretrained", "curves", "demo", "report")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

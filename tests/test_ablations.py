@@ -18,7 +18,7 @@ from transformers import ViTForImageClassification
 
 import hatnorm
 from ablations import __main__ as cli
-from ablations import _common, layernorm, norms, policy, pretrained, report, sweep
+from ablations import _common, curves, layernorm, norms, policy, pretrained, report, sweep
 from hatnorm.stats import paired_difference, summarize
 from hatnorm.training import TrainConfig
 
@@ -329,3 +329,20 @@ def test_cli_lists_commands_and_refuses_unknown_ones(capsys) -> None:
     assert all(name in out for name in cli.COMMANDS)
     with pytest.raises(SystemExit, match="unknown command 'nroms'"):
         cli.main(["nroms"])
+
+
+def test_learning_curves_of_the_vit_configurations(tmp_path, capsys) -> None:
+    results = curves.main(["--epochs", "2", "--seeds", "0", "1", "--dim", "8", "--depth", "1", "--heads", "2",
+                           "--stems", "patch", "conv", "--patch-sizes", "8", "--out", str(tmp_path)])
+    assert list(results) == ["patch stem, patch 8", "conv stem, patch 8"]
+    for r in results.values():
+        runs = r["runs"].values()
+        assert all(len(run["curve"]) == 2 and 0 <= run["test"] <= 1 for run in runs)
+        assert r["test"] == summarize([run["test"] for run in runs]).to_dict()
+    assert results["conv stem, patch 8"]["options"]["stem"] == "conv"
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["seeds"] == [0, 1] and saved["configurations"] == json.loads(json.dumps(results))
+    assert (tmp_path / "curves.png").exists() and "test accuracy" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        curves.main(["--patch-sizes", "3", "--out", str(tmp_path)])
+    assert "--patch-sizes must divide the image side 32, got 3" in capsys.readouterr().err
