@@ -1,4 +1,6 @@
-"""The ablations' command line: ``python -m ablations [norms|layernorm|sweep|policy|pretrained|curves|demo|report] [options]``.
+"""The ablations' command line: ``python -m ablations [COMMAND] [options]``.
+
+Commands: norms, layernorm, sweep, policy, pretrained, curves, demo, report.
 
 With no arguments it runs the default ablation, ``norms`` on the embedded Split-MNIST.
 """

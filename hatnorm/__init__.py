@@ -9,22 +9,27 @@ from hatnorm._arch_registry import (
 )
 from hatnorm._convert import ConversionError, ConvertedModel, convert, open_gates
 from hatnorm._export import TaskModel, export
+from hatnorm._exported import ExportedBatchNorm, ExportedGate, ExportedLayerNorm
 from hatnorm._gate import GATE_FLOOR, HATGate, anneal_scale, compensate, compensation_factor, hat_gate
 from hatnorm._hat import HAT, HATModule, Layer
 from hatnorm._heads import TaskHeads
 from hatnorm._masks import Concat, Flatten, MaskSource, MaskState, Residual
 from hatnorm._norm_registry import NormSpec, get_norm, list_norms, register_norm
 from hatnorm._norms import (
+    MaskedBatchNorm,
     MaskedBatchNorm1d,
     MaskedBatchNorm2d,
     MaskedLayerNorm,
     MaskedNorm,
     NoNorm,
+    PostGateBatchNorm,
     PostGateBatchNorm1d,
     PostGateBatchNorm2d,
+    SharedBatchNorm,
     SharedBatchNorm1d,
     SharedBatchNorm2d,
     SharedLayerNorm,
+    TaskBatchNorm,
     TaskBatchNorm1d,
     TaskBatchNorm2d,
     TaskLayerNorm,
@@ -57,6 +62,9 @@ __all__ = [
     "Concat",
     "ConversionError",
     "ConvertedModel",
+    "ExportedBatchNorm",
+    "ExportedGate",
+    "ExportedLayerNorm",
     "Flatten",
     "GatedAttention",
     "GatedFeedForward",
@@ -67,19 +75,23 @@ __all__ = [
     "Layer",
     "MaskSource",
     "MaskState",
+    "MaskedBatchNorm",
     "MaskedBatchNorm1d",
     "MaskedBatchNorm2d",
     "MaskedLayerNorm",
     "MaskedNorm",
     "NoNorm",
     "NormSpec",
+    "PostGateBatchNorm",
     "PostGateBatchNorm1d",
     "PostGateBatchNorm2d",
     "Protected",
     "Residual",
+    "SharedBatchNorm",
     "SharedBatchNorm1d",
     "SharedBatchNorm2d",
     "SharedLayerNorm",
+    "TaskBatchNorm",
     "TaskBatchNorm1d",
     "TaskBatchNorm2d",
     "TaskHeads",

@@ -41,7 +41,7 @@ from hatnorm._gate import HATGate
 from hatnorm._hat import HATModule, Layer
 from hatnorm._heads import TaskHeads, class_counts
 from hatnorm._masks import Concat, Flatten, MaskSource, Residual
-from hatnorm._norm_registry import NormSpec, get_norm
+from hatnorm._norm_registry import NormSpec, get_norm, list_norms
 from hatnorm._norms import MaskedNorm, NoNorm
 
 #: modules that act on every unit alone and keep a zero unit at zero
@@ -180,36 +180,29 @@ class ConvertedModel(HATModule):
         return self._head_units
 
 
-def _norm_dims(module: nn.Module) -> int | None:
-    if isinstance(module, nn.BatchNorm1d):
-        return 1
-    if isinstance(module, nn.BatchNorm2d):
-        return 2
-    return None
-
-
 def _make_norm(module: nn.Module, spec: NormSpec, num_tasks: int, where: str) -> MaskedNorm:
     """The task-aware norm standing for ``module``, its γ, β and statistics in every task slot."""
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        if isinstance(module, nn.BatchNorm3d) or not module.affine or not module.track_running_stats:
-            raise ConversionError(f"{where}: only BatchNorm1d/2d with affine=True and running statistics convert, "
-                                  f"got {module}")
-        if not spec.fits("batch"):
-            raise ConversionError(f"norm {spec.name!r} cannot replace {type(module).__name__} at {where}; "
-                                  "use a batch-family norm")
-        num_features, options = module.num_features, {"eps": module.eps, "momentum": module.momentum or 0.1}
-    else:
-        if len(module.normalized_shape) != 1 or not module.elementwise_affine or module.bias is None:
-            raise ConversionError(f"{where}: only LayerNorm over the last dim with γ and β converts, got {module}")
-        if not spec.fits("layer"):
-            raise ConversionError(f"norm {spec.name!r} cannot replace LayerNorm at {where}; use a layer-family norm")
-        num_features, options = module.normalized_shape[0], {"eps": module.eps}
-    if spec.name == "none":
-        options = {}
-    norm = spec.layer(num_tasks=num_tasks, dims=_norm_dims(module), **options)(num_features)
+    if not isinstance(module, spec.replaces):
+        fitting = [n for n in list_norms() if isinstance(module, get_norm(n).replaces)]
+        raise ConversionError(f"norm {spec.name!r} cannot replace {type(module).__name__} at {where} (it replaces "
+                              f"{', '.join(t.__name__ for t in spec.replaces) or 'none'}); norms that replace "
+                              f"{type(module).__name__}: {fitting}")
+    try:
+        options = spec.options_from(module)
+    except ValueError as error:
+        raise ConversionError(f"{where}: {error}") from None
+    norm = spec.layer(num_tasks=num_tasks, **options)(_num_features(module))
     if any(True for _ in norm.parameters()) or any(True for _ in norm.buffers()):
         norm.load_state_dict(module.state_dict())
     return norm.to(next(module.parameters()).device)
+
+
+def _num_features(module: nn.Module) -> int:
+    """The units of a torch norm: its γ's length, or its declared feature count."""
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, Tensor):
+        return weight.shape[0]
+    return module.num_features if hasattr(module, "num_features") else module.normalized_shape[-1]
 
 
 class _Converter:
@@ -277,9 +270,9 @@ class _Converter:
     def call_module(self, node: fx.Node) -> None:
         module = self.gm.get_submodule(node.target)
         where = f"module {node.target!r}"
-        if isinstance(module, nn.modules.batchnorm._BatchNorm | nn.LayerNorm):
+        if isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, *self.spec.replaces)):
             source = node.args[0]
-            gate = self.new_gate(module.weight.shape[0] if module.weight is not None else module.num_features)
+            gate = self.new_gate(_num_features(module))
             if source in self.pending and len(source.users) == 1:
                 weighted, inp = self.pending.pop(source)
                 self.layers.append(Layer(weighted, out=gate, inp=inp))

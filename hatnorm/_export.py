@@ -20,7 +20,6 @@ import copy
 from collections.abc import Iterable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hatnorm._checks import check_task
@@ -28,17 +27,7 @@ from hatnorm._gate import HATGate
 from hatnorm._hat import HATModule, Layer
 from hatnorm._heads import TaskHeads
 from hatnorm._masks import Concat, Flatten, MaskSource, Residual
-from hatnorm._norms import (
-    MaskedLayerNorm,
-    MaskedNorm,
-    NoNorm,
-    SharedLayerNorm,
-    TaskLayerNorm,
-    _MaskedBatchNorm,
-    _PostGateBatchNorm,
-    _SharedBatchNorm,
-    _TaskBatchNorm,
-)
+from hatnorm._norms import MaskedNorm
 from hatnorm._transformer import GatedAttention, TokenEmbedding
 
 
@@ -51,65 +40,6 @@ class ExportedMask(nn.Module):
 
     def forward(self, task: object = None, s: object = None) -> Tensor:
         return self.mask
-
-
-class ExportedBatchNorm(nn.Module):
-    """A batch norm in evaluation form for one task, the gate folded into γ and β: ``F.batch_norm(x, μ_t, σ²_t,
-    γ·a, β·a)``; extra arguments (the gate and task the model passes) are ignored."""
-
-    def __init__(self, weight: Tensor, bias: Tensor, running_mean: Tensor, running_var: Tensor, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(weight)
-        self.bias = nn.Parameter(bias)
-        self.register_buffer("running_mean", running_mean)
-        self.register_buffer("running_var", running_var)
-        self.eps = eps
-
-    def forward(self, x: Tensor, *unused: object) -> Tensor:
-        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
-
-
-class ExportedLayerNorm(nn.Module):
-    """A layer norm over the kept features for one task, the gate folded into γ and β.
-
-    The statistics are those of the original norm: over the task's selected features (masked LN, where a
-    residual stream keeps units other tasks selected) or over every kept feature (``F.layer_norm``).
-
-    Args:
-        weight: γ·a over the kept features.
-        bias: β·a over the kept features.
-        eps: added to the variance.
-        selected: which kept features the statistics read (``None``: all of them).
-    """
-
-    def __init__(self, weight: Tensor, bias: Tensor, eps: float, selected: Tensor | None = None) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(weight)
-        self.bias = nn.Parameter(bias)
-        self.eps = eps
-        self.register_buffer("selected", selected)
-
-    def forward(self, x: Tensor, *unused: object) -> Tensor:
-        if self.selected is None:
-            return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
-        read = x[..., self.selected]
-        mean = read.mean(-1, keepdim=True)
-        var = (read - mean).square().mean(-1, keepdim=True)
-        return torch.addcmul(self.bias, (x - mean) * torch.rsqrt(var + self.eps), self.weight)
-
-
-class ExportedGate(nn.Module):
-    """The pure gate (no norm) folded for one task: identity when every kept unit is selected, else ``x·a``."""
-
-    def __init__(self, mask: Tensor | None, channel_dim: int) -> None:
-        super().__init__()
-        self.register_buffer("mask", mask)
-        self.channel_dim = channel_dim
-
-    def forward(self, x: Tensor, *unused: object) -> Tensor:
-        if self.mask is None:
-            return x
-        return x * (self.mask.view(-1, *([1] * (x.dim() - 2))) if self.channel_dim == 1 else self.mask)
 
 
 class ExportedHead(nn.Module):
@@ -256,28 +186,6 @@ def _prune_weighted(module: nn.Module, rows: Tensor, cols: Tensor | None) -> nn.
     return new
 
 
-def _export_norm(norm: MaskedNorm, mask: Tensor, keep: Tensor, task: int) -> nn.Module:
-    """The norm for ``task`` over the ``keep`` units with the gate values ``mask`` (over the same units)."""
-    def per_task(t: Tensor) -> Tensor:
-        return (t[task] if t.dim() == 2 else t).detach()[keep]
-
-    if isinstance(norm, _MaskedBatchNorm | _TaskBatchNorm | _SharedBatchNorm):
-        return ExportedBatchNorm(per_task(norm.weight) * mask, per_task(norm.bias) * mask,
-                                 per_task(norm.running_mean).clone(), per_task(norm.running_var).clone(), norm.eps)
-    selected = mask > 0.5
-    if isinstance(norm, MaskedLayerNorm) and bool(selected.any()):
-        return ExportedLayerNorm(norm.weight.detach()[keep] * mask, norm.bias.detach()[keep] * mask, norm.eps,
-                                 None if bool(selected.all()) else selected)
-    if isinstance(norm, SharedLayerNorm | TaskLayerNorm):
-        return ExportedLayerNorm(per_task(norm.weight) * mask, per_task(norm.bias) * mask, norm.eps)
-    if isinstance(norm, NoNorm):
-        return ExportedGate(None if bool((mask == 1).all()) else mask, norm.channel_dim)
-    if isinstance(norm, MaskedLayerNorm):  # no feature selected: the norm gives zeros
-        return ExportedGate(torch.zeros_like(mask), norm.channel_dim)
-    raise TypeError(f"model: cannot export a {type(norm).__name__}; supported norms: masked, per-task and shared "
-                    "BatchNorm and LayerNorm, and none")
-
-
 def _replace(root: nn.Module, names: dict[int, str], old: nn.Module, new: nn.Module) -> None:
     parent, _, child = names[id(old)].rpartition(".")
     setattr(root.get_submodule(parent), child, new)
@@ -312,11 +220,6 @@ def export(model: nn.Module, task: int, *, layers: Sequence[Layer] | None = None
     if layers is None and not isinstance(model, HATModule):
         raise ValueError(f"layers must be given unless model is a HATModule, got layers=None for a "
                          f"{type(model).__name__}")
-    post_gate = [type(m).__name__ for m in model.modules() if isinstance(m, _PostGateBatchNorm)]
-    if post_gate:
-        raise TypeError(f"model: cannot export {post_gate[0]}: the norm after the gate emits β on units the task "
-                        "does not select; export supports masked, per-task and shared BatchNorm and LayerNorm, "
-                        "and none")
     num_tasks = next(m for m in model.modules() if isinstance(m, HATGate)).num_tasks
     task = check_task(task, num_tasks)
     before = _count(model)
@@ -354,8 +257,8 @@ def export(model: nn.Module, task: int, *, layers: Sequence[Layer] | None = None
         out_features = layer.out.num_features
         rows = units.index(layer.out, out_features)
         if isinstance(module, MaskedNorm):
-            gate_mask = _mask_of(units, layer.out)
-            _replace(body, names, module, _export_norm(module, gate_mask, rows, task))
+            # the norm's own declaration: its evaluation formula for the task, the gate folded in
+            _replace(body, names, module, module.export(task, _mask_of(units, layer.out), rows))
         elif isinstance(module, TokenEmbedding):
             module.cls_token = nn.Parameter(module.cls_token.detach()[..., rows].clone())
             module.pos_embedding = nn.Parameter(module.pos_embedding.detach()[..., rows].clone())
@@ -373,8 +276,8 @@ def export(model: nn.Module, task: int, *, layers: Sequence[Layer] | None = None
 
 def _foldable(module: nn.Module) -> bool:
     """Whether export knows how to fold and prune ``module``; the units of any other module are kept whole."""
-    if isinstance(module, SharedLayerNorm | TaskLayerNorm):
-        return False  # their statistics read every feature, the removed ones too
+    if isinstance(module, MaskedNorm) and not module.prunable:
+        return False  # its statistics read every unit, the removed ones too
     if isinstance(module, nn.modules.conv._ConvNd):
         return module.groups == 1 and not isinstance(module, nn.modules.conv._ConvTransposeNd)
     return isinstance(module, MaskedNorm | TokenEmbedding | nn.Linear)

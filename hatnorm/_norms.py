@@ -9,7 +9,7 @@ parameters, so :class:`hatnorm.HAT` protects norms by the same mechanism as weig
 from __future__ import annotations
 
 from abc import abstractmethod
-from typing import TYPE_CHECKING, Any, ClassVar, final
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, final
 
 import torch
 import torch.distributed as dist
@@ -26,12 +26,16 @@ from hatnorm._checks import (
     check_positive_int,
     check_task,
 )
+from hatnorm._exported import ExportedBatchNorm, ExportedGate, ExportedLayerNorm
 from hatnorm._masks import MaskState
 from hatnorm._policies import GradientPolicy
 from hatnorm._protected import Protected
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
+
+#: which models a norm fits: channels in dim 1 (CNNs), features in the last dim (transformers), or both
+Family = Literal["batch", "layer", "any"]
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -249,19 +253,39 @@ def masked_layer_norm(x: Tensor, mask: Tensor, weight: Tensor | None, bias: Tens
 
 
 class MaskedNorm(nn.Module, Protected):
-    """The protocol of every task-aware norm.
+    """The protocol of every task-aware norm: everything training, export, statistics re-estimation,
+    multi-process training and conversion need from a norm is declared here, so a norm registered by
+    another package (:func:`hatnorm.register_norm`, entry point ``hatnorm.norms``) works everywhere.
+
+    A subclass implements :meth:`forward` (starting with :meth:`validate`) and ``gradient_multipliers``
+    (see :class:`hatnorm.Protected`), sets :attr:`dims` and :attr:`channel_dim`, and overrides the hooks
+    that concern it: :meth:`export`; for running statistics
+    :meth:`running_statistics`, :meth:`statistics_slot` and a ``momentum`` attribute; :meth:`sync` for
+    batch statistics over several processes; :attr:`replaces` and :meth:`options_from` for
+    :func:`hatnorm.convert`.
 
     Args:
         num_features: number of units C (channels for batch norms, last-dim features for layer norms).
         num_tasks: number of tasks T.
     """
 
-    #: the tensor layouts a norm of this class accepts, for messages and registry checks
-    dims: ClassVar[tuple[int, ...]]
+    #: which models the norm fits (the registry's default family for the class)
+    family: ClassVar[Family] = "any"
+    #: the tensor ranks the norm accepts, for checks and messages (an instance may narrow them)
+    dims: tuple[int, ...]
     #: the dim holding the ``num_features`` units
-    channel_dim: ClassVar[int]
+    channel_dim: int
     #: whether training normalises with batch statistics, which need more than 1 value per channel
     batch_statistics: ClassVar[bool] = False
+    #: the torch modules :func:`hatnorm.convert` may replace with this norm
+    replaces: ClassVar[tuple[type[nn.Module], ...]] = ()
+    #: whether :func:`hatnorm.export` may remove the units a task does not use (not when the statistics
+    #: read every unit, the removed ones too)
+    prunable: ClassVar[bool] = True
+    #: whether, under HAT's hard protection, training a task leaves every earlier task's outputs
+    #: bit-identical (the invariant the property tests check for every norm that declares it); False for
+    #: the baselines, whose shared statistics or affine follow the newest task
+    isolates_tasks: ClassVar[bool] = False
 
     def __init__(self, num_features: int, *, num_tasks: int) -> None:
         super().__init__()
@@ -276,6 +300,41 @@ class MaskedNorm(nn.Module, Protected):
     def end_task(self, task: int) -> None:
         """Consolidate after ``task`` ends. Norms whose state is complete at the end of training do nothing."""
 
+    @classmethod
+    def options_from(cls, module: nn.Module) -> dict[str, Any]:
+        """The constructor options that make this norm stand for ``module`` (one of :attr:`replaces`),
+        ``dims`` included; ``module``'s state is then loaded into every task slot.
+
+        Raises:
+            ValueError: ``module`` has a configuration this norm cannot reproduce.
+        """
+        raise ValueError(f"{cls.__name__} replaces no torch module")
+
+    def export(self, task: int, mask: Tensor, keep: Tensor) -> nn.Module:
+        """The plain inference module for ``task`` over the units ``keep`` (indices), with the gate values
+        ``mask`` over those units folded in: it must equal this norm's evaluation output there
+        (see :mod:`hatnorm._exported`).
+
+        Raises:
+            TypeError: this norm cannot be exported.
+        """
+        raise TypeError(f"model: cannot export a {type(self).__name__}; it declares no export")
+
+    def running_statistics(self) -> list[Tensor]:
+        """The buffers :func:`hatnorm.recalibrate_norms` re-estimates (and precise validation restores):
+        statistics a training forward moves by ``momentum``. Norms without running statistics: none."""
+        return []
+
+    def statistics_slot(self, task: int) -> int | None:
+        """Which slot of the running statistics a training forward for ``task`` moves: the task for
+        per-task statistics, ``None`` for statistics shared by every task."""
+        return None
+
+    def sync(self, process_group: ProcessGroup | None) -> None:
+        """Compute training statistics over the batches of every rank of ``process_group`` (``None``:
+        each process alone); called by :func:`hatnorm.convert_sync`. Norms without batch statistics
+        need no communication."""
+
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         # Accept a plain nn.BatchNorm/nn.LayerNorm state (pretrained weights): a per-unit tensor [C]
         # goes into every task slot of a per-task tensor [T, C]; BatchNorm's step counter has no use here.
@@ -287,7 +346,10 @@ class MaskedNorm(nn.Module, Protected):
                 state_dict[prefix + name] = incoming.expand_as(tensor).clone()
         super()._load_from_state_dict(state_dict, prefix, *args)
 
-    def _check(self, x: Tensor, mask: Tensor, task: int) -> int:
+    def validate(self, x: Tensor, mask: Tensor, task: int) -> int:
+        """Check a call's input (rank :attr:`dims`, ``num_features`` units in :attr:`channel_dim`, dtype and
+        device of the norm's parameters), its gate and its task; returns the task as an int. Every
+        :meth:`forward` starts with it, so bad calls fail with the same messages in every norm."""
         # any own parameter fixes the dtype and device x must meet; read from the dict, since a
         # parameters() generator would cost more than all the checks together
         like = next(iter(self._parameters.values()), None)
@@ -299,25 +361,54 @@ class MaskedNorm(nn.Module, Protected):
         return f"{self.num_features}, num_tasks={self.num_tasks}"
 
 
+def _slot(t: Tensor, task: int, keep: Tensor) -> Tensor:
+    """``t``'s values for ``task`` (its row, for per-task tensors ``[T, C]``) over the units ``keep``."""
+    return (t[task] if t.dim() == 2 else t).detach()[keep]
+
+
+#: the tensor ranks a batch norm accepts per layout (``dims``)
+_BATCH_LAYOUTS = {1: (2, 3), 2: (4,), None: (2, 3, 4, 5)}
+
+
+def _batch_layout(dims: object) -> tuple[int, ...]:
+    if dims not in _BATCH_LAYOUTS or isinstance(dims, bool):
+        raise ValueError(f"dims must be 1 ([N, C] or [N, C, L]), 2 ([N, C, H, W]) or None (any [N, C, *]), "
+                         f"got {dims!r}")
+    return _BATCH_LAYOUTS[dims]  # type: ignore[index]
+
+
 class _BatchNormBase(MaskedNorm):
-    """Validation and options shared by the batch-statistics norms.
+    """Validation, options and the protocol hooks shared by the batch-statistics norms.
 
     ``process_group``: when set (by :func:`hatnorm.convert_sync`), training statistics are computed over
     the batches of every rank of the group; ``None`` normalises each process's batch alone. ``frozen``
-    (set by :meth:`freeze`): the norm normalises with its running statistics in training too.
+    (set by :meth:`freeze`): the norm normalises with its running statistics in training too. ``dims``
+    narrows the input layout: 1 (``[N, C]`` or ``[N, C, L]``), 2 (``[N, C, H, W]``), ``None`` (any
+    ``[N, C, *]``).
     """
 
+    family = "batch"
     channel_dim = 1
     batch_statistics = True
+    replaces = (nn.BatchNorm1d, nn.BatchNorm2d)
 
-    def __init__(self, num_features: int, *, num_tasks: int, eps: float = 1e-5, momentum: float = 0.1) -> None:
+    def __init__(self, num_features: int, *, num_tasks: int, eps: float = 1e-5, momentum: float = 0.1,
+                 dims: int | None = None) -> None:
         super().__init__(num_features, num_tasks=num_tasks)
         self.eps = check_positive(eps, "eps")
         self.momentum = check_non_negative(momentum, "momentum")
         if self.momentum > 1:
             raise ValueError(f"momentum must be in [0, 1], got {momentum!r}")
+        self.dims = _batch_layout(dims)
         self.process_group: ProcessGroup | None = None
         self.frozen = False
+
+    @classmethod
+    def options_from(cls, module: nn.Module) -> dict[str, Any]:
+        if not isinstance(module, cls.replaces) or not module.affine or not module.track_running_stats:
+            raise ValueError(f"only BatchNorm1d/2d with affine=True and running statistics convert, got {module}")
+        return {"eps": module.eps, "momentum": module.momentum or 0.1,
+                "dims": 1 if isinstance(module, nn.BatchNorm1d) else 2}
 
     def freeze(self) -> None:
         """Hold the norm at its current values, as PackNet and Piggyback hold pretrained BatchNorm: training
@@ -332,19 +423,50 @@ class _BatchNormBase(MaskedNorm):
         """Whether this call normalises with batch statistics (and moves the running ones)."""
         return self.training and not self.frozen
 
-    def _check(self, x: Tensor, mask: Tensor, task: int) -> int:
-        task = super()._check(x, mask, task)
+    def export(self, task: int, mask: Tensor, keep: Tensor) -> nn.Module:
+        return ExportedBatchNorm(_slot(self.weight, task, keep) * mask, _slot(self.bias, task, keep) * mask,
+                                 _slot(self.running_mean, task, keep).clone(),
+                                 _slot(self.running_var, task, keep).clone(), self.eps)
+
+    def running_statistics(self) -> list[Tensor]:
+        return [self.running_mean, self.running_var]
+
+    def statistics_slot(self, task: int) -> int | None:
+        return task if self.running_mean.dim() == 2 else None
+
+    def sync(self, process_group: ProcessGroup | None) -> None:
+        self.process_group = process_group
+
+    def validate(self, x: Tensor, mask: Tensor, task: int) -> int:
+        task = super().validate(x, mask, task)
         if self._batch_statistics and x.numel() // self.num_features < 2:
             raise ValueError(f"x: batch statistics need more than 1 value per channel in training, "
                              f"got shape {list(x.shape)}")
         return task
 
 
-class _MaskedBatchNorm(_BatchNormBase):
-    """One shared γ, β; running statistics per task, moved only on selected units."""
+@final
+class MaskedBatchNorm(_BatchNormBase):
+    """Masked BatchNorm: shared γ/β, per-task running statistics, over ``[N, C, *]``.
 
-    def __init__(self, num_features: int, *, num_tasks: int, eps: float = 1e-5, momentum: float = 0.1) -> None:
-        super().__init__(num_features, num_tasks=num_tasks, eps=eps, momentum=momentum)
+    Output a ⊙ (γ·x̂ + β). In training, task t's running statistics move only for units with
+    a > 0.5; every other unit and task keeps its statistics bit-identical. Evaluation uses task t's
+    statistics. γ/β are protected by HAT like a bias. ``MaskedBatchNorm1d`` and ``MaskedBatchNorm2d``
+    are this class.
+
+    Args:
+        num_features: number of channels C.
+        num_tasks: number of tasks T.
+        eps: added to the variance [1e-5].
+        momentum: running-statistics momentum [0.1].
+        dims: the input layout: 1 (``[N, C]``, ``[N, C, L]``), 2 (``[N, C, H, W]``) or ``None`` (any) [None].
+    """
+
+    isolates_tasks = True
+
+    def __init__(self, num_features: int, *, num_tasks: int, eps: float = 1e-5, momentum: float = 0.1,
+                 dims: int | None = None) -> None:
+        super().__init__(num_features, num_tasks=num_tasks, eps=eps, momentum=momentum, dims=dims)
         self.weight = nn.Parameter(torch.ones(num_features))
         self.bias = nn.Parameter(torch.zeros(num_features))
         # per-task statistics: [T, C]
@@ -352,7 +474,7 @@ class _MaskedBatchNorm(_BatchNormBase):
         self.register_buffer("running_var", torch.ones(num_tasks, num_features))
 
     def forward(self, x: Tensor, mask: Tensor, task: int) -> Tensor:
-        task = self._check(x, mask, task)
+        task = self.validate(x, mask, task)
         return masked_batch_norm(x, mask, self.weight, self.bias, self.running_mean[task], self.running_var[task],
                                  training=self._batch_statistics, momentum=self.momentum, eps=self.eps,
                                  process_group=self.process_group)
@@ -363,35 +485,26 @@ class _MaskedBatchNorm(_BatchNormBase):
 
 
 @final
-class MaskedBatchNorm1d(_MaskedBatchNorm):
-    """Masked BatchNorm over ``[N, C]`` or ``[N, C, L]``: shared γ/β, per-task running statistics.
+class TaskBatchNorm(_BatchNormBase):
+    """Per-task BatchNorm over ``[N, C, *]``: T independent BatchNorms, output a ⊙ BN_t(x).
 
-    Output a ⊙ (γ·x̂ + β). In training, task t's running statistics move only for units with
-    a > 0.5; every other unit and task keeps its statistics bit-identical. Evaluation uses task t's
-    statistics. γ/β are protected by HAT like a bias.
+    Task t trains BN t alone; the other tasks' γ, β and statistics are frozen (no gradient, no
+    statistic update, not moved by the optimizer under :meth:`HAT.step`). ``TaskBatchNorm1d`` and
+    ``TaskBatchNorm2d`` are this class.
 
     Args:
         num_features: number of channels C.
         num_tasks: number of tasks T.
         eps: added to the variance [1e-5].
         momentum: running-statistics momentum [0.1].
+        dims: the input layout: 1 (``[N, C]``, ``[N, C, L]``), 2 (``[N, C, H, W]``) or ``None`` (any) [None].
     """
 
-    dims = (2, 3)
+    isolates_tasks = True
 
-
-@final
-class MaskedBatchNorm2d(_MaskedBatchNorm):
-    """Masked BatchNorm over ``[N, C, H, W]``; see :class:`MaskedBatchNorm1d`."""
-
-    dims = (4,)
-
-
-class _TaskBatchNorm(_BatchNormBase):
-    """T independent BatchNorms; task t uses and trains only the t-th."""
-
-    def __init__(self, num_features: int, *, num_tasks: int, eps: float = 1e-5, momentum: float = 0.1) -> None:
-        super().__init__(num_features, num_tasks=num_tasks, eps=eps, momentum=momentum)
+    def __init__(self, num_features: int, *, num_tasks: int, eps: float = 1e-5, momentum: float = 0.1,
+                 dims: int | None = None) -> None:
+        super().__init__(num_features, num_tasks=num_tasks, eps=eps, momentum=momentum, dims=dims)
         # one γ, β and set of statistics per task: [T, C]
         self.weight = nn.Parameter(torch.ones(num_tasks, num_features))
         self.bias = nn.Parameter(torch.zeros(num_tasks, num_features))
@@ -399,7 +512,7 @@ class _TaskBatchNorm(_BatchNormBase):
         self.register_buffer("running_var", torch.ones(num_tasks, num_features))
 
     def forward(self, x: Tensor, mask: Tensor, task: int) -> Tensor:
-        task = self._check(x, mask, task)
+        task = self.validate(x, mask, task)
         return selective_batch_norm(x, None, self.weight[task] * mask, self.bias[task] * mask, self.running_mean[task],
                                     self.running_var[task], training=self._batch_statistics, momentum=self.momentum,
                                     eps=self.eps, process_group=self.process_group)
@@ -411,45 +524,26 @@ class _TaskBatchNorm(_BatchNormBase):
 
 
 @final
-class TaskBatchNorm1d(_TaskBatchNorm):
-    """Per-task BatchNorm over ``[N, C]`` or ``[N, C, L]``: output a ⊙ BN_t(x).
-
-    Task t trains BN t alone; the other tasks' γ, β and statistics are frozen (no gradient, no
-    statistic update, not moved by the optimizer under :meth:`HAT.step`).
-
-    Args:
-        num_features: number of channels C.
-        num_tasks: number of tasks T.
-        eps: added to the variance [1e-5].
-        momentum: running-statistics momentum [0.1].
-    """
-
-    dims = (2, 3)
-
-
-@final
-class TaskBatchNorm2d(_TaskBatchNorm):
-    """Per-task BatchNorm over ``[N, C, H, W]``; see :class:`TaskBatchNorm1d`."""
-
-    dims = (4,)
-
-
-class _SharedBatchNorm(_BatchNormBase):
-    """The naive baseline: one BatchNorm shared by all tasks, a ⊙ BN(x).
+class SharedBatchNorm(_BatchNormBase):
+    """The naive baseline over ``[N, C, *]``: one BatchNorm shared by all tasks, a ⊙ BN(x).
 
     γ/β are protected like a bias; the running statistics are shared and drift to the newest task,
-    which is what makes HAT forget with an ordinary BatchNorm.
+    which is what makes HAT forget with an ordinary BatchNorm. ``SharedBatchNorm1d`` and
+    ``SharedBatchNorm2d`` are this class.
+
+    Args: as :class:`MaskedBatchNorm`.
     """
 
-    def __init__(self, num_features: int, *, num_tasks: int, eps: float = 1e-5, momentum: float = 0.1) -> None:
-        super().__init__(num_features, num_tasks=num_tasks, eps=eps, momentum=momentum)
+    def __init__(self, num_features: int, *, num_tasks: int, eps: float = 1e-5, momentum: float = 0.1,
+                 dims: int | None = None) -> None:
+        super().__init__(num_features, num_tasks=num_tasks, eps=eps, momentum=momentum, dims=dims)
         self.weight = nn.Parameter(torch.ones(num_features))
         self.bias = nn.Parameter(torch.zeros(num_features))
         self.register_buffer("running_mean", torch.zeros(num_features))
         self.register_buffer("running_var", torch.ones(num_features))
 
     def forward(self, x: Tensor, mask: Tensor, task: int) -> Tensor:
-        self._check(x, mask, task)
+        self.validate(x, mask, task)
         return selective_batch_norm(x, None, self.weight * mask, self.bias * mask, self.running_mean,
                                     self.running_var, training=self._batch_statistics, momentum=self.momentum,
                                     eps=self.eps, process_group=self.process_group)
@@ -460,45 +554,46 @@ class _SharedBatchNorm(_BatchNormBase):
 
 
 @final
-class SharedBatchNorm1d(_SharedBatchNorm):
-    """Shared BatchNorm baseline over ``[N, C]`` or ``[N, C, L]``: a ⊙ BN(x), statistics shared by all tasks."""
+class PostGateBatchNorm(_BatchNormBase):
+    """The placement ablation over ``[N, C, *]``: BN_t(a ⊙ x), the norm after the gate, with masked BN's
+    shared γ/β and per-task statistics.
 
-    dims = (2, 3)
+    Its output is not gated: units the task does not select still emit β, which later tasks may change,
+    so it cannot be exported. ``PostGateBatchNorm1d`` and ``PostGateBatchNorm2d`` are this class.
 
-
-@final
-class SharedBatchNorm2d(_SharedBatchNorm):
-    """Shared BatchNorm baseline over ``[N, C, H, W]``: a ⊙ BN(x), statistics shared by all tasks."""
-
-    dims = (4,)
-
-
-class _PostGateBatchNorm(_MaskedBatchNorm):
-    """The placement ablation: BN_t(a ⊙ x), the norm after the gate, with masked BN's per-task statistics.
-
-    Its output is not gated: units the task does not select still emit β, which later tasks may change.
+    Args: as :class:`MaskedBatchNorm`.
     """
 
+    def __init__(self, num_features: int, *, num_tasks: int, eps: float = 1e-5, momentum: float = 0.1,
+                 dims: int | None = None) -> None:
+        super().__init__(num_features, num_tasks=num_tasks, eps=eps, momentum=momentum, dims=dims)
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_tasks, num_features))
+        self.register_buffer("running_var", torch.ones(num_tasks, num_features))
+
     def forward(self, x: Tensor, mask: Tensor, task: int) -> Tensor:
-        task = self._check(x, mask, task)
+        task = self.validate(x, mask, task)
         return selective_batch_norm(x * per_channel(mask, x), mask.detach() > 0.5, self.weight, self.bias,
                                     self.running_mean[task], self.running_var[task],
                                     training=self._batch_statistics, momentum=self.momentum, eps=self.eps,
                                     process_group=self.process_group)
 
+    def gradient_multipliers(self, previous: MaskState, task: int, policy: GradientPolicy) -> dict[str, Tensor]:
+        rate = policy.unit_rate(previous)
+        return {"weight": rate, "bias": rate}
 
-@final
-class PostGateBatchNorm1d(_PostGateBatchNorm):
-    """Norm-after-gate ablation over ``[N, C]`` or ``[N, C, L]``: BN_t(a ⊙ x)."""
+    def export(self, task: int, mask: Tensor, keep: Tensor) -> nn.Module:
+        raise TypeError(f"model: cannot export {type(self).__name__}: the norm after the gate emits β on units "
+                        "the task does not select; export supports masked, per-task and shared BatchNorm and "
+                        "LayerNorm, and none")
 
-    dims = (2, 3)
 
-
-@final
-class PostGateBatchNorm2d(_PostGateBatchNorm):
-    """Norm-after-gate ablation over ``[N, C, H, W]``: BN_t(a ⊙ x)."""
-
-    dims = (4,)
+#: the names of the 1d/2d twin classes, kept: each is the one class of its norm
+MaskedBatchNorm1d = MaskedBatchNorm2d = MaskedBatchNorm
+TaskBatchNorm1d = TaskBatchNorm2d = TaskBatchNorm
+SharedBatchNorm1d = SharedBatchNorm2d = SharedBatchNorm
+PostGateBatchNorm1d = PostGateBatchNorm2d = PostGateBatchNorm
 
 
 @final
@@ -513,6 +608,8 @@ class NoNorm(MaskedNorm):
 
     dims = (2, 3, 4, 5)
     channel_dim = 1
+    replaces = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm)
+    isolates_tasks = True
 
     def __init__(self, num_features: int, *, num_tasks: int, channel_dim: int = 1) -> None:
         super().__init__(num_features, num_tasks=num_tasks)
@@ -520,23 +617,45 @@ class NoNorm(MaskedNorm):
             raise ValueError(f"channel_dim must be 1 (channels first) or -1 (features last), got {channel_dim!r}")
         self.channel_dim = channel_dim
 
+    @classmethod
+    def options_from(cls, module: nn.Module) -> dict[str, Any]:
+        if not isinstance(module, cls.replaces):
+            raise ValueError(f"no norm replaces BatchNorm1d/2d and LayerNorm, got {module}")
+        return {"dims": None if isinstance(module, nn.LayerNorm) else 1 if isinstance(module, nn.BatchNorm1d) else 2}
+
     def forward(self, x: Tensor, mask: Tensor, task: int) -> Tensor:
-        self._check(x, mask, task)
+        self.validate(x, mask, task)
         return x * (per_channel(mask, x) if self.channel_dim == 1 else mask)
 
     def gradient_multipliers(self, previous: MaskState, task: int, policy: GradientPolicy) -> dict[str, Tensor]:
         return {}
 
+    def export(self, task: int, mask: Tensor, keep: Tensor) -> nn.Module:
+        return ExportedGate(None if bool((mask == 1).all()) else mask, self.channel_dim)
+
 
 class _LayerNormBase(MaskedNorm):
-    """Validation and options shared by the layer norms over the last dim."""
+    """Validation, options and the protocol hooks shared by the layer norms over the last dim."""
 
+    family = "layer"
     dims = (2, 3, 4)
     channel_dim = -1
+    replaces = (nn.LayerNorm,)
 
     def __init__(self, num_features: int, *, num_tasks: int, eps: float = 1e-5) -> None:
         super().__init__(num_features, num_tasks=num_tasks)
         self.eps = check_positive(eps, "eps")
+
+    @classmethod
+    def options_from(cls, module: nn.Module) -> dict[str, Any]:
+        if (not isinstance(module, nn.LayerNorm) or len(module.normalized_shape) != 1
+                or not module.elementwise_affine or module.bias is None):
+            raise ValueError(f"only LayerNorm over the last dim with γ and β converts, got {module}")
+        return {"eps": module.eps, "dims": None}
+
+    def export(self, task: int, mask: Tensor, keep: Tensor) -> nn.Module:
+        # statistics over every feature: export keeps every unit of these norms (prunable is False)
+        return ExportedLayerNorm(_slot(self.weight, task, keep) * mask, _slot(self.bias, task, keep) * mask, self.eps)
 
 
 @final
@@ -552,23 +671,34 @@ class MaskedLayerNorm(_LayerNormBase):
         eps: added to the variance [1e-5].
     """
 
+    isolates_tasks = True
+
     def __init__(self, num_features: int, *, num_tasks: int, eps: float = 1e-5) -> None:
         super().__init__(num_features, num_tasks=num_tasks, eps=eps)
         self.weight = nn.Parameter(torch.ones(num_features))
         self.bias = nn.Parameter(torch.zeros(num_features))
 
     def forward(self, x: Tensor, mask: Tensor, task: int) -> Tensor:
-        self._check(x, mask, task)
+        self.validate(x, mask, task)
         return masked_layer_norm(x, mask, self.weight, self.bias, self.eps)
 
     def gradient_multipliers(self, previous: MaskState, task: int, policy: GradientPolicy) -> dict[str, Tensor]:
         rate = policy.unit_rate(previous)
         return {"weight": rate, "bias": rate}
 
+    def export(self, task: int, mask: Tensor, keep: Tensor) -> nn.Module:
+        selected = mask > 0.5
+        if not bool(selected.any()):  # no feature selected: the norm gives zeros
+            return ExportedGate(torch.zeros_like(mask), self.channel_dim)
+        return ExportedLayerNorm(_slot(self.weight, task, keep) * mask, _slot(self.bias, task, keep) * mask,
+                                 self.eps, None if bool(selected.all()) else selected)
+
 
 @final
 class SharedLayerNorm(_LayerNormBase):
     """Shared LayerNorm baseline: a ⊙ LN(x) over all features, γ/β protected like a bias."""
+
+    prunable = False
 
     def __init__(self, num_features: int, *, num_tasks: int, eps: float = 1e-5) -> None:
         super().__init__(num_features, num_tasks=num_tasks, eps=eps)
@@ -576,7 +706,7 @@ class SharedLayerNorm(_LayerNormBase):
         self.bias = nn.Parameter(torch.zeros(num_features))
 
     def forward(self, x: Tensor, mask: Tensor, task: int) -> Tensor:
-        self._check(x, mask, task)
+        self.validate(x, mask, task)
         return F.layer_norm(x, (self.num_features,), self.weight * mask, self.bias * mask, self.eps)
 
     def gradient_multipliers(self, previous: MaskState, task: int, policy: GradientPolicy) -> dict[str, Tensor]:
@@ -588,13 +718,15 @@ class SharedLayerNorm(_LayerNormBase):
 class TaskLayerNorm(_LayerNormBase):
     """Per-task LayerNorm: a ⊙ LN_t(x) over all features with task t's own γ_t, β_t."""
 
+    prunable = False
+
     def __init__(self, num_features: int, *, num_tasks: int, eps: float = 1e-5) -> None:
         super().__init__(num_features, num_tasks=num_tasks, eps=eps)
         self.weight = nn.Parameter(torch.ones(num_tasks, num_features))
         self.bias = nn.Parameter(torch.zeros(num_tasks, num_features))
 
     def forward(self, x: Tensor, mask: Tensor, task: int) -> Tensor:
-        task = self._check(x, mask, task)
+        task = self.validate(x, mask, task)
         return F.layer_norm(x, (self.num_features,), self.weight[task] * mask, self.bias[task] * mask, self.eps)
 
     def gradient_multipliers(self, previous: MaskState, task: int, policy: GradientPolicy) -> dict[str, Tensor]:

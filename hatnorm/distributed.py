@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from hatnorm._norms import _BatchNormBase
+from hatnorm._norms import MaskedNorm
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -62,8 +62,9 @@ def _group(process_group: object) -> ProcessGroup | None:
 def convert_sync(model: nn.Module, process_group: ProcessGroup | None = None) -> nn.Module:
     """Make every batch-statistics norm of ``model`` normalise over the batches of all ranks together.
 
-    The hatnorm counterpart of :meth:`torch.nn.SyncBatchNorm.convert_sync_batchnorm`: masked, per-task,
-    shared and post-gate BatchNorms compute their training statistics (per-channel count, mean and
+    The hatnorm counterpart of :meth:`torch.nn.SyncBatchNorm.convert_sync_batchnorm`: every norm's
+    :meth:`~hatnorm.MaskedNorm.sync` is given the group. Masked, per-task, shared and post-gate BatchNorms
+    then compute their training statistics (per-channel count, mean and
     variance) over every rank of ``process_group`` through an autograd-aware all-reduce, so outputs,
     gradients (after DDP's averaging) and running statistics are those of the concatenated batch. Each
     norm moves exactly what it moves in one process: masked BN the task's selected units, per-task BN
@@ -90,8 +91,8 @@ def convert_sync(model: nn.Module, process_group: ProcessGroup | None = None) ->
     group = _group(process_group)
     if group is not None:
         for norm in model.modules():
-            if isinstance(norm, _BatchNormBase):
-                norm.process_group = group
+            if isinstance(norm, MaskedNorm):
+                norm.sync(group)
     return model
 
 

@@ -32,7 +32,8 @@ import hatnorm
 from hatnorm.distributed import shard, wrap
 from hatnorm.training import HATMethod, TrainConfig, train_sequence
 
-NORMS = ("masked_bn", "task_bn", "post_gate_bn")
+# every registered norm that normalises with batch statistics but the shared baseline: built-in and plug-in
+NORMS = tuple(n for n in hatnorm.list_norms("batch") if hatnorm.get_norm(n).batch_statistics and n != "shared_bn")
 TASKS = 2
 STEPS = 3
 BATCH = 8  # the global batch; each of 2 ranks takes 4

@@ -20,9 +20,10 @@ OPTIONS = {
     "vit_micro": [({}, 32), ({"image_size": 16}, 16)],
     "vit_tiny": [({"depth": 2}, 32), ({"depth": 2, "image_size": 16}, 16)],
 }
-# task_ln and shared_ln normalise over every feature, so units other tasks own shift their statistics:
-# they are ablation baselines, not forgetting-free norms
-TASK_AWARE = {"masked_bn", "task_bn", "masked_ln", "none"}
+# the norms that declare they forget nothing (plug-in norms included); task_ln and shared_ln normalise over
+# every feature, so units other tasks own shift their statistics: they are ablation baselines
+TASK_AWARE = {name for name in hatnorm.list_norms() if hatnorm.get_norm(name).isolates_tasks}
+assert {"masked_bn", "task_bn", "masked_ln", "none"} <= TASK_AWARE
 CASES = [
     (arch, norm, options, size)
     for arch in hatnorm.list_architectures()

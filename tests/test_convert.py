@@ -36,10 +36,16 @@ def pretrained_vit(tmp_path) -> nn.Module:
     return transformers.ViTForImageClassification.from_pretrained(tmp_path / "vit").eval()
 
 
+def task_aware(family: str) -> list[str]:
+    """The registered norms of ``family`` that declare they forget nothing (plug-in norms included)."""
+    return [n for n in hatnorm.list_norms(family) if hatnorm.get_norm(n).family == family
+            and hatnorm.get_norm(n).isolates_tasks]
+
+
 MODELS = {
-    "resnet18": (lambda tmp: pretrained_resnet(torchvision.models.resnet18, tmp), 32, ["masked_bn", "task_bn"]),
-    "resnet50": (lambda tmp: pretrained_resnet(torchvision.models.resnet50, tmp), 32, ["masked_bn", "task_bn"]),
-    "vit": (pretrained_vit, 32, ["masked_ln"]),
+    "resnet18": (lambda tmp: pretrained_resnet(torchvision.models.resnet18, tmp), 32, task_aware("batch")),
+    "resnet50": (lambda tmp: pretrained_resnet(torchvision.models.resnet50, tmp), 32, task_aware("batch")),
+    "vit": (pretrained_vit, 32, task_aware("layer")),
 }
 CASES = [(name, norm) for name, (_, _, norms) in MODELS.items() for norm in norms]
 

@@ -21,13 +21,12 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
 import hatnorm
-from hatnorm._norms import _BatchNormBase
 from hatnorm.distributed import average_gradients, is_distributed, is_main_process, shard, unwrap, wrap
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("distributed_worker.py")
 # the norms whose earlier tasks' outputs must not change (the shared and post-gate baselines may forget)
-TASK_AWARE = ("masked_bn", "task_bn")
+TASK_AWARE = tuple(n for n in NORMS if hatnorm.get_norm(n).isolates_tasks)
 
 needs_gloo = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not built into this torch")
@@ -60,6 +59,10 @@ def one_thread() -> Iterator[None]:
 def one_process() -> dict[str, dict[str, Tensor]]:
     with one_thread():
         return {norm: run(norm) for norm in NORMS}
+
+
+def batch_norms(model: torch.nn.Module) -> list[hatnorm.MaskedNorm]:
+    return [m for m in model.modules() if isinstance(m, hatnorm.MaskedNorm) and m.batch_statistics]
 
 
 def load(folder: Path, norm: str, rank: int) -> dict[str, Tensor]:
@@ -117,7 +120,7 @@ def test_convert_sync_is_a_no_op_in_one_process() -> None:
     model = hatnorm.build("resnet18", num_tasks=2, norm="masked_bn", num_classes=3, base_width=4)
     twin = copy.deepcopy(model)
     assert hatnorm.convert_sync(model) is model
-    assert all(m.process_group is None for m in model.modules() if isinstance(m, _BatchNormBase))
+    assert all(m.process_group is None for m in batch_norms(model))
     assert wrap(model) is model
     assert not is_distributed()
     x = torch.randn(4, 3, 16, 16)
@@ -155,7 +158,7 @@ def one_rank() -> Iterator[None]:
 def test_convert_sync_is_a_no_op_with_one_rank(one_rank: None) -> None:
     model = hatnorm.build("resnet18", num_tasks=2, norm="task_bn", num_classes=3, base_width=4)
     assert hatnorm.convert_sync(model) is model
-    assert all(m.process_group is None for m in model.modules() if isinstance(m, _BatchNormBase))
+    assert all(m.process_group is None for m in batch_norms(model))
     assert wrap(model) is model
     assert is_main_process() and not is_distributed()
     model.train()

@@ -79,25 +79,42 @@ def no_layer_runs(model: nn.Module) -> Iterator[None]:
 
 # --- norms ------------------------------------------------------------------------------------------------
 
-# class → (a valid input shape, an input shape of a rank the class does not take, the message for it)
-NORMS: dict[type[hatnorm.MaskedNorm], tuple[tuple[int, ...], tuple[int, ...], str]] = {
-    hatnorm.MaskedBatchNorm1d: ((4, C), (2, C, 3, 3), r"x must be 2-D or 3-D, got a 4-D tensor of shape \[2, 6, 3, 3"),
-    hatnorm.MaskedBatchNorm2d: ((4, C, 3, 3), (4, C, 3), r"x must be 4-D, got a 3-D tensor of shape \[4, 6, 3\]"),
-    hatnorm.TaskBatchNorm1d: ((4, C, 5), (C,), r"x must be 2-D or 3-D, got a 1-D tensor of shape \[6\]"),
-    hatnorm.TaskBatchNorm2d: ((4, C, 3, 3), (4, C), r"x must be 4-D, got a 2-D tensor of shape \[4, 6\]"),
-    hatnorm.SharedBatchNorm1d: ((4, C), (2, C, 3, 3), r"x must be 2-D or 3-D, got a 4-D tensor"),
-    hatnorm.SharedBatchNorm2d: ((4, C, 3, 3), (4, C, 3), r"x must be 4-D, got a 3-D tensor"),
-    hatnorm.PostGateBatchNorm1d: ((4, C), (2, C, 3, 3), r"x must be 2-D or 3-D, got a 4-D tensor"),
-    hatnorm.PostGateBatchNorm2d: ((4, C, 3, 3), (4, C, 3), r"x must be 4-D, got a 3-D tensor"),
-    hatnorm.MaskedLayerNorm: ((2, 4, C), (C,), r"x must be 2-D or 3-D or 4-D, got a 1-D tensor of shape \[6\]"),
-    hatnorm.SharedLayerNorm: ((2, 4, C), (1, 1, 1, 1, C), r"x must be 2-D or 3-D or 4-D, got a 5-D tensor"),
-    hatnorm.TaskLayerNorm: ((2, 4, C), (C,), r"x must be 2-D or 3-D or 4-D, got a 1-D tensor"),
-    hatnorm.NoNorm: ((4, C, 3), (C,), r"x must be 2-D or 3-D or 4-D or 5-D, got a 1-D tensor of shape \[6\]"),
+class Kind:
+    """A norm class with constructor options: the batch norms' layouts (``dims``) are one class each."""
+
+    def __init__(self, cls: type[hatnorm.MaskedNorm], **options: object) -> None:
+        self.cls, self.options = cls, options
+        self.__name__ = cls.__name__ + "".join(f"_{k}{v}" for k, v in options.items())
+        self.channel_dim = cls.channel_dim
+        self.dims = cls(C, num_tasks=T, **options).dims
+
+    def __call__(self, *args: object, **kwargs: object) -> hatnorm.MaskedNorm:
+        return self.cls(*args, **self.options, **kwargs)
+
+
+NO_NORM = Kind(hatnorm.NoNorm)
+# kind → (a valid input shape, an input shape of a rank the kind does not take, the message for it)
+NORMS: dict[Kind, tuple[tuple[int, ...], tuple[int, ...], str]] = {
+    Kind(hatnorm.MaskedBatchNorm, dims=1): ((4, C), (2, C, 3, 3),
+                                            r"x must be 2-D or 3-D, got a 4-D tensor of shape \[2, 6, 3, 3"),
+    Kind(hatnorm.MaskedBatchNorm, dims=2): ((4, C, 3, 3), (4, C, 3),
+                                            r"x must be 4-D, got a 3-D tensor of shape \[4, 6, 3\]"),
+    Kind(hatnorm.MaskedBatchNorm): ((4, C, 3), (C,), r"x must be 2-D or 3-D or 4-D or 5-D, got a 1-D tensor"),
+    Kind(hatnorm.TaskBatchNorm, dims=1): ((4, C, 5), (C,), r"x must be 2-D or 3-D, got a 1-D tensor of shape \[6\]"),
+    Kind(hatnorm.TaskBatchNorm, dims=2): ((4, C, 3, 3), (4, C), r"x must be 4-D, got a 2-D tensor of shape \[4, 6\]"),
+    Kind(hatnorm.SharedBatchNorm, dims=1): ((4, C), (2, C, 3, 3), r"x must be 2-D or 3-D, got a 4-D tensor"),
+    Kind(hatnorm.SharedBatchNorm, dims=2): ((4, C, 3, 3), (4, C, 3), r"x must be 4-D, got a 3-D tensor"),
+    Kind(hatnorm.PostGateBatchNorm, dims=1): ((4, C), (2, C, 3, 3), r"x must be 2-D or 3-D, got a 4-D tensor"),
+    Kind(hatnorm.PostGateBatchNorm, dims=2): ((4, C, 3, 3), (4, C, 3), r"x must be 4-D, got a 3-D tensor"),
+    Kind(hatnorm.MaskedLayerNorm): ((2, 4, C), (C,), r"x must be 2-D or 3-D or 4-D, got a 1-D tensor of shape \[6\]"),
+    Kind(hatnorm.SharedLayerNorm): ((2, 4, C), (1, 1, 1, 1, C), r"x must be 2-D or 3-D or 4-D, got a 5-D tensor"),
+    Kind(hatnorm.TaskLayerNorm): ((2, 4, C), (C,), r"x must be 2-D or 3-D or 4-D, got a 1-D tensor"),
+    NO_NORM: ((4, C, 3), (C,), r"x must be 2-D or 3-D or 4-D or 5-D, got a 1-D tensor of shape \[6\]"),
 }
 MASK = torch.tensor([0.9, 0.2, 0.7, 0.5, 1.0, 0.0])
 
 
-def with_channels(cls: type[hatnorm.MaskedNorm], shape: tuple[int, ...], channels: int) -> tuple[int, ...]:
+def with_channels(cls: Kind, shape: tuple[int, ...], channels: int) -> tuple[int, ...]:
     dim = cls.channel_dim % len(shape)
     return (*shape[:dim], channels, *shape[dim + 1:])
 
@@ -132,7 +149,7 @@ NORM_CASES: dict[str, tuple[Callable, type[Exception], str]] = {
 }
 
 
-def make_norm(cls: type[hatnorm.MaskedNorm]) -> hatnorm.MaskedNorm:
+def make_norm(cls: Kind) -> hatnorm.MaskedNorm:
     torch.manual_seed(0)
     norm = cls(C, num_tasks=T).train()
     with torch.no_grad():
@@ -172,7 +189,7 @@ def test_norm_refuses_a_wrong_rank(cls) -> None:
         norm(torch.randn(bad), MASK, 0)
 
 
-@pytest.mark.parametrize("cls", [c for c in NORMS if c.channel_dim == 1 and c is not hatnorm.NoNorm],
+@pytest.mark.parametrize("cls", [c for c in NORMS if c.channel_dim == 1 and c is not NO_NORM],
                          ids=lambda c: c.__name__)
 def test_batch_norm_refuses_one_value_per_channel_in_training(cls) -> None:
     norm = make_norm(cls)
@@ -201,6 +218,8 @@ def test_norm_constructor_refuses_bad_sizes(cls, num_features, num_tasks, match)
     (hatnorm.TaskBatchNorm1d, {"momentum": -0.1}, r"momentum must be a finite number ≥ 0, got -0.1"),
     (hatnorm.MaskedLayerNorm, {"eps": -1e-5}, r"eps must be a finite number > 0, got -1e-05"),
     (hatnorm.NoNorm, {"channel_dim": 2}, r"channel_dim must be 1 \(channels first\) or -1 \(features last\), got 2"),
+    (hatnorm.SharedBatchNorm, {"dims": 3}, r"dims must be 1 \(\[N, C\] or \[N, C, L\]\), 2 \(\[N, C, H, W\]\) or None "
+                                           r"\(any \[N, C, \*\]\), got 3"),
 ])
 def test_norm_constructor_refuses_bad_options(cls, kwargs, match) -> None:
     with pytest.raises(ValueError, match=match):
@@ -482,7 +501,7 @@ def test_duplicate_architecture_name_changes_nothing(monkeypatch: pytest.MonkeyP
 # --- empty batches, dtypes and devices at the norms ----------------------------------------------------------
 
 
-def empty_shapes(cls: type[hatnorm.MaskedNorm]) -> list[tuple[int, ...]]:
+def empty_shapes(cls: Kind) -> list[tuple[int, ...]]:
     """A batch of N = 0, and a batch with a size-0 dim other than the batch and channel dims, where there is one."""
     good = NORMS[cls][0]
     channel = cls.channel_dim % len(good)
@@ -501,7 +520,7 @@ def test_norm_refuses_an_empty_batch(cls, training) -> None:
             norm(torch.randn(shape), MASK, 0)
 
 
-PARAMETRIZED_NORMS = [c for c in NORMS if c is not hatnorm.NoNorm]
+PARAMETRIZED_NORMS = [c for c in NORMS if c is not NO_NORM]
 WRONG_PRECISION = r"must have dtype torch.float32 \(the parameters' dtype\), or torch.float16 or torch.bfloat16 " \
                   r"\(mixed precision\), got torch.float64"
 
@@ -523,9 +542,9 @@ def test_norm_refuses_a_dtype_or_device_its_parameters_cannot_meet(cls) -> None:
 
 
 def test_no_norm_refuses_a_mask_on_another_device() -> None:
-    norm = make_norm(hatnorm.NoNorm)
+    norm = make_norm(NO_NORM)
     with refused(norm, ValueError, r"^mask must be on the device of x, cpu, got meta$"):
-        norm(torch.randn(NORMS[hatnorm.NoNorm][0]), MASK.to("meta"), 0)
+        norm(torch.randn(NORMS[NO_NORM][0]), MASK.to("meta"), 0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -128,5 +128,5 @@ def test_export_refuses_bad_input() -> None:
     with pytest.raises(ValueError, match="model must contain at least one HATGate"):
         hatnorm.export(nn.Linear(2, 2), 0)
     post_gate = hatnorm.build("mlp", num_tasks=2, norm="post_gate_bn", num_classes=2, in_features=8, hidden=(4,))
-    with pytest.raises(TypeError, match="cannot export PostGateBatchNorm1d"):
+    with pytest.raises(TypeError, match="cannot export PostGateBatchNorm: the norm after the gate"):
         hatnorm.export(post_gate, 0)

@@ -158,6 +158,44 @@ def test_recalibration_moves_only_the_tasks_selected_statistics() -> None:
     assert norm.momentum == 0.1
 
 
+STATISTICS_NORMS = [n for n in hatnorm.list_norms("batch") if hatnorm.get_norm(n).batch_statistics]
+
+
+@pytest.mark.parametrize("name", STATISTICS_NORMS)
+def test_every_norm_with_running_statistics_recalibrates_as_it_declares(name: str) -> None:
+    # built-in and plug-in norms alike: re-estimation moves the slot the norm names for the task, to the
+    # mean of the batch statistics (one pass with momentum 1/k), and precise validation restores it all
+    torch.manual_seed(0)
+    model = mlp(name)()
+    norm = model.norms[0]
+    assert norm.running_statistics(), f"{name} declares batch statistics but no running statistics"
+    data = toy_tasks()[1].train
+    slot = norm.statistics_slot(1)
+    before = [b.clone() for b in norm.running_statistics()]
+    with precise_statistics(model, [(1, data)], 32, nonfinite="raise"):
+        inside = [b.clone() for b in norm.running_statistics()]
+    assert all(torch.equal(b, old) for b, old in zip(norm.running_statistics(), before, strict=True))
+    recalibrate_norms(model, [(1, data)], 32)
+    after = norm.running_statistics()
+    assert all(torch.equal(b, c) for b, c in zip(after, inside, strict=True))
+    assert norm.momentum == 0.1  # put back after the pass
+    if slot is not None:  # per-task statistics: every other task's slot untouched
+        assert all(torch.equal(b[0], old[0]) for b, old in zip(after, before, strict=True))
+    # the mean of the batch statistics over the pass: the training batches' per-unit means, averaged
+    model.eval()
+    features = []
+    hook = model.norms[0].register_forward_pre_hook(lambda m, args: features.append(args[0]))
+    with torch.no_grad():
+        for x, _ in torch.utils.data.DataLoader(data, batch_size=32, drop_last=len(data) > 32):
+            model(x, task=1)
+    hook.remove()
+    expected = torch.stack([f.mean(0) for f in features]).mean(0)
+    moved = (after[0][1] if slot is not None else after[0]) != (before[0][1] if slot is not None else before[0])
+    assert moved.any()
+    got = after[0][1] if slot is not None else after[0]
+    torch.testing.assert_close(got[moved], expected[moved], rtol=1e-5, atol=1e-6)
+
+
 def test_precise_statistics_leave_no_trace() -> None:
     torch.manual_seed(0)
     model = mlp()()

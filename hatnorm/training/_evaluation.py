@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from hatnorm._norms import _BatchNormBase
+from hatnorm._norms import MaskedNorm
 from hatnorm.distributed import shard
 
 
@@ -84,7 +84,7 @@ def recalibrate_norms(model: nn.Module, parts: Sequence[tuple[int, Dataset]], ba
     a ValueError, or is left out with ``nonfinite="skip"``. Under ``torchrun`` each rank passes its
     share of every batch, and norms converted by :func:`hatnorm.convert_sync` combine the shares.
     """
-    norms = [m for m in model.modules() if isinstance(m, _BatchNormBase)]
+    norms = [m for m in model.modules() if isinstance(m, MaskedNorm) and m.running_statistics()]
     if not norms:
         return
     model.eval()
@@ -100,7 +100,7 @@ def recalibrate_norms(model: nn.Module, parts: Sequence[tuple[int, Dataset]], ba
                         continue
                     raise ValueError(f"task {task}, recalibration batch {b + 1}: {skip_hint('recalibrate_norms')}")
                 for i, m in enumerate(norms):
-                    key = (i, task if m.running_mean.dim() == 2 else None)
+                    key = (i, m.statistics_slot(task))
                     seen[key] = seen.get(key, 0) + 1
                     m.momentum = 1.0 / seen[key]
                 model(shard(x), task=task)
@@ -119,7 +119,7 @@ def precise_statistics(model: nn.Module, parts: Sequence[tuple[int, Dataset]], b
     bit for bit, so the block leaves no trace on training. A model without batch-statistics norms
     runs the block as it is.
     """
-    buffers = [b for m in model.modules() if isinstance(m, _BatchNormBase) for b in m.buffers(recurse=False)]
+    buffers = [b for m in model.modules() if isinstance(m, MaskedNorm) for b in m.running_statistics()]
     saved = [b.clone() for b in buffers]
     try:
         recalibrate_norms(model, parts, batch_size, nonfinite=nonfinite)

@@ -59,3 +59,10 @@ def gated_net(norm: str, in_features: int, widths: Sequence[int], *, num_tasks: 
     norm_layer = hatnorm.get_norm(norm).layer(num_tasks=num_tasks, dims=2 if conv else 1)
     return GatedNet(in_features, widths, norm_layer=norm_layer, num_tasks=num_tasks, conv=conv,
                     num_classes=num_classes)
+
+
+def isolating_norms(conv: bool) -> list[str]:
+    """The registered norms that declare they forget nothing (``MaskedNorm.isolates_tasks``) and fit a
+    :class:`GatedNet` of linear (``[N, C]``) or conv (``[N, C, H, W]``) layers: built-in and plug-in alike."""
+    return [name for name in hatnorm.list_norms() if hatnorm.get_norm(name).isolates_tasks
+            and (not conv or hatnorm.get_norm(name).fits("batch"))]

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 import hatnorm
 
-from .models import gated_net
+from .models import gated_net, isolating_norms
 from .strategies import (
     S_MAX,
     batch_sizes,
@@ -191,14 +191,9 @@ def test_masked_ln_with_no_feature_selected_gives_zeros_and_finite_gradients(cha
 
 # 3. Protection --------------------------------------------------------------------------------------------
 
-PROTECTED_NETS = [
-    pytest.param("masked_bn", False, id="linear-masked_bn"),
-    pytest.param("task_bn", False, id="linear-task_bn"),
-    pytest.param("masked_ln", False, id="linear-masked_ln"),
-    pytest.param("none", False, id="linear-none"),
-    pytest.param("masked_bn", True, id="conv-masked_bn"),
-    pytest.param("task_bn", True, id="conv-task_bn"),
-]
+# every registered norm that declares it forgets nothing, plug-in norms included
+PROTECTED_NETS = [pytest.param(name, conv, id=f"{'conv' if conv else 'linear'}-{name}")
+                  for conv in (False, True) for name in isolating_norms(conv)]
 
 
 def assert_protected(grad: Tensor, raw: Tensor, protected: Tensor, what: str) -> None:
@@ -305,15 +300,8 @@ def test_task_bn_training_changes_no_row_of_another_task(dims, setup, in_feature
 # 5. No forgetting -----------------------------------------------------------------------------------------
 
 
-FORGETTING_NETS = [
-    pytest.param("masked_bn", False, id="mlp-masked_bn"),
-    pytest.param("task_bn", False, id="mlp-task_bn"),
-    pytest.param("masked_ln", False, id="mlp-masked_ln"),
-    pytest.param("none", False, id="mlp-none"),
-    pytest.param("masked_bn", True, id="cnn-masked_bn"),
-    pytest.param("task_bn", True, id="cnn-task_bn"),
-    pytest.param("none", True, id="cnn-none"),
-]
+FORGETTING_NETS = [pytest.param(name, conv, id=f"{'cnn' if conv else 'mlp'}-{name}")
+                   for conv in (False, True) for name in isolating_norms(conv)]
 
 
 @pytest.mark.parametrize(("norm", "conv"), FORGETTING_NETS)
