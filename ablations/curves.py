@@ -102,8 +102,9 @@ def plot(results: dict[str, Any], path: Path, title: str) -> None:
         line, = ax.plot(epochs, mean, marker="o", ms=3, label=f"{name} (test {r['test']['mean']:.3f})")
         if len(curves) > 1:
             bands = [summarize(column.tolist()) for column in curves.T]
-            ax.fill_between(epochs, [b.low for b in bands], [b.high for b in bands], color=line.get_color(),
-                            alpha=0.15, lw=0)
+            # an accuracy lies in [0, 1]: the t-interval of 3 seeds can reach past it
+            ax.fill_between(epochs, np.clip([b.low for b in bands], 0, 1), np.clip([b.high for b in bands], 0, 1),
+                            color=line.get_color(), alpha=0.15, lw=0)
     ax.set(xlabel="epoch", ylabel="validation accuracy", title=title)
     ax.title.set_fontsize(9)
     ax.legend(fontsize=8)
