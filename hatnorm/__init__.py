@@ -9,7 +9,7 @@ from hatnorm._arch_registry import (
 )
 from hatnorm._convert import ConversionError, ConvertedModel, convert, open_gates
 from hatnorm._export import TaskModel, export
-from hatnorm._exported import ExportedBatchNorm, ExportedGate, ExportedLayerNorm
+from hatnorm._exported import ExportedBatchNorm, ExportedGate, ExportedGroupNorm, ExportedLayerNorm, ExportedRMSNorm
 from hatnorm._gate import GATE_FLOOR, HATGate, anneal_scale, compensate, compensation_factor, hat_gate
 from hatnorm._hat import HAT, HATModule, Layer
 from hatnorm._heads import TaskHeads
@@ -19,8 +19,11 @@ from hatnorm._norms import (
     MaskedBatchNorm,
     MaskedBatchNorm1d,
     MaskedBatchNorm2d,
+    MaskedChannelLayerNorm,
+    MaskedGroupNorm,
     MaskedLayerNorm,
     MaskedNorm,
+    MaskedRMSNorm,
     NoNorm,
     PostGateBatchNorm,
     PostGateBatchNorm1d,
@@ -34,8 +37,10 @@ from hatnorm._norms import (
     TaskBatchNorm2d,
     TaskLayerNorm,
     masked_batch_norm,
+    masked_group_norm,
     masked_layer_norm,
     masked_moments,
+    masked_rms_norm,
     selective_batch_norm,
     sync_batch_norm,
 )
@@ -64,7 +69,9 @@ __all__ = [
     "ConvertedModel",
     "ExportedBatchNorm",
     "ExportedGate",
+    "ExportedGroupNorm",
     "ExportedLayerNorm",
+    "ExportedRMSNorm",
     "Flatten",
     "GatedAttention",
     "GatedFeedForward",
@@ -78,8 +85,11 @@ __all__ = [
     "MaskedBatchNorm",
     "MaskedBatchNorm1d",
     "MaskedBatchNorm2d",
+    "MaskedChannelLayerNorm",
+    "MaskedGroupNorm",
     "MaskedLayerNorm",
     "MaskedNorm",
+    "MaskedRMSNorm",
     "NoNorm",
     "NormSpec",
     "PostGateBatchNorm",
@@ -115,8 +125,10 @@ __all__ = [
     "list_norms",
     "list_policies",
     "masked_batch_norm",
+    "masked_group_norm",
     "masked_layer_norm",
     "masked_moments",
+    "masked_rms_norm",
     "open_gates",
     "recalibrate_norms",
     "register_architecture",

@@ -197,6 +197,11 @@ def _make_norm(module: nn.Module, spec: NormSpec, num_tasks: int, where: str) ->
     return norm.to(next(module.parameters()).device)
 
 
+def _norm_modules() -> tuple[type[nn.Module], ...]:
+    """The torch norms convert recognises: BatchNorm, LayerNorm and whatever a registered norm replaces."""
+    return (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, *(t for n in list_norms() for t in get_norm(n).replaces))
+
+
 def _num_features(module: nn.Module) -> int:
     """The units of a torch norm: its γ's length, or its declared feature count."""
     weight = getattr(module, "weight", None)
@@ -270,7 +275,7 @@ class _Converter:
     def call_module(self, node: fx.Node) -> None:
         module = self.gm.get_submodule(node.target)
         where = f"module {node.target!r}"
-        if isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, *self.spec.replaces)):
+        if isinstance(module, _norm_modules()):
             source = node.args[0]
             gate = self.new_gate(_num_features(module))
             if source in self.pending and len(source.users) == 1:
@@ -290,6 +295,8 @@ class _Converter:
             units = self.units.get(node.args[0])
             if node.args[0] in self.pending:
                 units = self.gate_weighted(node.args[0])
+            if isinstance(units, _Flat) and units.channels is None:  # flattened input data: still no gate
+                units = None
             if isinstance(units, _Flat):
                 if not isinstance(module, nn.Linear) or module.in_features % units.channels.num_features:
                     raise ConversionError(f"{where}: reads a flattened map of {units.channels.num_features} channels "

@@ -41,20 +41,64 @@ class ExportedLayerNorm(nn.Module):
         selected: which kept features the statistics read (``None``: all of them).
     """
 
-    def __init__(self, weight: Tensor, bias: Tensor, eps: float, selected: Tensor | None = None) -> None:
+    def __init__(self, weight: Tensor, bias: Tensor, eps: float, selected: Tensor | None = None, *,
+                 channel_dim: int = -1) -> None:
         super().__init__()
         self.weight = nn.Parameter(weight)
         self.bias = nn.Parameter(bias)
         self.eps = eps
+        self.channel_dim = channel_dim  # -1: features last; 1: the channels of [N, C, *]
         self.register_buffer("selected", selected)
 
     def forward(self, x: Tensor, *unused: object) -> Tensor:
+        z = x.movedim(1, -1) if self.channel_dim == 1 else x
         if self.selected is None:
-            return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
-        read = x[..., self.selected]
-        mean = read.mean(-1, keepdim=True)
-        var = (read - mean).square().mean(-1, keepdim=True)
-        return torch.addcmul(self.bias, (x - mean) * torch.rsqrt(var + self.eps), self.weight)
+            out = F.layer_norm(z, (z.shape[-1],), self.weight, self.bias, self.eps)
+        else:
+            read = z[..., self.selected]
+            mean = read.mean(-1, keepdim=True)
+            var = (read - mean).square().mean(-1, keepdim=True)
+            out = torch.addcmul(self.bias, (z - mean) * torch.rsqrt(var + self.eps), self.weight)
+        return out.movedim(-1, 1) if self.channel_dim == 1 else out
+
+
+class ExportedRMSNorm(nn.Module):
+    """An RMS norm over the kept features for one task, the gate folded into γ; the mean square reads the
+    task's selected features (``selected``; ``None``: all of them)."""
+
+    def __init__(self, weight: Tensor, eps: float, selected: Tensor | None = None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+        self.eps = eps
+        self.register_buffer("selected", selected)
+
+    def forward(self, x: Tensor, *unused: object) -> Tensor:
+        read = x if self.selected is None else x[..., self.selected]
+        return x * torch.rsqrt(read.square().mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+class ExportedGroupNorm(nn.Module):
+    """A group norm for one task over every channel, γ and β folded with the gate; each group's statistics
+    read its selected channels (all of them in a group with none selected, whose outputs the gate zeroes)."""
+
+    def __init__(self, weight: Tensor, bias: Tensor, mask: Tensor, num_groups: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight * mask)
+        self.bias = nn.Parameter(bias * mask)
+        selected = (mask > 0.5).to(weight.dtype).view(num_groups, -1)
+        read = torch.where(selected.sum(1, keepdim=True) > 0, selected, torch.ones_like(selected))
+        self.register_buffer("read", read / read.sum(1, keepdim=True))
+        self.num_groups, self.eps = num_groups, eps
+
+    def forward(self, x: Tensor, *unused: object) -> Tensor:
+        grouped = x.reshape(x.shape[0], self.num_groups, x.shape[1] // self.num_groups, -1)
+        weights = self.read[None, :, :, None] / grouped.shape[-1]
+        mean = (grouped * weights).sum((2, 3), keepdim=True)
+        centred = grouped - mean
+        var = (centred.square() * weights).sum((2, 3), keepdim=True)
+        x_hat = (centred * torch.rsqrt(var + self.eps)).reshape(x.shape)
+        shape = (-1, *([1] * (x.dim() - 2)))
+        return torch.addcmul(self.bias.view(shape), x_hat, self.weight.view(shape))
 
 
 class ExportedGate(nn.Module):

@@ -12,8 +12,11 @@ from torch import nn
 from hatnorm._norms import (
     Family,
     MaskedBatchNorm,
+    MaskedChannelLayerNorm,
+    MaskedGroupNorm,
     MaskedLayerNorm,
     MaskedNorm,
+    MaskedRMSNorm,
     NoNorm,
     PostGateBatchNorm,
     SharedBatchNorm,
@@ -169,6 +172,9 @@ def _no_norm(num_features: int, *, num_tasks: int, dims: int | None = 2, **optio
 for _name, _cls in (("masked_bn", MaskedBatchNorm), ("task_bn", TaskBatchNorm), ("shared_bn", SharedBatchNorm),
                     ("post_gate_bn", PostGateBatchNorm)):
     register_norm(_name, norm_class=_cls)(_with_layouts(_name, _cls, (2, 1), passes_dims=True))
-for _name, _cls in (("masked_ln", MaskedLayerNorm), ("shared_ln", SharedLayerNorm), ("task_ln", TaskLayerNorm)):
+for _name, _cls in (("masked_gn", MaskedGroupNorm), ("masked_cln", MaskedChannelLayerNorm)):
+    register_norm(_name, norm_class=_cls)(_with_layouts(_name, _cls, (2, 1), passes_dims=True))
+for _name, _cls in (("masked_ln", MaskedLayerNorm), ("shared_ln", SharedLayerNorm), ("task_ln", TaskLayerNorm),
+                    ("masked_rms", MaskedRMSNorm)):
     register_norm(_name, norm_class=_cls)(_with_layouts(_name, _cls, (None, 1), passes_dims=False))
 register_norm("none", family="any", norm_class=NoNorm)(_no_norm)

@@ -8,6 +8,7 @@ parameters, so :class:`hatnorm.HAT` protects norms by the same mechanism as weig
 
 from __future__ import annotations
 
+import math
 from abc import abstractmethod
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, final
 
@@ -26,7 +27,13 @@ from hatnorm._checks import (
     check_positive_int,
     check_task,
 )
-from hatnorm._exported import ExportedBatchNorm, ExportedGate, ExportedLayerNorm
+from hatnorm._exported import (
+    ExportedBatchNorm,
+    ExportedGate,
+    ExportedGroupNorm,
+    ExportedLayerNorm,
+    ExportedRMSNorm,
+)
 from hatnorm._masks import MaskState
 from hatnorm._policies import GradientPolicy
 from hatnorm._protected import Protected
@@ -250,6 +257,42 @@ def masked_layer_norm(x: Tensor, mask: Tensor, weight: Tensor | None, bias: Tens
     weight = torch.ones_like(mask) if weight is None else weight
     bias = torch.zeros_like(mask) if bias is None else bias
     return _MaskedLayerNorm.apply(x, mask, weight, bias, eps)
+
+
+def masked_group_norm(x: Tensor, mask: Tensor, weight: Tensor | None, bias: Tensor | None, num_groups: int,
+                      eps: float) -> Tensor:
+    """a ⊙ (γ·x̂ + β) over ``x`` ``[N, C, *]``, x̂ normalised per sample and group of C / G channels by the
+    statistics of the group's selected channels (m = 1[a > 0.5]) over every position.
+
+    Channels outside the selection do not change the selected outputs, but are normalised with the same
+    statistics, so their gates get a gradient (HAT can recruit them). A group with no selected channel
+    reads all its channels: its outputs are gated by a (0 once binarized). With every channel selected
+    it is ``F.group_norm``.
+    """
+    n, c = x.shape[:2]
+    selected = (mask.detach() > 0.5).to(x.dtype).view(num_groups, c // num_groups)
+    read = torch.where(selected.sum(1, keepdim=True) > 0, selected, torch.ones_like(selected))
+    grouped = x.reshape(n, num_groups, c // num_groups, -1)  # [N, G, C/G, positions]
+    weights = read[None, :, :, None] / (read.sum(1) * grouped.shape[-1])[None, :, None, None]
+    mean = (grouped * weights).sum((2, 3), keepdim=True)
+    centred = grouped - mean
+    var = (centred.square() * weights).sum((2, 3), keepdim=True)
+    x_hat = (centred * torch.rsqrt(var + eps)).reshape(x.shape)
+    w = mask if weight is None else weight * mask
+    b = torch.zeros_like(mask) if bias is None else bias * mask
+    return torch.addcmul(per_channel(b, x), x_hat, per_channel(w, x))
+
+
+def masked_rms_norm(x: Tensor, mask: Tensor, weight: Tensor | None, eps: float) -> Tensor:
+    """a ⊙ γ ⊙ x / rms(x) over the last dim, rms² = Σ m_i x_i² / Σ m_i + eps over the selected features.
+
+    Features outside the selection do not change the selected outputs; no selected feature gives zeros.
+    With every feature selected it is ``F.rms_norm``.
+    """
+    scale, count = _selection_weights(mask.detach())
+    mean_square = (x.square() @ scale.to(x.dtype))[..., None]
+    w = (mask if weight is None else weight * mask) * (count > 0).to(x.dtype)
+    return x * torch.rsqrt(mean_square + eps) * w
 
 
 class MaskedNorm(nn.Module, Protected):
@@ -634,6 +677,113 @@ class NoNorm(MaskedNorm):
         return ExportedGate(None if bool((mask == 1).all()) else mask, self.channel_dim)
 
 
+def _groups(num_features: int, num_groups: int | None) -> int:
+    """``num_groups``, or by default the largest divisor of the channels that is at most 32 (GroupNorm's 32)."""
+    if num_groups is None:
+        return math.gcd(num_features, 32)
+    groups = check_positive_int(num_groups, "num_groups")
+    if num_features % groups:
+        raise ValueError(f"num_groups must divide num_features {num_features}, got {num_groups}")
+    return groups
+
+
+@final
+class MaskedGroupNorm(MaskedNorm):
+    """Masked GroupNorm over ``[N, C, *]``: per sample and group, statistics over the group's selected channels.
+
+    Output a ⊙ (γ·x̂ + β) with x̂ from the selected channels of each group of C / G (m = 1[a > 0.5]) over all
+    positions (:func:`masked_group_norm`); a group with no selected channel reads all its channels, its
+    outputs gated to 0 once binarized. No running statistics (GroupNorm does not
+    depend on the batch). γ/β are shared and protected by HAT like a bias. Export keeps every channel
+    (the groups are fixed).
+
+    Args:
+        num_features: number of channels C.
+        num_tasks: number of tasks T.
+        num_groups: groups G, dividing C (default: the largest divisor of C that is at most 32).
+        eps: added to the variance [1e-5].
+        dims: the input layout: 1 (``[N, C]``, ``[N, C, L]``), 2 (``[N, C, H, W]``) or ``None`` (any) [None].
+    """
+
+    family = "batch"
+    channel_dim = 1
+    replaces = (nn.GroupNorm,)
+    prunable = False
+    isolates_tasks = True
+
+    def __init__(self, num_features: int, *, num_tasks: int, num_groups: int | None = None, eps: float = 1e-5,
+                 dims: int | None = None) -> None:
+        super().__init__(num_features, num_tasks=num_tasks)
+        self.num_groups = _groups(self.num_features, num_groups)
+        self.eps = check_positive(eps, "eps")
+        self.dims = _batch_layout(dims)
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+
+    @classmethod
+    def options_from(cls, module: nn.Module) -> dict[str, Any]:
+        if not isinstance(module, nn.GroupNorm) or not module.affine:
+            raise ValueError(f"only GroupNorm with affine=True converts, got {module}")
+        # GroupNorm does not say its layout: convolutional maps [N, C, H, W], where torch's models use it
+        return {"num_groups": module.num_groups, "eps": module.eps, "dims": 2}
+
+    def forward(self, x: Tensor, mask: Tensor, task: int) -> Tensor:
+        self.validate(x, mask, task)
+        return masked_group_norm(x, mask, self.weight, self.bias, self.num_groups, self.eps)
+
+    def gradient_multipliers(self, previous: MaskState, task: int, policy: GradientPolicy) -> dict[str, Tensor]:
+        rate = policy.unit_rate(previous)
+        return {"weight": rate, "bias": rate}
+
+    def export(self, task: int, mask: Tensor, keep: Tensor) -> nn.Module:
+        return ExportedGroupNorm(self.weight.detach()[keep], self.bias.detach()[keep], mask, self.num_groups, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, num_groups={self.num_groups}"
+
+
+@final
+class MaskedChannelLayerNorm(MaskedNorm):
+    """Masked LayerNorm over the channels of ``[N, C, *]`` at every position (ConvNeXt's ``LayerNorm2d``).
+
+    Statistics per sample and position over the selected channels only (m = 1[a > 0.5]); output
+    a ⊙ (γ·x̂ + β); no selected channel gives zeros. For channels-last tensors ``[N, H, W, C]`` use
+    :class:`MaskedLayerNorm`, which normalises the last dim. γ/β are shared and protected like a bias.
+
+    Args:
+        num_features: number of channels C.
+        num_tasks: number of tasks T.
+        eps: added to the variance [1e-6, ConvNeXt's].
+        dims: the input layout: 1 (``[N, C]``, ``[N, C, L]``), 2 (``[N, C, H, W]``) or ``None`` (any) [None].
+    """
+
+    family = "batch"
+    channel_dim = 1
+    isolates_tasks = True
+
+    def __init__(self, num_features: int, *, num_tasks: int, eps: float = 1e-6, dims: int | None = None) -> None:
+        super().__init__(num_features, num_tasks=num_tasks)
+        self.eps = check_positive(eps, "eps")
+        self.dims = _batch_layout(dims)
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+
+    def forward(self, x: Tensor, mask: Tensor, task: int) -> Tensor:
+        self.validate(x, mask, task)
+        return masked_layer_norm(x.movedim(1, -1), mask, self.weight, self.bias, self.eps).movedim(-1, 1)
+
+    def gradient_multipliers(self, previous: MaskState, task: int, policy: GradientPolicy) -> dict[str, Tensor]:
+        rate = policy.unit_rate(previous)
+        return {"weight": rate, "bias": rate}
+
+    def export(self, task: int, mask: Tensor, keep: Tensor) -> nn.Module:
+        selected = mask > 0.5
+        if not bool(selected.any()):
+            return ExportedGate(torch.zeros_like(mask), self.channel_dim)
+        return ExportedLayerNorm(self.weight.detach()[keep] * mask, self.bias.detach()[keep] * mask, self.eps,
+                                 None if bool(selected.all()) else selected, channel_dim=1)
+
+
 class _LayerNormBase(MaskedNorm):
     """Validation, options and the protocol hooks shared by the layer norms over the last dim."""
 
@@ -733,3 +883,44 @@ class TaskLayerNorm(_LayerNormBase):
         own = torch.zeros_like(self.weight)
         own[task] = 1
         return {"weight": own, "bias": own}
+
+
+@final
+class MaskedRMSNorm(_LayerNormBase):
+    """Masked RMSNorm over the last dim (modern transformers): rms over the selected features only.
+
+    rms² = Σ m_i z_i² / Σ m_i + eps with m = 1[a > 0.5]; output a ⊙ γ ⊙ z / rms; no selected feature gives
+    zeros. One γ, shared and protected by HAT like a bias (RMSNorm has no β).
+
+    Args:
+        num_features: number of features C (the last dim).
+        num_tasks: number of tasks T.
+        eps: added to the mean square [1e-6].
+    """
+
+    replaces = (nn.RMSNorm,)
+    isolates_tasks = True
+
+    def __init__(self, num_features: int, *, num_tasks: int, eps: float = 1e-6) -> None:
+        super().__init__(num_features, num_tasks=num_tasks, eps=eps)
+        self.weight = nn.Parameter(torch.ones(num_features))
+
+    @classmethod
+    def options_from(cls, module: nn.Module) -> dict[str, Any]:
+        if not isinstance(module, nn.RMSNorm) or len(module.normalized_shape) != 1 or not module.elementwise_affine:
+            raise ValueError(f"only RMSNorm over the last dim with γ converts, got {module}")
+        # torch's eps=None is the dtype's machine epsilon
+        eps = module.eps if module.eps is not None else torch.finfo(module.weight.dtype).eps
+        return {"eps": eps, "dims": None}
+
+    def forward(self, x: Tensor, mask: Tensor, task: int) -> Tensor:
+        self.validate(x, mask, task)
+        return masked_rms_norm(x, mask, self.weight, self.eps)
+
+    def gradient_multipliers(self, previous: MaskState, task: int, policy: GradientPolicy) -> dict[str, Tensor]:
+        return {"weight": policy.unit_rate(previous)}
+
+    def export(self, task: int, mask: Tensor, keep: Tensor) -> nn.Module:
+        selected = mask > 0.5
+        return ExportedRMSNorm(self.weight.detach()[keep] * mask * bool(selected.any()), self.eps,
+                               None if bool(selected.all()) else selected)

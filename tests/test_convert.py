@@ -36,16 +36,17 @@ def pretrained_vit(tmp_path) -> nn.Module:
     return transformers.ViTForImageClassification.from_pretrained(tmp_path / "vit").eval()
 
 
-def task_aware(family: str) -> list[str]:
-    """The registered norms of ``family`` that declare they forget nothing (plug-in norms included)."""
-    return [n for n in hatnorm.list_norms(family) if hatnorm.get_norm(n).family == family
-            and hatnorm.get_norm(n).isolates_tasks]
+def task_aware(replaced: type[nn.Module]) -> list[str]:
+    """The registered norms that declare they forget nothing and replace ``replaced`` with its normalization
+    (plug-in norms included; ``none`` drops the normalization, so open gates cannot reproduce the original)."""
+    return [n for n in hatnorm.list_norms() if n != "none" and hatnorm.get_norm(n).isolates_tasks
+            and replaced in hatnorm.get_norm(n).replaces]
 
 
 MODELS = {
-    "resnet18": (lambda tmp: pretrained_resnet(torchvision.models.resnet18, tmp), 32, task_aware("batch")),
-    "resnet50": (lambda tmp: pretrained_resnet(torchvision.models.resnet50, tmp), 32, task_aware("batch")),
-    "vit": (pretrained_vit, 32, task_aware("layer")),
+    "resnet18": (lambda tmp: pretrained_resnet(torchvision.models.resnet18, tmp), 32, task_aware(nn.BatchNorm2d)),
+    "resnet50": (lambda tmp: pretrained_resnet(torchvision.models.resnet50, tmp), 32, task_aware(nn.BatchNorm2d)),
+    "vit": (pretrained_vit, 32, task_aware(nn.LayerNorm)),
 }
 CASES = [(name, norm) for name, (_, _, norms) in MODELS.items() for norm in norms]
 
@@ -180,3 +181,33 @@ def test_coverage_check_names_the_unprotected_layer() -> None:
         hatnorm.HAT(model, [hatnorm.Layer(model.fc1, out=model.gate1)])
     model.fc2.requires_grad_(False)  # frozen parameters need no protection
     hatnorm.HAT(model, [hatnorm.Layer(model.fc1, out=model.gate1)])
+
+
+@pytest.mark.parametrize(("norm", "make"), [
+    ("masked_gn", lambda: nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(4, 8), nn.ReLU(),
+                                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))),
+    ("masked_rms", lambda: nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 16), nn.RMSNorm(16, eps=1e-6), nn.GELU(),
+                                         nn.Linear(16, 5))),
+], ids=["group_norm", "rms_norm"])
+def test_group_norm_and_rms_norm_convert_with_their_masked_norms(norm: str, make, tmp_path) -> None:
+    torch.manual_seed(0)
+    original = make().eval()
+    with torch.no_grad():  # affine values a trained model would have
+        for m in original.modules():
+            if isinstance(m, nn.GroupNorm | nn.RMSNorm):
+                m.weight.uniform_(0.5, 1.5)
+                if getattr(m, "bias", None) is not None:
+                    m.bias.normal_(0, 0.2)
+    converted = hatnorm.convert(original, num_tasks=2, norm=norm)
+    replaced = [m for m in converted.modules() if isinstance(m, hatnorm.get_norm(norm).norm_class)]
+    assert len(replaced) == 1 and not any(isinstance(m, nn.GroupNorm | nn.RMSNorm) for m in converted.modules())
+    hatnorm.HAT(converted)
+    hatnorm.open_gates(converted)
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        for task in range(2):
+            torch.testing.assert_close(converted.eval()(x, task=task), original(x), atol=1e-5, rtol=0)
+    kind = "GroupNorm" if norm == "masked_gn" else "RMSNorm"
+    with pytest.raises(hatnorm.ConversionError, match=rf"norm 'masked_bn' cannot replace {kind} at module .*; "
+                                                      rf"norms that replace {kind}: \['{norm}'\]"):
+        hatnorm.convert(make(), num_tasks=2, norm="masked_bn")

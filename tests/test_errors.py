@@ -110,6 +110,9 @@ NORMS: dict[Kind, tuple[tuple[int, ...], tuple[int, ...], str]] = {
     Kind(hatnorm.SharedLayerNorm): ((2, 4, C), (1, 1, 1, 1, C), r"x must be 2-D or 3-D or 4-D, got a 5-D tensor"),
     Kind(hatnorm.TaskLayerNorm): ((2, 4, C), (C,), r"x must be 2-D or 3-D or 4-D, got a 1-D tensor"),
     NO_NORM: ((4, C, 3), (C,), r"x must be 2-D or 3-D or 4-D or 5-D, got a 1-D tensor of shape \[6\]"),
+    Kind(hatnorm.MaskedGroupNorm, dims=2): ((4, C, 3, 3), (4, C, 3), r"x must be 4-D, got a 3-D tensor"),
+    Kind(hatnorm.MaskedChannelLayerNorm, dims=1): ((4, C), (2, C, 3, 3), r"x must be 2-D or 3-D, got a 4-D tensor"),
+    Kind(hatnorm.MaskedRMSNorm): ((2, 4, C), (C,), r"x must be 2-D or 3-D or 4-D, got a 1-D tensor"),
 }
 MASK = torch.tensor([0.9, 0.2, 0.7, 0.5, 1.0, 0.0])
 
@@ -189,7 +192,7 @@ def test_norm_refuses_a_wrong_rank(cls) -> None:
         norm(torch.randn(bad), MASK, 0)
 
 
-@pytest.mark.parametrize("cls", [c for c in NORMS if c.channel_dim == 1 and c is not NO_NORM],
+@pytest.mark.parametrize("cls", [c for c in NORMS if c.cls.batch_statistics],
                          ids=lambda c: c.__name__)
 def test_batch_norm_refuses_one_value_per_channel_in_training(cls) -> None:
     norm = make_norm(cls)
@@ -218,6 +221,9 @@ def test_norm_constructor_refuses_bad_sizes(cls, num_features, num_tasks, match)
     (hatnorm.TaskBatchNorm1d, {"momentum": -0.1}, r"momentum must be a finite number ≥ 0, got -0.1"),
     (hatnorm.MaskedLayerNorm, {"eps": -1e-5}, r"eps must be a finite number > 0, got -1e-05"),
     (hatnorm.NoNorm, {"channel_dim": 2}, r"channel_dim must be 1 \(channels first\) or -1 \(features last\), got 2"),
+    (hatnorm.MaskedGroupNorm, {"num_groups": 4}, r"num_groups must divide num_features 6, got 4"),
+    (hatnorm.MaskedGroupNorm, {"num_groups": 0}, r"num_groups must be an int ≥ 1, got 0"),
+    (hatnorm.MaskedRMSNorm, {"eps": 0.0}, r"eps must be a finite number > 0, got 0.0"),
     (hatnorm.SharedBatchNorm, {"dims": 3}, r"dims must be 1 \(\[N, C\] or \[N, C, L\]\), 2 \(\[N, C, H, W\]\) or None "
                                            r"\(any \[N, C, \*\]\), got 3"),
 ])

@@ -41,7 +41,7 @@ def test_the_tests_enumerating_norms_by_their_declarations_include_the_plugin() 
     # and the two-process run: each list is built from what the norms declare, not from names
     assert PLUGIN in isolating_norms(conv=False) and PLUGIN in isolating_norms(conv=True)
     assert PLUGIN in TASK_AWARE
-    assert PLUGIN in task_aware("batch")
+    assert PLUGIN in task_aware(torch.nn.BatchNorm2d)
     assert PLUGIN in STATISTICS_NORMS
     assert PLUGIN in distributed_worker.NORMS
 
