@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 import operator
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -180,13 +180,63 @@ class ConvertedModel(HATModule):
         return self._head_units
 
 
+#: the kinds of torch norm a per-kind ``norm`` mapping of :func:`convert` names
+KINDS: dict[str, tuple[type[nn.Module], ...]] = {
+    "batch": (nn.BatchNorm1d, nn.BatchNorm2d), "layer": (nn.LayerNorm,), "group": (nn.GroupNorm,),
+    "rms": (nn.RMSNorm,),
+}
+
+
+class _Norms:
+    """The task-aware norm for each torch norm of a model: one norm for all, or one per kind."""
+
+    def __init__(self, norm: object) -> None:
+        self.by_kind: dict[str, NormSpec] | None = None
+        if isinstance(norm, Mapping):
+            unknown = [k for k in norm if k not in KINDS]
+            if unknown:
+                raise ValueError(f"norm: the keys of a per-kind mapping must be among {list(KINDS)}, got "
+                                 f"{unknown[0]!r}")
+            self.by_kind = {kind: _spec(name) for kind, name in norm.items()}
+            self.single = None
+        else:
+            self.single = _spec(norm)
+
+    def for_layer_norms(self) -> NormSpec:
+        """The norm replacing LayerNorm (transformers' ViT)."""
+        if self.by_kind is None:
+            return self.single
+        if "layer" not in self.by_kind:
+            raise ConversionError(f"norm: the model's LayerNorms need a norm, but the mapping gives only "
+                                  f"{sorted(self.by_kind)}; add 'layer'")
+        return self.by_kind["layer"]
+
+    def for_module(self, module: nn.Module, where: str) -> NormSpec:
+        if self.by_kind is None:
+            return self.single
+        kind = next((k for k, types in KINDS.items() if isinstance(module, types)), None)
+        if kind is None or kind not in self.by_kind:
+            raise ConversionError(f"norm: no norm for {type(module).__name__} at {where}; the mapping gives "
+                                  f"{sorted(self.by_kind)}" + ("" if kind is None else f", add {kind!r}"))
+        return self.by_kind[kind]
+
+
+def _spec(norm: object) -> NormSpec:
+    spec = get_norm(norm) if isinstance(norm, str) else norm
+    if not isinstance(spec, NormSpec):
+        raise TypeError(f"norm must be a registered norm name, a NormSpec, or a mapping from kinds {list(KINDS)} "
+                        f"to them, got {norm!r}")
+    return spec
+
+
 def _make_norm(module: nn.Module, spec: NormSpec, num_tasks: int, where: str) -> MaskedNorm:
     """The task-aware norm standing for ``module``, its γ, β and statistics in every task slot."""
     if not isinstance(module, spec.replaces):
         fitting = [n for n in list_norms() if isinstance(module, get_norm(n).replaces)]
         raise ConversionError(f"norm {spec.name!r} cannot replace {type(module).__name__} at {where} (it replaces "
                               f"{', '.join(t.__name__ for t in spec.replaces) or 'none'}); norms that replace "
-                              f"{type(module).__name__}: {fitting}")
+                              f"{type(module).__name__}: {fitting}; a model with several kinds of norm takes one "
+                              "per kind, e.g. norm={'batch': 'masked_bn', 'layer': 'masked_ln'}")
     try:
         options = spec.options_from(module)
     except ValueError as error:
@@ -213,9 +263,9 @@ def _num_features(module: nn.Module) -> int:
 class _Converter:
     """One walk over a traced graph: rewrites it in place and collects the wiring."""
 
-    def __init__(self, gm: fx.GraphModule, spec: NormSpec, num_tasks: int, num_classes: list[int] | None,
+    def __init__(self, gm: fx.GraphModule, norms: _Norms, num_tasks: int, num_classes: list[int] | None,
                  s_max: float) -> None:
-        self.gm, self.spec, self.num_tasks, self.num_classes, self.s_max = gm, spec, num_tasks, num_classes, s_max
+        self.gm, self.norms, self.num_tasks, self.num_classes, self.s_max = gm, norms, num_tasks, num_classes, s_max
         self.units: dict[fx.Node, Any] = {}
         self.layers: list[Layer] = []
         self.pending: dict[fx.Node, tuple[nn.Module, MaskSource | None]] = {}  # weighted layers awaiting a gate
@@ -283,7 +333,7 @@ class _Converter:
                 self.layers.append(Layer(weighted, out=gate, inp=inp))
             else:
                 self.input_units(source, where)
-            gated = GatedNorm(_make_norm(module, self.spec, self.num_tasks, where), gate)
+            gated = GatedNorm(_make_norm(module, self.norms.for_module(module, where), self.num_tasks, where), gate)
             self.gm.delete_submodule(node.target)
             self.gm.add_submodule(node.target, gated)
             node.args = (source, self.task, self.s)
@@ -368,7 +418,7 @@ def convert(
     module: nn.Module,
     *,
     num_tasks: int,
-    norm: str | NormSpec = "masked_bn",
+    norm: str | NormSpec | Mapping[str, str | NormSpec] = "masked_bn",
     num_classes: int | Sequence[int] | None = None,
     s_max: float = 400.0,
 ) -> ConvertedModel:
@@ -386,7 +436,10 @@ def convert(
     Args:
         module: the model; its forward takes one input tensor and ends in an ``nn.Linear``.
         num_tasks: number of tasks.
-        norm: the task-aware norm replacing every BatchNorm/LayerNorm (a registered name).
+        norm: the task-aware norm replacing every torch norm (a registered name; it must replace each of
+            the model's norms), or one per kind for models that mix them: a mapping from ``"batch"``
+            (BatchNorm1d/2d), ``"layer"`` (LayerNorm), ``"group"`` (GroupNorm), ``"rms"`` (RMSNorm) to a
+            norm, e.g. ``{"batch": "masked_bn", "layer": "masked_ln"}``.
         num_classes: ``None`` to start every task's head as a copy of the model's own head (so open
             gates reproduce the original outputs), or the class count of every task / of each task.
         s_max: the gates' largest scale.
@@ -400,18 +453,17 @@ def convert(
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
     num_tasks = check_num_tasks(num_tasks)
-    spec = get_norm(norm) if isinstance(norm, str) else norm
-    if not isinstance(spec, NormSpec):
-        raise TypeError(f"norm must be a registered norm name or a NormSpec, got {norm!r}")
+    norms = _Norms(norm)
     counts = None if num_classes is None else class_counts(num_classes, num_tasks)
     s_max = check_positive(s_max, "s_max")
     if is_transformers_vit(module):
-        return convert_vit(module, num_tasks=num_tasks, spec=spec, num_classes=counts, s_max=s_max)
+        return convert_vit(module, num_tasks=num_tasks, spec=norms.for_layer_norms(), num_classes=counts,
+                           s_max=s_max)
     try:
         gm = fx.symbolic_trace(copy.deepcopy(module))
     except Exception as error:  # torch.fx raises many types for untraceable code
         raise ConversionError(f"module: torch.fx cannot trace {type(module).__name__}: {error}") from error
-    converter = _Converter(gm, spec, num_tasks, counts, s_max)
+    converter = _Converter(gm, norms, num_tasks, counts, s_max)
     layers = converter.run()
     return ConvertedModel(gm, layers, converter.head_units).train(module.training)
 

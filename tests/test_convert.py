@@ -211,3 +211,65 @@ def test_group_norm_and_rms_norm_convert_with_their_masked_norms(norm: str, make
     with pytest.raises(hatnorm.ConversionError, match=rf"norm 'masked_bn' cannot replace {kind} at module .*; "
                                                       rf"norms that replace {kind}: \['{norm}'\]"):
         hatnorm.convert(make(), num_tasks=2, norm="masked_bn")
+
+
+def mixed_norm_model() -> nn.Module:
+    """A CNN body with BatchNorm and an MLP head with LayerNorm, as hybrid models have."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(8, 16), nn.LayerNorm(16), nn.GELU(), nn.Linear(16, 5))
+    with torch.no_grad():
+        model[1].running_mean.normal_()
+        model[1].running_var.uniform_(0.5, 2.0)
+        model[6].weight.uniform_(0.5, 1.5)
+        model[6].bias.normal_(0, 0.2)
+    return model.eval()
+
+
+def test_a_model_mixing_batch_and_layer_norms_converts_with_a_norm_per_kind() -> None:
+    original = mixed_norm_model()
+    converted = hatnorm.convert(original, num_tasks=2, norm={"batch": "masked_bn", "layer": "masked_ln"})
+    kinds = [type(m) for m in converted.modules() if isinstance(m, hatnorm.MaskedNorm)]
+    assert kinds == [hatnorm.MaskedBatchNorm, hatnorm.MaskedLayerNorm]
+    hatnorm.HAT(converted)  # every parameter is covered
+    hatnorm.open_gates(converted)
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(converted.eval()(x, task=1), original(x), atol=1e-5, rtol=0)
+    # and it forgets nothing: task 1's training leaves task 0's outputs bit-identical
+    converted = hatnorm.convert(original, num_tasks=2, norm={"batch": "masked_bn", "layer": "masked_ln"})
+    hat = hatnorm.HAT(converted)
+    optimizer = torch.optim.AdamW(converted.parameters(), lr=1e-2, weight_decay=0.1)
+    probe = torch.randn(6, 3, 8, 8)
+    before = None
+    for task in range(2):
+        hat.begin_task(task)
+        converted.train()
+        for b in range(5):
+            s = hat.scale(b, 5)
+            loss = hat.loss(F.cross_entropy(converted(torch.randn(8, 3, 8, 8), task=task, s=s),
+                                            torch.randint(5, (8,))), s)
+            optimizer.zero_grad()
+            loss.backward()
+            hat.protect(s)
+            hat.step(optimizer)
+        hat.end_task()
+        with torch.no_grad():
+            outputs = converted.eval()(probe, task=0)
+        if before is None:
+            before = outputs
+    assert torch.equal(outputs, before)
+
+
+@pytest.mark.parametrize(("norm", "message"), [
+    ("masked_bn", r"norm 'masked_bn' cannot replace LayerNorm at module '6' \(it replaces BatchNorm1d, BatchNorm2d\); "
+                  r"norms that replace LayerNorm: \[.*'masked_ln'.*\]; a model with several kinds of norm takes one "
+                  r"per kind, e\.g\. norm=\{'batch': 'masked_bn', 'layer': 'masked_ln'\}"),
+    ({"batch": "masked_bn"}, r"norm: no norm for LayerNorm at module '6'; the mapping gives \['batch'\], add 'layer'"),
+    ({"batch": "masked_bn", "conv": "masked_ln"}, r"norm: the keys of a per-kind mapping must be among "
+                                                  r"\['batch', 'layer', 'group', 'rms'\], got 'conv'"),
+    ({"batch": "masked_ln", "layer": "masked_ln"}, r"norm 'masked_ln' cannot replace BatchNorm2d at module '1'"),
+], ids=["one_norm", "kind_missing", "unknown_kind", "wrong_norm_for_kind"])
+def test_a_norm_that_cannot_replace_a_module_is_refused_naming_it(norm, message) -> None:
+    with pytest.raises((hatnorm.ConversionError, ValueError), match=message):
+        hatnorm.convert(mixed_norm_model(), num_tasks=2, norm=norm)
