@@ -1,0 +1,289 @@
+"""Which models ``hatnorm.convert`` takes: every torchvision classification builder, the timm families and the
+transformers image classifiers, each tried as a user would bring it.
+
+For every model: random weights with filled BatchNorm statistics (non-trivial γ, β and running statistics),
+saved as a state dict and loaded into a fresh instance; then three checks, each only if the previous passed:
+
+1. **converts**: ``hatnorm.convert(model, num_tasks=2, norm=NORM)`` with a norm per kind (masked BN,
+   masked LN, masked GN, masked RMSNorm) and ``hatnorm.HAT`` accepts it (every parameter covered);
+2. **open gates**: with every gate open the converted model reproduces the original's outputs in
+   evaluation mode (max |Δ| ≤ 1e-5 relative to the output scale, invariant 7);
+3. **no forgetting**: two tasks, a few AdamW steps each (weight decay 0.05), leave task 0's outputs
+   bit-identical (invariant 5).
+
+    python benchmarks/convert_coverage.py                          # everything (long: tens of minutes)
+    python benchmarks/convert_coverage.py --sources torchvision --only resnet18 mobilenet_v3_small
+    python benchmarks/convert_coverage.py --markdown               # also write the table into the docs
+
+A model that fails names its stage and the first line of the error (a ``ConversionError`` names the module).
+Results go to ``benchmarks/results/convert_coverage.json`` and, with ``--markdown``, into
+``docs/architectures.md`` between the coverage markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import signal
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.table import Table
+from run import cpu_model
+from torch import nn
+
+import hatnorm
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results" / "convert_coverage.json"
+DOC = ROOT / "docs" / "architectures.md"
+BEGIN, END = "<!-- coverage:begin -->", "<!-- coverage:end -->"
+#: the norm for each kind of torch norm the models hold
+NORM = {"batch": "masked_bn", "layer": "masked_ln", "group": "masked_gn", "rms": "masked_rms"}
+CLASSES = 10
+#: timm families the issue names, one or two representative builders each
+TIMM = ["resnet18", "resnet50", "efficientnet_b0", "mobilenetv3_small_100", "mobilenetv3_large_100",
+        "regnetx_002", "regnety_002", "densenet121", "convnext_atto", "vit_tiny_patch16_224",
+        "deit_tiny_patch16_224", "swin_tiny_patch4_window7_224"]
+#: transformers image classifiers, built from small configs
+TRANSFORMERS = ["ViTForImageClassification", "DeiTForImageClassification", "ConvNextForImageClassification",
+                "ResNetForImageClassification", "SwinForImageClassification"]
+
+
+@dataclass
+class Row:
+    source: str
+    model: str
+    stage: str  # "passed", or the check that failed: "build", "convert", "open gates", "no forgetting"
+    detail: str
+    seconds: float
+
+
+class Timeout(Exception):
+    pass
+
+
+@contextmanager
+def time_limit(seconds: int) -> Iterator[None]:
+    """Stop a model that runs longer than ``seconds`` (SIGALRM: the main thread of a Unix process)."""
+    def stop(signum: int, frame: object) -> None:
+        raise Timeout(f"more than {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def filled(model: nn.Module) -> nn.Module:
+    """Random non-trivial norm state, as trained weights have, saved and reloaded like a user's checkpoint."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+            for name in ("weight", "bias"):
+                p = getattr(m, name, None)
+                if not isinstance(m, nn.modules.batchnorm._BatchNorm | nn.LayerNorm | nn.GroupNorm) or \
+                        not isinstance(p, torch.Tensor):
+                    continue
+                if name == "weight":
+                    p.uniform_(0.8, 1.2)
+                else:
+                    p.normal_(0, 0.05)
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    buffer.seek(0)
+    model.load_state_dict(torch.load(buffer, weights_only=True))
+    return model.eval()
+
+
+def logits(output: object) -> torch.Tensor:
+    return output.logits if hasattr(output, "logits") else output  # transformers' output objects
+
+
+def torchvision_models() -> list[tuple[str, Callable[[], nn.Module], int]]:
+    import torchvision
+
+    models = []
+    for name in torchvision.models.list_models(module=torchvision.models):
+        size = 299 if name == "inception_v3" else 224 if name.startswith(("vit_", "swin", "maxvit")) else 64
+        options = {"aux_logits": True, "init_weights": True} if name in ("inception_v3", "googlenet") else {}
+        models.append((name, lambda name=name, options=options: torchvision.models.get_model(
+            name, weights=None, num_classes=CLASSES, **options), size))
+    return models
+
+
+def timm_models() -> list[tuple[str, Callable[[], nn.Module], int]]:
+    import timm
+
+    return [(name, lambda name=name: timm.create_model(name, pretrained=False, num_classes=CLASSES),
+             224 if "224" in name else 64) for name in TIMM]
+
+
+def transformers_models() -> list[tuple[str, Callable[[], nn.Module], int]]:
+    import transformers
+
+    small = {"num_labels": CLASSES, "image_size": 32}
+    configs = {
+        "ViTForImageClassification": transformers.ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                             intermediate_size=128, patch_size=4, **small),
+        "DeiTForImageClassification": transformers.DeiTConfig(hidden_size=64, num_hidden_layers=2,
+                                                               num_attention_heads=4, intermediate_size=128,
+                                                               patch_size=4, **small),
+        "ConvNextForImageClassification": transformers.ConvNextConfig(hidden_sizes=[16, 32, 64, 128],
+                                                                      depths=[1, 1, 1, 1], **small),
+        "ResNetForImageClassification": transformers.ResNetConfig(hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1],
+                                                                  embedding_size=16, **small),
+        "SwinForImageClassification": transformers.SwinConfig(embed_dim=16, depths=[1, 1], num_heads=[2, 2],
+                                                              window_size=4, patch_size=4, **small),
+    }
+    return [(name, lambda name=name: getattr(transformers, name)(configs[name]), 32) for name in TRANSFORMERS]
+
+
+SOURCES = {"torchvision": torchvision_models, "timm": timm_models, "transformers": transformers_models}
+
+
+def first_line(error: BaseException) -> str:
+    text = f"{type(error).__name__}: {error}".strip()
+    return text.splitlines()[0][:300]
+
+
+def check(make: Callable[[], nn.Module], size: int, steps: int) -> tuple[str, str]:
+    """The first check that fails, and why; ``("passed", max |Δ|)`` when all three hold."""
+    torch.manual_seed(0)
+    try:
+        original = filled(make())
+    except Exception as error:  # a builder that does not run here is not a conversion result
+        return "build", first_line(error)
+    x = torch.randn(2, 3, size, size)
+    try:
+        model = hatnorm.convert(original, num_tasks=2, norm=NORM)
+        hatnorm.HAT(model)  # every parameter covered
+    except Exception as error:
+        return "convert", first_line(error)
+    try:
+        hatnorm.open_gates(model)
+        with torch.no_grad():
+            expected = logits(original(x))
+            got = model.eval()(x, task=1)
+        gap = float((got - expected).abs().max() / expected.abs().max().clamp_min(1.0))
+    except Exception as error:
+        return "open gates", first_line(error)
+    if not gap <= 1e-5:
+        return "open gates", f"max |Δ| / max |y| = {gap:.2e} > 1e-5"
+    try:
+        moved = forgetting(original, x, size, steps)
+    except Exception as error:
+        return "no forgetting", first_line(error)
+    if moved:
+        return "no forgetting", f"task 0's outputs moved by {moved:.2e}"
+    return "passed", f"max |Δ| / max |y| = {gap:.1e}"
+
+
+def forgetting(original: nn.Module, probe: torch.Tensor, size: int, steps: int) -> float:
+    """How far task 0's outputs move when task 1 is learned (AdamW, weight decay): 0.0 when they do not."""
+    model = hatnorm.convert(original, num_tasks=2, norm=NORM, num_classes=[3, 4])
+    hat = hatnorm.HAT(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    outputs = []
+    for task, classes in enumerate([3, 4]):
+        hat.begin_task(task)
+        model.train()
+        for b in range(steps):
+            s = hat.scale(b, steps)
+            batch = torch.randn(4, 3, size, size) + task
+            loss = hat.loss(F.cross_entropy(model(batch, task=task, s=s), torch.randint(classes, (4,))), s)
+            optimizer.zero_grad()
+            loss.backward()
+            hat.protect(s)
+            hat.step(optimizer)
+        hat.end_task()
+        with torch.no_grad():
+            outputs.append(model.eval()(probe, task=0))
+    return float((outputs[0] - outputs[1]).abs().max())
+
+
+def markdown(rows: list[Row], machine: str) -> str:
+    lines = [f"Measured by `python benchmarks/convert_coverage.py` ({machine}):", ""]
+    for source in dict.fromkeys(r.source for r in rows):
+        part = [r for r in rows if r.source == source]
+        tried = [r for r in part if r.stage != "build"]
+        passed = sum(r.stage == "passed" for r in tried)
+        lines.append(f"- **{source}**: {passed} of {len(tried)} pass all three checks"
+                     + (f" ({len(part) - len(tried)} could not be built here)" if len(part) > len(tried) else ""))
+    lines += ["", "| source | model | result | detail |", "|---|---|---|---|"]
+    for r in rows:
+        detail = r.detail.replace("|", "\\|")
+        lines.append(f"| {r.source} | `{r.model}` | {'✓' if r.stage == 'passed' else 'fails at ' + r.stage} | "
+                     f"{detail} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[Row]:
+    p = argparse.ArgumentParser(prog="python benchmarks/convert_coverage.py", description=__doc__.splitlines()[0])
+    p.add_argument("--sources", nargs="+", choices=list(SOURCES), default=list(SOURCES), help="model sources")
+    p.add_argument("--only", nargs="+", default=None, metavar="NAME", help="only these models")
+    p.add_argument("--steps", type=int, default=2, help="AdamW steps per task in the no-forgetting check")
+    p.add_argument("--timeout", type=int, default=300, help="seconds one model may take")
+    p.add_argument("--out", type=Path, default=RESULTS, help="the JSON results file")
+    p.add_argument("--markdown", action="store_true", help="write the table into --doc between the coverage markers")
+    p.add_argument("--doc", type=Path, default=DOC, help="the Markdown file --markdown writes into")
+    args = p.parse_args(argv)
+    console = Console()
+    machine = f"{cpu_model()}, torch {torch.__version__}"
+    rows: list[Row] = []
+    for source in args.sources:
+        try:
+            candidates = SOURCES[source]()
+        except ImportError as error:
+            console.print(f"[yellow]{source}: not installed ({error}); skipped[/yellow]")
+            continue
+        for name, make, size in candidates:
+            if args.only and name not in args.only:
+                continue
+            started = time.perf_counter()
+            try:
+                with time_limit(args.timeout):
+                    stage, detail = check(make, size, args.steps)
+            except Timeout as error:
+                stage, detail = "timeout", str(error)
+            except Exception as error:  # a crash in the script itself still gets its row
+                stage, detail = "error", first_line(error) + " " + traceback.format_exc(limit=1).splitlines()[-1]
+            rows.append(Row(source, name, stage, detail, time.perf_counter() - started))
+            mark = "[green]passed[/green]" if stage == "passed" else f"[red]{stage}[/red]"
+            console.print(f"{source} {name}: {mark} {detail} ({rows[-1].seconds:.1f} s)", highlight=False)
+    table = Table(title=f"convert coverage ({machine})")
+    for column in ("source", "tried", "pass all three", "convert", "open gates", "no forgetting"):
+        table.add_column(column, justify="left" if column == "source" else "right")
+    for source in dict.fromkeys(r.source for r in rows):
+        part = [r for r in rows if r.source == source and r.stage != "build"]
+        table.add_row(source, str(len(part)), str(sum(r.stage == "passed" for r in part)),
+                      *(str(sum(r.stage == s for r in part)) for s in ("convert", "open gates", "no forgetting")))
+    console.print(table)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"machine": machine, "norm": NORM, "rows": [asdict(r) for r in rows]}, indent=2))
+    console.print(f"wrote {args.out}")
+    if args.markdown:
+        text = args.doc.read_text()
+        if BEGIN not in text or END not in text:
+            raise SystemExit(f"--doc: {args.doc} has no {BEGIN} … {END} markers")
+        head, rest = text.split(BEGIN, 1)
+        args.doc.write_text(head + BEGIN + "\n" + markdown(rows, machine) + "\n" + END + rest.split(END, 1)[1])
+        console.print(f"wrote the table into {args.doc}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
