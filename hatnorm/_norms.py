@@ -434,6 +434,10 @@ class _BatchNormBase(MaskedNorm):
     channel_dim = 1
     batch_statistics = True
     replaces = (nn.BatchNorm1d, nn.BatchNorm2d)
+    #: γ, β one row per task (``[T, C]``), or shared by all tasks (``[C]``)
+    per_task_affine: ClassVar[bool] = False
+    #: running statistics one row per task (``[T, C]``), or shared by all tasks (``[C]``)
+    per_task_statistics: ClassVar[bool] = True
 
     def __init__(self, num_features: int, *, num_tasks: int, eps: float = 1e-5, momentum: float = 0.1,
                  dims: int | None = None) -> None:
@@ -445,6 +449,20 @@ class _BatchNormBase(MaskedNorm):
         self.dims = _batch_layout(dims)
         self.process_group: ProcessGroup | None = None
         self.frozen = False
+        affine = (num_tasks, num_features) if self.per_task_affine else (num_features,)
+        statistics = (num_tasks, num_features) if self.per_task_statistics else (num_features,)
+        self.weight = nn.Parameter(torch.ones(affine))
+        self.bias = nn.Parameter(torch.zeros(affine))
+        self.register_buffer("running_mean", torch.zeros(statistics))
+        self.register_buffer("running_var", torch.ones(statistics))
+
+    def gradient_multipliers(self, previous: MaskState, task: int, policy: GradientPolicy) -> dict[str, Tensor]:
+        if self.per_task_affine:  # task t trains its own row only
+            own = torch.zeros_like(self.weight)
+            own[task] = 1
+            return {"weight": own, "bias": own}
+        rate = policy.unit_rate(previous)  # shared γ/β, protected like a bias
+        return {"weight": rate, "bias": rate}
 
     @classmethod
     def options_from(cls, module: nn.Module) -> dict[str, Any]:
@@ -507,24 +525,11 @@ class MaskedBatchNorm(_BatchNormBase):
 
     isolates_tasks = True
 
-    def __init__(self, num_features: int, *, num_tasks: int, eps: float = 1e-5, momentum: float = 0.1,
-                 dims: int | None = None) -> None:
-        super().__init__(num_features, num_tasks=num_tasks, eps=eps, momentum=momentum, dims=dims)
-        self.weight = nn.Parameter(torch.ones(num_features))
-        self.bias = nn.Parameter(torch.zeros(num_features))
-        # per-task statistics: [T, C]
-        self.register_buffer("running_mean", torch.zeros(num_tasks, num_features))
-        self.register_buffer("running_var", torch.ones(num_tasks, num_features))
-
     def forward(self, x: Tensor, mask: Tensor, task: int) -> Tensor:
         task = self.validate(x, mask, task)
         return masked_batch_norm(x, mask, self.weight, self.bias, self.running_mean[task], self.running_var[task],
                                  training=self._batch_statistics, momentum=self.momentum, eps=self.eps,
                                  process_group=self.process_group)
-
-    def gradient_multipliers(self, previous: MaskState, task: int, policy: GradientPolicy) -> dict[str, Tensor]:
-        rate = policy.unit_rate(previous)
-        return {"weight": rate, "bias": rate}
 
 
 @final
@@ -544,26 +549,13 @@ class TaskBatchNorm(_BatchNormBase):
     """
 
     isolates_tasks = True
-
-    def __init__(self, num_features: int, *, num_tasks: int, eps: float = 1e-5, momentum: float = 0.1,
-                 dims: int | None = None) -> None:
-        super().__init__(num_features, num_tasks=num_tasks, eps=eps, momentum=momentum, dims=dims)
-        # one γ, β and set of statistics per task: [T, C]
-        self.weight = nn.Parameter(torch.ones(num_tasks, num_features))
-        self.bias = nn.Parameter(torch.zeros(num_tasks, num_features))
-        self.register_buffer("running_mean", torch.zeros(num_tasks, num_features))
-        self.register_buffer("running_var", torch.ones(num_tasks, num_features))
+    per_task_affine = True
 
     def forward(self, x: Tensor, mask: Tensor, task: int) -> Tensor:
         task = self.validate(x, mask, task)
         return selective_batch_norm(x, None, self.weight[task] * mask, self.bias[task] * mask, self.running_mean[task],
                                     self.running_var[task], training=self._batch_statistics, momentum=self.momentum,
                                     eps=self.eps, process_group=self.process_group)
-
-    def gradient_multipliers(self, previous: MaskState, task: int, policy: GradientPolicy) -> dict[str, Tensor]:
-        own = torch.zeros_like(self.weight)
-        own[task] = 1
-        return {"weight": own, "bias": own}
 
 
 @final
@@ -577,23 +569,13 @@ class SharedBatchNorm(_BatchNormBase):
     Args: as :class:`MaskedBatchNorm`.
     """
 
-    def __init__(self, num_features: int, *, num_tasks: int, eps: float = 1e-5, momentum: float = 0.1,
-                 dims: int | None = None) -> None:
-        super().__init__(num_features, num_tasks=num_tasks, eps=eps, momentum=momentum, dims=dims)
-        self.weight = nn.Parameter(torch.ones(num_features))
-        self.bias = nn.Parameter(torch.zeros(num_features))
-        self.register_buffer("running_mean", torch.zeros(num_features))
-        self.register_buffer("running_var", torch.ones(num_features))
+    per_task_statistics = False
 
     def forward(self, x: Tensor, mask: Tensor, task: int) -> Tensor:
         self.validate(x, mask, task)
         return selective_batch_norm(x, None, self.weight * mask, self.bias * mask, self.running_mean,
                                     self.running_var, training=self._batch_statistics, momentum=self.momentum,
                                     eps=self.eps, process_group=self.process_group)
-
-    def gradient_multipliers(self, previous: MaskState, task: int, policy: GradientPolicy) -> dict[str, Tensor]:
-        rate = policy.unit_rate(previous)
-        return {"weight": rate, "bias": rate}
 
 
 @final
@@ -607,24 +589,12 @@ class PostGateBatchNorm(_BatchNormBase):
     Args: as :class:`MaskedBatchNorm`.
     """
 
-    def __init__(self, num_features: int, *, num_tasks: int, eps: float = 1e-5, momentum: float = 0.1,
-                 dims: int | None = None) -> None:
-        super().__init__(num_features, num_tasks=num_tasks, eps=eps, momentum=momentum, dims=dims)
-        self.weight = nn.Parameter(torch.ones(num_features))
-        self.bias = nn.Parameter(torch.zeros(num_features))
-        self.register_buffer("running_mean", torch.zeros(num_tasks, num_features))
-        self.register_buffer("running_var", torch.ones(num_tasks, num_features))
-
     def forward(self, x: Tensor, mask: Tensor, task: int) -> Tensor:
         task = self.validate(x, mask, task)
         return selective_batch_norm(x * per_channel(mask, x), mask.detach() > 0.5, self.weight, self.bias,
                                     self.running_mean[task], self.running_var[task],
                                     training=self._batch_statistics, momentum=self.momentum, eps=self.eps,
                                     process_group=self.process_group)
-
-    def gradient_multipliers(self, previous: MaskState, task: int, policy: GradientPolicy) -> dict[str, Tensor]:
-        rate = policy.unit_rate(previous)
-        return {"weight": rate, "bias": rate}
 
     def export(self, task: int, mask: Tensor, keep: Tensor) -> nn.Module:
         raise TypeError(f"model: cannot export {type(self).__name__}: the norm after the gate emits β on units "
