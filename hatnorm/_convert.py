@@ -463,9 +463,41 @@ def convert(
         gm = fx.symbolic_trace(copy.deepcopy(module))
     except Exception as error:  # torch.fx raises many types for untraceable code
         raise ConversionError(f"module: torch.fx cannot trace {type(module).__name__}: {error}") from error
+    if not module.training:
+        _refuse_training_only_parts(module, gm)
     converter = _Converter(gm, norms, num_tasks, counts, s_max)
     layers = converter.run()
     return ConvertedModel(gm, layers, converter.head_units).train(module.training)
+
+
+def _used_modules(gm: fx.GraphModule) -> set[str]:
+    """The paths of the modules a traced forward runs (called as leaves, or inlined into its nodes)."""
+    used = set()
+    for node in gm.graph.nodes:
+        used.update(node.meta.get("nn_module_stack") or {})
+        if node.op == "call_module":
+            used.add(node.target)
+    return used
+
+
+def _refuse_training_only_parts(module: nn.Module, traced: fx.GraphModule) -> None:
+    """Refuse to drop what runs only in training: a model traced in evaluation mode loses the branches its
+    forward takes only in training (an auxiliary head, drop-path); the training-mode trace shows them."""
+    try:
+        in_training = _used_modules(fx.symbolic_trace(copy.deepcopy(module).train()))
+    except Exception:  # a model whose training forward does not trace: nothing to compare
+        return
+    in_evaluation = _used_modules(traced)
+    lost = sorted(name for name in in_training - in_evaluation
+                  if not any(name.startswith(other + ".") for other in in_training - in_evaluation))
+    if lost:
+        described = [f"{name!r} ({type(module.get_submodule(name)).__name__}, "
+                     f"{sum(p.numel() for p in module.get_submodule(name).parameters()):,} parameters)"
+                     for name in lost[:3]]
+        raise ConversionError(f"module {', '.join(described)}{' and more' if len(lost) > 3 else ''}: runs only in "
+                              "training, so converting in evaluation mode would drop it (an auxiliary head, "
+                              "drop-path); remove it from the model (e.g. aux_logits=False, drop_path_rate=0) "
+                              "to convert without it")
 
 
 def open_gates(model: nn.Module, value: float = 6.0) -> None:

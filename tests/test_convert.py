@@ -273,3 +273,18 @@ def test_a_model_mixing_batch_and_layer_norms_converts_with_a_norm_per_kind() ->
 def test_a_norm_that_cannot_replace_a_module_is_refused_naming_it(norm, message) -> None:
     with pytest.raises((hatnorm.ConversionError, ValueError), match=message):
         hatnorm.convert(mixed_norm_model(), num_tasks=2, norm=norm)
+
+
+def test_what_runs_only_in_training_is_not_dropped_silently() -> None:
+    timm = pytest.importorskip("timm")
+    # inception_v3's auxiliary head and timm's drop-path run only in training: an evaluation-mode trace
+    # would lose them, so conversion is refused, naming them
+    inception = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False).eval()
+    with pytest.raises(hatnorm.ConversionError, match=r"module 'AuxLogits' \(InceptionAux, 3,326,696 parameters\): "
+                                                      r"runs only in training"):
+        hatnorm.convert(inception, num_tasks=2)
+    with pytest.raises(hatnorm.ConversionError, match=r"'layer1.1.drop_path' \(DropPath, 0 parameters\).* and more: "
+                                                      r"runs only in training"):
+        hatnorm.convert(timm.create_model("resnet18", drop_path_rate=0.1).eval(), num_tasks=2)
+    # without them the same models convert
+    hatnorm.convert(timm.create_model("resnet18").eval(), num_tasks=2)
