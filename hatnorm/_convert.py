@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import copy
 import operator
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -366,7 +368,7 @@ class _Converter:
                                   "LayerNorm, Linear, Conv1d/2d/3d, unit-wise activations, dropout and pooling)")
 
     def call(self, node: fx.Node) -> None:
-        where = f"node {node.name} ({node.target})"
+        where = _where(node)
         tensors = [a for a in node.args if isinstance(a, fx.Node)]
         target = node.target
         if node.op == "call_method" and target in ("size", "dim"):
@@ -460,7 +462,7 @@ def convert(
         return convert_vit(module, num_tasks=num_tasks, spec=norms.for_layer_norms(), num_classes=counts,
                            s_max=s_max)
     try:
-        gm = fx.symbolic_trace(copy.deepcopy(module))
+        gm = trace(copy.deepcopy(module))
     except Exception as error:  # torch.fx raises many types for untraceable code
         raise ConversionError(f"module: torch.fx cannot trace {type(module).__name__}: {error}") from error
     if not module.training:
@@ -468,6 +470,32 @@ def convert(
     converter = _Converter(gm, norms, num_tasks, counts, s_max)
     layers = converter.run()
     return ConvertedModel(gm, layers, converter.head_units).train(module.training)
+
+
+_TORCH = Path(torch.__file__).parent
+
+
+def _where(node: fx.Node) -> str:
+    """Where an operation of the traced forward comes from, for messages: the innermost module whose forward
+    holds it, the source line (file name, line number and code) and the operation."""
+    target = node.target
+    op = target if isinstance(target, str) else getattr(target, "__name__", repr(target))
+    stack = node.meta.get("nn_module_stack") or {}
+    path, owner = next(reversed(stack.items()), ("", None))
+    owner_name = owner[1].__name__ if isinstance(owner, tuple) and isinstance(owner[1], type) else None
+    module = (f"module {path!r} ({owner_name})" if path and owner_name else f"module {path!r}" if path
+              else "the model's own forward")
+    frames = [f for f in re.findall(r'File "([^"]+)", line (\d+), in \S+\n\s*(.*)', node.stack_trace or "")
+              if not Path(f[0]).is_relative_to(_TORCH)]  # the model's own line, not the tracer's
+    source = f", {Path(frames[-1][0]).name}:{frames[-1][1]} `{frames[-1][2].strip()}`" if frames else ""
+    return f"{module}{source}: operation {op}"
+
+
+def trace(module: nn.Module) -> fx.GraphModule:
+    """``torch.fx`` symbolic trace of ``module`` that records each operation's source line."""
+    tracer = fx.Tracer()
+    tracer.record_stack_traces = True
+    return fx.GraphModule(module, tracer.trace(module), type(module).__name__)
 
 
 def _used_modules(gm: fx.GraphModule) -> set[str]:
@@ -484,7 +512,7 @@ def _refuse_training_only_parts(module: nn.Module, traced: fx.GraphModule) -> No
     """Refuse to drop what runs only in training: a model traced in evaluation mode loses the branches its
     forward takes only in training (an auxiliary head, drop-path); the training-mode trace shows them."""
     try:
-        in_training = _used_modules(fx.symbolic_trace(copy.deepcopy(module).train()))
+        in_training = _used_modules(trace(copy.deepcopy(module).train()))
     except Exception:  # a model whose training forward does not trace: nothing to compare
         return
     in_evaluation = _used_modules(traced)

@@ -152,6 +152,14 @@ def test_what_cannot_be_converted_is_named(model: nn.Module, match: str) -> None
         hatnorm.convert(model, num_tasks=2)
 
 
+def test_an_unsupported_operation_is_named_by_module_and_source_line() -> None:
+    # convnext's LayerNorm2d permutes to channels-last: the error points at that line of torchvision's code
+    model = torchvision.models.convnext_tiny().eval()
+    with pytest.raises(hatnorm.ConversionError, match=r"^module 'features\.0\.1' \(LayerNorm2d\), convnext\.py:\d+ "
+                                                      r"`x = x\.permute\(0, 2, 3, 1\)`: operation permute: "):
+        hatnorm.convert(model, num_tasks=2, norm={"batch": "masked_bn", "layer": "masked_ln"})
+
+
 def test_convert_rejects_bad_arguments(tmp_path) -> None:
     model = torchvision.models.resnet18()
     with pytest.raises(ValueError, match="num_tasks must be an int ≥ 1, got 0"):
