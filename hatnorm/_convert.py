@@ -4,8 +4,10 @@ The model is traced with ``torch.fx``. Every BatchNorm/LayerNorm becomes the cho
 with its γ, β and running statistics copied into every task slot, followed by a new gate; weighted
 layers with no norm after them get a gate of their own; the classifier becomes one head per task.
 Walking the traced graph gives every weighted layer's input units: the gate before it, through
-activations and pools, the elementwise max of both paths at a residual add, the channel mask
-repeated over positions at a flatten, and the concatenation of masks at a ``torch.cat``.
+activations, dropouts, stochastic depth, pools and means over spatial dims (also after a flatten), the
+elementwise max of both paths at a residual add, the gated operand's units at a squeeze-excitation
+product (x times a sigmoid of a branch of x), the channel mask repeated over positions at a flatten,
+and the concatenation of masks at a ``torch.cat``.
 
 What cannot be converted raises :class:`ConversionError` naming the node: data-dependent control
 flow (``torch.fx`` cannot trace it), operations that mix units (attention reshapes, matrix products
@@ -59,8 +61,19 @@ _UNITWISE_FUNCTIONS = {
 }
 _UNITWISE_METHODS = {"relu", "relu_", "contiguous", "clone"}
 _ADD = {operator.add, operator.iadd, torch.add}
+_MUL = {operator.mul, operator.imul, torch.mul}
 _FLATTEN_FUNCTIONS = {torch.flatten}
 _FLATTEN_METHODS = {"flatten", "view", "reshape"}
+_MEANS = {torch.mean}
+#: a squeeze-excitation branch's last activation: f(0) ≠ 0, so its output may only scale a gated tensor
+_SCALE_MODULES = (nn.Sigmoid, nn.Hardsigmoid)
+_SCALE_FUNCTIONS = {torch.sigmoid, F.sigmoid, F.hardsigmoid}
+
+
+def _is_stochastic_depth(target: object) -> bool:
+    """torchvision's ``stochastic_depth`` (drop-path): each sample's units scaled alike, a zero unit stays 0."""
+    return getattr(target, "__name__", None) == "stochastic_depth" and \
+        str(getattr(target, "__module__", "")).startswith("torchvision.ops")
 
 
 @dataclass(frozen=True)
@@ -68,6 +81,14 @@ class _Flat:
     """Units of a flattened ``[N, C, *spatial]`` tensor, resolved when a Linear reads it."""
 
     channels: MaskSource
+
+
+@dataclass(frozen=True)
+class _Scale:
+    """A per-channel scale computed from gated units by a squeeze-excitation branch: not zero-preserving
+    (sigmoid(0) = 0.5), so it may only multiply a gated tensor, whose units the product keeps."""
+
+    source: MaskSource | None
 
 
 class GatedNorm(nn.Module):
@@ -277,12 +298,19 @@ class _Converter:
         return HATGate(num_features, num_tasks=self.num_tasks, s_max=self.s_max)
 
     def input_units(self, node: fx.Node, reader: str) -> MaskSource | None:
-        units = self.units.get(node)
-        if node in self.pending:
-            units = self.gate_weighted(node)
+        units = self.passed_units(node)
         if isinstance(units, _Flat):
             raise ConversionError(f"{reader}: a flattened tensor can only feed a Linear layer")
+        if isinstance(units, _Scale):
+            raise ConversionError(f"{reader}: the output of a sigmoid-like activation (f(0) ≠ 0) can only scale a "
+                                  "gated tensor (squeeze-excitation: x * scale)")
         return units
+
+    def passed_units(self, node: fx.Node) -> Any:
+        """The units of ``node`` as they are, a flattened or scale tensor included (unit-wise ops pass those on)."""
+        if node in self.pending:
+            return self.gate_weighted(node)
+        return self.units.get(node)
 
     def gate_weighted(self, node: fx.Node) -> HATGate:
         """Insert a gate after a weighted layer that no norm follows."""
@@ -360,7 +388,9 @@ class _Converter:
                 return
             self.pending[node] = (module, units)
         elif isinstance(module, _UNITWISE_MODULES):
-            self.units[node] = self.input_units(node.args[0], where)
+            self.units[node] = self.unitwise(node.args[0], where)
+        elif isinstance(module, _SCALE_MODULES):
+            self.units[node] = _Scale(self.input_units(node.args[0], where))
         elif isinstance(module, nn.Flatten):
             self.units[node] = _Flat(self.input_units(node.args[0], where))
         else:
@@ -381,8 +411,15 @@ class _Converter:
                 raise ConversionError(f"{where}: a residual add must sum two gated paths, got {len(sources)} "
                                       "tensor(s), some of them raw input data")
             self.units[node] = Residual(*sources)
-        elif target in _UNITWISE_FUNCTIONS or (node.op == "call_method" and target in _UNITWISE_METHODS):
-            self.units[node] = self.input_units(tensors[0], where)
+        elif target in _UNITWISE_FUNCTIONS or (node.op == "call_method" and target in _UNITWISE_METHODS) \
+                or _is_stochastic_depth(target):
+            self.units[node] = self.unitwise(tensors[0], where)
+        elif target in _SCALE_FUNCTIONS or (node.op == "call_method" and target in ("sigmoid", "sigmoid_")):
+            self.units[node] = _Scale(self.input_units(tensors[0], where))
+        elif target in _MUL or (node.op == "call_method" and target in ("mul", "mul_")):
+            self.units[node] = self.product(node, tensors, where)
+        elif target in _MEANS or (node.op == "call_method" and target == "mean"):
+            self.units[node] = self.spatial_mean(node, tensors[0], where)
         elif target in _FLATTEN_FUNCTIONS or (node.op == "call_method" and target in _FLATTEN_METHODS):
             self.units[node] = _Flat(self.input_units(tensors[0], where))
         elif target is torch.cat:
@@ -393,6 +430,33 @@ class _Converter:
             self.units[node] = Concat(*parts)
         else:
             raise ConversionError(f"{where}: this operation is not supported; see the hatnorm docs for what converts")
+
+    def unitwise(self, source: fx.Node, where: str) -> Any:
+        """An op on every value alone that keeps 0 at 0: its output has its input's units (flattened too)."""
+        units = self.passed_units(source)
+        if isinstance(units, _Scale):
+            raise ConversionError(f"{where}: the output of a sigmoid-like activation can only scale a gated tensor")
+        return units
+
+    def product(self, node: fx.Node, tensors: list[fx.Node], where: str) -> MaskSource:
+        """``x * y``: a gated tensor times a squeeze-excitation scale or a constant keeps the gated units."""
+        if len(tensors) == 1:  # times a number
+            return self.input_units(tensors[0], where)
+        first, second = (self.passed_units(t) for t in tensors[:2])
+        scale, gated = (first, second) if isinstance(first, _Scale) else (second, first)
+        if len(tensors) != 2 or not isinstance(scale, _Scale) or isinstance(gated, _Scale | _Flat) or gated is None:
+            raise ConversionError(f"{where}: a product of tensors is supported as a gated tensor times a "
+                                  "squeeze-excitation scale (sigmoid of a branch of it)")
+        return gated
+
+    def spatial_mean(self, node: fx.Node, source: fx.Node, where: str) -> MaskSource | None:
+        """A mean over spatial dims (≥ 2) keeps the channels in dim 1 and their units."""
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        dims = (dims,) if isinstance(dims, int) else dims
+        if not isinstance(dims, tuple | list) or not dims or not all(isinstance(d, int) and d >= 2 for d in dims):
+            raise ConversionError(f"{where}: only a mean over spatial dims (2, 3, ...) keeps the channels' units, "
+                                  f"got dim={dims!r}")
+        return self.input_units(source, where)
 
     def classifier(self, node: fx.Node, module: nn.Linear) -> None:
         counts = self.num_classes or [module.out_features] * self.num_tasks

@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 
 
 def pretrained_resnet(builder, tmp_path) -> nn.Module:
-    """A torchvision ResNet loaded from a saved state dict with non-trivial BatchNorm statistics."""
+    """A torchvision CNN loaded from a saved state dict with non-trivial BatchNorm statistics."""
     torch.manual_seed(0)
     source = builder(num_classes=7)
     source.train()
@@ -46,6 +46,13 @@ def task_aware(replaced: type[nn.Module]) -> list[str]:
 MODELS = {
     "resnet18": (lambda tmp: pretrained_resnet(torchvision.models.resnet18, tmp), 32, task_aware(nn.BatchNorm2d)),
     "resnet50": (lambda tmp: pretrained_resnet(torchvision.models.resnet50, tmp), 32, task_aware(nn.BatchNorm2d)),
+    # squeeze-excitation (Hardsigmoid) and a dropout after the flatten
+    "mobilenet_v3_small": (lambda tmp: pretrained_resnet(torchvision.models.mobilenet_v3_small, tmp), 32,
+                           ["masked_bn"]),
+    # squeeze-excitation (Sigmoid) and stochastic depth
+    "efficientnet_b0": (lambda tmp: pretrained_resnet(torchvision.models.efficientnet_b0, tmp), 32, ["masked_bn"]),
+    # the mean over the spatial dims as the pooling
+    "mnasnet0_5": (lambda tmp: pretrained_resnet(torchvision.models.mnasnet0_5, tmp), 32, ["task_bn"]),
     "vit": (pretrained_vit, 32, task_aware(nn.LayerNorm)),
 }
 CASES = [(name, norm) for name, (_, _, norms) in MODELS.items() for norm in norms]
@@ -142,8 +149,24 @@ class Branchy(nn.Module):
         return -self.fc(x)
 
 
+class Square(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * x
+
+
+class ChannelMean(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x - x.mean(1, keepdim=True)
+
+
 @pytest.mark.parametrize(("model", "match"), [
-    (Unconvertible(nn.Sigmoid()), "Sigmoid is not supported"),
+    (Unconvertible(nn.Sigmoid()), r"the output of a sigmoid-like activation \(f\(0\) ≠ 0\) can only scale a gated "
+                                  r"tensor \(squeeze-excitation: x \* scale\)"),
+    (Unconvertible(nn.Softplus()), "Softplus is not supported"),
+    (Unconvertible(Square()), r"module 'middle' \(Square\), test_convert\.py:\d+ `return x \* x`: operation mul: a "
+                              r"product of tensors is supported as a gated tensor times a squeeze-excitation scale"),
+    (Unconvertible(ChannelMean()), r"operation mean: only a mean over spatial dims \(2, 3, \.\.\.\) keeps the "
+                                   r"channels' units, got dim=\(1,\)"),
     (Unconvertible(nn.ConvTranspose2d(4, 4, 1)), "transposed convolutions"),
     (Branchy(), "cannot trace Branchy"),
 ])
