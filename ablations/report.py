@@ -67,11 +67,16 @@ def merge(runs: Sequence[dict[str, Any]], names: Sequence[str]) -> dict[str, Any
     first = runs[0]
     by_seed: dict[int, dict[str, Any]] = {}
     for name, results in zip(names, runs, strict=True):
-        for key, default in (("preset", None), ("config", None), ("tasks", None), ("reference", False),
-                             ("weights", None)):
+        for key, default in (("preset", None), ("config", None), ("reference", False), ("weights", None)):
             mine, theirs = results.get(key, default), first.get(key, default)
             if mine != theirs:
                 raise ValueError(f"{name}: {key} {mine!r} differs from {names[0]}'s {theirs!r}")
+        # the sequence: its data and length (in the title); its tasks themselves may follow the seed
+        # (permutations, rotation angles, CIFAR's task order)
+        mine, theirs = results["title"].rsplit(", seed", 1)[0], first["title"].rsplit(", seed", 1)[0]
+        if mine != theirs or len(results.get("tasks", [])) != len(first.get("tasks", [])):
+            raise ValueError(f"{name}: the run {mine!r} ({len(results.get('tasks', []))} tasks) is not the same "
+                             f"ablation and sequence as {names[0]}'s {theirs!r} ({len(first.get('tasks', []))} tasks)")
         if list(results["variants"]) != list(first["variants"]):
             raise ValueError(f"{name}: variants {list(results['variants'])} differ from {names[0]}'s")
         for seed in results["seeds"]:
