@@ -101,6 +101,22 @@ def test_runs_on_other_seeds_merge_into_one_summary(tmp_path, capsys) -> None:
     assert exit_.value.code == 2 and "seed 0 is in two of the runs" in capsys.readouterr().err
 
 
+def test_runs_whose_tasks_follow_the_seed_merge_too(tmp_path, capsys) -> None:
+    # Rotated-MNIST draws each seed's angles, so the task names differ between seeds; the sequence is the same
+    tiny = ["--tasks", "2", "--epochs", "1", "--archs", "alexnet", "--alexnet-width", "0.05", "--norms", "masked_bn",
+            "--data", "rotated_mnist"]
+    norms.main([*tiny, "--seeds", "0", "--out", str(tmp_path / "a")])
+    norms.main([*tiny, "--seeds", "1", "--out", str(tmp_path / "b")])
+    names = [json.loads((tmp_path / run / "results.json").read_text())["tasks"] for run in ("a", "b")]
+    assert names[0] != names[1]
+    report.main(["--merge", str(tmp_path / "all"), str(tmp_path / "a"), str(tmp_path / "b")])
+    assert json.loads((tmp_path / "all" / "results.json").read_text())["seeds"] == [0, 1]
+    norms.main([*tiny[:-2], "--seeds", "2", "--out", str(tmp_path / "c")])  # Split-MNIST: another sequence
+    with pytest.raises(SystemExit):
+        report.main(["--merge", str(tmp_path / "mixed"), str(tmp_path / "a"), str(tmp_path / "c")])
+    assert "is not the same ablation and sequence" in capsys.readouterr().err
+
+
 def test_presets_and_optimizers_resolve_to_the_training_settings() -> None:
     cnn = _common.Budget(smoke=4, converged=100)
 
