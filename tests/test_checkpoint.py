@@ -292,8 +292,8 @@ def test_without_architecture_info_the_modules_and_shapes_name_the_difference(tm
     config = TrainConfig(epochs=1, batch_size=32)
     train_sequence(mlp("masked_bn"), toy_tasks(samples=64), HATMethod(), config, console=console(),
                    checkpoint_dir=tmp_path)
-    with pytest.raises(CheckpointError, match=r"modules\.norms\.0: 'MaskedBatchNorm1d' in the checkpoint, "
-                                              r"'PostGateBatchNorm1d' in this run"):
+    with pytest.raises(CheckpointError, match=r"modules\.norms\.0: 'MaskedBatchNorm' in the checkpoint, "
+                                              r"'PostGateBatchNorm' in this run"):
         train_sequence(mlp("post_gate_bn"), toy_tasks(samples=64), HATMethod(), config, console=console(),
                        checkpoint_dir=tmp_path, resume=True)
 
