@@ -52,6 +52,19 @@ def replaced_where_unselected(x: Tensor, selected: Tensor, gen: torch.Generator,
     return torch.where(view, x, randn(x.shape, gen, dtype, 10.0, far))
 
 
+def assert_selected_outputs_ignore_unselected(norm: hatnorm.MaskedNorm, x: Tensor, mask: Tensor,
+                                              gen: torch.Generator, far: float) -> None:
+    """Replacing every unselected unit's values by unrelated ones, some far away, leaves the selected outputs."""
+    selected = mask > 0.5
+    changed = replaced_where_unselected(x, selected, gen, x.dtype, far, channel_dim=norm.channel_dim)
+
+    out, out_changed = norm(x, mask, 0), norm(changed, mask, 0)
+
+    index = (slice(None), selected) if norm.channel_dim == 1 else (..., selected)
+    torch.testing.assert_close(out_changed[index], out[index], rtol=0, atol=1e-6)
+    assert torch.isfinite(out).all() and torch.isfinite(out_changed).all()
+
+
 @st.composite
 def group_norms(draw: st.DrawFn) -> tuple[int, int]:
     """(channels, groups) with the groups dividing the channels."""
@@ -72,13 +85,7 @@ def test_masked_gn_selected_outputs_ignore_unselected_channels(sizes, dims, dtyp
     gen = generator(seed)
     norm = with_random_affine(hatnorm.MaskedGroupNorm(channels, num_tasks=1, num_groups=groups, eps=eps), gen, dtype)
     x = randn(shape, gen, dtype, spread, offset)
-    selected = mask > 0.5
-    changed = replaced_where_unselected(x, selected, gen, dtype, far, channel_dim=1)
-
-    out, out_changed = norm(x, mask, 0), norm(changed, mask, 0)
-
-    torch.testing.assert_close(out_changed[:, selected], out[:, selected], rtol=0, atol=1e-6)
-    assert torch.isfinite(out).all() and torch.isfinite(out_changed).all()
+    assert_selected_outputs_ignore_unselected(norm, x, mask, gen, far)
 
 
 @given(sizes=group_norms(), dims=st.sampled_from([1, 2]), dtype=dtypes, eps=epsilons, seed=seeds, spread=spreads,
@@ -125,13 +132,7 @@ def test_masked_channel_ln_selected_outputs_ignore_unselected_channels(channels,
     gen = generator(seed)
     norm = with_random_affine(hatnorm.MaskedChannelLayerNorm(channels, num_tasks=1, eps=eps), gen, dtype)
     x = randn(shape, gen, dtype, spread, offset)
-    selected = mask > 0.5
-    changed = replaced_where_unselected(x, selected, gen, dtype, far, channel_dim=1)
-
-    out, out_changed = norm(x, mask, 0), norm(changed, mask, 0)
-
-    torch.testing.assert_close(out_changed[:, selected], out[:, selected], rtol=0, atol=1e-6)
-    assert torch.isfinite(out).all() and torch.isfinite(out_changed).all()
+    assert_selected_outputs_ignore_unselected(norm, x, mask, gen, far)
 
 
 @given(channels=features, dims=st.sampled_from([1, 2]), dtype=dtypes, eps=epsilons, seed=seeds, spread=spreads,
@@ -162,13 +163,7 @@ def test_masked_rms_selected_outputs_ignore_unselected_features(channels, dtype,
     gen = generator(seed)
     norm = with_random_affine(hatnorm.MaskedRMSNorm(channels, num_tasks=1, eps=eps), gen, dtype)
     x = randn(shape, gen, dtype, spread, offset)
-    selected = mask > 0.5
-    changed = replaced_where_unselected(x, selected, gen, dtype, far, channel_dim=-1)
-
-    out, out_changed = norm(x, mask, 0), norm(changed, mask, 0)
-
-    torch.testing.assert_close(out_changed[..., selected], out[..., selected], rtol=0, atol=1e-6)
-    assert torch.isfinite(out).all() and torch.isfinite(out_changed).all()
+    assert_selected_outputs_ignore_unselected(norm, x, mask, gen, far)
 
 
 @given(channels=features, dtype=dtypes, eps=epsilons, seed=seeds, spread=spreads, offset=offsets, data=st.data())
