@@ -4,7 +4,7 @@ transformers image classifiers, each tried as a user would bring it.
 For every model: random weights with filled BatchNorm statistics (non-trivial γ, β and running statistics),
 saved as a state dict and loaded into a fresh instance; then three checks, each only if the previous passed:
 
-1. **converts**: ``hatnorm.convert(model, num_tasks=2, norm=NORM)`` with a norm per kind (masked BN,
+1. **converts**: ``hatnorm.convert(model, num_tasks=2, norm=NORM, example_input=x)`` with a norm per kind (masked BN,
    masked LN, masked GN, masked RMSNorm) and ``hatnorm.HAT`` accepts it (every parameter covered);
 2. **open gates**: with every gate open the converted model reproduces the original's outputs in
    evaluation mode (max |Δ| ≤ 1e-5 relative to the output scale, invariant 7);
@@ -169,7 +169,7 @@ def check(make: Callable[[], nn.Module], size: int, steps: int) -> tuple[str, st
         return "build", first_line(error)
     x = torch.randn(2, 3, size, size)
     try:
-        model = hatnorm.convert(original, num_tasks=2, norm=NORM)
+        model = hatnorm.convert(original, num_tasks=2, norm=NORM, example_input=x)
         hatnorm.HAT(model)  # every parameter covered
     except Exception as error:
         return "convert", first_line(error)
@@ -194,7 +194,7 @@ def check(make: Callable[[], nn.Module], size: int, steps: int) -> tuple[str, st
 
 def forgetting(original: nn.Module, probe: torch.Tensor, size: int, steps: int) -> float:
     """How far task 0's outputs move when task 1 is learned (AdamW, weight decay): 0.0 when they do not."""
-    model = hatnorm.convert(original, num_tasks=2, norm=NORM, num_classes=[3, 4])
+    model = hatnorm.convert(original, num_tasks=2, norm=NORM, num_classes=[3, 4], example_input=probe)
     hat = hatnorm.HAT(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
     outputs = []

@@ -7,13 +7,13 @@ from hatnorm._arch_registry import (
     list_architectures,
     register_architecture,
 )
-from hatnorm._convert import ConversionError, ConvertedModel, convert, open_gates
+from hatnorm._convert import ConversionError, ConvertedModel, ParameterUse, convert, open_gates
 from hatnorm._export import TaskModel, export
 from hatnorm._exported import ExportedBatchNorm, ExportedGate, ExportedGroupNorm, ExportedLayerNorm, ExportedRMSNorm
 from hatnorm._gate import GATE_FLOOR, HATGate, anneal_scale, compensate, compensation_factor, hat_gate
 from hatnorm._hat import HAT, HATModule, Layer
 from hatnorm._heads import TaskHeads
-from hatnorm._masks import Concat, Flatten, MaskSource, MaskState, Residual
+from hatnorm._masks import Concat, Flatten, MaskSource, MaskState, Residual, Select
 from hatnorm._norm_registry import NormSpec, get_norm, list_norms, register_norm
 from hatnorm._norms import (
     MaskedBatchNorm,
@@ -54,6 +54,7 @@ from hatnorm._transformer import (
     gated_linear,
     run_blocks,
 )
+from hatnorm._units import register_conversion_rule
 from hatnorm.distributed import convert_sync
 from hatnorm.training._evaluation import recalibrate_norms
 
@@ -92,11 +93,13 @@ __all__ = [
     "MaskedRMSNorm",
     "NoNorm",
     "NormSpec",
+    "ParameterUse",
     "PostGateBatchNorm",
     "PostGateBatchNorm1d",
     "PostGateBatchNorm2d",
     "Protected",
     "Residual",
+    "Select",
     "SharedBatchNorm",
     "SharedBatchNorm1d",
     "SharedBatchNorm2d",
@@ -132,6 +135,7 @@ __all__ = [
     "open_gates",
     "recalibrate_norms",
     "register_architecture",
+    "register_conversion_rule",
     "register_norm",
     "register_policy",
     "run_blocks",

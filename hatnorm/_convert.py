@@ -1,25 +1,32 @@
 """``convert``: turn a model the user already has into a HAT model, keeping its weights.
 
-The model is traced with ``torch.fx``. Every BatchNorm/LayerNorm becomes the chosen task-aware norm
-with its γ, β and running statistics copied into every task slot, followed by a new gate; weighted
-layers with no norm after them get a gate of their own; the classifier becomes one head per task.
-Walking the traced graph gives every weighted layer's input units: the gate before it, through
-activations, dropouts, stochastic depth, pools and means over spatial dims (also after a flatten), the
-elementwise max of both paths at a residual add, the gated operand's units at a squeeze-excitation
-product (x times a sigmoid of a branch of x), the channel mask repeated over positions at a flatten,
-and the concatenation of masks at a ``torch.cat``.
+The model is traced with ``torch.fx``. Every BatchNorm/LayerNorm/GroupNorm/RMSNorm (a module, or a
+functional ``F.batch_norm``/``F.layer_norm``/… call on a module's parameters, as in timm's
+``BatchNormAct2d`` and torchvision's ``LayerNorm2d``) becomes the chosen task-aware norm with its γ, β
+and running statistics copied into every task slot, followed by a new gate; weighted layers with no norm
+after them get a gate of their own; the classifier becomes one head per task.
 
-What cannot be converted raises :class:`ConversionError` naming the node: data-dependent control
-flow (``torch.fx`` cannot trace it), operations that mix units (attention reshapes, matrix products
-other than layers, transposed convolutions), activations with f(0) ≠ 0 (a closed unit would not stay
-closed), residual adds of raw input data, and normalization layers other than BatchNorm/LayerNorm.
-transformers' ViT models, whose attention mixes units, are converted structurally instead (see
-:func:`convert`).
+Walking the graph follows where each gate's units sit in every tensor (:mod:`hatnorm._units`), by a
+rule per operation: unit-wise ops with f(0) = 0 (activations, dropouts, stochastic depth, pools, means
+over dims the units do not vary in) keep them; ops that only move values (permute, transpose, reshape,
+flatten, a channel split, shuffle, slice, roll, zero padding) move them the same way, replayed on an
+index tensor at the shapes of ``example_input`` when the op reads shapes; a residual add takes the
+elementwise max of both paths; a product with a squeeze-excitation scale or a per-unit parameter (a
+layer scale) keeps the gated units; a concatenation joins them; shape reads and assertions are
+bookkeeping. Adding a parameter (a position embedding, a class token) makes closed units nonzero, so a
+new gate follows it. Users declare rules for their own ops with :func:`register_conversion_rule`.
+
+What cannot be converted raises :class:`ConversionError` naming the module, source line and op:
+data-dependent control flow (``torch.fx`` cannot trace it), ops that mix units (attention, matrix
+products other than layers, transposed convolutions), activations with f(0) ≠ 0 outside a product,
+residual adds of raw input data. transformers' ViT models, whose attention mixes units, are converted
+structurally instead (see :func:`convert`).
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import operator
 import re
 from collections.abc import Mapping, Sequence
@@ -44,30 +51,70 @@ from hatnorm._convert_vit import convert_vit, is_transformers_vit
 from hatnorm._gate import HATGate
 from hatnorm._hat import HATModule, Layer
 from hatnorm._heads import TaskHeads, class_counts
-from hatnorm._masks import Concat, Flatten, MaskSource, Residual
+from hatnorm._masks import Concat, Flatten, MaskSource, MaskState, Residual, Select
 from hatnorm._norm_registry import NormSpec, get_norm, list_norms
 from hatnorm._norms import MaskedNorm, NoNorm
+from hatnorm._policies import GradientPolicy
+from hatnorm._protected import Protected
+from hatnorm._transformer import gated_linear
+from hatnorm._units import Recorder, Units, expand, record, user_module_classes, user_rule
 
-#: modules that act on every unit alone and keep a zero unit at zero
+#: modules that act on every value alone and keep 0 at 0
 _UNITWISE_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.LeakyReLU, nn.Hardswish, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
-    nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
-    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.Identity,
+    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Mish, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Hardswish,
+    nn.Hardtanh, nn.Tanh, nn.Softsign, nn.Tanhshrink, nn.Hardshrink, nn.Softshrink, nn.Dropout, nn.Dropout1d,
+    nn.Dropout2d, nn.Dropout3d, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d,
+    nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Identity,
 )
 _UNITWISE_FUNCTIONS = {
-    F.relu, torch.relu, F.relu6, F.gelu, F.silu, F.leaky_relu, F.hardswish, F.dropout, F.max_pool1d, F.max_pool2d,
-    F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_max_pool1d,
-    F.adaptive_max_pool2d,
+    F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.gelu, F.silu, F.mish, F.leaky_relu, F.elu, F.selu,
+    F.celu, F.hardswish, F.hardtanh, torch.tanh, F.tanh, F.softsign, F.dropout, F.dropout1d, F.dropout2d,
+    F.dropout3d, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
+    F.adaptive_max_pool2d, F.adaptive_max_pool3d, torch.clone,
 }
-_UNITWISE_METHODS = {"relu", "relu_", "contiguous", "clone"}
-_ADD = {operator.add, operator.iadd, torch.add}
-_MUL = {operator.mul, operator.imul, torch.mul}
-_FLATTEN_FUNCTIONS = {torch.flatten}
-_FLATTEN_METHODS = {"flatten", "view", "reshape"}
-_MEANS = {torch.mean}
+_UNITWISE_METHODS = {"relu", "relu_", "tanh", "tanh_", "contiguous", "clone", "float", "double", "half",
+                     "bfloat16", "to", "type_as"}
+#: operations whose output changes size along the dims they pool over (the units must not vary there)
+_POOLS = {F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+          F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
+          F.adaptive_max_pool2d, F.adaptive_max_pool3d}
+_POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+                 nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+                 nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
+#: operations that only move, copy or drop values; the ones in _SIZE_FREE need no shapes
+_MOVES_FUNCTIONS = {torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.swapaxes, torch.movedim,
+                    torch.squeeze, torch.unsqueeze, torch.roll, torch.narrow, torch.chunk, torch.split,
+                    torch.unbind, torch.select, torch.tensor_split, operator.getitem}
+_MOVES_METHODS = {"view", "reshape", "flatten", "unflatten", "permute", "transpose", "swapaxes", "movedim",
+                  "squeeze", "unsqueeze", "chunk", "split", "unbind", "narrow", "roll", "expand", "repeat",
+                  "select", "tensor_split"}
+_SIZE_FREE = {torch.permute, torch.transpose, torch.swapaxes, torch.movedim, torch.unsqueeze, "permute",
+              "transpose", "swapaxes", "movedim", "unsqueeze"}
+_FLATTENS = {torch.flatten, torch.reshape, "flatten", "view", "reshape"}
+_MOVES_MODULES = (nn.Flatten, nn.Unflatten)
+_ADD = {operator.add, operator.iadd, torch.add, operator.sub, operator.isub, torch.sub, "add", "add_", "sub",
+        "sub_"}
+_MUL = {operator.mul, operator.imul, torch.mul, "mul", "mul_"}
+_DIV = {operator.truediv, operator.itruediv, torch.div, "div", "div_"}
+_CAT = {torch.cat, torch.concat, torch.concatenate}
+_REDUCE = {torch.mean, torch.sum, torch.amax, "mean", "sum", "amax"}
 #: a squeeze-excitation branch's last activation: f(0) ≠ 0, so its output may only scale a gated tensor
 _SCALE_MODULES = (nn.Sigmoid, nn.Hardsigmoid)
-_SCALE_FUNCTIONS = {torch.sigmoid, F.sigmoid, F.hardsigmoid}
+_SCALE_FUNCTIONS = {torch.sigmoid, F.sigmoid, F.hardsigmoid, "sigmoid", "sigmoid_"}
+#: functional norms on a module's parameters → the torch norm kind they compute, and their channel dim
+_FUNCTIONAL_NORMS = {F.batch_norm: 1, F.layer_norm: -1, F.group_norm: 1, F.rms_norm: -1}
+#: functions that make a new tensor from numbers (data, for the walk)
+_FACTORIES = {torch.zeros, torch.ones, torch.full, torch.arange, torch.empty, torch.tensor, torch.rand, torch.randn,
+              torch.linspace, torch.eye}
+_MATMUL = {operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm"}
+_SCORE_OPS = {F.softmax, torch.softmax, F.dropout, torch.masked_fill}
+#: functional layers on a module's own weight → the torch layer they compute
+_FUNCTIONAL_LAYERS = {F.linear: nn.Linear, F.conv1d: nn.Conv1d, F.conv2d: nn.Conv2d, F.conv3d: nn.Conv3d}
+#: reads of a tensor that give a shape, a rank or a type, not data
+_SHAPE_METHODS = {"size", "dim", "ndimension", "numel", "get_device", "nelement"}
+_SHAPE_ATTRIBUTES = {"shape", "ndim", "dtype", "device", "is_cuda", "requires_grad"}
 
 
 def _is_stochastic_depth(target: object) -> bool:
@@ -78,17 +125,55 @@ def _is_stochastic_depth(target: object) -> bool:
 
 @dataclass(frozen=True)
 class _Flat:
-    """Units of a flattened ``[N, C, *spatial]`` tensor, resolved when a Linear reads it."""
+    """Units of a flattened ``[N, C, *spatial]`` tensor, resolved when a Linear reads it (no example input)."""
 
-    channels: MaskSource
+    channels: Units | None
 
 
 @dataclass(frozen=True)
 class _Scale:
-    """A per-channel scale computed from gated units by a squeeze-excitation branch: not zero-preserving
-    (sigmoid(0) = 0.5), so it may only multiply a gated tensor, whose units the product keeps."""
+    """Computed from gated units with f(0) ≠ 0 (a squeeze-excitation sigmoid, ``x + 3`` in a hard-swish):
+    it may only multiply a gated tensor, whose units the product keeps."""
 
-    source: MaskSource | None
+    units: Units | None
+
+
+@dataclass(frozen=True)
+class _Ungated:
+    """A tensor holding a parameter's values (a class token, a position embedding added to a gated stream):
+    closed units may be nonzero, so a gate must follow before anything reads it. ``params`` maps each
+    parameter's graph target to the index of its element at every position (−1: not there)."""
+
+    units: Units | None
+    params: tuple[tuple[str, Tensor], ...]
+
+
+@dataclass(frozen=True)
+class _Scores:
+    """Attention scores ``q @ kᵀ`` (and their softmax): they mix tokens, not features, so they may only weigh the
+    values (``scores @ v``), whose units the result keeps."""
+
+
+class ParameterUse(nn.Module, Protected):
+    """A parameter the traced forward reads directly (a layer scale, a position embedding, a class token),
+    protected like a bias of the units its entries multiply or are added to.
+
+    Args:
+        parameter: the parameter, moved here from the module that held it.
+        units: for every entry (flattened), the unit of the layer's mask source it belongs to.
+    """
+
+    def __init__(self, parameter: nn.Parameter, units: Tensor) -> None:
+        super().__init__()
+        self.parameter = parameter
+        self.register_buffer("units", units.reshape(parameter.shape), persistent=False)
+
+    def forward(self) -> Tensor:
+        return self.parameter
+
+    def gradient_multipliers(self, previous: MaskState, task: int, policy: GradientPolicy) -> dict[str, Tensor]:
+        rate = policy.unit_rate(previous)
+        return {"parameter": rate[self.units.to(rate.device)].to(self.parameter.dtype)}
 
 
 class GatedNorm(nn.Module):
@@ -239,7 +324,7 @@ class _Norms:
             return self.single
         kind = next((k for k, types in KINDS.items() if isinstance(module, types)), None)
         if kind is None or kind not in self.by_kind:
-            raise ConversionError(f"norm: no norm for {type(module).__name__} at {where}; the mapping gives "
+            raise ConversionError(f"norm: no norm for {where}; the mapping gives "
                                   f"{sorted(self.by_kind)}" + ("" if kind is None else f", add {kind!r}"))
         return self.by_kind[kind]
 
@@ -256,8 +341,8 @@ def _make_norm(module: nn.Module, spec: NormSpec, num_tasks: int, where: str) ->
     """The task-aware norm standing for ``module``, its γ, β and statistics in every task slot."""
     if not isinstance(module, spec.replaces):
         fitting = [n for n in list_norms() if isinstance(module, get_norm(n).replaces)]
-        raise ConversionError(f"norm {spec.name!r} cannot replace {type(module).__name__} at {where} (it replaces "
-                              f"{', '.join(t.__name__ for t in spec.replaces) or 'none'}); norms that replace "
+        raise ConversionError(f"norm {spec.name!r} cannot replace {where}: it replaces "
+                              f"{', '.join(t.__name__ for t in spec.replaces) or 'none'}; norms that replace "
                               f"{type(module).__name__}: {fitting}; a model with several kinds of norm takes one "
                               "per kind, e.g. norm={'batch': 'masked_bn', 'layer': 'masked_ln'}")
     try:
@@ -283,51 +368,246 @@ def _num_features(module: nn.Module) -> int:
     return module.num_features if hasattr(module, "num_features") else module.normalized_shape[-1]
 
 
-class _Converter:
-    """One walk over a traced graph: rewrites it in place and collects the wiring."""
+class GatedMultiheadAttention(nn.Module):
+    """An ``nn.MultiheadAttention`` (self-attention) with gates on its q, k and v features and its output,
+    built from the original's weights; called like it, ``(x, x, x, task, s)`` → ``(output, None)``.
 
-    def __init__(self, gm: fx.GraphModule, norms: _Norms, num_tasks: int, num_classes: list[int] | None,
-                 s_max: float) -> None:
+    Attention mixes tokens, not features: a closed q/k feature is 0 in every dot product and a closed v
+    feature in every output, so the gates select features as in the reference ViTs.
+
+    Args:
+        attention: the module it replaces (batch-first or not, without extra key/value biases).
+        num_tasks: number of tasks.
+        s_max: the gates' largest scale.
+    """
+
+    def __init__(self, attention: nn.MultiheadAttention, *, num_tasks: int, s_max: float) -> None:
+        super().__init__()
+        dim = attention.embed_dim
+        self.heads, self.batch_first, self.dropout = attention.num_heads, attention.batch_first, attention.dropout
+        bias = attention.in_proj_bias is not None
+        self.to_q, self.to_k, self.to_v = (nn.Linear(dim, dim, bias=bias) for _ in range(3))
+        with torch.no_grad():
+            for i, projection in enumerate((self.to_q, self.to_k, self.to_v)):
+                projection.weight.copy_(attention.in_proj_weight[i * dim:(i + 1) * dim])
+                if bias:
+                    projection.bias.copy_(attention.in_proj_bias[i * dim:(i + 1) * dim])
+        self.to_out = nn.Linear(dim, dim, bias=attention.out_proj.bias is not None)
+        self.to_out.load_state_dict(attention.out_proj.state_dict())
+        self.gate_q, self.gate_k, self.gate_v, self.gate_out = (HATGate(dim, num_tasks=num_tasks, s_max=s_max)
+                                                                for _ in range(4))
+        self.to(attention.out_proj.weight.device)
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, task: int, s: float | Tensor | None = None,
+                **_: Any) -> tuple[Tensor, None]:
+        x = query if self.batch_first else query.transpose(0, 1)
+        q, k, v = (gated_linear(x, projection, gate(task, s)).unflatten(-1, (self.heads, -1)).transpose(1, 2)
+                   for projection, gate in ((self.to_q, self.gate_q), (self.to_k, self.gate_k),
+                                            (self.to_v, self.gate_v)))
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        out = gated_linear(out.transpose(1, 2).flatten(2), self.to_out, self.gate_out(task, s))
+        return (out if self.batch_first else out.transpose(0, 1)), None
+
+    def wiring(self, inp: MaskSource | None) -> list[Layer]:
+        return [Layer(self.to_q, out=self.gate_q, inp=inp), Layer(self.to_k, out=self.gate_k, inp=inp),
+                Layer(self.to_v, out=self.gate_v, inp=inp), Layer(self.to_out, out=self.gate_out, inp=self.gate_v)]
+
+
+def _tensor_args(node: fx.Node) -> list[fx.Node]:
+    """The nodes among ``node``'s arguments (nested in lists and tuples too), in order."""
+    found: list[fx.Node] = []
+    fx.node.map_arg((node.args, node.kwargs), found.append)
+    return found
+
+
+def _method_or_function(node: fx.Node) -> object:
+    """A call's target as the rule tables name it: the function, or the method's name."""
+    return node.target
+
+
+class _Converter:
+    """One walk over a traced graph: rewrites it in place and collects the wiring.
+
+    ``units`` holds, for every tensor-valued node, how its values relate to the gates: ``None`` (raw input
+    data or a buffer), :class:`Units`, a flattened map awaiting its reader (:class:`_Flat`), a scale
+    (:class:`_Scale`), a tensor with parameter values (:class:`_Ungated`), or a tuple of those (a split).
+    Nodes with no entry are not tensors (shape reads).
+    """
+
+    def __init__(self, gm: fx.GraphModule, traced: nn.Module, norms: _Norms, num_tasks: int,
+                 num_classes: list[int] | None, s_max: float, recorder: Recorder | None) -> None:
         self.gm, self.norms, self.num_tasks, self.num_classes, self.s_max = gm, norms, num_tasks, num_classes, s_max
+        self.traced = traced  # the module that was traced: its submodules keep their classes (gm's are plain)
+        self.recorder = recorder
         self.units: dict[fx.Node, Any] = {}
         self.layers: list[Layer] = []
         self.pending: dict[fx.Node, tuple[nn.Module, MaskSource | None]] = {}  # weighted layers awaiting a gate
         self.head_units: MaskSource | None = None
+        self.consumed: set[str] = set()  # parameters and buffers a functional norm took over
+        self.used_parameters: dict[str, fx.Node] = {}
 
+    # ----------------------------------------------------------------------------- shapes and values
+    def shape(self, node: fx.Node) -> torch.Size | None:
+        """The tensor shape of ``node`` for the example input, when there is one."""
+        if self.recorder is None:
+            return None
+        shape = self.recorder.shapes.get(node)
+        return shape if isinstance(shape, torch.Size) else None
+
+    def rank(self, node: fx.Node) -> int | None:
+        shape = self.shape(node)
+        if shape is not None:
+            return len(shape)
+        if node in self.pending:  # a weighted layer's output: a convolution's rank, or a Linear's input's
+            module = self.pending[node][0]
+            return module.weight.dim() if not isinstance(module, nn.Linear) else self.rank(node.args[0])
+        units = self.units.get(node)
+        if isinstance(units, Units):
+            return units.rank
+        if isinstance(units, _Flat):
+            return 2
+        return None
+
+    def value(self, node: fx.Node, where: str) -> Any:
+        """The value of a non-tensor node (a shape read, a size computed from one) for the example input."""
+        if self.recorder is None or node not in self.recorder.values:
+            raise ConversionError(f"{where}: its arguments are read from tensor shapes; pass "
+                                  "example_input=<a batch the model takes> so convert can follow how it moves units")
+        return self.recorder.values[node]
+
+    # ----------------------------------------------------------------------------- gates
     def new_gate(self, num_features: int) -> HATGate:
         return HATGate(num_features, num_tasks=self.num_tasks, s_max=self.s_max)
 
-    def input_units(self, node: fx.Node, reader: str) -> MaskSource | None:
-        units = self.passed_units(node)
+    def add_gate_after(self, node: fx.Node, num_features: int, channel_dim: int, name: str) -> tuple[fx.Node, HATGate]:
+        """Insert ``NoNorm`` with a new gate after ``node`` (over ``channel_dim``); every other user reads it."""
+        gate = self.new_gate(num_features)
+        gated = GatedNorm(NoNorm(num_features, num_tasks=self.num_tasks, channel_dim=channel_dim), gate)
+        name = _free_name(self.gm, name)
+        self.gm.add_submodule(name, gated)
+        with self.gm.graph.inserting_after(node):
+            new = self.gm.graph.call_module(name, (node, self.task, self.s))
+        node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+        self.same_shape(new, node)
+        self.layers.append(Layer(gated.norm, out=gate))
+        return new, gate
+
+    def same_shape(self, new: fx.Node, old: fx.Node) -> None:
+        """A node inserted for ``old`` (its gate, its norm) has ``old``'s shape for the example input."""
+        if self.recorder is not None and old in self.recorder.shapes:
+            self.recorder.shapes[new] = self.recorder.shapes[old]
+
+    def gate_weighted(self, node: fx.Node) -> Units:
+        """Insert a gate after a weighted layer that no norm follows."""
+        rank = self.rank(node)
+        module, inp = self.pending.pop(node)
+        dim = -1 if isinstance(module, nn.Linear) else 1
+        new, gate = self.add_gate_after(node, module.weight.shape[0], dim, f"{node.target}_gate".replace(".", "_"))
+        self.layers.insert(len(self.layers) - 1, Layer(module, out=gate, inp=inp))
+        units = Units.of_gate(gate, rank, dim)
+        self.units[new] = units
+        return units
+
+    def regate(self, node: fx.Node, ungated: _Ungated, where: str) -> Units:
+        """Gate a tensor that holds parameter values; the parameters are protected by the new gate's units."""
+        shape = self.shape(node)
+        if shape is None:
+            raise ConversionError(f"{where}: reads a tensor that holds a parameter's values; pass example_input so "
+                                  "convert can place the gate that must follow it")
+        dim = ungated.units.unit_dim() if ungated.units is not None else len(shape) - 1
+        if dim is None or dim not in (1, len(shape) - 1):
+            raise ConversionError(f"{where}: a parameter is added to a tensor whose units are not in dim 1 or the "
+                                  "last dim; a gate cannot follow it")
+        new, gate = self.add_gate_after(node, shape[dim], 1 if dim == 1 else -1, f"{node.name}_gate")
+        position = torch.arange(shape[dim]).view([-1 if d == dim else 1 for d in range(len(shape))])
+        for target, elements in ungated.params:
+            self.protect(target, elements, position.expand(shape), gate, where)
+        units = Units.of_gate(gate, len(shape), dim)
+        self.units[new] = units
+        return units
+
+    def protect(self, target: str, elements: Tensor, units: Tensor, source: MaskSource, where: str) -> None:
+        """Move parameter ``target`` into a :class:`ParameterUse` protected by the units of ``source`` its
+        entries meet (``elements`` and ``units`` index them at every position of the tensor)."""
+        if target in self.used_parameters:
+            raise ConversionError(f"{where}: parameter {target!r} is used in more than one place; each use would "
+                                  "need its own protection")
+        parameter = self.gm.get_parameter(target)
+        elements, units = torch.broadcast_tensors(elements, units)
+        there = (elements >= 0) & (units >= 0)
+        high = torch.full((parameter.numel(),), -1).scatter_reduce(0, elements[there], units[there], "amax")
+        low = torch.full((parameter.numel(),), parameter.numel() + source.num_features).scatter_reduce(
+            0, elements[there], units[there], "amin")
+        if bool((high < 0).any()) or bool((high != low).any()):
+            raise ConversionError(f"{where}: every entry of parameter {target!r} must meet exactly one unit "
+                                  "(it is shared across units, so no gate can protect it)")
+        owner, _, name = target.rpartition(".")
+        use = ParameterUse(self.gm.get_submodule(owner)._parameters.pop(name), high)
+        module_name = _free_name(self.gm, f"{target}_use".replace(".", "_"))
+        self.gm.add_submodule(module_name, use)
+        node = next(n for n in self.gm.graph.nodes if n.op == "get_attr" and n.target == target)
+        with self.gm.graph.inserting_after(node):
+            new = self.gm.graph.call_module(module_name)
+        node.replace_all_uses_with(new)
+        self.same_shape(new, node)
+        self.gm.graph.erase_node(node)
+        self.used_parameters[target] = new
+        self.layers.append(Layer(use, out=source))
+
+    # ----------------------------------------------------------------------------- reading units
+    def resolve(self, node: fx.Node, where: str, *, ungated: bool = False) -> None:
+        """Gate the tensor inputs of ``node`` that need it first: a weighted layer's pending output, and (unless
+        ``ungated``) a tensor holding parameter values."""
+        for arg in _tensor_args(node):
+            if arg in self.pending:
+                self.gate_weighted(arg)
+        if not ungated:
+            for arg in _tensor_args(node):
+                if isinstance(self.units.get(arg), _Ungated):
+                    self.regate(arg, self.units[arg], where)
+
+    def gated(self, node: fx.Node, reader: str) -> Units | None:
+        """The units of ``node``, which must be gated units or raw data."""
+        units = self.units.get(node)
         if isinstance(units, _Flat):
             raise ConversionError(f"{reader}: a flattened tensor can only feed a Linear layer")
         if isinstance(units, _Scale):
             raise ConversionError(f"{reader}: the output of a sigmoid-like activation (f(0) ≠ 0) can only scale a "
                                   "gated tensor (squeeze-excitation: x * scale)")
+        if isinstance(units, tuple):
+            raise ConversionError(f"{reader}: reads a tuple of tensors")
         return units
 
-    def passed_units(self, node: fx.Node) -> Any:
-        """The units of ``node`` as they are, a flattened or scale tensor included (unit-wise ops pass those on)."""
-        if node in self.pending:
-            return self.gate_weighted(node)
-        return self.units.get(node)
+    def read(self, node: fx.Node, dim: int, size: int, reader: str) -> MaskSource | None:
+        """The input units a layer reads along ``dim`` (``size`` features)."""
+        units = self.units.get(node)
+        if isinstance(units, _Flat):
+            if dim != -1:
+                raise ConversionError(f"{reader}: a flattened tensor can only feed a Linear layer")
+            if units.channels is None:
+                return None
+            try:
+                channels = units.channels.read(1, units.channels.index.shape[1], reader)
+            except ValueError as error:
+                raise ConversionError(str(error)) from None
+            if size % channels.num_features:
+                raise ConversionError(f"{reader}: reads a flattened map of {channels.num_features} channels but its "
+                                      "input size is not a multiple of it")
+            return Flatten(channels, size // channels.num_features)
+        units = self.gated(node, reader)
+        if units is None:
+            return None
+        try:
+            return units.read(dim, size, reader)
+        except ValueError as error:
+            raise ConversionError(str(error)) from None
 
-    def gate_weighted(self, node: fx.Node) -> HATGate:
-        """Insert a gate after a weighted layer that no norm follows."""
-        module, inp = self.pending.pop(node)
-        gate = self.new_gate(module.weight.shape[0])
-        gated = GatedNorm(NoNorm(gate.num_features, num_tasks=self.num_tasks), gate)
-        name = f"{node.target}_gate".replace(".", "_")
-        self.gm.add_submodule(name, gated)
-        with self.gm.graph.inserting_after(node):
-            new = self.gm.graph.call_module(name, (node, self.task, self.s))
-        node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
-        self.layers += [Layer(module, out=gate, inp=inp), Layer(gated.norm, out=gate)]
-        self.units[new] = gate
-        return gate
-
+    # ----------------------------------------------------------------------------- the walk
     def run(self) -> list[Layer]:
         graph = self.gm.graph
+        for extra in [n for n in graph.nodes if n.op == "placeholder"][1:]:
+            if _only_checks(extra):  # an argument traced at its default (see trace), checked to be that default
+                _erase_with_users(extra)
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
         if len(placeholders) != 1:
             raise ConversionError(f"module: the traced forward must take one input tensor, got "
@@ -338,7 +618,7 @@ class _Converter:
             self.s = graph.placeholder("s", default_value=None)
         self.units[placeholders[0]] = None
         for node in list(graph.nodes):
-            if node in (self.task, self.s) or node.op == "placeholder":
+            if node in (self.task, self.s) or node.op == "placeholder" or node.graph is not graph:
                 continue
             if node.op == "output":
                 self.output(node)
@@ -347,116 +627,574 @@ class _Converter:
             elif node.op in ("call_function", "call_method"):
                 self.call(node)
             elif node.op == "get_attr":
-                raise ConversionError(f"node {node.name}: a direct use of parameter or buffer {node.target!r} "
-                                      "cannot be protected")
-        self.gm.recompile()
+                self.get_attr(node)
+        self.finish()
         return self.layers
+
+    def get_attr(self, node: fx.Node) -> None:
+        value = _attribute(self.gm, node.target)
+        if isinstance(value, nn.Parameter) and value.requires_grad:
+            self.units[node] = _Ungated(None, ((node.target, torch.arange(value.numel()).view(value.shape)),))
+        elif isinstance(value, Tensor):
+            self.units[node] = None  # a buffer: a constant, like data
+
+    def finish(self) -> None:
+        """Drop what functional norms took over, refuse parameters read in ways that cannot be protected."""
+        graph = self.gm.graph
+        for node in reversed(list(graph.nodes)):
+            if node.op == "get_attr" and node.target in self.consumed:
+                _erase_with_users(node)
+        for node in graph.nodes:
+            if node.op == "get_attr" and node.users and isinstance(_attribute(self.gm, node.target), nn.Parameter) \
+                    and _attribute(self.gm, node.target).requires_grad:
+                raise ConversionError(f"{_where(next(iter(node.users)))}: a direct use of parameter {node.target!r} "
+                                      "that cannot be protected")
+        for target in sorted(self.consumed):
+            owner, _, name = target.rpartition(".")
+            module = self.gm.get_submodule(owner)
+            module._parameters.pop(name, None)
+            module._buffers.pop(name, None)
+        graph.eliminate_dead_code()
+        self.gm.delete_all_unused_submodules()
+        self.gm.recompile()
 
     def call_module(self, node: fx.Node) -> None:
         module = self.gm.get_submodule(node.target)
-        where = f"module {node.target!r}"
-        if isinstance(module, _norm_modules()):
-            source = node.args[0]
-            gate = self.new_gate(_num_features(module))
-            if source in self.pending and len(source.users) == 1:
-                weighted, inp = self.pending.pop(source)
-                self.layers.append(Layer(weighted, out=gate, inp=inp))
-            else:
-                self.input_units(source, where)
-            gated = GatedNorm(_make_norm(module, self.norms.for_module(module, where), self.num_tasks, where), gate)
+        where = f"module {node.target!r} ({type(module).__name__})"
+        rule = user_rule(module)
+        if isinstance(module, _norm_modules()) and rule is None:
+            dim = -1 if isinstance(module, nn.LayerNorm | nn.RMSNorm) else 1
+            self.norm(node, module, dim, where)
+        elif isinstance(module, nn.Linear | nn.modules.conv._ConvNd) and rule is None:
+            self.weighted(node, module, where)
+        elif isinstance(module, nn.MultiheadAttention) and rule is None:
+            self.attention(node, module, where)
+        elif rule is not None:
+            self.apply_rule(node, rule, where, module=module)
+        elif isinstance(module, _UNITWISE_MODULES) or _is_drop_path(module):
+            self.resolve(node, where, ungated=isinstance(module, nn.Dropout | nn.Identity))
+            self.units[node] = self.unitwise(node, node.args[0], where, pool=isinstance(module, _POOL_MODULES))
+        elif isinstance(module, _SCALE_MODULES):
+            self.resolve(node, where)
+            self.units[node] = _Scale(self.gated(node.args[0], where))
+        elif isinstance(module, _MOVES_MODULES):
+            self.resolve(node, where, ungated=True)
+            self.units[node] = self.moves(node, node.args[0], where, call=module)
+        else:
+            raise ConversionError(f"{where}: {type(module).__name__} is not supported (allowed: the torch norms, "
+                                  "Linear, Conv1d/2d/3d, unit-wise activations, dropout and pooling, or a module "
+                                  "with a rule from hatnorm.register_conversion_rule)")
+
+    def weighted(self, node: fx.Node, module: nn.Module, where: str) -> None:
+        if isinstance(module, nn.modules.conv._ConvTransposeNd):
+            raise ConversionError(f"{where}: transposed convolutions are not supported")
+        self.resolve(node, where)
+        source = node.args[0]
+        if isinstance(module, nn.Linear):
+            units = self.read(source, -1, module.in_features, where)
+        else:
+            units = self.read(source, 1, module.in_channels, where)
+        if isinstance(module, nn.Linear) and self.feeds_output(node):
+            self.classifier(node, module)
+            self.head_units = units
+            return
+        self.pending[node] = (module, units)
+
+    def attention(self, node: fx.Node, module: nn.MultiheadAttention, where: str) -> None:
+        """Self-attention becomes :class:`GatedMultiheadAttention`, its output units those of a new gate."""
+        self.resolve(node, where)
+        inputs = list(node.args[:3]) + [node.kwargs[k] for k in ("query", "key", "value") if k in node.kwargs]
+        masks = [k for k in ("key_padding_mask", "attn_mask") if node.kwargs.get(k) is not None]
+        if len(inputs) != 3 or len(set(inputs)) != 1 or masks or len(node.args) > 3:
+            raise ConversionError(f"{where}: only self-attention without masks (query, key and value one tensor) "
+                                  "is supported")
+        if module.bias_k is not None or module.add_zero_attn or not module._qkv_same_embed_dim:
+            raise ConversionError(f"{where}: attention with extra key/value biases, zero attention or other key and "
+                                  "value sizes is not supported")
+        x = inputs[0]
+        inp = self.read(x, -1, module.embed_dim, where)
+        rank = self.rank(x)
+        gated = GatedMultiheadAttention(module, num_tasks=self.num_tasks, s_max=self.s_max)
+        self.gm.delete_submodule(node.target)
+        self.gm.add_submodule(node.target, gated)
+        node.args, node.kwargs = (x, x, x, self.task, self.s), {}
+        self.layers += gated.wiring(inp)
+        self.units[node] = (Units.of_gate(gated.gate_out, rank, -1), None)
+
+    def norm(self, node: fx.Node, module: nn.Module, dim: int, where: str) -> fx.Node:
+        """Replace a torch norm (called as a module, or functionally on ``module``'s parameters) by the task-aware
+        norm and its gate; a weighted layer that only feeds it takes the gate as its output units."""
+        source = node.args[0]
+        rank = self.rank(source)
+        if rank is None and dim == 1:
+            if not isinstance(module, nn.BatchNorm2d):
+                raise ConversionError(f"{where}: a channels-first norm reads a tensor of unknown rank; pass "
+                                      "example_input")
+            rank = 4
+        norm = _make_norm(module, self.norms.for_module(module, where), self.num_tasks, where)
+        gate = self.new_gate(_num_features(module))
+        if source in self.pending and len(source.users) == 1:
+            weighted, inp = self.pending.pop(source)
+            self.layers.append(Layer(weighted, out=gate, inp=inp))
+        else:
+            self.resolve(node, where)
+            self.gated(node.args[0], where)
+        source = node.args[0]
+        gated = GatedNorm(norm, gate)
+        if node.op == "call_module":
             self.gm.delete_submodule(node.target)
             self.gm.add_submodule(node.target, gated)
-            node.args = (source, self.task, self.s)
-            self.layers.append(Layer(gated.norm, out=gate))
-            self.units[node] = gate
-        elif isinstance(module, nn.Linear | nn.modules.conv._ConvNd):
-            if isinstance(module, nn.modules.conv._ConvTransposeNd):
-                raise ConversionError(f"{where}: transposed convolutions are not supported")
-            units = self.units.get(node.args[0])
-            if node.args[0] in self.pending:
-                units = self.gate_weighted(node.args[0])
-            if isinstance(units, _Flat) and units.channels is None:  # flattened input data: still no gate
-                units = None
-            if isinstance(units, _Flat):
-                if not isinstance(module, nn.Linear) or module.in_features % units.channels.num_features:
-                    raise ConversionError(f"{where}: reads a flattened map of {units.channels.num_features} channels "
-                                          "but its input size is not a multiple of it")
-                units = Flatten(units.channels, module.in_features // units.channels.num_features)
-            if [u.op for u in node.users] == ["output"] and isinstance(module, nn.Linear):
-                self.classifier(node, module)
-                self.head_units = units
-                return
-            self.pending[node] = (module, units)
-        elif isinstance(module, _UNITWISE_MODULES):
-            self.units[node] = self.unitwise(node.args[0], where)
-        elif isinstance(module, _SCALE_MODULES):
-            self.units[node] = _Scale(self.input_units(node.args[0], where))
-        elif isinstance(module, nn.Flatten):
-            self.units[node] = _Flat(self.input_units(node.args[0], where))
+            node.args, node.kwargs = (source, self.task, self.s), {}
+            new = node
         else:
-            raise ConversionError(f"{where}: {type(module).__name__} is not supported (allowed: BatchNorm1d/2d, "
-                                  "LayerNorm, Linear, Conv1d/2d/3d, unit-wise activations, dropout and pooling)")
+            name = _free_name(self.gm, f"{node.name}_norm")
+            self.gm.add_submodule(name, gated)
+            with self.gm.graph.inserting_after(node):
+                new = self.gm.graph.call_module(name, (source, self.task, self.s))
+            node.replace_all_uses_with(new)
+            self.same_shape(new, node)
+            self.gm.graph.erase_node(node)
+        self.layers.append(Layer(gated.norm, out=gate))
+        self.units[new] = Units.of_gate(gate, rank, dim)
+        return new
+
+    def functional_layer(self, node: fx.Node, where: str) -> None:
+        """``F.linear``/``F.conv*d`` on the parameters of a ``nn.Linear``/``nn.Conv*d`` subclass (timm's ``Linear``):
+        the call becomes the layer itself, a torch layer holding the same parameters."""
+        weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+        owner = weight.target.rpartition(".")[0] if isinstance(weight, fx.Node) and weight.op == "get_attr" else None
+        module = self.traced.get_submodule(owner) if owner is not None else None
+        kind = _FUNCTIONAL_LAYERS[node.target]
+        if not isinstance(module, kind):
+            raise ConversionError(f"{where}: a functional layer is converted when it reads the weight of a "
+                                  f"{kind.__name__} (subclass) as it is")
+        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        if (bias is None) != (module.bias is None) or (bias is not None and (
+                not isinstance(bias, fx.Node) or bias.op != "get_attr" or bias.target != f"{owner}.bias")):
+            raise ConversionError(f"{where}: a functional layer is converted when it reads its module's own bias")
+        if kind is nn.Linear:
+            layer = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+        else:
+            if any(a is not None for a in node.args[3:]) and tuple(node.args[3:]) != (
+                    module.stride, module.padding, module.dilation, module.groups)[:len(node.args) - 3]:
+                raise ConversionError(f"{where}: a functional convolution is converted when it uses its module's "
+                                      "stride, padding, dilation and groups")
+            layer = type(module).__mro__[next(i for i, c in enumerate(type(module).__mro__) if c.__module__ ==
+                                              "torch.nn.modules.conv")](
+                module.in_channels, module.out_channels, module.kernel_size, stride=module.stride,
+                padding=module.padding, dilation=module.dilation, groups=module.groups, bias=module.bias is not None)
+        layer.weight, layer.bias = module.weight, module.bias  # the same parameters: nothing is copied
+        name = _free_name(self.gm, owner.replace(".", "_") + "_layer")
+        self.gm.add_submodule(name, layer)
+        del self.gm.get_submodule(owner)._parameters["weight"]
+        if module.bias is not None:
+            del self.gm.get_submodule(owner)._parameters["bias"]
+        with self.gm.graph.inserting_after(node):
+            new = self.gm.graph.call_module(name, (node.args[0],))
+        node.replace_all_uses_with(new)
+        self.same_shape(new, node)
+        self.gm.graph.erase_node(node)
+        for attribute in [a for a in (weight, bias) if isinstance(a, fx.Node) and not a.users]:
+            self.units.pop(attribute, None)
+            self.gm.graph.erase_node(attribute)
+        self.call_module(new)
+
+    def functional_norm(self, node: fx.Node, where: str) -> None:
+        """``F.batch_norm``/``F.layer_norm``/``F.group_norm``/``F.rms_norm`` on a module's parameters (timm's
+        ``BatchNormAct2d``, torchvision's ``LayerNorm2d``): the module becomes the task-aware norm."""
+        names = {F.batch_norm: ("input", "running_mean", "running_var", "weight", "bias"),
+                 F.layer_norm: ("input", "normalized_shape", "weight", "bias"),
+                 F.group_norm: ("input", "num_groups", "weight", "bias"),
+                 F.rms_norm: ("input", "normalized_shape", "weight")}[node.target]
+        bound = dict(zip(names, node.args, strict=False)) | {k: v for k, v in node.kwargs.items() if k in names}
+        attributes = [bound[n] for n in names[1:] if isinstance(bound.get(n), fx.Node)]
+        if not attributes or any(a.op != "get_attr" for a in attributes):
+            raise ConversionError(f"{where}: a functional norm is converted when it reads a module's own parameters")
+        owners = {a.target.rpartition(".")[0] for a in attributes}
+        module = self.traced.get_submodule(owners.pop()) if len(owners) == 1 else None
+        if module is None or not isinstance(module, _norm_modules()):
+            raise ConversionError(f"{where}: a functional norm is converted when it reads the parameters of a torch "
+                                  "norm module (a BatchNorm, LayerNorm, GroupNorm or RMSNorm subclass)")
+        dim = _FUNCTIONAL_NORMS[node.target]
+        if node.target is F.layer_norm and len(module.normalized_shape) != 1:
+            raise ConversionError(f"{where}: only a LayerNorm over the last dim is supported")
+        self.consumed.update(a.target for a in attributes)
+        for attribute in attributes:
+            self.units.pop(attribute, None)
+        node.args, node.kwargs = (bound["input"],), {}
+        self.norm(node, module, dim, where)
 
     def call(self, node: fx.Node) -> None:
         where = _where(node)
-        tensors = [a for a in node.args if isinstance(a, fx.Node)]
-        target = node.target
-        if node.op == "call_method" and target in ("size", "dim"):
+        target = _method_or_function(node)
+        tensors = [a for a in _tensor_args(node) if a in self.units or a in self.pending]
+        if node.op == "call_method" and target in _SHAPE_METHODS:
             return
-        if target is getattr or (node.op == "call_function" and target in (operator.getitem,) and not tensors):
+        if target is getattr and node.args[1] in _SHAPE_ATTRIBUTES:
             return
-        if target in _ADD or target == "add":
-            sources = [self.input_units(a, where) for a in tensors]
-            if len(sources) != 2 or any(s is None for s in sources):
-                raise ConversionError(f"{where}: a residual add must sum two gated paths, got {len(sources)} "
-                                      "tensor(s), some of them raw input data")
-            self.units[node] = Residual(*sources)
+        if not tensors:  # bookkeeping on shapes and numbers (an assertion, a size from a shape), or a new tensor
+            if self.shape(node) is not None or target in _FACTORIES:
+                self.units[node] = None
+            return
+        if target in _FUNCTIONAL_NORMS:
+            self.functional_norm(node, where)
+            return
+        if target in _FUNCTIONAL_LAYERS:
+            self.functional_layer(node, where)
+            return
+        if all(t not in self.pending and self.units[t] is None for t in tensors) and target not in _CAT:
+            self.units[node] = None  # an op on raw data or buffers only: still data
+            return
+        rule = user_rule(target)
+        if target is operator.getitem and isinstance(self.units.get(node.args[0]), tuple):
+            self.units[node] = self.units[node.args[0]][node.args[1]]  # one part of a split
+        elif rule is not None:
+            self.apply_rule(node, rule, where)
+        elif target in _ADD:
+            self.add(node, where)
+        elif target in _MUL:
+            self.product(node, where)
+        elif target in _DIV:
+            self.divide(node, where)
+        elif target in _CAT:
+            self.cat(node, where)
+        elif target in _SCALE_FUNCTIONS:
+            self.resolve(node, where)
+            self.units[node] = _Scale(self.gated(node.args[0], where))
+        elif target in _REDUCE:
+            self.reduce(node, where)
+        elif target is F.pad:
+            self.pad(node, where)
+        elif target is F.scaled_dot_product_attention:
+            self.attention_function(node, where)
+        elif target in _MATMUL:
+            self.matmul(node, where)
+        elif any(isinstance(self.units.get(t), _Scores) for t in tensors):
+            self.scores(node, tensors, where)
+        elif target in _MOVES_FUNCTIONS or (node.op == "call_method" and target in _MOVES_METHODS):
+            self.resolve(node, where, ungated=True)
+            self.units[node] = self.moves(node, node.args[0], where)
         elif target in _UNITWISE_FUNCTIONS or (node.op == "call_method" and target in _UNITWISE_METHODS) \
                 or _is_stochastic_depth(target):
-            self.units[node] = self.unitwise(tensors[0], where)
-        elif target in _SCALE_FUNCTIONS or (node.op == "call_method" and target in ("sigmoid", "sigmoid_")):
-            self.units[node] = _Scale(self.input_units(tensors[0], where))
-        elif target in _MUL or (node.op == "call_method" and target in ("mul", "mul_")):
-            self.units[node] = self.product(node, tensors, where)
-        elif target in _MEANS or (node.op == "call_method" and target == "mean"):
-            self.units[node] = self.spatial_mean(node, tensors[0], where)
-        elif target in _FLATTEN_FUNCTIONS or (node.op == "call_method" and target in _FLATTEN_METHODS):
-            self.units[node] = _Flat(self.input_units(tensors[0], where))
-        elif target is torch.cat:
-            parts = [self.input_units(a, where) for a in node.args[0]]
-            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-            if dim != 1 or any(p is None for p in parts):
-                raise ConversionError(f"{where}: only a concatenation of gated tensors along dim 1 is supported")
-            self.units[node] = Concat(*parts)
+            self.resolve(node, where, ungated=target in (F.dropout, "contiguous", "clone", "to"))
+            self.units[node] = self.unitwise(node, node.args[0], where, pool=target in _POOLS)
         else:
-            raise ConversionError(f"{where}: this operation is not supported; see the hatnorm docs for what converts")
+            raise ConversionError(f"{where}: this operation is not supported; see the hatnorm docs for what converts, "
+                                  "or declare it with hatnorm.register_conversion_rule")
 
-    def unitwise(self, source: fx.Node, where: str) -> Any:
-        """An op on every value alone that keeps 0 at 0: its output has its input's units (flattened too)."""
-        units = self.passed_units(source)
-        if isinstance(units, _Scale):
-            raise ConversionError(f"{where}: the output of a sigmoid-like activation can only scale a gated tensor")
+    def apply_rule(self, node: fx.Node, rule: str, where: str, module: nn.Module | None = None) -> None:
+        if rule == "bookkeeping":
+            return
+        self.resolve(node, where, ungated=rule == "moves")
+        if rule == "unitwise":
+            self.units[node] = self.unitwise(node, node.args[0], where, pool=False)
+        elif rule == "moves":
+            self.units[node] = self.moves(node, node.args[0], where, call=module)
+        else:
+            self.units[node] = _Scale(self.gated(node.args[0], where))
+
+    # ----------------------------------------------------------------------------- rules
+    def unitwise(self, node: fx.Node, source: fx.Node, where: str, *, pool: bool) -> Any:
+        """An op on every value alone that keeps 0 at 0 (or a pool): its output has its input's units; a pool
+        needs them constant over the dims it pools."""
+        units = self.units.get(source)
+        if isinstance(units, _Scale | _Flat | _Ungated) or units is None:
+            return units
+        if isinstance(units, tuple):
+            raise ConversionError(f"{where}: reads a tuple of tensors")
+        changed = self.changed_dims(source, node) if pool else []
+        if pool and units.rank is not None and not changed:
+            changed = list(range(2, units.rank))
+        if any(units.index.shape[d] != 1 for d in changed if d < units.index.dim()):
+            raise ConversionError(f"{where}: pools over dims {changed}, along which the units vary (it would mix "
+                                  "units)")
         return units
 
-    def product(self, node: fx.Node, tensors: list[fx.Node], where: str) -> MaskSource:
-        """``x * y``: a gated tensor times a squeeze-excitation scale or a constant keeps the gated units."""
-        if len(tensors) == 1:  # times a number
-            return self.input_units(tensors[0], where)
-        first, second = (self.passed_units(t) for t in tensors[:2])
-        scale, gated = (first, second) if isinstance(first, _Scale) else (second, first)
-        if len(tensors) != 2 or not isinstance(scale, _Scale) or isinstance(gated, _Scale | _Flat) or gated is None:
-            raise ConversionError(f"{where}: a product of tensors is supported as a gated tensor times a "
-                                  "squeeze-excitation scale (sigmoid of a branch of it)")
-        return gated
+    def changed_dims(self, before: fx.Node, after: fx.Node) -> list[int]:
+        a, b = self.shape(before), self.shape(after)
+        if a is None or b is None or len(a) != len(b):
+            return []
+        return [d for d in range(len(a)) if a[d] != b[d]]
 
-    def spatial_mean(self, node: fx.Node, source: fx.Node, where: str) -> MaskSource | None:
-        """A mean over spatial dims (≥ 2) keeps the channels in dim 1 and their units."""
+    def moves(self, node: fx.Node, source: fx.Node, where: str, call: nn.Module | None = None) -> Any:
+        """An op that only moves values: replay it on the index of the units (and of any parameter's entries)."""
+        units = self.units.get(source)
+        if units is None:
+            return None
+        if isinstance(units, _Flat):
+            raise ConversionError(f"{where}: moves a flattened map; pass example_input so convert can follow it")
+        if isinstance(units, tuple):
+            raise ConversionError(f"{where}: reads a tuple of tensors")
+        target = node.target
+        if self.recorder is None:
+            if target in _FLATTENS or isinstance(call, nn.Flatten):
+                inner = units.units if isinstance(units, _Scale) else units
+                if isinstance(units, _Ungated) or (inner is not None and inner.unit_dim() not in (None, 1)):
+                    raise ConversionError(f"{where}: flattens a tensor whose units are not in dim 1; pass "
+                                          "example_input")
+                return _Flat(inner) if not isinstance(units, _Scale) else units
+            if target not in _SIZE_FREE:
+                self.value(node, where)  # raises: this op needs the example's shapes
+        shape = self.shape(source)
+
+        def replay(index: Tensor) -> Any:
+            args, kwargs = fx.node.map_arg((node.args, node.kwargs),
+                                           lambda a: index if a is source else self.value(a, where))
+            if call is not None:
+                return call(index)
+            if node.op == "call_method":
+                return getattr(args[0], target)(*args[1:], **kwargs)
+            return target(*args, **kwargs)
+
+        def wrap(moved: Any, make: Any) -> Any:
+            if isinstance(moved, Tensor):
+                return make(moved)
+            if isinstance(moved, tuple | list) and all(isinstance(m, Tensor) for m in moved):
+                return tuple(make(m) for m in moved)
+            raise ConversionError(f"{where}: does not give a tensor")
+
+        if isinstance(units, _Scale):
+            if units.units is None:
+                return units
+            inner = units.units
+            return wrap(replay(expand(inner.index, shape)), lambda m: _Scale(Units(inner.source, m)))
+        if isinstance(units, _Ungated):
+            moved_units = None if units.units is None else replay(expand(units.units.index, shape))
+            moved_params = [(t, replay(expand(e, shape))) for t, e in units.params]
+            if isinstance(moved_units, tuple) or any(isinstance(e, tuple | list) for _, e in moved_params):
+                raise ConversionError(f"{where}: splits a tensor holding a parameter's values")
+            return _Ungated(None if moved_units is None else Units(units.units.source, moved_units),
+                            tuple(moved_params))
+        return wrap(replay(expand(units.index, shape)), lambda m: Units(units.source, m))
+
+    def attention_function(self, node: fx.Node, where: str) -> None:
+        """``F.scaled_dot_product_attention(q, k, v)``: mixes tokens only, so the output has v's units (a closed q or
+        k feature is 0 in every score, a closed v feature 0 in every output)."""
+        self.resolve(node, where)
+        q, k, v = (self.gated(a, where) for a in node.args[:3])
+        if v is None or q is None or k is None:
+            raise ConversionError(f"{where}: attention over raw data")
+        mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+        if isinstance(mask, fx.Node) and self.units.get(mask) is not None:
+            raise ConversionError(f"{where}: an attention mask computed from gated units")
+        self.units[node] = Units(v.source, v.index)
+
+    def matmul(self, node: fx.Node, where: str) -> None:
+        """``q @ kᵀ`` gives scores (tokens × tokens); ``scores @ v`` has v's units."""
+        self.resolve(node, where)
+        a, b = (self.units.get(x) for x in node.args[:2])
+        if isinstance(a, Units) and isinstance(b, Units):
+            self.units[node] = _Scores()
+        elif isinstance(a, _Scores) and isinstance(b, Units):
+            self.units[node] = Units(b.source, b.index)
+        else:
+            raise ConversionError(f"{where}: a matrix product is supported as attention (q @ kᵀ, then scores @ v)")
+
+    def scores(self, node: fx.Node, tensors: list[fx.Node], where: str) -> None:
+        """Scaling, softmax, dropout and a mask or bias of raw data keep attention scores scores."""
+        self.resolve(node, where)
+        others = [self.units.get(t) for t in tensors if not isinstance(self.units.get(t), _Scores)]
+        target = node.target
+        allowed = target in _ADD | _MUL | _DIV | _SCORE_OPS or target in _UNITWISE_FUNCTIONS or (
+            node.op == "call_method" and target in _UNITWISE_METHODS | _MOVES_METHODS | {"softmax", "masked_fill"})
+        if not allowed or any(o is not None for o in others):
+            raise ConversionError(f"{where}: attention scores may only be scaled, masked, biased by data, softmaxed "
+                                  "or dropped out before they weigh the values")
+        self.units[node] = _Scores()
+
+    def pad(self, node: fx.Node, where: str) -> None:
+        """Zero padding (constant mode, value 0): padded positions are always 0 (index −1)."""
+        self.resolve(node, where)
+        mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
+        value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value", None)
+        if mode != "constant" or value not in (None, 0, 0.0):
+            raise ConversionError(f"{where}: only zero padding keeps a closed unit at 0, got mode={mode!r}, "
+                                  f"value={value!r}")
+        units = self.gated(node.args[0], where)
+        if units is None:
+            self.units[node] = None
+            return
+        pad = node.args[1] if len(node.args) > 1 else node.kwargs["pad"]
+        pad = fx.node.map_arg(pad, lambda a: self.value(a, where))
+        index = expand(units.index, self.shape(node.args[0]))
+        if self.recorder is None:
+            self.value(node, where)
+        self.units[node] = Units(units.source, F.pad(index, list(pad), value=-1))
+
+    def add(self, node: fx.Node, where: str) -> None:
+        """A residual add of two gated paths (max of their masks); adding a parameter needs a gate after it."""
+        self.resolve(node, where, ungated=True)
+        tensors = [a for a in _tensor_args(node) if a in self.units]
+        parts = [self.units[a] for a in tensors]
+        if len(parts) == 1 and isinstance(parts[0], Units | _Scale):
+            # a number added: closed units become nonzero, so the result may only scale a gated tensor
+            self.units[node] = parts[0] if isinstance(parts[0], _Scale) else _Scale(parts[0])
+            return
+        if len(parts) != 2:
+            raise ConversionError(f"{where}: adds {len(parts)} tensors")
+        if any(isinstance(p, _Ungated) for p in parts):
+            self.units[node] = self.add_parameter(parts, where)
+            return
+        if any(isinstance(p, _Flat | tuple) for p in parts):
+            raise ConversionError(f"{where}: adds a flattened map or a tuple")
+        if any(isinstance(p, _Scale) for p in parts):
+            raise ConversionError(f"{where}: adds the output of a sigmoid-like activation")
+        if any(p is None for p in parts):
+            raise ConversionError(f"{where}: a residual add must sum two gated paths, got {len(parts)} "
+                                  "tensor(s), some of them raw input data")
+        self.units[node] = _residual(*parts)
+
+    def add_parameter(self, parts: list[Any], where: str) -> _Ungated:
+        units: list[Units] = []
+        params: list[tuple[str, Tensor]] = []
+        for part in parts:
+            if isinstance(part, Units):
+                units.append(part)
+            elif isinstance(part, _Ungated):
+                units += [part.units] if part.units is not None else []
+                params += part.params
+            else:
+                raise ConversionError(f"{where}: adds a parameter to raw data or a scale")
+        return _Ungated(_residual(*units) if len(units) == 2 else units[0] if units else None, tuple(params))
+
+    def product(self, node: fx.Node, where: str) -> None:
+        """A gated tensor times a number, raw data, a squeeze-excitation scale or a per-unit parameter."""
+        self.resolve(node, where, ungated=True)
+        for arg in [a for a in _tensor_args(node) if a in self.units]:
+            if isinstance(self.units[arg], _Ungated) and self.units[arg].units is not None:
+                self.regate(arg, self.units[arg], where)
+        parts = [self.units[a] for a in _tensor_args(node) if a in self.units]
+        if len(parts) == 1:  # times a number
+            self.units[node] = parts[0]
+            return
+        gated = [p for p in parts if isinstance(p, Units)]
+        others = [p for p in parts if not isinstance(p, Units)]
+        if len(parts) != 2 or len(gated) != 1:
+            raise ConversionError(f"{where}: a product of tensors is supported as a gated tensor times a "
+                                  "squeeze-excitation scale (sigmoid of a branch of it), raw data or a per-unit "
+                                  "parameter (a layer scale)")
+        other = others[0]
+        if isinstance(other, _Ungated):
+            if other.units is not None:
+                raise ConversionError(f"{where}: multiplies two gated tensors")
+            for target, elements in other.params:
+                self.protect(target, elements, gated[0].index, gated[0].source, where)
+        elif isinstance(other, _Flat | tuple):
+            raise ConversionError(f"{where}: multiplies a flattened map or a tuple")
+        self.units[node] = gated[0]
+
+    def divide(self, node: fx.Node, where: str) -> None:
+        """Division by a number keeps 0 at 0 (and a scale a scale)."""
+        self.resolve(node, where)
+        tensors = [a for a in _tensor_args(node) if a in self.units]
+        if len(tensors) != 1 or node.args[0] is not tensors[0]:
+            raise ConversionError(f"{where}: only a division by a number keeps the units")
+        self.units[node] = self.units[tensors[0]]
+
+    def cat(self, node: fx.Node, where: str) -> None:
+        """A concatenation: joins the parts' units (a Concat of their sources) and parameter entries."""
+        self.resolve(node, where, ungated=True)
+        inputs = list(node.args[0]) if node.args else list(node.kwargs["tensors"])
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        parts = [self.units.get(a) for a in inputs]
+        if any(isinstance(p, _Scale | _Flat | tuple) for p in parts):
+            raise ConversionError(f"{where}: concatenates a flattened map, a scale or a tuple")
+        if all(p is None for p in parts):
+            self.units[node] = None
+            return
+        if any(p is None for p in parts):
+            raise ConversionError(f"{where}: concatenates raw data with gated tensors")
+        shapes = [self.shape(a) for a in inputs]
+        rank = next((len(s) for s in shapes if s is not None), None)
+        if rank is None:
+            rank = next((p.rank for p in parts if isinstance(p, Units) and p.rank is not None), None)
+        if isinstance(dim, fx.Node):
+            dim = self.value(dim, where)
+        if dim < 0:
+            if rank is None:
+                raise ConversionError(f"{where}: concatenates along dim {dim} of a tensor of unknown rank; pass "
+                                      "example_input")
+            dim %= rank
+        pieces = [p if isinstance(p, _Ungated) else _Ungated(p, ()) for p in parts]
+        with_units = [p.units for p in pieces if p.units is not None]
+        offsets: dict[int, int] = {}
+        joined: list[MaskSource] = []
+        for u in with_units:
+            if id(u.source) not in offsets:
+                offsets[id(u.source)] = sum(s.num_features for s in joined)
+                joined.append(u.source)
+        source = joined[0] if len(joined) == 1 else Concat(*joined) if joined else None
+
+        def size(i: int, index: Tensor | None) -> int:
+            if shapes[i] is not None:
+                return shapes[i][dim]
+            if index is not None and index.dim() > dim and index.shape[dim] > 1:
+                return index.shape[dim]
+            raise ConversionError(f"{where}: concatenates along dim {dim}, where a part's size is known only from "
+                                  "shapes; pass example_input")
+
+        def column(i: int, index: Tensor | None, offset: int) -> Tensor:
+            n = size(i, index)
+            if index is None:
+                return torch.full([n if d == dim else 1 for d in range(max(rank or 0, dim + 1))], -1)
+            index = torch.where(index >= 0, index + offset, index)
+            return index.expand(*index.shape[:dim], n, *index.shape[dim + 1:]) if index.shape[dim] == 1 else index
+
+        def joined_index(parts_index: list[Tensor | None], offsets_of: list[int]) -> Tensor:
+            columns = [column(i, ix, off) for i, (ix, off) in enumerate(zip(parts_index, offsets_of, strict=True))]
+            ranks = max(c.dim() for c in columns)
+            columns = [c.view(*([1] * (ranks - c.dim())), *c.shape) if c.dim() < ranks else c for c in columns]
+            sizes = [max(c.shape[d] for c in columns) if d != dim else None for d in range(ranks)]
+            columns = [c.expand(*[c.shape[d] if d == dim else sizes[d] for d in range(ranks)]) for c in columns]
+            return torch.cat(columns, dim)
+
+        unit_index = None
+        if with_units:
+            unit_index = Units(source, joined_index(
+                [p.units.index if p.units is not None else None for p in pieces],
+                [offsets[id(p.units.source)] if p.units is not None else 0 for p in pieces]))
+        targets = list(dict.fromkeys(t for p in pieces for t, _ in p.params))
+        params = tuple((t, joined_index([dict(p.params).get(t) for p in pieces], [0] * len(pieces))) for t in targets)
+        self.units[node] = unit_index if not params else _Ungated(unit_index, params)
+
+    def reduce(self, node: fx.Node, where: str) -> None:
+        """A mean, sum or max over dims the units do not vary in keeps them (a global average pool)."""
+        self.resolve(node, where)
+        units = self.gated(node.args[0], where)
         dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
         dims = (dims,) if isinstance(dims, int) else dims
-        if not isinstance(dims, tuple | list) or not dims or not all(isinstance(d, int) and d >= 2 for d in dims):
-            raise ConversionError(f"{where}: only a mean over spatial dims (2, 3, ...) keeps the channels' units, "
-                                  f"got dim={dims!r}")
-        return self.input_units(source, where)
+        if units is None:
+            self.units[node] = None
+            return
+        rank = units.rank
+        if not isinstance(dims, tuple | list) or not dims or not all(isinstance(d, int) for d in dims) or (
+                rank is None and any(d >= 0 for d in dims)):
+            raise ConversionError(f"{where}: only a mean over dims the units do not vary in (spatial dims, tokens) "
+                                  f"keeps the units, got dim={dims!r}")
+        dims = sorted(d % rank if rank is not None else d for d in dims)
+        if any(units.index.shape[d] != 1 for d in dims):
+            raise ConversionError(f"{where}: only a mean over dims the units do not vary in (spatial dims, tokens) "
+                                  f"keeps the units, got dim={list(dims)} (it would mix units)")
+        index = units.index if keepdim else units.index.squeeze(tuple(dims))
+        self.units[node] = Units(units.source, index)
+
+    def feeds_output(self, node: fx.Node) -> bool:
+        """Whether ``node`` is the model's output, as it is or through identities and flattens only."""
+        while True:
+            users = list(node.users)
+            if [u.op for u in users] == ["output"]:
+                return True
+            if len(users) != 1:
+                return False
+            user = users[0]
+            passes = (user.op == "call_module" and isinstance(self.gm.get_submodule(user.target),
+                                                              nn.Identity | nn.Flatten)) or \
+                (user.op == "call_method" and user.target in ("flatten", "contiguous")) or \
+                (user.op == "call_function" and user.target is torch.flatten)
+            if not passes or user.args[0] is not node:
+                return False
+            node = user
 
     def classifier(self, node: fx.Node, module: nn.Linear) -> None:
         counts = self.num_classes or [module.out_features] * self.num_tasks
@@ -467,10 +1205,7 @@ class _Converter:
                 head.load_state_dict(module.state_dict())
         self.gm.delete_submodule(node.target)
         self.gm.add_submodule(node.target, Heads(heads))
-        source = node.args[0]
-        if source in self.pending:
-            self.gate_weighted(source)
-        node.args = (source, self.task)
+        node.args = (node.args[0], self.task)
 
     def output(self, node: fx.Node) -> None:
         for source in [a for a in node.all_input_nodes if a in self.pending]:
@@ -480,6 +1215,44 @@ class _Converter:
                                   "becomes one head per task")
 
 
+def _residual(a: Units, b: Units) -> Units:
+    """The units of ``a + b``: a unit is used where it is used on either path (elementwise max)."""
+    ia, ib = torch.broadcast_tensors(a.index, b.index)
+    if a.source is b.source and torch.equal(ia, ib):
+        return Units(a.source, ia)
+    if torch.equal(ia, ib) and a.source.num_features == b.source.num_features:
+        return Units(Residual(a.source, b.source), ia)
+    pairs, inverse = torch.unique(torch.stack([ia.reshape(-1), ib.reshape(-1)]), dim=1, return_inverse=True)
+    return Units(Residual(Select(a.source, pairs[0]), Select(b.source, pairs[1])), inverse.view(ia.shape))
+
+
+def _attribute(gm: fx.GraphModule, target: str) -> Any:
+    owner, _, name = target.rpartition(".")
+    return getattr(gm.get_submodule(owner), name)
+
+
+def _free_name(gm: fx.GraphModule, name: str) -> str:
+    """``name``, or ``name_2``, ``name_3``… if the graph module already has a submodule or attribute so named."""
+    candidate, k = name, 2
+    while hasattr(gm, candidate):
+        candidate, k = f"{name}_{k}", k + 1
+    return candidate
+
+
+def _only_checks(node: fx.Node) -> bool:
+    """Whether every use of ``node`` is a comparison or assertion that fx's tracer adds for a concrete argument."""
+    return all(user.op == "call_function" and (user.target in (operator.eq, operator.ne, operator.is_,
+                                                                operator.not_)
+                                               or getattr(user.target, "__name__", "").startswith("_assert"))
+               and _only_checks(user) for user in node.users)
+
+
+def _erase_with_users(node: fx.Node) -> None:
+    for user in list(node.users):
+        _erase_with_users(user)
+    node.graph.erase_node(node)
+
+
 def convert(
     module: nn.Module,
     *,
@@ -487,6 +1260,7 @@ def convert(
     norm: str | NormSpec | Mapping[str, str | NormSpec] = "masked_bn",
     num_classes: int | Sequence[int] | None = None,
     s_max: float = 400.0,
+    example_input: Tensor | None = None,
 ) -> ConvertedModel:
     """Turn an existing model into a HAT model, keeping its weights.
 
@@ -509,6 +1283,11 @@ def convert(
         num_classes: ``None`` to start every task's head as a copy of the model's own head (so open
             gates reproduce the original outputs), or the class count of every task / of each task.
         s_max: the gates' largest scale.
+        example_input: a batch the model takes (e.g. ``torch.randn(2, 3, 224, 224)``), run once in
+            evaluation mode without gradients (no statistic moves). Needed for models whose forward moves
+            units by shapes it reads (``x.view(b, g, c // g, h, w)``, a split, a window partition) or adds
+            a parameter to a gated tensor (a position embedding); models of layers, norms, activations,
+            pools, residual adds, concatenations and a flatten before the classifier convert without it.
 
     Returns:
         a :class:`ConvertedModel`, called as ``model(x, task=t, s=s)``; ``hatnorm.HAT(model)`` reads its wiring.
@@ -525,13 +1304,23 @@ def convert(
     if is_transformers_vit(module):
         return convert_vit(module, num_tasks=num_tasks, spec=norms.for_layer_norms(), num_classes=counts,
                            s_max=s_max)
+    traced = copy.deepcopy(module)
     try:
-        gm = trace(copy.deepcopy(module))
+        gm = trace(traced)
     except Exception as error:  # torch.fx raises many types for untraceable code
         raise ConversionError(f"module: torch.fx cannot trace {type(module).__name__}: {error}") from error
     if not module.training:
         _refuse_training_only_parts(module, gm)
-    converter = _Converter(gm, norms, num_tasks, counts, s_max)
+    recorder = None
+    if example_input is not None:
+        if not isinstance(example_input, Tensor) or example_input.dim() < 1 or example_input.numel() == 0:
+            raise TypeError(f"example_input must be a non-empty batch tensor [N, ...], got {example_input!r:.80}")
+        try:
+            recorder = record(gm, example_input)
+        except Exception as error:  # whatever the model raises for an input it cannot take
+            raise ValueError(f"example_input: the model cannot take a batch of shape {list(example_input.shape)}: "
+                             f"{error}") from error
+    converter = _Converter(gm, traced, norms, num_tasks, counts, s_max, recorder)
     layers = converter.run()
     return ConvertedModel(gm, layers, converter.head_units).train(module.training)
 
@@ -555,11 +1344,31 @@ def _where(node: fx.Node) -> str:
     return f"{module}{source}: operation {op}"
 
 
+class _Tracer(fx.Tracer):
+    """fx's tracer, keeping the module classes users declared a rule for as single calls."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, user_module_classes()) or _is_drop_path(m) or \
+            super().is_leaf_module(m, module_qualified_name)
+
+
+def _is_drop_path(module: nn.Module) -> bool:
+    """torchvision's ``StochasticDepth`` and timm's ``DropPath``: each sample's units scaled alike (a zero unit
+    stays 0); kept as calls, so they drop paths in training and pass them in evaluation as the original does."""
+    kind = type(module)
+    return (kind.__name__ == "StochasticDepth" and kind.__module__.startswith("torchvision.ops")) or \
+        (kind.__name__ == "DropPath" and kind.__module__.startswith("timm."))
+
+
 def trace(module: nn.Module) -> fx.GraphModule:
-    """``torch.fx`` symbolic trace of ``module`` that records each operation's source line."""
-    tracer = fx.Tracer()
+    """``torch.fx`` symbolic trace of ``module`` that records each operation's source line; forward arguments
+    after the first that have defaults (timm's ``attn_mask=None``) are traced at those defaults."""
+    tracer = _Tracer()
     tracer.record_stack_traces = True
-    return fx.GraphModule(module, tracer.trace(module), type(module).__name__)
+    parameters = list(inspect.signature(module.forward).parameters.values())[1:]
+    concrete = {p.name: p.default for p in parameters
+                if p.default is not inspect.Parameter.empty and p.kind is not inspect.Parameter.VAR_KEYWORD}
+    return fx.GraphModule(module, tracer.trace(module, concrete_args=concrete or None), type(module).__name__)
 
 
 def _used_modules(gm: fx.GraphModule) -> set[str]:

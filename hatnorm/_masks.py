@@ -132,3 +132,37 @@ class Concat(MaskSource):
             cumulative=torch.cat([s.cumulative for s in states]),
             summative=torch.cat([s.summative for s in states]),
         )
+
+
+class Select(MaskSource):
+    """Units picked from another source by index: unit i is unit ``index[i]`` of ``source``, or a unit that is
+    always 0 where ``index[i]`` is −1 (zero padding). What a channel split, a channel shuffle, a permuted
+    flatten or a padded map reads.
+
+    Args:
+        source: the mask source the units come from.
+        index: the unit of ``source`` behind each unit, ``[N]`` integers in ``[-1, source.num_features)``.
+    """
+
+    def __init__(self, source: MaskSource, index: Tensor) -> None:
+        _check_sources((source,), "source")
+        if not isinstance(index, Tensor) or index.dim() != 1 or index.dtype.is_floating_point or index.numel() == 0:
+            raise ValueError(f"index must be a non-empty 1-D integer tensor, got {index!r}")
+        if int(index.min()) < -1 or int(index.max()) >= source.num_features:
+            raise ValueError(f"index must lie in [-1, {source.num_features}) (the units of source), got values in "
+                             f"[{int(index.min())}, {int(index.max())}]")
+        self.source = source
+        self.index = index.long().cpu()
+
+    @property
+    def num_features(self) -> int:
+        return self.index.numel()
+
+    def state(self) -> MaskState:
+        s = self.source.state()
+        picked = self.index.clamp(min=0).to(s.cumulative.device)
+        zero = (self.index < 0).to(s.cumulative.device)
+        return MaskState(
+            cumulative=s.cumulative[picked].masked_fill(zero, 0),
+            summative=s.summative[picked].masked_fill(zero, 0),
+        )

@@ -36,6 +36,23 @@ def pretrained_vit(tmp_path) -> nn.Module:
     return transformers.ViTForImageClassification.from_pretrained(tmp_path / "vit").eval()
 
 
+def small_convnext(num_classes: int) -> nn.Module:
+    from torchvision.models.convnext import CNBlockConfig
+    return torchvision.models.ConvNeXt([CNBlockConfig(16, 32, 2), CNBlockConfig(32, None, 1)],
+                                       stochastic_depth_prob=0.2, num_classes=num_classes)
+
+
+def small_torchvision_vit(num_classes: int) -> nn.Module:
+    model = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
+                                                 hidden_dim=32, mlp_dim=64, num_classes=num_classes)
+    nn.init.normal_(model.heads.head.weight, std=0.2)  # torchvision starts it at 0, which would compare nothing
+    return model
+
+
+def timm_model(name: str, **options) -> nn.Module:
+    return pytest.importorskip("timm").create_model(name, pretrained=False, **options)
+
+
 def task_aware(replaced: type[nn.Module]) -> list[str]:
     """The registered norms that declare they forget nothing and replace ``replaced`` with its normalization
     (plug-in norms included; ``none`` drops the normalization, so open gates cannot reproduce the original)."""
@@ -54,6 +71,19 @@ MODELS = {
     # the mean over the spatial dims as the pooling
     "mnasnet0_5": (lambda tmp: pretrained_resnet(torchvision.models.mnasnet0_5, tmp), 32, ["task_bn"]),
     "vit": (pretrained_vit, 32, task_aware(nn.LayerNorm)),
+    # models converted through the graph with an example input: a channel split and shuffle (view, transpose)
+    "shufflenet_v2_x0_5": (lambda tmp: pretrained_resnet(torchvision.models.shufflenet_v2_x0_5, tmp), 32,
+                           ["masked_bn"]),
+    # permutes to channels-last, LayerNorm2d (F.layer_norm on its own parameters), a layer scale, drop-path
+    "convnext": (lambda tmp: pretrained_resnet(small_convnext, tmp), 32, ["masked_ln"]),
+    # nn.MultiheadAttention, a class token and a position embedding added to the gated stream
+    "torchvision_vit": (lambda tmp: pretrained_resnet(small_torchvision_vit, tmp), 32, ["masked_ln"]),
+    # timm: F.scaled_dot_product_attention on a split qkv projection; BatchNormAct2d, timm's Linear, hard-swish
+    "timm_vit": (lambda tmp: pretrained_resnet(lambda num_classes: timm_model(
+        "vit_tiny_patch16_224", num_classes=num_classes, img_size=32, patch_size=8, depth=2, embed_dim=32,
+        num_heads=2), tmp), 32, ["masked_ln"]),
+    "timm_mobilenetv3": (lambda tmp: pretrained_resnet(lambda num_classes: timm_model(
+        "mobilenetv3_small_050", num_classes=num_classes), tmp), 32, ["masked_bn"]),
 }
 CASES = [(name, norm) for name, (_, _, norms) in MODELS.items() for norm in norms]
 
@@ -67,11 +97,11 @@ def test_open_gates_reproduce_the_original(name: str, norm: str, tmp_path) -> No
     """Invariant 7: all gates open and statistics copied give the original outputs (≤ 1e-5), for every task."""
     make, size, _ = MODELS[name]
     original = make(tmp_path)
-    converted = hatnorm.convert(original, num_tasks=3, norm=norm)
+    x = torch.randn(4, 3, size, size)
+    converted = hatnorm.convert(original, num_tasks=3, norm=norm, example_input=x)
     hatnorm.HAT(converted)  # the coverage check passes
     hatnorm.open_gates(converted)
     converted.eval()
-    x = torch.randn(4, 3, size, size)
     with torch.no_grad():
         expected = logits(original(x))
         for task in range(3):
@@ -93,11 +123,11 @@ def test_convert_leaves_the_original_untouched(tmp_path) -> None:
 def test_converted_models_forget_nothing(name: str, norm: str, optimizer: str, tmp_path) -> None:
     """Invariant 5 on converted models: training task 1 leaves task 0's outputs bit-identical."""
     make, size, _ = MODELS[name]
-    model = hatnorm.convert(make(tmp_path), num_tasks=2, norm=norm, num_classes=[3, 4])
+    probe = torch.randn(4, 3, size, size)
+    model = hatnorm.convert(make(tmp_path), num_tasks=2, norm=norm, num_classes=[3, 4], example_input=probe)
     hat = hatnorm.HAT(model)
     opt = (torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3) if optimizer == "sgd"
            else torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05))
-    probe = torch.randn(4, 3, size, size)
     outputs = []
     for task, classes in enumerate([3, 4]):
         hat.begin_task(task)
@@ -154,6 +184,11 @@ class Square(nn.Module):
         return x * x
 
 
+class RunningSum(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.cumsum(1)
+
+
 class ChannelMean(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x - x.mean(1, keepdim=True)
@@ -165,8 +200,8 @@ class ChannelMean(nn.Module):
     (Unconvertible(nn.Softplus()), "Softplus is not supported"),
     (Unconvertible(Square()), r"module 'middle' \(Square\), test_convert\.py:\d+ `return x \* x`: operation mul: a "
                               r"product of tensors is supported as a gated tensor times a squeeze-excitation scale"),
-    (Unconvertible(ChannelMean()), r"operation mean: only a mean over spatial dims \(2, 3, \.\.\.\) keeps the "
-                                   r"channels' units, got dim=\(1,\)"),
+    (Unconvertible(ChannelMean()), r"operation mean: only a mean over dims the units do not vary in \(spatial dims, "
+                                   r"tokens\) keeps the units, got dim=\[1\] \(it would mix units\)"),
     (Unconvertible(nn.ConvTranspose2d(4, 4, 1)), "transposed convolutions"),
     (Branchy(), "cannot trace Branchy"),
 ])
@@ -176,11 +211,11 @@ def test_what_cannot_be_converted_is_named(model: nn.Module, match: str) -> None
 
 
 def test_an_unsupported_operation_is_named_by_module_and_source_line() -> None:
-    # convnext's LayerNorm2d permutes to channels-last: the error points at that line of torchvision's code
-    model = torchvision.models.convnext_tiny().eval()
-    with pytest.raises(hatnorm.ConversionError, match=r"^module 'features\.0\.1' \(LayerNorm2d\), convnext\.py:\d+ "
-                                                      r"`x = x\.permute\(0, 2, 3, 1\)`: operation permute: "):
-        hatnorm.convert(model, num_tasks=2, norm={"batch": "masked_bn", "layer": "masked_ln"})
+    # a running sum mixes units along the channels: the error points at the module and its line of code
+    with pytest.raises(hatnorm.ConversionError, match=r"^module 'middle' \(RunningSum\), test_convert\.py:\d+ "
+                                                      r"`return x\.cumsum\(1\)`: operation cumsum: this operation is "
+                                                      r"not supported"):
+        hatnorm.convert(Unconvertible(RunningSum()), num_tasks=2)
 
 
 def test_convert_rejects_bad_arguments(tmp_path) -> None:
@@ -239,7 +274,7 @@ def test_group_norm_and_rms_norm_convert_with_their_masked_norms(norm: str, make
         for task in range(2):
             torch.testing.assert_close(converted.eval()(x, task=task), original(x), atol=1e-5, rtol=0)
     kind = "GroupNorm" if norm == "masked_gn" else "RMSNorm"
-    with pytest.raises(hatnorm.ConversionError, match=rf"norm 'masked_bn' cannot replace {kind} at module .*; "
+    with pytest.raises(hatnorm.ConversionError, match=rf"norm 'masked_bn' cannot replace module .* \({kind}\): .*; "
                                                       rf"norms that replace {kind}: \['{norm}'\]"):
         hatnorm.convert(make(), num_tasks=2, norm="masked_bn")
 
@@ -293,13 +328,13 @@ def test_a_model_mixing_batch_and_layer_norms_converts_with_a_norm_per_kind() ->
 
 
 @pytest.mark.parametrize(("norm", "message"), [
-    ("masked_bn", r"norm 'masked_bn' cannot replace LayerNorm at module '6' \(it replaces BatchNorm1d, BatchNorm2d\); "
+    ("masked_bn", r"norm 'masked_bn' cannot replace module '6' \(LayerNorm\): it replaces BatchNorm1d, BatchNorm2d; "
                   r"norms that replace LayerNorm: \[.*'masked_ln'.*\]; a model with several kinds of norm takes one "
                   r"per kind, e\.g\. norm=\{'batch': 'masked_bn', 'layer': 'masked_ln'\}"),
-    ({"batch": "masked_bn"}, r"norm: no norm for LayerNorm at module '6'; the mapping gives \['batch'\], add 'layer'"),
+    ({"batch": "masked_bn"}, r"norm: no norm for module '6' \(LayerNorm\); the mapping gives \['batch'\], add 'layer'"),
     ({"batch": "masked_bn", "conv": "masked_ln"}, r"norm: the keys of a per-kind mapping must be among "
                                                   r"\['batch', 'layer', 'group', 'rms'\], got 'conv'"),
-    ({"batch": "masked_ln", "layer": "masked_ln"}, r"norm 'masked_ln' cannot replace BatchNorm2d at module '1'"),
+    ({"batch": "masked_ln", "layer": "masked_ln"}, r"norm 'masked_ln' cannot replace module '1' \(BatchNorm2d\)"),
 ], ids=["one_norm", "kind_missing", "unknown_kind", "wrong_norm_for_kind"])
 def test_a_norm_that_cannot_replace_a_module_is_refused_naming_it(norm, message) -> None:
     with pytest.raises((hatnorm.ConversionError, ValueError), match=message):
@@ -308,14 +343,122 @@ def test_a_norm_that_cannot_replace_a_module_is_refused_naming_it(norm, message)
 
 def test_what_runs_only_in_training_is_not_dropped_silently() -> None:
     timm = pytest.importorskip("timm")
-    # inception_v3's auxiliary head and timm's drop-path run only in training: an evaluation-mode trace
-    # would lose them, so conversion is refused, naming them
+    # inception_v3's auxiliary head runs only in training: an evaluation-mode trace would lose it, so
+    # conversion is refused, naming it
     inception = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False).eval()
     with pytest.raises(hatnorm.ConversionError, match=r"module 'AuxLogits' \(InceptionAux, 3,326,696 parameters\): "
                                                       r"runs only in training"):
         hatnorm.convert(inception, num_tasks=2)
-    with pytest.raises(hatnorm.ConversionError, match=r"'layer1.1.drop_path' \(DropPath, 0 parameters\).* and more: "
-                                                      r"runs only in training"):
-        hatnorm.convert(timm.create_model("resnet18", drop_path_rate=0.1).eval(), num_tasks=2)
-    # without them the same models convert
-    hatnorm.convert(timm.create_model("resnet18").eval(), num_tasks=2)
+    # timm's drop-path is kept as a module, so it still drops paths in training
+    original = timm.create_model("resnet18", drop_path_rate=0.1).eval()
+    converted = hatnorm.convert(original, num_tasks=2)
+    kept = [type(m).__name__ for m in converted.modules() if type(m).__name__ == "DropPath"]
+    assert len(kept) == sum(type(m).__name__ == "DropPath" for m in original.modules()) == 7
+
+
+def test_a_model_that_moves_units_by_its_shapes_asks_for_an_example_input(tmp_path) -> None:
+    model = pretrained_resnet(torchvision.models.shufflenet_v2_x0_5, tmp_path)
+    with pytest.raises(hatnorm.ConversionError, match=r"shufflenetv2\.py:\d+ .*pass example_input"):
+        hatnorm.convert(model, num_tasks=2)
+    with pytest.raises(ValueError, match=r"example_input: the model cannot take a batch of shape \[2, 5, 32, 32\]"):
+        hatnorm.convert(model, num_tasks=2, example_input=torch.randn(2, 5, 32, 32))
+    with pytest.raises(TypeError, match="example_input must be a non-empty batch tensor"):
+        hatnorm.convert(model, num_tasks=2, example_input=[1, 2])
+
+
+def test_drop_path_survives_conversion_and_drops_paths_in_training(tmp_path) -> None:
+    original = pretrained_resnet(small_convnext, tmp_path)
+    x = torch.randn(4, 3, 32, 32)
+    model = hatnorm.convert(original, num_tasks=2, norm="masked_ln", example_input=x)
+    drop_paths = [m for m in model.modules() if isinstance(m, torchvision.ops.StochasticDepth)]
+    assert len(drop_paths) == 3  # one per block, kept as modules
+    hatnorm.HAT(model)
+    model.train()
+    with torch.no_grad():
+        first, second = model(x, task=0, s=400.0), model(x, task=0, s=400.0)
+    assert not torch.equal(first, second)  # paths dropped at random, as the original does in training
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x, task=0), model(x, task=0))
+
+
+class Cube(nn.Module):
+    """x³: acts on every value alone and maps 0 to 0, but convert has no rule for a power."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x ** 3
+
+
+class Reverse(nn.Module):
+    """Reverses the channels: only moves values."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flip(1)
+
+
+class WithOwnOps(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3)
+        self.cube = Cube()
+        self.reverse = Reverse()
+        self.mix = nn.Conv2d(6, 5, 1)
+        self.fc = nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.reverse(self.cube(self.conv(x)))
+        return self.fc(self.mix(x).mean((2, 3)))
+
+
+def test_users_register_rules_for_their_own_ops() -> None:
+    original = WithOwnOps().eval()
+    with pytest.raises(hatnorm.ConversionError, match=r"operation pow: .*hatnorm\.register_conversion_rule"):
+        hatnorm.convert(original, num_tasks=2)
+    hatnorm.register_conversion_rule(Cube, "unitwise")
+    hatnorm.register_conversion_rule(Reverse, "moves")
+    x = torch.randn(2, 3, 8, 8)
+    model = hatnorm.convert(original, num_tasks=2, example_input=x)
+    assert any(isinstance(m, Cube) for m in model.modules()) and any(isinstance(m, Reverse) for m in model.modules())
+    hat = hatnorm.HAT(model)
+    # the 1×1 conv reads the conv's gate reversed: its input unit i is the conv's unit 5 − i
+    mix = next(layer for layer in hat.layers if layer.module is model.body.mix)
+    conv = next(layer for layer in hat.layers if layer.module is model.body.conv)
+    assert isinstance(mix.inp, hatnorm.Select) and mix.inp.source is conv.out
+    assert mix.inp.index.tolist() == [5, 4, 3, 2, 1, 0]
+    hatnorm.open_gates(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x, task=1), original(x), atol=1e-5, rtol=0)
+
+
+def test_register_conversion_rule_rejects_bad_arguments() -> None:
+    with pytest.raises(TypeError, match=r"target must be a function, a tensor method.s name or an nn\.Module class"):
+        hatnorm.register_conversion_rule(42, "unitwise")
+    with pytest.raises(TypeError, match=r"target must be a function, a tensor method.s name or an nn\.Module class"):
+        hatnorm.register_conversion_rule(int, "unitwise")
+    with pytest.raises(ValueError, match=r"rule must be one of \['unitwise', 'moves', 'bookkeeping', 'scale'\], "
+                                         r"got 'sideways'"):
+        hatnorm.register_conversion_rule("flip", "sideways")
+
+
+class FixedUnits(hatnorm.MaskSource):
+    """A mask source whose earlier tasks used units 0 and 2 of 4."""
+
+    num_features = 4
+
+    def state(self) -> hatnorm.MaskState:
+        used = torch.tensor([1.0, 0.0, 1.0, 0.0])
+        return hatnorm.MaskState(cumulative=used, summative=used * 2)
+
+
+def test_select_picks_units_and_reads_padding_as_unused() -> None:
+    select = hatnorm.Select(FixedUnits(), torch.tensor([2, -1, 0, 1, 2]))
+    assert select.num_features == 5
+    state = select.state()
+    assert state.cumulative.tolist() == [1.0, 0.0, 1.0, 0.0, 1.0]  # −1: a padded position, always 0
+    assert state.summative.tolist() == [2.0, 0.0, 2.0, 0.0, 2.0]
+    with pytest.raises(ValueError, match=r"index must lie in \[-1, 4\)"):
+        hatnorm.Select(FixedUnits(), torch.tensor([0, 4]))
+    with pytest.raises(ValueError, match="index must be a non-empty 1-D integer tensor"):
+        hatnorm.Select(FixedUnits(), torch.tensor([0.5]))
+    with pytest.raises(TypeError, match="source must be gates or other mask sources"):
+        hatnorm.Select(3, torch.tensor([0]))

@@ -65,6 +65,6 @@ def test_convert_swaps_the_modules_the_plugin_replaces() -> None:
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(converted.eval()(x, task=1), original(x), atol=1e-5, rtol=0)
-    with pytest.raises(hatnorm.ConversionError, match=rf"norm '{PLUGIN}' cannot replace LayerNorm"):
+    with pytest.raises(hatnorm.ConversionError, match=rf"norm '{PLUGIN}' cannot replace module '1' \(LayerNorm\)"):
         hatnorm.convert(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2)),
                         num_tasks=2, norm=PLUGIN)
