@@ -26,7 +26,6 @@ structurally instead (see :func:`convert`).
 from __future__ import annotations
 
 import copy
-import inspect
 import operator
 import re
 from collections.abc import Mapping, Sequence
@@ -56,8 +55,9 @@ from hatnorm._norm_registry import NormSpec, get_norm, list_norms
 from hatnorm._norms import MaskedNorm, NoNorm
 from hatnorm._policies import GradientPolicy
 from hatnorm._protected import Protected
+from hatnorm._tracing import is_drop_path, trace
 from hatnorm._transformer import gated_linear
-from hatnorm._units import Recorder, Units, expand, record, user_module_classes, user_rule
+from hatnorm._units import Recorder, Units, expand, record, user_rule
 
 #: modules that act on every value alone and keep 0 at 0
 _UNITWISE_MODULES = (
@@ -612,6 +612,7 @@ class _Converter:
         if len(placeholders) != 1:
             raise ConversionError(f"module: the traced forward must take one input tensor, got "
                                   f"{[p.target for p in placeholders]}")
+        placeholders[0].args = ()  # the input is required (a forward may give it a default, as transformers' do)
         with graph.inserting_after(placeholders[0]):
             self.task = graph.placeholder("task")
         with graph.inserting_after(self.task):
@@ -645,7 +646,8 @@ class _Converter:
             if node.op == "get_attr" and node.target in self.consumed:
                 _erase_with_users(node)
         for node in graph.nodes:
-            if node.op == "get_attr" and node.users and isinstance(_attribute(self.gm, node.target), nn.Parameter) \
+            reads_data = [u for u in node.users if not _reads_metadata(u)]  # a dtype read is not a use
+            if node.op == "get_attr" and reads_data and isinstance(_attribute(self.gm, node.target), nn.Parameter) \
                     and _attribute(self.gm, node.target).requires_grad:
                 raise ConversionError(f"{_where(next(iter(node.users)))}: a direct use of parameter {node.target!r} "
                                       "that cannot be protected")
@@ -671,7 +673,7 @@ class _Converter:
             self.attention(node, module, where)
         elif rule is not None:
             self.apply_rule(node, rule, where, module=module)
-        elif isinstance(module, _UNITWISE_MODULES) or _is_drop_path(module):
+        elif isinstance(module, _UNITWISE_MODULES) or is_drop_path(module):
             self.resolve(node, where, ungated=isinstance(module, nn.Dropout | nn.Identity))
             self.units[node] = self.unitwise(node, node.args[0], where, pool=isinstance(module, _POOL_MODULES))
         elif isinstance(module, _SCALE_MODULES):
@@ -938,8 +940,15 @@ class _Converter:
         shape = self.shape(source)
 
         def replay(index: Tensor) -> Any:
-            args, kwargs = fx.node.map_arg((node.args, node.kwargs),
-                                           lambda a: index if a is source else self.value(a, where))
+            def argument(a: fx.Node) -> Any:
+                if a is source:
+                    return index
+                if a in self.units or a in self.pending:
+                    raise ConversionError(f"{where}: indexes or shapes a tensor by another tensor, which convert "
+                                          "cannot follow")
+                return self.value(a, where)
+
+            args, kwargs = fx.node.map_arg((node.args, node.kwargs), argument)
             if call is not None:
                 return call(index)
             if node.op == "call_method":
@@ -1208,6 +1217,9 @@ class _Converter:
         node.args = (node.args[0], self.task)
 
     def output(self, node: fx.Node) -> None:
+        result = node.args[0]
+        if isinstance(result, Mapping) and isinstance(result.get("logits"), fx.Node):
+            node.args = (result["logits"],)  # a transformers output object: the converted model returns its logits
         for source in [a for a in node.all_input_nodes if a in self.pending]:
             self.gate_weighted(source)
         if not any(isinstance(m, Heads) for m in self.gm.modules()):
@@ -1224,6 +1236,12 @@ def _residual(a: Units, b: Units) -> Units:
         return Units(Residual(a.source, b.source), ia)
     pairs, inverse = torch.unique(torch.stack([ia.reshape(-1), ib.reshape(-1)]), dim=1, return_inverse=True)
     return Units(Residual(Select(a.source, pairs[0]), Select(b.source, pairs[1])), inverse.view(ia.shape))
+
+
+def _reads_metadata(node: fx.Node) -> bool:
+    """Whether ``node`` reads only a tensor's shape, rank, dtype or device."""
+    return (node.op == "call_function" and node.target is getattr and node.args[1] in _SHAPE_ATTRIBUTES) or \
+        (node.op == "call_method" and node.target in _SHAPE_METHODS)
 
 
 def _attribute(gm: fx.GraphModule, target: str) -> Any:
@@ -1308,7 +1326,15 @@ def convert(
     try:
         gm = trace(traced)
     except Exception as error:  # torch.fx raises many types for untraceable code
-        raise ConversionError(f"module: torch.fx cannot trace {type(module).__name__}: {error}") from error
+        if example_input is None:
+            raise ConversionError(f"module: torch.fx cannot trace {type(module).__name__}: {error}; with "
+                                  "example_input, convert traces it alongside that batch (shape reads iterated, "
+                                  "conditions on shapes taken as they hold for it)") from error
+        try:
+            gm = trace(traced, example_input)
+        except Exception as again:  # still untraceable: data-dependent control flow
+            raise ConversionError(f"module: torch.fx cannot trace {type(module).__name__}, even alongside "
+                                  f"example_input: {again}") from again
     if not module.training:
         _refuse_training_only_parts(module, gm)
     recorder = None
@@ -1326,6 +1352,7 @@ def convert(
 
 
 _TORCH = Path(torch.__file__).parent
+_TRACING = Path(__file__).with_name("_tracing.py")
 
 
 def _where(node: fx.Node) -> str:
@@ -1339,36 +1366,9 @@ def _where(node: fx.Node) -> str:
     module = (f"module {path!r} ({owner_name})" if path and owner_name else f"module {path!r}" if path
               else "the model's own forward")
     frames = [f for f in re.findall(r'File "([^"]+)", line (\d+), in \S+\n\s*(.*)', node.stack_trace or "")
-              if not Path(f[0]).is_relative_to(_TORCH)]  # the model's own line, not the tracer's
+              if not Path(f[0]).is_relative_to(_TORCH) and Path(f[0]) != _TRACING]  # the model's line, not a tracer's
     source = f", {Path(frames[-1][0]).name}:{frames[-1][1]} `{frames[-1][2].strip()}`" if frames else ""
     return f"{module}{source}: operation {op}"
-
-
-class _Tracer(fx.Tracer):
-    """fx's tracer, keeping the module classes users declared a rule for as single calls."""
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, user_module_classes()) or _is_drop_path(m) or \
-            super().is_leaf_module(m, module_qualified_name)
-
-
-def _is_drop_path(module: nn.Module) -> bool:
-    """torchvision's ``StochasticDepth`` and timm's ``DropPath``: each sample's units scaled alike (a zero unit
-    stays 0); kept as calls, so they drop paths in training and pass them in evaluation as the original does."""
-    kind = type(module)
-    return (kind.__name__ == "StochasticDepth" and kind.__module__.startswith("torchvision.ops")) or \
-        (kind.__name__ == "DropPath" and kind.__module__.startswith("timm."))
-
-
-def trace(module: nn.Module) -> fx.GraphModule:
-    """``torch.fx`` symbolic trace of ``module`` that records each operation's source line; forward arguments
-    after the first that have defaults (timm's ``attn_mask=None``) are traced at those defaults."""
-    tracer = _Tracer()
-    tracer.record_stack_traces = True
-    parameters = list(inspect.signature(module.forward).parameters.values())[1:]
-    concrete = {p.name: p.default for p in parameters
-                if p.default is not inspect.Parameter.empty and p.kind is not inspect.Parameter.VAR_KEYWORD}
-    return fx.GraphModule(module, tracer.trace(module, concrete_args=concrete or None), type(module).__name__)
 
 
 def _used_modules(gm: fx.GraphModule) -> set[str]:

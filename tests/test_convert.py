@@ -36,6 +36,15 @@ def pretrained_vit(tmp_path) -> nn.Module:
     return transformers.ViTForImageClassification.from_pretrained(tmp_path / "vit").eval()
 
 
+def pretrained_transformers(family: str, tmp_path, **config) -> nn.Module:
+    """A transformers image classifier saved and reloaded with ``from_pretrained`` from a local folder."""
+    torch.manual_seed(0)
+    classifier = getattr(transformers, f"{family}ForImageClassification")
+    model = classifier(getattr(transformers, f"{family}Config")(num_labels=7, image_size=32, **config))
+    model.save_pretrained(tmp_path / family)
+    return classifier.from_pretrained(tmp_path / family).eval()
+
+
 def small_convnext(num_classes: int) -> nn.Module:
     from torchvision.models.convnext import CNBlockConfig
     return torchvision.models.ConvNeXt([CNBlockConfig(16, 32, 2), CNBlockConfig(32, None, 1)],
@@ -82,6 +91,14 @@ MODELS = {
     "timm_vit": (lambda tmp: pretrained_resnet(lambda num_classes: timm_model(
         "vit_tiny_patch16_224", num_classes=num_classes, img_size=32, patch_size=8, depth=2, embed_dim=32,
         num_heads=2), tmp), 32, ["masked_ln"]),
+    # transformers models that torch.fx cannot trace symbolically: traced alongside the example input
+    "transformers_resnet": (lambda tmp: pretrained_transformers("ResNet", tmp, hidden_sizes=[16, 32], depths=[1, 1],
+                                                                embedding_size=16), 32, ["masked_bn"]),
+    "transformers_convnext": (lambda tmp: pretrained_transformers("ConvNext", tmp, hidden_sizes=[16, 32], num_stages=2,
+                                                                  depths=[1, 1]), 32, ["masked_ln"]),
+    "transformers_deit": (lambda tmp: pretrained_transformers("DeiT", tmp, hidden_size=32, num_hidden_layers=2,
+                                                              num_attention_heads=2, intermediate_size=64,
+                                                              patch_size=8), 32, ["masked_ln"]),
     "timm_mobilenetv3": (lambda tmp: pretrained_resnet(lambda num_classes: timm_model(
         "mobilenetv3_small_050", num_classes=num_classes), tmp), 32, ["masked_bn"]),
 }
@@ -364,6 +381,30 @@ def test_a_model_that_moves_units_by_its_shapes_asks_for_an_example_input(tmp_pa
         hatnorm.convert(model, num_tasks=2, example_input=torch.randn(2, 5, 32, 32))
     with pytest.raises(TypeError, match="example_input must be a non-empty batch tensor"):
         hatnorm.convert(model, num_tasks=2, example_input=[1, 2])
+
+
+class DataBranch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, channels, *_ = x.shape  # fx alone cannot iterate a traced shape
+        x = self.conv(x) * (channels // 3)
+        if x.sum() > 0:  # a branch on data: no single graph
+            x = x.relu()
+        return self.fc(x.mean((2, 3)))
+
+
+def test_models_fx_cannot_trace_are_traced_alongside_the_example_input(tmp_path) -> None:
+    model = pretrained_transformers("ResNet", tmp_path, hidden_sizes=[16, 32], depths=[1, 1], embedding_size=16)
+    with pytest.raises(hatnorm.ConversionError, match=r"torch\.fx cannot trace ResNetForImageClassification: .*; with "
+                                                      r"example_input, convert traces it alongside that batch"):
+        hatnorm.convert(model, num_tasks=2)
+    converted = hatnorm.convert(model, num_tasks=2, example_input=torch.randn(2, 3, 32, 32))
+    assert converted(torch.randn(5, 3, 32, 32), task=1).shape == (5, 7)  # not specialised to the example's batch
+    with pytest.raises(hatnorm.ConversionError, match="cannot trace DataBranch, even alongside example_input"):
+        hatnorm.convert(DataBranch(), num_tasks=2, example_input=torch.randn(2, 3, 8, 8))
 
 
 def test_drop_path_survives_conversion_and_drops_paths_in_training(tmp_path) -> None:

@@ -1,0 +1,165 @@
+"""Tracing a model for :func:`hatnorm.convert`: ``torch.fx``'s symbolic trace, and, for code it cannot trace
+symbolically (a shape unpacked into names, a check on a size), the same trace run alongside an example batch.
+
+The plain trace keeps the module classes users declared a rule for, and drop-path modules, as single
+calls, and traces forward arguments after the first at their defaults. The example trace also evaluates
+every traced operation on the example's real values as it records it, so a proxy of a shape can be
+iterated (``b, c, h, w = x.shape``) and a condition on shapes and numbers is taken as it holds for the
+example, as ``torch.export`` does. A condition on data (a tensor) stays an error: a model that branches
+on its input's values cannot be converted into one graph.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, fx, nn
+from torch.fx import _symbolic_trace
+from torch.fx.proxy import Attribute
+
+from hatnorm._units import user_module_classes
+
+
+def is_drop_path(module: nn.Module) -> bool:
+    """torchvision's ``StochasticDepth`` and timm's ``DropPath``: each sample's units scaled alike (a zero unit
+    stays 0); kept as calls, so they drop paths in training and pass them in evaluation as the original does."""
+    kind = type(module)
+    return (kind.__name__ == "StochasticDepth" and kind.__module__.startswith("torchvision.ops")) or \
+        (kind.__name__ == "DropPath" and kind.__module__.startswith("timm."))
+
+
+class _Tracer(fx.Tracer):
+    """fx's tracer, keeping the module classes users declared a rule for, and drop-path modules, as calls."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, user_module_classes()) or is_drop_path(m) or \
+            super().is_leaf_module(m, module_qualified_name)
+
+
+class _ExampleProxy(fx.Proxy):
+    """A proxy that knows its value for the example batch: shapes and numbers can be iterated and tested."""
+
+    tracer: _ExampleTracer
+
+    def _value(self) -> Any:
+        return self.tracer.values[self.node]
+
+    def __getattr__(self, name: str) -> _ExampleAttribute:
+        return _ExampleAttribute(self, name)
+
+    def __iter__(self) -> Iterator[fx.Proxy]:
+        value = self._value()
+        if isinstance(value, Tensor):
+            return super().__iter__()  # iterating data: fx's own error
+        return iter([self[i] for i in range(len(value))])
+
+    def __len__(self) -> int:
+        value = self._value()
+        if isinstance(value, Tensor):
+            raise RuntimeError("len() of a traced tensor is not supported; use x.shape[0]")
+        return len(value)
+
+    def __bool__(self) -> bool:
+        value = self._value()
+        if isinstance(value, Tensor):
+            return super().__bool__()  # a condition on data: fx's own error
+        return bool(value)
+
+
+class _ExampleAttribute(_ExampleProxy, Attribute):
+    """``proxy.attr`` (a method about to be called, or an attribute such as ``shape``), with its value."""
+
+    def __init__(self, root: fx.Proxy, attr: str) -> None:
+        Attribute.__init__(self, root, attr)
+
+
+class _ExampleTracer(_Tracer):
+    """Records each operation and evaluates it on the example's values (evaluation mode, no gradients)."""
+
+    def __init__(self, example: Tensor) -> None:
+        super().__init__()
+        self.example = example
+        self.values: dict[fx.Node, Any] = {}
+        self.placeholders = 0
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _ExampleProxy(node, self)
+
+    def create_node(self, kind: str, target: Any, args: Any, kwargs: Any, name: str | None = None,
+                    type_expr: Any | None = None) -> fx.Node:
+        node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        if kind == "output":
+            return node
+        values_args, values_kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: self.values[n])
+        with _untraced():
+            self.values[node] = self.evaluate(node, kind, target, args, values_args, values_kwargs)
+        return node
+
+    def evaluate(self, node: fx.Node, kind: str, target: Any, args: Any, values_args: Any, values_kwargs: Any) -> Any:
+        """The value of one recorded operation for the example."""
+        if kind == "placeholder":
+            self.placeholders += 1
+            value = self.example if self.placeholders == 1 else (args[0] if args else None)
+        elif kind == "get_attr":
+            value = self.root
+            for part in str(target).split("."):
+                value = getattr(value, part)
+        elif kind == "call_module":
+            value = self.root.get_submodule(target)(*values_args, **values_kwargs)
+        elif kind == "call_method":
+            value = getattr(values_args[0], target)(*values_args[1:], **values_kwargs)
+        else:
+            value = target(*values_args, **values_kwargs)
+        return value
+
+
+@contextmanager
+def _untraced() -> Iterator[None]:
+    """Modules called and read as in eager mode while the tracer has patched ``nn.Module``."""
+    patched_call, patched_getattr = nn.Module.__call__, nn.Module.__getattr__
+    nn.Module.__call__, nn.Module.__getattr__ = _symbolic_trace._orig_module_call, _symbolic_trace._orig_module_getattr
+    try:
+        yield
+    finally:
+        nn.Module.__call__, nn.Module.__getattr__ = patched_call, patched_getattr
+
+
+def trace(module: nn.Module, example: Tensor | None = None) -> fx.GraphModule:
+    """``torch.fx`` trace of ``module`` that records each operation's source line; forward arguments after
+    the first that have defaults (timm's ``attn_mask=None``) are traced at those defaults. With ``example``,
+    the trace runs alongside that batch (see the module docstring); ``module``'s state is left as it was."""
+    forward = type(module).forward
+    if hasattr(forward, "__wrapped__"):
+        # a decorated forward (transformers' ``(*args, **kwargs)`` wrappers): fx reads the placeholders from the
+        # root's code, so the root is traced through a forward of the input alone, every other argument at its
+        # default
+        inner = inspect.unwrap(forward)
+
+        def forward_input(self: nn.Module, x: Tensor) -> Any:
+            return inner(self, x)
+
+        module.__class__ = type(type(module).__name__, (type(module),), {"forward": forward_input})
+    parameters = list(inspect.signature(module.forward).parameters.values())[1:]
+    concrete = {p.name: p.default for p in parameters
+                if p.default is not inspect.Parameter.empty and p.kind is not inspect.Parameter.VAR_KEYWORD}
+    if example is None:
+        tracer: _Tracer = _Tracer()
+        tracer.record_stack_traces = True
+        return fx.GraphModule(module, tracer.trace(module, concrete_args=concrete or None), type(module).__name__)
+    tracer = _ExampleTracer(example)
+    tracer.record_stack_traces = True
+    state = {k: v.clone() for k, v in module.state_dict().items()}
+    modes = {m: m.training for m in module.modules()}
+    module.eval()
+    try:
+        with torch.no_grad():
+            graph = tracer.trace(module, concrete_args=concrete or None)
+    finally:
+        module.load_state_dict(state)
+        for m, training in modes.items():
+            m.training = training
+    return fx.GraphModule(module, graph, type(module).__name__)
