@@ -7,7 +7,7 @@ from hatnorm._arch_registry import (
     list_architectures,
     register_architecture,
 )
-from hatnorm._convert import ConversionError, ConvertedModel, ParameterUse, convert, open_gates
+from hatnorm._convert import ConversionError, ConvertedModel, ParameterUse, TaskParameter, convert, open_gates
 from hatnorm._export import TaskModel, export
 from hatnorm._exported import ExportedBatchNorm, ExportedGate, ExportedGroupNorm, ExportedLayerNorm, ExportedRMSNorm
 from hatnorm._gate import GATE_FLOOR, HATGate, anneal_scale, compensate, compensation_factor, hat_gate
@@ -110,6 +110,7 @@ __all__ = [
     "TaskHeads",
     "TaskLayerNorm",
     "TaskModel",
+    "TaskParameter",
     "TokenEmbedding",
     "anneal_scale",
     "blocks_wiring",

@@ -151,7 +151,41 @@ class _Ungated:
 @dataclass(frozen=True)
 class _Scores:
     """Attention scores ``q @ kᵀ`` (and their softmax): they mix tokens, not features, so they may only weigh the
-    values (``scores @ v``), whose units the result keeps."""
+    values (``scores @ v``), whose units the result keeps. ``params``: parameters biasing them (see
+    :class:`_Derived`)."""
+
+    params: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class _Derived:
+    """Computed from parameters in a way whose entries meet no single unit (a relative position bias table
+    gathered by an index buffer): shared by every unit of a head, so no gate can protect them. They may only
+    bias attention scores, and then become one copy per task (:class:`TaskParameter`)."""
+
+    params: tuple[str, ...]
+
+
+class TaskParameter(nn.Module, Protected):
+    """A parameter that biases attention scores (a relative position bias table): each task has its own copy,
+    trained only during its task, so no task moves another's.
+
+    Args:
+        parameter: the original parameter; every task's copy starts from it.
+        num_tasks: number of tasks.
+    """
+
+    def __init__(self, parameter: nn.Parameter, num_tasks: int) -> None:
+        super().__init__()
+        self.copies = nn.Parameter(parameter.detach().unsqueeze(0).repeat(num_tasks, *[1] * parameter.dim()))
+
+    def forward(self, task: int) -> Tensor:
+        return self.copies[task]
+
+    def gradient_multipliers(self, previous: MaskState, task: int, policy: GradientPolicy) -> dict[str, Tensor]:
+        own = torch.zeros_like(self.copies)
+        own[task] = 1
+        return {"copies": own}
 
 
 class ParameterUse(nn.Module, Protected):
@@ -664,7 +698,10 @@ class _Converter:
         module = self.gm.get_submodule(node.target)
         where = f"module {node.target!r} ({type(module).__name__})"
         rule = user_rule(module)
-        if isinstance(module, _norm_modules()) and rule is None:
+        scores = self.units.get(node.args[0]) if node.args else None
+        if isinstance(scores, _Scores) and isinstance(module, nn.Softmax | nn.Dropout | nn.Identity):
+            self.units[node] = scores  # attention weights, softmaxed or dropped out
+        elif isinstance(module, _norm_modules()) and rule is None:
             dim = -1 if isinstance(module, nn.LayerNorm | nn.RMSNorm) else 1
             self.norm(node, module, dim, where)
         elif isinstance(module, nn.Linear | nn.modules.conv._ConvNd) and rule is None:
@@ -847,11 +884,18 @@ class _Converter:
         if all(t not in self.pending and self.units[t] is None for t in tensors) and target not in _CAT:
             self.units[node] = None  # an op on raw data or buffers only: still data
             return
+        kinds = [self.units.get(t) for t in tensors]
+        if any(isinstance(k, _Derived) for k in kinds) and all(
+                k is None or isinstance(k, _Derived) or (isinstance(k, _Ungated) and k.units is None) for k in kinds):
+            self.units[node] = _Derived(_parameters_of(kinds))  # still computed from parameters (and data)
+            return
         rule = user_rule(target)
         if target is operator.getitem and isinstance(self.units.get(node.args[0]), tuple):
             self.units[node] = self.units[node.args[0]][node.args[1]]  # one part of a split
         elif rule is not None:
             self.apply_rule(node, rule, where)
+        elif target not in _MATMUL and any(isinstance(k, _Scores) for k in kinds):
+            self.scores(node, tensors, where)
         elif target in _ADD:
             self.add(node, where)
         elif target in _MUL:
@@ -871,8 +915,6 @@ class _Converter:
             self.attention_function(node, where)
         elif target in _MATMUL:
             self.matmul(node, where)
-        elif any(isinstance(self.units.get(t), _Scores) for t in tensors):
-            self.scores(node, tensors, where)
         elif target in _MOVES_FUNCTIONS or (node.op == "call_method" and target in _MOVES_METHODS):
             self.resolve(node, where, ungated=True)
             self.units[node] = self.moves(node, node.args[0], where)
@@ -943,6 +985,8 @@ class _Converter:
             def argument(a: fx.Node) -> Any:
                 if a is source:
                     return index
+                if isinstance(units, _Ungated) and units.units is None and self.units.get(a, 0) is None:
+                    raise _GatheredByData
                 if a in self.units or a in self.pending:
                     raise ConversionError(f"{where}: indexes or shapes a tensor by another tensor, which convert "
                                           "cannot follow")
@@ -969,7 +1013,10 @@ class _Converter:
             return wrap(replay(expand(inner.index, shape)), lambda m: _Scale(Units(inner.source, m)))
         if isinstance(units, _Ungated):
             moved_units = None if units.units is None else replay(expand(units.units.index, shape))
-            moved_params = [(t, replay(expand(e, shape))) for t, e in units.params]
+            try:
+                moved_params = [(t, replay(expand(e, shape))) for t, e in units.params]
+            except _GatheredByData:  # a parameter gathered by an index buffer (a relative position bias)
+                return _Derived(tuple(t for t, _ in units.params))
             if isinstance(moved_units, tuple) or any(isinstance(e, tuple | list) for _, e in moved_params):
                 raise ConversionError(f"{where}: splits a tensor holding a parameter's values")
             return _Ungated(None if moved_units is None else Units(units.units.source, moved_units),
@@ -984,9 +1031,29 @@ class _Converter:
         if v is None or q is None or k is None:
             raise ConversionError(f"{where}: attention over raw data")
         mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
-        if isinstance(mask, fx.Node) and self.units.get(mask) is not None:
+        bias = self.units.get(mask) if isinstance(mask, fx.Node) else None
+        if isinstance(bias, _Derived):
+            self.per_task(bias.params, v.source)
+        elif bias is not None:
             raise ConversionError(f"{where}: an attention mask computed from gated units")
         self.units[node] = Units(v.source, v.index)
+
+    def per_task(self, targets: tuple[str, ...], source: MaskSource) -> None:
+        """Give every task its own copy of parameters that bias attention (see :class:`TaskParameter`)."""
+        for target in targets:
+            if target in self.used_parameters:
+                continue
+            owner, _, name = target.rpartition(".")
+            copies = TaskParameter(self.gm.get_submodule(owner)._parameters.pop(name), self.num_tasks)
+            module_name = _free_name(self.gm, f"{target}_per_task".replace(".", "_"))
+            self.gm.add_submodule(module_name, copies)
+            for node in [n for n in self.gm.graph.nodes if n.op == "get_attr" and n.target == target]:
+                with self.gm.graph.inserting_after(node):
+                    new = self.gm.graph.call_module(module_name, (self.task,))
+                node.replace_all_uses_with(new)
+                self.gm.graph.erase_node(node)
+                self.used_parameters[target] = new
+            self.layers.append(Layer(copies, out=source))
 
     def matmul(self, node: fx.Node, where: str) -> None:
         """``q @ kᵀ`` gives scores (tokens × tokens); ``scores @ v`` has v's units."""
@@ -995,6 +1062,7 @@ class _Converter:
         if isinstance(a, Units) and isinstance(b, Units):
             self.units[node] = _Scores()
         elif isinstance(a, _Scores) and isinstance(b, Units):
+            self.per_task(a.params, b.source)
             self.units[node] = Units(b.source, b.index)
         else:
             raise ConversionError(f"{where}: a matrix product is supported as attention (q @ kᵀ, then scores @ v)")
@@ -1006,10 +1074,11 @@ class _Converter:
         target = node.target
         allowed = target in _ADD | _MUL | _DIV | _SCORE_OPS or target in _UNITWISE_FUNCTIONS or (
             node.op == "call_method" and target in _UNITWISE_METHODS | _MOVES_METHODS | {"softmax", "masked_fill"})
-        if not allowed or any(o is not None for o in others):
-            raise ConversionError(f"{where}: attention scores may only be scaled, masked, biased by data, softmaxed "
-                                  "or dropped out before they weigh the values")
-        self.units[node] = _Scores()
+        if not allowed or any(o is not None and not isinstance(o, _Derived) for o in others):
+            raise ConversionError(f"{where}: attention scores may only be scaled, masked, biased by data or a "
+                                  "position bias, softmaxed or dropped out before they weigh the values")
+        params = [p for t in tensors if isinstance(self.units.get(t), _Scores | _Derived) for p in self.units[t].params]
+        self.units[node] = _Scores(tuple(dict.fromkeys(params)))
 
     def pad(self, node: fx.Node, where: str) -> None:
         """Zero padding (constant mode, value 0): padded positions are always 0 (index −1)."""
@@ -1236,6 +1305,16 @@ def _residual(a: Units, b: Units) -> Units:
         return Units(Residual(a.source, b.source), ia)
     pairs, inverse = torch.unique(torch.stack([ia.reshape(-1), ib.reshape(-1)]), dim=1, return_inverse=True)
     return Units(Residual(Select(a.source, pairs[0]), Select(b.source, pairs[1])), inverse.view(ia.shape))
+
+
+class _GatheredByData(Exception):
+    """A parameter indexed or shaped by a tensor: its entries no longer follow positions."""
+
+
+def _parameters_of(kinds: list[Any]) -> tuple[str, ...]:
+    found = [t for k in kinds if isinstance(k, _Derived) for t in k.params]
+    found += [t for k in kinds if isinstance(k, _Ungated) for t, _ in k.params]
+    return tuple(dict.fromkeys(found))
 
 
 def _reads_metadata(node: fx.Node) -> bool:

@@ -99,6 +99,10 @@ MODELS = {
     "transformers_deit": (lambda tmp: pretrained_transformers("DeiT", tmp, hidden_size=32, num_hidden_layers=2,
                                                               num_attention_heads=2, intermediate_size=64,
                                                               patch_size=8), 32, ["masked_ln"]),
+    # windows (pad, roll, partition) and a relative position bias table, which becomes one copy per task
+    "transformers_swin": (lambda tmp: pretrained_transformers("Swin", tmp, embed_dim=16, depths=[1, 1],
+                                                              num_heads=[2, 2], window_size=4, patch_size=4), 32,
+                          ["masked_ln"]),
     "timm_mobilenetv3": (lambda tmp: pretrained_resnet(lambda num_classes: timm_model(
         "mobilenetv3_small_050", num_classes=num_classes), tmp), 32, ["masked_bn"]),
 }
@@ -503,3 +507,18 @@ def test_select_picks_units_and_reads_padding_as_unused() -> None:
         hatnorm.Select(FixedUnits(), torch.tensor([0.5]))
     with pytest.raises(TypeError, match="source must be gates or other mask sources"):
         hatnorm.Select(3, torch.tensor([0]))
+
+
+def test_a_relative_position_bias_gets_one_copy_per_task(tmp_path) -> None:
+    original = pretrained_transformers("Swin", tmp_path, embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=4,
+                                       patch_size=4)
+    model = hatnorm.convert(original, num_tasks=3, example_input=torch.randn(2, 3, 32, 32), norm="masked_ln")
+    tables = [m for m in model.modules() if isinstance(m, hatnorm.TaskParameter)]
+    assert len(tables) == 2  # one per attention block
+    table = original.swin.encoder.layers[0].blocks[0].attention.relative_position_bias.relative_position_bias_table
+    assert tables[0].copies.shape == (3, *table.shape)
+    assert all(torch.equal(tables[0].copies[t], table) for t in range(3))
+    hat = hatnorm.HAT(model)
+    hat.begin_task(1)
+    multipliers = {id(p): m for p, m in hat._multipliers(1)}
+    assert multipliers[id(tables[0].copies)][1].eq(1).all() and multipliers[id(tables[0].copies)][[0, 2]].eq(0).all()
