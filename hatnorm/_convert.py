@@ -1292,8 +1292,14 @@ class _Converter:
         for source in [a for a in node.all_input_nodes if a in self.pending]:
             self.gate_weighted(source)
         if not any(isinstance(m, Heads) for m in self.gm.modules()):
-            raise ConversionError("module: its output must come from a final nn.Linear (the classifier), which "
-                                  "becomes one head per task")
+            result = node.args[0]
+            if isinstance(result, fx.Node) and result.op == "call_module":
+                where = f"module {result.target!r} ({type(self.gm.get_submodule(result.target)).__name__})"
+            else:
+                where = _where(result) if isinstance(result, fx.Node) else "module"
+            raise ConversionError(f"{where}: gives the model's output, which must come from a final nn.Linear (the "
+                                  "classifier, which becomes one head per task; a convolutional classifier is not "
+                                  "supported)")
 
 
 def _residual(a: Units, b: Units) -> Units:
