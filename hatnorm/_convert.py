@@ -46,15 +46,15 @@ from hatnorm._checks import (
     check_training_scale,
 )
 from hatnorm._conversion_error import ConversionError
+from hatnorm._convert_params import ParameterUse, TaskParameter
 from hatnorm._convert_vit import convert_vit, is_transformers_vit
+from hatnorm._convert_windows import GatedShiftedWindowAttention, is_patch_merging_pad, is_window_attention
 from hatnorm._gate import HATGate
 from hatnorm._hat import HATModule, Layer
 from hatnorm._heads import TaskHeads, class_counts
-from hatnorm._masks import Concat, Flatten, MaskSource, MaskState, Residual, Select
+from hatnorm._masks import Concat, Flatten, MaskSource, Residual, Select
 from hatnorm._norm_registry import NormSpec, get_norm, list_norms
 from hatnorm._norms import MaskedNorm, NoNorm
-from hatnorm._policies import GradientPolicy
-from hatnorm._protected import Protected
 from hatnorm._tracing import is_drop_path, trace
 from hatnorm._transformer import gated_linear
 from hatnorm._units import Recorder, Units, expand, record, user_rule
@@ -164,50 +164,6 @@ class _Derived:
     bias attention scores, and then become one copy per task (:class:`TaskParameter`)."""
 
     params: tuple[str, ...]
-
-
-class TaskParameter(nn.Module, Protected):
-    """A parameter that biases attention scores (a relative position bias table): each task has its own copy,
-    trained only during its task, so no task moves another's.
-
-    Args:
-        parameter: the original parameter; every task's copy starts from it.
-        num_tasks: number of tasks.
-    """
-
-    def __init__(self, parameter: nn.Parameter, num_tasks: int) -> None:
-        super().__init__()
-        self.copies = nn.Parameter(parameter.detach().unsqueeze(0).repeat(num_tasks, *[1] * parameter.dim()))
-
-    def forward(self, task: int) -> Tensor:
-        return self.copies[task]
-
-    def gradient_multipliers(self, previous: MaskState, task: int, policy: GradientPolicy) -> dict[str, Tensor]:
-        own = torch.zeros_like(self.copies)
-        own[task] = 1
-        return {"copies": own}
-
-
-class ParameterUse(nn.Module, Protected):
-    """A parameter the traced forward reads directly (a layer scale, a position embedding, a class token),
-    protected like a bias of the units its entries multiply or are added to.
-
-    Args:
-        parameter: the parameter, moved here from the module that held it.
-        units: for every entry (flattened), the unit of the layer's mask source it belongs to.
-    """
-
-    def __init__(self, parameter: nn.Parameter, units: Tensor) -> None:
-        super().__init__()
-        self.parameter = parameter
-        self.register_buffer("units", units.reshape(parameter.shape), persistent=False)
-
-    def forward(self) -> Tensor:
-        return self.parameter
-
-    def gradient_multipliers(self, previous: MaskState, task: int, policy: GradientPolicy) -> dict[str, Tensor]:
-        rate = policy.unit_rate(previous)
-        return {"parameter": rate[self.units.to(rate.device)].to(self.parameter.dtype)}
 
 
 class GatedNorm(nn.Module):
@@ -708,6 +664,8 @@ class _Converter:
             self.weighted(node, module, where)
         elif isinstance(module, nn.MultiheadAttention) and rule is None:
             self.attention(node, module, where)
+        elif is_window_attention(module) and rule is None:
+            self.window_attention(node, module, where)
         elif rule is not None:
             self.apply_rule(node, rule, where, module=module)
         elif isinstance(module, _UNITWISE_MODULES) or is_drop_path(module):
@@ -759,6 +717,19 @@ class _Converter:
         node.args, node.kwargs = (x, x, x, self.task, self.s), {}
         self.layers += gated.wiring(inp)
         self.units[node] = (Units.of_gate(gated.gate_out, rank, -1), None)
+
+    def window_attention(self, node: fx.Node, module: nn.Module, where: str) -> None:
+        """torchvision's Swin window attention becomes :class:`GatedShiftedWindowAttention`."""
+        self.resolve(node, where)
+        x = node.args[0]
+        inp = self.read(x, -1, module.qkv.in_features, where)
+        rank = self.rank(x)
+        gated = GatedShiftedWindowAttention(module, num_tasks=self.num_tasks, s_max=self.s_max)
+        self.gm.delete_submodule(node.target)
+        self.gm.add_submodule(node.target, gated)
+        node.args, node.kwargs = (x, self.task, self.s), {}
+        self.layers += gated.wiring(inp)
+        self.units[node] = Units.of_gate(gated.gate_out, rank, -1)
 
     def norm(self, node: fx.Node, module: nn.Module, dim: int, where: str) -> fx.Node:
         """Replace a torch norm (called as a module, or functionally on ``module``'s parameters) by the task-aware
@@ -915,7 +886,8 @@ class _Converter:
             self.attention_function(node, where)
         elif target in _MATMUL:
             self.matmul(node, where)
-        elif target in _MOVES_FUNCTIONS or (node.op == "call_method" and target in _MOVES_METHODS):
+        elif target in _MOVES_FUNCTIONS or (node.op == "call_method" and target in _MOVES_METHODS) or \
+                is_patch_merging_pad(target):
             self.resolve(node, where, ungated=True)
             self.units[node] = self.moves(node, node.args[0], where)
         elif target in _UNITWISE_FUNCTIONS or (node.op == "call_method" and target in _UNITWISE_METHODS) \

@@ -21,6 +21,7 @@ from torch import Tensor, fx, nn
 from torch.fx import _symbolic_trace
 from torch.fx.proxy import Attribute
 
+from hatnorm._convert_windows import is_window_attention
 from hatnorm._units import user_module_classes
 
 
@@ -33,10 +34,11 @@ def is_drop_path(module: nn.Module) -> bool:
 
 
 class _Tracer(fx.Tracer):
-    """fx's tracer, keeping the module classes users declared a rule for, and drop-path modules, as calls."""
+    """fx's tracer, keeping the module classes users declared a rule for, drop-path modules and torchvision's
+    Swin window attention as calls."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, user_module_classes()) or is_drop_path(m) or \
+        return isinstance(m, user_module_classes()) or is_drop_path(m) or is_window_attention(m) or \
             super().is_leaf_module(m, module_qualified_name)
 
 

@@ -87,6 +87,10 @@ MODELS = {
     "convnext": (lambda tmp: pretrained_resnet(small_convnext, tmp), 32, ["masked_ln"]),
     # nn.MultiheadAttention, a class token and a position embedding added to the gated stream
     "torchvision_vit": (lambda tmp: pretrained_resnet(small_torchvision_vit, tmp), 32, ["masked_ln"]),
+    # torchvision's Swin: its window attention (one call) gated, its relative position bias one copy per task
+    "torchvision_swin": (lambda tmp: pretrained_resnet(lambda num_classes: torchvision.models.SwinTransformer(
+        patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 2], window_size=[4, 4],
+        stochastic_depth_prob=0.1, num_classes=num_classes), tmp), 32, ["masked_ln"]),
     # timm: F.scaled_dot_product_attention on a split qkv projection; BatchNormAct2d, timm's Linear, hard-swish
     "timm_vit": (lambda tmp: pretrained_resnet(lambda num_classes: timm_model(
         "vit_tiny_patch16_224", num_classes=num_classes, img_size=32, patch_size=8, depth=2, embed_dim=32,

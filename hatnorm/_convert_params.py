@@ -1,0 +1,55 @@
+"""Parameters a converted graph reads directly, protected by HAT: a parameter whose entries each meet one unit
+(:class:`ParameterUse`), and one that biases attention for a whole head (:class:`TaskParameter`)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from hatnorm._masks import MaskState
+from hatnorm._policies import GradientPolicy
+from hatnorm._protected import Protected
+
+
+class TaskParameter(nn.Module, Protected):
+    """A parameter that biases attention scores (a relative position bias table): each task has its own copy,
+    trained only during its task, so no task moves another's.
+
+    Args:
+        parameter: the original parameter; every task's copy starts from it.
+        num_tasks: number of tasks.
+    """
+
+    def __init__(self, parameter: nn.Parameter, num_tasks: int) -> None:
+        super().__init__()
+        self.copies = nn.Parameter(parameter.detach().unsqueeze(0).repeat(num_tasks, *[1] * parameter.dim()))
+
+    def forward(self, task: int) -> Tensor:
+        return self.copies[task]
+
+    def gradient_multipliers(self, previous: MaskState, task: int, policy: GradientPolicy) -> dict[str, Tensor]:
+        own = torch.zeros_like(self.copies)
+        own[task] = 1
+        return {"copies": own}
+
+
+class ParameterUse(nn.Module, Protected):
+    """A parameter the traced forward reads directly (a layer scale, a position embedding, a class token),
+    protected like a bias of the units its entries multiply or are added to.
+
+    Args:
+        parameter: the parameter, moved here from the module that held it.
+        units: for every entry (flattened), the unit of the layer's mask source it belongs to.
+    """
+
+    def __init__(self, parameter: nn.Parameter, units: Tensor) -> None:
+        super().__init__()
+        self.parameter = parameter
+        self.register_buffer("units", units.reshape(parameter.shape), persistent=False)
+
+    def forward(self) -> Tensor:
+        return self.parameter
+
+    def gradient_multipliers(self, previous: MaskState, task: int, policy: GradientPolicy) -> dict[str, Tensor]:
+        rate = policy.unit_rate(previous)
+        return {"parameter": rate[self.units.to(rate.device)].to(self.parameter.dtype)}
