@@ -410,11 +410,6 @@ def _tensor_args(node: fx.Node) -> list[fx.Node]:
     return found
 
 
-def _method_or_function(node: fx.Node) -> object:
-    """A call's target as the rule tables name it: the function, or the method's name."""
-    return node.target
-
-
 class _Converter:
     """One walk over a traced graph: rewrites it in place and collects the wiring.
 
@@ -836,7 +831,7 @@ class _Converter:
 
     def call(self, node: fx.Node) -> None:
         where = _where(node)
-        target = _method_or_function(node)
+        target = node.target  # a function, or a method's name: the rule tables name both
         tensors = [a for a in _tensor_args(node) if a in self.units or a in self.pending]
         if node.op == "call_method" and target in _SHAPE_METHODS:
             return
