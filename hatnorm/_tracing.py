@@ -154,14 +154,15 @@ def trace(module: nn.Module, example: Tensor | None = None) -> fx.GraphModule:
         return fx.GraphModule(module, tracer.trace(module, concrete_args=concrete or None), type(module).__name__)
     tracer = _ExampleTracer(example)
     tracer.record_stack_traces = True
-    state = {k: v.clone() for k, v in module.state_dict().items()}
+    buffers = {k: v.clone() for k, v in module.named_buffers()}  # a no-grad pass can move buffers, not parameters
     modes = {m: m.training for m in module.modules()}
     module.eval()
     try:
         with torch.no_grad():
             graph = tracer.trace(module, concrete_args=concrete or None)
     finally:
-        module.load_state_dict(state)
+        for name, value in module.named_buffers():
+            value.copy_(buffers[name])
         for m, training in modes.items():
             m.training = training
     return fx.GraphModule(module, graph, type(module).__name__)

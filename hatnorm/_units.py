@@ -176,7 +176,7 @@ class Recorder(fx.Interpreter):
 
 def record(gm: fx.GraphModule, example: Tensor) -> Recorder:
     """Every node's shape or value for ``example``, from one pass that leaves the graph's state as it was."""
-    state = {k: v.clone() for k, v in gm.state_dict().items()}
+    buffers = {k: v.clone() for k, v in gm.named_buffers()}  # a no-grad pass can move buffers, not parameters
     modes = {m: m.training for m in gm.modules()}
     gm.eval()
     recorder = Recorder(gm)
@@ -184,7 +184,8 @@ def record(gm: fx.GraphModule, example: Tensor) -> Recorder:
         with torch.no_grad():
             recorder.run(example)
     finally:
-        gm.load_state_dict(state)
+        for name, value in gm.named_buffers():
+            value.copy_(buffers[name])
         for m, training in modes.items():
             m.training = training
     return recorder
