@@ -16,6 +16,8 @@ saved as a state dict and loaded into a fresh instance; then three checks, each 
     python benchmarks/convert_coverage.py --markdown               # also write the table into the docs
 
 A model that fails names its stage and the first line of the error (a ``ConversionError`` names the module).
+Each model runs in a process of its own (started from a clean fork server), so the largest builders give their
+memory back before the next one and a model killed by the operating system still gets its row.
 Results go to ``benchmarks/results/convert_coverage.json`` and, with ``--markdown``, into
 ``docs/architectures.md`` between the coverage markers.
 """
@@ -25,12 +27,15 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import multiprocessing
 import signal
 import time
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from multiprocessing.connection import Connection
+from multiprocessing.context import BaseContext
 from pathlib import Path
 
 import torch
@@ -183,6 +188,7 @@ def check(make: Callable[[], nn.Module], size: int, steps: int) -> tuple[str, st
         return "open gates", first_line(error)
     if not gap <= 1e-5:
         return "open gates", f"max |Δ| / max |y| = {gap:.2e} > 1e-5"
+    del model, expected, got  # the largest builders need this memory for the second conversion
     try:
         moved = forgetting(original, x, size, steps)
     except Exception as error:
@@ -215,6 +221,40 @@ def forgetting(original: nn.Module, probe: torch.Tensor, size: int, steps: int) 
     return float((outputs[0] - outputs[1]).abs().max())
 
 
+def check_in_child(source: str, name: str, steps: int, timeout: int, answer: Connection) -> None:
+    """:func:`check` one model in this (child) process and send back its stage and detail."""
+    make, size = {n: (m, s) for n, m, s in SOURCES[source]()}[name]
+    try:
+        with time_limit(timeout):
+            result = check(make, size, steps)
+    except Timeout as error:
+        result = "timeout", str(error)
+    except Exception as error:  # a crash in the script itself still gets its row
+        result = "error", first_line(error) + " " + traceback.format_exc(limit=1).splitlines()[-1]
+    answer.send(result)
+
+
+def check_apart(context: BaseContext, source: str, name: str, steps: int, timeout: int
+                ) -> tuple[str, str]:
+    """:func:`check` one model in a process of its own; its memory is returned to the system when it ends."""
+    receive, send = context.Pipe(duplex=False)
+    child = context.Process(target=check_in_child, args=(source, name, steps, timeout, send), daemon=True)
+    child.start()
+    send.close()
+    got = receive.poll(timeout + 60)
+    result = receive.recv() if got else None
+    child.join(10)
+    if child.is_alive():
+        child.kill()
+        child.join()
+    if result is not None:
+        return result
+    if child.exitcode is not None and child.exitcode < 0:
+        why = "out of memory?" if -child.exitcode == signal.SIGKILL else signal.Signals(-child.exitcode).name
+        return "error", f"the process checking it was killed by signal {-child.exitcode} ({why})"
+    return "timeout", f"no answer within {timeout + 60} s"
+
+
 def markdown(rows: list[Row], machine: str) -> str:
     lines = [f"Measured by `python benchmarks/convert_coverage.py` ({machine}):", ""]
     for source in dict.fromkeys(r.source for r in rows):
@@ -244,23 +284,19 @@ def main(argv: list[str] | None = None) -> list[Row]:
     console = Console()
     machine = f"{cpu_model()}, torch {torch.__version__}"
     rows: list[Row] = []
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "hatnorm", *args.sources])
     for source in args.sources:
         try:
             candidates = SOURCES[source]()
         except ImportError as error:
             console.print(f"[yellow]{source}: not installed ({error}); skipped[/yellow]")
             continue
-        for name, make, size in candidates:
+        for name, _, _ in candidates:
             if args.only and name not in args.only:
                 continue
             started = time.perf_counter()
-            try:
-                with time_limit(args.timeout):
-                    stage, detail = check(make, size, args.steps)
-            except Timeout as error:
-                stage, detail = "timeout", str(error)
-            except Exception as error:  # a crash in the script itself still gets its row
-                stage, detail = "error", first_line(error) + " " + traceback.format_exc(limit=1).splitlines()[-1]
+            stage, detail = check_apart(context, source, name, args.steps, args.timeout)
             rows.append(Row(source, name, stage, detail, time.perf_counter() - started))
             mark = "[green]passed[/green]" if stage == "passed" else f"[red]{stage}[/red]"
             console.print(f"{source} {name}: {mark} {detail} ({rows[-1].seconds:.1f} s)", highlight=False)
