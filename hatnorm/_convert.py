@@ -179,13 +179,17 @@ class GatedNorm(nn.Module):
 
 
 class Heads(nn.Module):
-    """Per-task heads in a converted graph, reading ``[N, *, in_features]`` like the ``nn.Linear`` they replace."""
+    """Per-task heads in a converted graph, reading ``[N, *, in_features]`` like the ``nn.Linear`` they replace (or
+``[N, in_features, *spatial]`` like the convolution)."""
 
     def __init__(self, heads: TaskHeads) -> None:
         super().__init__()
         self.heads = heads
+        self.convolutional = heads.convolutional  # export swaps ``heads`` for the task's head alone
 
     def forward(self, x: Tensor, task: int) -> Tensor:
+        if self.convolutional:
+            return self.heads(x, task)
         shape = x.shape
         return self.heads(x.reshape(-1, shape[-1]), task).reshape(*shape[:-1], -1)
 
@@ -686,8 +690,8 @@ class _Converter:
             units = self.read(source, -1, module.in_features, where)
         else:
             units = self.read(source, 1, module.in_channels, where)
-        if isinstance(module, nn.Linear) and self.feeds_output(node):
-            self.classifier(node, module)
+        if isinstance(module, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d) and self.feeds_output(node):
+            self.classifier(node, module, where)
             self.head_units = units
             return
         self.pending[node] = (module, units)
@@ -1225,7 +1229,9 @@ class _Converter:
         self.units[node] = Units(units.source, index)
 
     def feeds_output(self, node: fx.Node) -> bool:
-        """Whether ``node`` is the model's output, as it is or through identities and flattens only."""
+        """Whether ``node`` is the model's output, as it is or through ops that keep each class apart only
+        (identities, flattens, unit-wise activations, dropout and pooling: a convolutional classifier's ReLU and
+        global pool)."""
         while True:
             users = list(node.users)
             if [u.op for u in users] == ["output"]:
@@ -1234,16 +1240,24 @@ class _Converter:
                 return False
             user = users[0]
             passes = (user.op == "call_module" and isinstance(self.gm.get_submodule(user.target),
-                                                              nn.Identity | nn.Flatten)) or \
-                (user.op == "call_method" and user.target in ("flatten", "contiguous")) or \
-                (user.op == "call_function" and user.target is torch.flatten)
+                                                              (nn.Flatten, *_UNITWISE_MODULES))) or \
+                (user.op == "call_method" and user.target in {"flatten", *_UNITWISE_METHODS}) or \
+                (user.op == "call_function" and user.target in {torch.flatten, *_UNITWISE_FUNCTIONS})
             if not passes or user.args[0] is not node:
                 return False
             node = user
 
-    def classifier(self, node: fx.Node, module: nn.Linear) -> None:
-        counts = self.num_classes or [module.out_features] * self.num_tasks
-        heads = TaskHeads(module.in_features, counts, num_tasks=self.num_tasks).to(module.weight.device)
+    def classifier(self, node: fx.Node, module: nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d, where: str) -> None:
+        if isinstance(module, nn.Linear):
+            counts = self.num_classes or [module.out_features] * self.num_tasks
+            heads = TaskHeads(module.in_features, counts, num_tasks=self.num_tasks)
+        else:
+            if module.groups != 1:
+                raise ConversionError(f"{where}: a convolutional classifier must have groups=1, got "
+                                      f"groups={module.groups}")
+            counts = self.num_classes or [module.out_channels] * self.num_tasks
+            heads = TaskHeads(module.in_channels, counts, num_tasks=self.num_tasks, conv=module)
+        heads = heads.to(device=module.weight.device, dtype=module.weight.dtype)
         if self.num_classes is None:
             # every task starts from the model's own head, so open gates reproduce the original outputs
             for head in heads.heads:
@@ -1264,9 +1278,9 @@ class _Converter:
                 where = f"module {result.target!r} ({type(self.gm.get_submodule(result.target)).__name__})"
             else:
                 where = _where(result) if isinstance(result, fx.Node) else "module"
-            raise ConversionError(f"{where}: gives the model's output, which must come from a final nn.Linear (the "
-                                  "classifier, which becomes one head per task; a convolutional classifier is not "
-                                  "supported)")
+            raise ConversionError(f"{where}: gives the model's output, which must come from a final nn.Linear or "
+                                  "convolution (the classifier, which becomes one head per task), followed only by "
+                                  "flattens, unit-wise activations, dropout or pooling")
 
 
 def _residual(a: Units, b: Units) -> Units:

@@ -1,7 +1,10 @@
 """Parameters a converted graph reads directly, protected by HAT: a parameter whose entries each meet one unit
-(:class:`ParameterUse`), and one that biases attention for a whole head (:class:`TaskParameter`)."""
+(:class:`ParameterUse`), one that biases attention for a whole head (:class:`TaskParameter`), and a module that
+computes such a bias (:class:`TaskModule`)."""
 
 from __future__ import annotations
+
+import copy
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +34,27 @@ class TaskParameter(nn.Module, Protected):
         own = torch.zeros_like(self.copies)
         own[task] = 1
         return {"copies": own}
+
+
+class TaskModule(nn.Module, Protected):
+    """A module that computes attention biases from fixed inputs (Swin v2's continuous position bias MLP): each
+    task has its own copy, trained only during its task, so no task moves another's.
+
+    Args:
+        module: the original module; every task's copy starts from it.
+        num_tasks: number of tasks.
+    """
+
+    def __init__(self, module: nn.Module, num_tasks: int) -> None:
+        super().__init__()
+        self.copies = nn.ModuleList(copy.deepcopy(module) for _ in range(num_tasks))
+
+    def forward(self, task: int, *args: Tensor) -> Tensor:
+        return self.copies[task](*args)
+
+    def gradient_multipliers(self, previous: MaskState, task: int, policy: GradientPolicy) -> dict[str, Tensor]:
+        return {name: torch.full_like(p, float(name.split(".")[1] == str(task)))
+                for name, p in self.named_parameters()}
 
 
 class ParameterUse(nn.Module, Protected):

@@ -43,9 +43,13 @@ class ExportedMask(nn.Module):
 
 
 class ExportedHead(nn.Module):
-    """The head of the exported task, called like :class:`~hatnorm.TaskHeads` (the task argument is ignored)."""
+    """The head of the exported task, called like :class:`~hatnorm.TaskHeads` (the task argument is ignored).
 
-    def __init__(self, linear: nn.Linear) -> None:
+    Attributes:
+        linear: the pruned head: an ``nn.Linear``, or the convolution of convolutional heads.
+    """
+
+    def __init__(self, linear: nn.Module) -> None:
         super().__init__()
         self.linear = linear
 
@@ -267,8 +271,8 @@ def export(model: nn.Module, task: int, *, layers: Sequence[Layer] | None = None
             _replace(body, names, module, _prune_weighted(module, rows, cols))
     for heads in [m for m in body.modules() if isinstance(m, TaskHeads)]:
         head = heads.heads[task]
-        cols = None if head_units is None else units.index(head_units, head.in_features)
-        _replace(body, names, heads, ExportedHead(_prune_weighted(head, torch.arange(head.out_features), cols)))
+        cols = None if head_units is None else units.index(head_units, heads.in_features)
+        _replace(body, names, heads, ExportedHead(_prune_weighted(head, torch.arange(heads.num_classes[task]), cols)))
     for gate in gates:
         _replace(body, names, gate, ExportedMask(units.mask(gate)))
     return TaskModel(body, task, before)

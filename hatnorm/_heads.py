@@ -1,4 +1,5 @@
-"""Multi-head output: one linear head per task, used and trained only for its task."""
+"""Multi-head output: one head per task (linear, or a convolution for a convolutional classifier), used and
+trained only for its task."""
 
 from __future__ import annotations
 
@@ -25,29 +26,55 @@ def class_counts(num_classes: int | Sequence[int], num_tasks: int) -> list[int]:
     return [check_positive_int(c, f"num_classes[{i}]") for i, c in enumerate(counts)]
 
 
+_SPATIAL = {1: ("L",), 2: ("H", "W"), 3: ("D", "H", "W")}
+
+
 @final
 class TaskHeads(nn.Module):
-    """One ``nn.Linear`` head per task; ``forward(x, task)`` uses head ``task`` only.
+    """One head per task; ``forward(x, task)`` uses head ``task`` only.
 
+    A head is an ``nn.Linear``, or, with ``conv``, a convolution configured like ``conv`` (kernel size, stride,
+    padding, dilation, padding mode, bias) with its task's class count as output channels: the classifier of a
+    model whose logits come from a convolution (SqueezeNet's ``Conv2d(512, classes, 1)``).
     Head t is owned by task t: :class:`hatnorm.HAT` trains it during task t and freezes it after.
 
     Args:
-        in_features: the features of the last hidden layer.
+        in_features: the features of the last hidden layer (the input channels of a convolutional head).
         num_classes: the class count of every task, or one count per task.
         num_tasks: number of tasks.
+        conv: the convolution each head is configured like (``nn.Conv1d``/``2d``/``3d`` with ``groups=1`` and
+            ``in_features`` input channels); ``None`` for linear heads.
     """
 
-    def __init__(self, in_features: int, num_classes: int | Sequence[int], *, num_tasks: int) -> None:
+    def __init__(self, in_features: int, num_classes: int | Sequence[int], *, num_tasks: int,
+                 conv: nn.Conv1d | nn.Conv2d | nn.Conv3d | None = None) -> None:
         super().__init__()
-        self.in_features = check_positive_int(in_features, "in_features")
-        self.num_classes = class_counts(num_classes, num_tasks)
+        in_features = check_positive_int(in_features, "in_features")
+        counts = class_counts(num_classes, num_tasks)
+        if conv is not None:
+            if not isinstance(conv, nn.Conv1d | nn.Conv2d | nn.Conv3d):
+                raise TypeError(f"conv must be an nn.Conv1d, nn.Conv2d or nn.Conv3d, got {type(conv).__name__}")
+            if conv.groups != 1 or conv.in_channels != in_features:
+                raise ValueError(f"conv must have groups=1 and in_features={in_features} input channels, got "
+                                 f"groups={conv.groups} and {conv.in_channels} input channels")
+        self.in_features = in_features
+        self.num_classes = counts
         self.num_tasks = int(num_tasks)
-        self.heads = nn.ModuleList(nn.Linear(in_features, c) for c in self.num_classes)
+        self.heads = nn.ModuleList(nn.Linear(in_features, c) if conv is None else type(conv)(
+            in_features, c, conv.kernel_size, stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
+            bias=conv.bias is not None, padding_mode=conv.padding_mode) for c in counts)
+        self._shape = (in_features,) if conv is None else (in_features, *_SPATIAL[len(conv.kernel_size)])
+
+    @property
+    def convolutional(self) -> bool:
+        """Whether the heads are convolutions (reading ``[N, in_features, *spatial]``)."""
+        return len(self._shape) > 1
 
     def forward(self, x: Tensor, task: int) -> Tensor:
-        """The logits of task ``task`` for ``x`` ``[N, in_features]``: ``[N, num_classes[task]]``."""
+        """The logits of task ``task`` for ``x`` ``[N, in_features]``: ``[N, num_classes[task]]``; for
+        convolutional heads, ``x`` ``[N, in_features, *spatial]`` gives ``[N, num_classes[task], *spatial']``."""
         task = check_task(task, self.num_tasks)
-        check_batch(x, (self.in_features,), like=self.heads[task].weight)
+        check_batch(x, self._shape, like=self.heads[task].weight)
         return self.heads[task](x)
 
     def gradient_multipliers(self, task: int) -> dict[str, Tensor]:

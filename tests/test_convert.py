@@ -11,6 +11,7 @@ import hatnorm
 
 torchvision = pytest.importorskip("torchvision")
 transformers = pytest.importorskip("transformers")
+swin = pytest.importorskip("torchvision.models.swin_transformer")
 
 
 def pretrained_resnet(builder, tmp_path) -> nn.Module:
@@ -80,6 +81,8 @@ MODELS = {
     # the mean over the spatial dims as the pooling
     "mnasnet0_5": (lambda tmp: pretrained_resnet(torchvision.models.mnasnet0_5, tmp), 32, ["task_bn"]),
     "vit": (pretrained_vit, 32, task_aware(nn.LayerNorm)),
+    # a convolutional classifier (a 1×1 convolution, ReLU and global pool give the logits): one per task
+    "squeezenet1_1": (lambda tmp: pretrained_resnet(torchvision.models.squeezenet1_1, tmp), 32, ["masked_bn"]),
     # models converted through the graph with an example input: a channel split and shuffle (view, transpose)
     "shufflenet_v2_x0_5": (lambda tmp: pretrained_resnet(torchvision.models.shufflenet_v2_x0_5, tmp), 32,
                            ["masked_bn"]),
@@ -91,6 +94,12 @@ MODELS = {
     "torchvision_swin": (lambda tmp: pretrained_resnet(lambda num_classes: torchvision.models.SwinTransformer(
         patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 2], window_size=[4, 4],
         stochastic_depth_prob=0.1, num_classes=num_classes), tmp), 32, ["masked_ln"]),
+    # Swin v2: cosine attention with a logit scale, a position bias computed by an MLP (both one copy per task),
+    # post-norm blocks
+    "torchvision_swin_v2": (lambda tmp: pretrained_resnet(lambda num_classes: torchvision.models.SwinTransformer(
+        patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 2], window_size=[4, 4],
+        stochastic_depth_prob=0.1, num_classes=num_classes, block=swin.SwinTransformerBlockV2,
+        downsample_layer=swin.PatchMergingV2), tmp), 32, ["masked_ln"]),
     # timm: F.scaled_dot_product_attention on a split qkv projection; BatchNormAct2d, timm's Linear, hard-swish
     "timm_vit": (lambda tmp: pretrained_resnet(lambda num_classes: timm_model(
         "vit_tiny_patch16_224", num_classes=num_classes, img_size=32, patch_size=8, depth=2, embed_dim=32,
@@ -526,3 +535,24 @@ def test_a_relative_position_bias_gets_one_copy_per_task(tmp_path) -> None:
     hat.begin_task(1)
     multipliers = {id(p): m for p, m in hat._multipliers(1)}
     assert multipliers[id(tables[0].copies)][1].eq(1).all() and multipliers[id(tables[0].copies)][[0, 2]].eq(0).all()
+
+
+def test_swin_v2_position_bias_mlp_and_logit_scale_get_one_copy_per_task(tmp_path) -> None:
+    make, size, _ = MODELS["torchvision_swin_v2"]
+    original = make(tmp_path)
+    model = hatnorm.convert(original, num_tasks=3, example_input=torch.randn(2, 3, size, size), norm="masked_ln")
+    attention = original.features[1][0].attn
+    gated = [m for m in model.modules() if type(m).__name__ == "GatedShiftedWindowAttention"]
+    assert len(gated) == 4 and all(m.version == 2 for m in gated)
+    first = gated[0]
+    assert len(first.cpb_mlp.copies) == 3 and first.logit_scale.copies.shape == (3, *attention.logit_scale.shape)
+    for t in range(3):
+        assert all(torch.equal(a, b) for a, b in zip(first.cpb_mlp.copies[t].parameters(),
+                                                     attention.cpb_mlp.parameters(), strict=True))
+    hat = hatnorm.HAT(model)
+    hat.begin_task(1)
+    multipliers = {id(p): m for p, m in hat._multipliers(1)}
+    for t, copy in enumerate(first.cpb_mlp.copies):
+        assert all(multipliers[id(p)].eq(float(t == 1)).all() for p in copy.parameters())
+    scale = multipliers[id(first.logit_scale.copies)]
+    assert scale[1].eq(1).all() and scale[[0, 2]].eq(0).all()

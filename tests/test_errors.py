@@ -847,6 +847,21 @@ def test_heads_refuse_a_bad_input_type_or_dtype() -> None:
             heads(x, 0)
 
 
+def test_convolutional_heads_take_feature_maps_and_refuse_a_bad_configuration() -> None:
+    heads = hatnorm.TaskHeads(4, [2, 3, 4], num_tasks=T, conv=nn.Conv2d(4, 9, 1))
+    assert heads.convolutional and heads(torch.randn(2, 4, 5, 5), 2).shape == (2, 4, 5, 5)
+    with refused(heads, ValueError, r"^x must have shape \[N, 4, H, W\] with N, H, W ≥ 1, got \[2, 4\]$"):
+        heads(torch.randn(2, 4), 0)
+    for conv, exc, match in [
+        (nn.Linear(4, 2), TypeError, r"^conv must be an nn\.Conv1d, nn\.Conv2d or nn\.Conv3d, got Linear$"),
+        (nn.Conv2d(4, 4, 1, groups=2), ValueError, r"^conv must have groups=1 and in_features=4 input channels, "
+                                                    r"got groups=2 and 4 input channels$"),
+        (nn.Conv2d(3, 4, 1), ValueError, r"got groups=1 and 3 input channels$"),
+    ]:
+        with pytest.raises(exc, match=match):
+            hatnorm.TaskHeads(4, 2, num_tasks=T, conv=conv)
+
+
 # --- build and the registries -----------------------------------------------------------------------------
 
 

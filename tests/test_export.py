@@ -108,13 +108,18 @@ def test_export_of_converted_torchvision_and_transformers_models() -> None:
     config = transformers.ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2,
                                     num_attention_heads=2, intermediate_size=64, num_labels=3)
     vit = hatnorm.convert(transformers.ViTForImageClassification(config), num_tasks=2, norm="masked_ln")
-    for model, x in ((resnet, torch.randn(2, 3, 64, 64)), (vit, torch.randn(2, 3, 16, 16))):
+    # a convolutional classifier: the exported head is the task's convolution, pruned to the used channels
+    squeezenet = hatnorm.convert(torchvision.models.squeezenet1_1(num_classes=4), num_tasks=2, num_classes=[4, 6])
+    for model, x in ((resnet, torch.randn(2, 3, 64, 64)), (vit, torch.randn(2, 3, 16, 16)),
+                     (squeezenet, torch.randn(2, 3, 64, 64))):
         trained(model, x, tasks=1, steps=2)
         model.eval()
         exported = hatnorm.export(model, 0)
         with torch.no_grad():
             torch.testing.assert_close(exported(x), model(x, task=0), rtol=1e-4, atol=1e-5)
         assert exported.parameters_saved > 0
+    head = squeezenet.body.get_submodule("classifier.1")  # Dropout, the convolution, ReLU, pool
+    assert isinstance(head.heads.heads[1], nn.Conv2d) and head.heads.heads[1].out_channels == 6
 
 
 def test_export_refuses_bad_input() -> None:
