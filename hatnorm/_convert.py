@@ -1431,10 +1431,19 @@ def _where(node: fx.Node) -> str:
     owner_name = owner[1].__name__ if isinstance(owner, tuple) and isinstance(owner[1], type) else None
     module = (f"module {path!r} ({owner_name})" if path and owner_name else f"module {path!r}" if path
               else "the model's own forward")
-    frames = [f for f in re.findall(r'File "([^"]+)", line (\d+), in \S+\n\s*(.*)', node.stack_trace or "")
-              if not Path(f[0]).is_relative_to(_TORCH) and Path(f[0]) != _TRACING]  # the model's line, not a tracer's
-    source = f", {Path(frames[-1][0]).name}:{frames[-1][1]} `{frames[-1][2].strip()}`" if frames else ""
-    return f"{module}{source}: operation {op}"
+    frames = _model_frames(node)
+    return f"{module}{_source(frames[-1]) if frames else ''}: operation {op}"
+
+
+def _model_frames(node: fx.Node) -> list[tuple[str, str, str]]:
+    """The frames (file, line number, code) of the model's own code that created ``node``, outermost first: the
+    model's lines, not torch's or the tracer's."""
+    return [f for f in re.findall(r'File "([^"]+)", line (\d+), in \S+\n\s*(.*)', node.stack_trace or "")
+            if not Path(f[0]).is_relative_to(_TORCH) and Path(f[0]) != _TRACING]
+
+
+def _source(frame: tuple[str, str, str]) -> str:
+    return f", {Path(frame[0]).name}:{frame[1]} `{frame[2].strip()}`"
 
 
 def _used_modules(gm: fx.GraphModule) -> set[str]:
@@ -1451,20 +1460,32 @@ def _refuse_training_only_parts(module: nn.Module, traced: fx.GraphModule) -> No
     """Refuse to drop what runs only in training: a model traced in evaluation mode loses the branches its
     forward takes only in training (an auxiliary head, drop-path); the training-mode trace shows them."""
     try:
-        in_training = _used_modules(trace(copy.deepcopy(module).train()))
+        training = trace(copy.deepcopy(module).train())
     except Exception:  # a model whose training forward does not trace: nothing to compare
         return
+    in_training = _used_modules(training)
     in_evaluation = _used_modules(traced)
     lost = sorted(name for name in in_training - in_evaluation
                   if not any(name.startswith(other + ".") for other in in_training - in_evaluation))
     if lost:
         described = [f"{name!r} ({type(module.get_submodule(name)).__name__}, "
                      f"{sum(p.numel() for p in module.get_submodule(name).parameters()):,} parameters)"
-                     for name in lost[:3]]
+                     f"{_call_site(training, name)}" for name in lost[:3]]
         raise ConversionError(f"module {', '.join(described)}{' and more' if len(lost) > 3 else ''}: runs only in "
                               "training, so converting in evaluation mode would drop it (an auxiliary head, "
                               "drop-path); remove it from the model (e.g. aux_logits=False, drop_path_rate=0) "
                               "to convert without it")
+
+
+def _call_site(gm: fx.GraphModule, name: str) -> str:
+    """The source line that calls the module at path ``name`` in the traced forward (``aux1 = self.aux1(x)``)."""
+    call = re.compile(rf"\bself\.{re.escape(name.rpartition('.')[2])}\(")
+    for node in gm.graph.nodes:
+        if name in (node.meta.get("nn_module_stack") or {}) or (node.op == "call_module" and node.target == name):
+            frames = _model_frames(node)
+            calls = [f for f in frames if call.search(f[2])]
+            return _source(calls[-1] if calls else frames[-1]) if frames else ""
+    return ""
 
 
 def open_gates(model: nn.Module, value: float = 6.0) -> None:
