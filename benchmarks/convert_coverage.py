@@ -212,8 +212,11 @@ def forgetting(model: hatnorm.HATModule, probe: torch.Tensor, size: int, steps: 
         model.train()
         for b in range(steps):
             s = hat.scale(b, steps)
-            batch = torch.randn(4, 3, size, size) + task
-            loss = hat.loss(F.cross_entropy(model(batch, task=task, s=s), torch.randint(classes, (4,))), s)
+            batch, labels = torch.randn(4, 3, size, size) + task, torch.randint(classes, (4,))
+            output = model(batch, task=task, s=s)
+            # a model with auxiliary classifiers returns their logits too in training: all of them learn
+            every = [output] if isinstance(output, torch.Tensor) else list(output)
+            loss = hat.loss(sum(F.cross_entropy(o, labels) for o in every), s)
             optimizer.zero_grad()
             loss.backward()
             hat.protect(s)

@@ -27,10 +27,8 @@ from __future__ import annotations
 
 import copy
 import operator
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -47,12 +45,14 @@ from hatnorm._checks import (
 )
 from hatnorm._conversion_error import ConversionError
 from hatnorm._convert_params import ParameterUse, TaskParameter
+from hatnorm._convert_training import EvaluationForward, evaluation_graph, is_structure, training_graph
 from hatnorm._convert_vit import convert_vit, is_transformers_vit
 from hatnorm._convert_windows import GatedShiftedWindowAttention, is_patch_merging_pad, is_window_attention
 from hatnorm._gate import HATGate
 from hatnorm._hat import HATModule, Layer
 from hatnorm._heads import TaskHeads, class_counts
 from hatnorm._masks import Concat, Flatten, MaskSource, Residual, Select
+from hatnorm._node_source import where as _where
 from hatnorm._norm_registry import NormSpec, get_norm, list_norms
 from hatnorm._norms import MaskedNorm, NoNorm
 from hatnorm._tracing import is_drop_path, trace
@@ -203,22 +203,29 @@ class ConvertedModel(HATModule):
     the real forward, and the fewest values per channel any batch-statistics norm sees is remembered, so
     a training batch too small for batch statistics is refused up front too.
 
+    A model whose forward runs more in training than in evaluation (auxiliary classifiers) keeps it: in training
+    the converted model returns what the original returns there (GoogLeNet's ``GoogLeNetOutputs``, every logits
+    tensor from heads of the task), in evaluation the logits alone, computing nothing else.
+
     Attributes:
         body: the traced and rewritten graph module.
         num_tasks: number of tasks.
     """
 
-    def __init__(self, body: nn.Module, layers: Sequence[Layer], head_units: MaskSource | None = None) -> None:
+    def __init__(self, body: nn.Module, layers: Sequence[Layer], head_units: MaskSource | None = None,
+                 evaluation: EvaluationForward | None = None) -> None:
         super().__init__()
         self.body = body
         self._layers = list(layers)
         self._head_units = head_units
+        self._evaluation = evaluation
         self.num_tasks = next(m.num_tasks for m in body.modules() if isinstance(m, TaskHeads))
         # per-sample shape, dtype and device of every input the model took → positions per channel (see _probe)
         self._accepted: dict[tuple[tuple[int, ...], torch.dtype, torch.device], int | None] = {}
 
-    def forward(self, x: Tensor, task: int, s: float | Tensor | None = None) -> Tensor:
-        """The logits of task ``task`` for ``x``, a batch ``[N, ...]`` (N ≥ 1) the original model takes.
+    def forward(self, x: Tensor, task: int, s: float | Tensor | None = None) -> Any:
+        """The logits of task ``task`` for ``x``, a batch ``[N, ...]`` (N ≥ 1) the original model takes (in
+        training, for a model with auxiliary classifiers, what the original returns: its logits and theirs).
 
         Args:
             x: the input batch.
@@ -243,7 +250,20 @@ class ConvertedModel(HATModule):
         s = check_training_scale(s, self.training)
         if not torch.compiler.is_compiling():
             check_batch_statistics(x, self._probe(x, task), training=self.training)
-        return self.body(x, task, s)
+        return self._run(x, task, s)
+
+    def _run(self, x: Tensor, task: int, s: float | Tensor | None) -> Any:
+        if self.training or self._evaluation is None:
+            return self.body(x, task, s)
+        return self._evaluation(self.body, x, task, s)
+
+    def only_in_training(self) -> list[str]:
+        """The paths of the modules only the training forward runs: auxiliary classifiers, their norms and gates."""
+        if self._evaluation is None:
+            return []
+        used = {n.target for n in self._evaluation.graph.nodes if n.op == "call_module"}
+        called = {n.target for n in self.body.graph.nodes if n.op == "call_module"}
+        return [f"body.{path}" for path in sorted(called - used)]
 
     def _probe(self, x: Tensor, task: int) -> int | None:
         """The fewest values per sample and channel any batch-statistics norm sees for inputs shaped like ``x``
@@ -262,7 +282,7 @@ class ConvertedModel(HATModule):
         self.eval()
         try:
             with torch.no_grad():
-                self.body(x[:1], task)
+                self._run(x[:1], task, None)
         except torch.cuda.OutOfMemoryError:
             raise
         except (RuntimeError, ValueError) as error:  # a layer, norm or head that cannot take the shape
@@ -424,8 +444,10 @@ class _Converter:
     """
 
     def __init__(self, gm: fx.GraphModule, traced: nn.Module, norms: _Norms, num_tasks: int,
-                 num_classes: list[int] | None, s_max: float, recorder: Recorder | None) -> None:
+                 num_classes: list[int] | None, s_max: float, recorder: Recorder | None,
+                 logits: fx.Node | None = None) -> None:
         self.gm, self.norms, self.num_tasks, self.num_classes, self.s_max = gm, norms, num_tasks, num_classes, s_max
+        self.logits = logits  # the output node evaluation gives, when the graph also returns auxiliary logits
         self.traced = traced  # the module that was traced: its submodules keep their classes (gm's are plain)
         self.recorder = recorder
         self.units: dict[fx.Node, Any] = {}
@@ -690,9 +712,11 @@ class _Converter:
             units = self.read(source, -1, module.in_features, where)
         else:
             units = self.read(source, 1, module.in_channels, where)
-        if isinstance(module, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d) and self.feeds_output(node):
+        output = self.output_of(node) if isinstance(module, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d) else None
+        if output is not None:
             self.classifier(node, module, where)
-            self.head_units = units
+            if self.logits is None or output is self.logits:  # the heads export prunes by these units
+                self.head_units = units
             return
         self.pending[node] = (module, units)
 
@@ -1228,23 +1252,24 @@ class _Converter:
         index = units.index if keepdim else units.index.squeeze(tuple(dims))
         self.units[node] = Units(units.source, index)
 
-    def feeds_output(self, node: fx.Node) -> bool:
-        """Whether ``node`` is the model's output, as it is or through ops that keep each class apart only
-        (identities, flattens, unit-wise activations, dropout and pooling: a convolutional classifier's ReLU and
-        global pool)."""
+    def output_of(self, node: fx.Node) -> fx.Node | None:
+        """The output ``node`` gives (itself, or the last node before the output), when it is one of the model's
+        outputs as it is or through ops that keep each class apart only (identities, flattens, unit-wise
+        activations, dropout and pooling: a convolutional classifier's ReLU and global pool); else ``None``."""
         while True:
             users = list(node.users)
-            if [u.op for u in users] == ["output"]:
-                return True
+            if len(users) == 1 and (users[0].op == "output" or (
+                    is_structure(users[0]) and [u.op for u in users[0].users] == ["output"])):
+                return node
             if len(users) != 1:
-                return False
+                return None
             user = users[0]
             passes = (user.op == "call_module" and isinstance(self.gm.get_submodule(user.target),
                                                               (nn.Flatten, *_UNITWISE_MODULES))) or \
                 (user.op == "call_method" and user.target in {"flatten", *_UNITWISE_METHODS}) or \
                 (user.op == "call_function" and user.target in {torch.flatten, *_UNITWISE_FUNCTIONS})
             if not passes or user.args[0] is not node:
-                return False
+                return None
             node = user
 
     def classifier(self, node: fx.Node, module: nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d, where: str) -> None:
@@ -1388,7 +1413,7 @@ def convert(
     if is_transformers_vit(module):
         return convert_vit(module, num_tasks=num_tasks, spec=norms.for_layer_norms(), num_classes=counts,
                            s_max=s_max)
-    traced = copy.deepcopy(module)
+    traced = copy.deepcopy(module).eval()
     try:
         gm = trace(traced)
     except Exception as error:  # torch.fx raises many types for untraceable code
@@ -1401,8 +1426,10 @@ def convert(
         except Exception as again:  # still untraceable: data-dependent control flow
             raise ConversionError(f"module: torch.fx cannot trace {type(module).__name__}, even alongside "
                                   f"example_input: {again}") from again
-    if not module.training:
-        _refuse_training_only_parts(module, gm)
+    kept = training_graph(traced, gm)
+    logits = None
+    if kept is not None:  # auxiliary heads: convert the training graph, whose evaluation part is gm
+        gm, logits = kept.graph, kept.logits
     recorder = None
     if example_input is not None:
         if not isinstance(example_input, Tensor) or example_input.dim() < 1 or example_input.numel() == 0:
@@ -1412,80 +1439,10 @@ def convert(
         except Exception as error:  # whatever the model raises for an input it cannot take
             raise ValueError(f"example_input: the model cannot take a batch of shape {list(example_input.shape)}: "
                              f"{error}") from error
-    converter = _Converter(gm, traced, norms, num_tasks, counts, s_max, recorder)
+    converter = _Converter(gm, traced, norms, num_tasks, counts, s_max, recorder, logits)
     layers = converter.run()
-    return ConvertedModel(gm, layers, converter.head_units).train(module.training)
-
-
-_TORCH = Path(torch.__file__).parent
-_TRACING = Path(__file__).with_name("_tracing.py")
-
-
-def _where(node: fx.Node) -> str:
-    """Where an operation of the traced forward comes from, for messages: the innermost module whose forward
-    holds it, the source line (file name, line number and code) and the operation."""
-    target = node.target
-    op = target if isinstance(target, str) else getattr(target, "__name__", repr(target))
-    stack = node.meta.get("nn_module_stack") or {}
-    path, owner = next(reversed(stack.items()), ("", None))
-    owner_name = owner[1].__name__ if isinstance(owner, tuple) and isinstance(owner[1], type) else None
-    module = (f"module {path!r} ({owner_name})" if path and owner_name else f"module {path!r}" if path
-              else "the model's own forward")
-    frames = _model_frames(node)
-    return f"{module}{_source(frames[-1]) if frames else ''}: operation {op}"
-
-
-def _model_frames(node: fx.Node) -> list[tuple[str, str, str]]:
-    """The frames (file, line number, code) of the model's own code that created ``node``, outermost first: the
-    model's lines, not torch's or the tracer's."""
-    return [f for f in re.findall(r'File "([^"]+)", line (\d+), in \S+\n\s*(.*)', node.stack_trace or "")
-            if not Path(f[0]).is_relative_to(_TORCH) and Path(f[0]) != _TRACING]
-
-
-def _source(frame: tuple[str, str, str]) -> str:
-    return f", {Path(frame[0]).name}:{frame[1]} `{frame[2].strip()}`"
-
-
-def _used_modules(gm: fx.GraphModule) -> set[str]:
-    """The paths of the modules a traced forward runs (called as leaves, or inlined into its nodes)."""
-    used = set()
-    for node in gm.graph.nodes:
-        used.update(node.meta.get("nn_module_stack") or {})
-        if node.op == "call_module":
-            used.add(node.target)
-    return used
-
-
-def _refuse_training_only_parts(module: nn.Module, traced: fx.GraphModule) -> None:
-    """Refuse to drop what runs only in training: a model traced in evaluation mode loses the branches its
-    forward takes only in training (an auxiliary head, drop-path); the training-mode trace shows them."""
-    try:
-        training = trace(copy.deepcopy(module).train())
-    except Exception:  # a model whose training forward does not trace: nothing to compare
-        return
-    in_training = _used_modules(training)
-    in_evaluation = _used_modules(traced)
-    lost = sorted(name for name in in_training - in_evaluation
-                  if not any(name.startswith(other + ".") for other in in_training - in_evaluation))
-    if lost:
-        described = [f"{name!r} ({type(module.get_submodule(name)).__name__}, "
-                     f"{sum(p.numel() for p in module.get_submodule(name).parameters()):,} parameters)"
-                     f"{_call_site(training, name)}" for name in lost[:3]]
-        raise ConversionError(f"module {', '.join(described)}{' and more' if len(lost) > 3 else ''}: runs only in "
-                              "training, so converting in evaluation mode would drop it (an auxiliary head, "
-                              "drop-path); remove it from the model (e.g. aux_logits=False, drop_path_rate=0) "
-                              "to convert without it")
-
-
-def _call_site(gm: fx.GraphModule, name: str) -> str:
-    """The source line that calls the module at path ``name`` in the traced forward (``aux1 = self.aux1(x)``)."""
-    call = re.compile(rf"\bself\.{re.escape(name.rpartition('.')[2])}\(")
-    for node in gm.graph.nodes:
-        if name in (node.meta.get("nn_module_stack") or {}) or (node.op == "call_module" and node.target == name):
-            frames = _model_frames(node)
-            calls = [f for f in frames if call.search(f[2])]
-            return _source(calls[-1] if calls else frames[-1]) if frames else ""
-    return ""
+    evaluation = None if logits is None else EvaluationForward(evaluation_graph(gm, logits))
+    return ConvertedModel(gm, layers, converter.head_units, evaluation).train(module.training)
 
 
 def open_gates(model: nn.Module, value: float = 6.0) -> None:

@@ -57,6 +57,22 @@ class ExportedHead(nn.Module):
         return self.linear(x)
 
 
+class RemovedByExport(nn.Module):
+    """What stands where :func:`hatnorm.export` removed a module only the training forward runs (an auxiliary
+    classifier): the exported model is for inference, so running it in training mode is refused here."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+
+    def forward(self, *args: object, **kwargs: object) -> Tensor:
+        raise RuntimeError(f"module {self.path!r} runs only in training and was removed by hatnorm.export; the "
+                           "exported model is for inference: call it in evaluation mode")
+
+    def extra_repr(self) -> str:
+        return repr(self.path)
+
+
 class TaskModel(nn.Module):
     """One task of a HAT model for inference: ``model(x)`` gives that task's logits.
 
@@ -269,12 +285,17 @@ def export(model: nn.Module, task: int, *, layers: Sequence[Layer] | None = None
         elif _foldable(module):
             cols = units.index(layer.inp, module.weight.shape[1]) if layer.inp is not None else None
             _replace(body, names, module, _prune_weighted(module, rows, cols))
-    for heads in [m for m in body.modules() if isinstance(m, TaskHeads)]:
+    training_only = body.only_in_training() if isinstance(body, HATModule) else []
+    for heads in [m for m in body.modules() if isinstance(m, TaskHeads)
+                  and not any(names[id(m)] == p or names[id(m)].startswith(p + ".") for p in training_only)]:
         head = heads.heads[task]
         cols = None if head_units is None else units.index(head_units, heads.in_features)
         _replace(body, names, heads, ExportedHead(_prune_weighted(head, torch.arange(heads.num_classes[task]), cols)))
     for gate in gates:
         _replace(body, names, gate, ExportedMask(units.mask(gate)))
+    for path in training_only:  # auxiliary classifiers: inference never runs them
+        parent, _, child = path.rpartition(".")
+        setattr(body.get_submodule(parent), child, RemovedByExport(path))
     return TaskModel(body, task, before)
 
 

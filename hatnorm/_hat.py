@@ -75,6 +75,11 @@ class HATModule(nn.Module, ABC):
         model says this; ``None`` (the default) keeps every unit."""
         return None
 
+    def only_in_training(self) -> list[str]:
+        """The paths of the submodules only the training forward runs (auxiliary classifiers), which
+        :func:`hatnorm.export` removes; none by default."""
+        return []
+
 
 def _weight_rate(policy: GradientPolicy, weight: Tensor, out: MaskState, inp: MaskState | None, groups: int) -> Tensor:
     if inp is not None and groups > 1:

@@ -375,19 +375,97 @@ def test_a_norm_that_cannot_replace_a_module_is_refused_naming_it(norm, message)
         hatnorm.convert(mixed_norm_model(), num_tasks=2, norm=norm)
 
 
-def test_what_runs_only_in_training_is_not_dropped_silently() -> None:
+def test_drop_path_is_kept_as_a_module() -> None:
     timm = pytest.importorskip("timm")
-    # inception_v3's auxiliary head runs only in training: an evaluation-mode trace would lose it, so
-    # conversion is refused, naming it
-    inception = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False).eval()
-    with pytest.raises(hatnorm.ConversionError, match=r"module 'AuxLogits' \(InceptionAux, 3,326,696 parameters\): "
-                                                      r"runs only in training"):
-        hatnorm.convert(inception, num_tasks=2)
     # timm's drop-path is kept as a module, so it still drops paths in training
     original = timm.create_model("resnet18", drop_path_rate=0.1).eval()
     converted = hatnorm.convert(original, num_tasks=2)
     kept = [type(m).__name__ for m in converted.modules() if type(m).__name__ == "DropPath"]
     assert len(kept) == sum(type(m).__name__ == "DropPath" for m in original.modules()) == 7
+
+
+def googlenet(num_classes: int) -> nn.Module:
+    return torchvision.models.googlenet(num_classes=num_classes, aux_logits=True, init_weights=True)
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_auxiliary_classifiers_are_kept_and_learn_in_training(mode: str, tmp_path) -> None:
+    original = pretrained_resnet(googlenet, tmp_path)
+    probe = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        expected = original(probe)
+    model = hatnorm.convert(getattr(original, mode)(), num_tasks=2, example_input=probe)
+    assert model.training == (mode == "train")
+    # evaluation gives the logits alone, as the original does, and runs no auxiliary classifier
+    hatnorm.open_gates(model)
+    model.eval()
+    calls = []
+    hooks = [model.body.get_submodule(p).register_forward_hook(lambda *_: calls.append(1)) for p in ("aux1", "aux2")]
+    with torch.no_grad():
+        torch.testing.assert_close(model(probe, task=1), expected, atol=1e-5, rtol=0)
+    assert not calls
+    for hook in hooks:
+        hook.remove()
+    assert "body.aux1.fc2" in model.only_in_training() and "body.fc" not in model.only_in_training()
+    # training returns what the original returns there, every logits tensor from heads of the task
+    model = hatnorm.convert(original.eval(), num_tasks=2, num_classes=[3, 4])
+    assert sum(isinstance(m, hatnorm.TaskHeads) for m in model.modules()) == 3
+    hat = hatnorm.HAT(model)  # the auxiliary classifiers are protected too
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    aux_heads = model.body.aux1.fc2.heads.heads
+    outputs, aux = [], [[h.weight.detach().clone() for h in aux_heads]]
+    for task, classes in enumerate([3, 4]):
+        hat.begin_task(task)
+        for b in range(3):
+            model.train()
+            s = hat.scale(b, 3)
+            x, y = torch.randn(8, 3, 32, 32) + task, torch.randint(0, classes, (8,))
+            out = model(x, task=task, s=s)
+            assert type(out).__name__ == "GoogLeNetOutputs" and all(o.shape == (8, classes) for o in out)
+            loss = hat.loss(F.cross_entropy(out.logits, y) + 0.3 * (F.cross_entropy(out.aux_logits1, y) +
+                                                                    F.cross_entropy(out.aux_logits2, y)), s)
+            opt.zero_grad()
+            loss.backward()
+            hat.protect(s)
+            hat.step(opt)
+        hat.end_task()
+        aux.append([h.weight.detach().clone() for h in aux_heads])
+        model.eval()
+        with torch.no_grad():
+            outputs.append(model(probe, task=0))
+    assert torch.equal(outputs[0], outputs[1])  # no forgetting
+    # each task's auxiliary head learns during its task only
+    assert not torch.equal(aux[0][0], aux[1][0]) and torch.equal(aux[1][0], aux[2][0])
+    assert torch.equal(aux[0][1], aux[1][1]) and not torch.equal(aux[1][1], aux[2][1])
+    # export is for inference: the auxiliary classifiers are removed
+    exported = hatnorm.export(model, 0)
+    with torch.no_grad():
+        torch.testing.assert_close(exported(probe), model(probe, task=0), atol=1e-5, rtol=1e-5)
+    assert type(exported.body.body.aux1.fc2).__name__ == "RemovedByExport"
+    aux_parameters = sum(p.numel() for name in ("aux1", "aux2") for p in original.get_submodule(name).parameters())
+    assert exported.parameters_saved > aux_parameters
+
+
+class TrainingPathDiffers(nn.Module):
+    """An auxiliary head in training, and a functional dropout whose mode is fixed when traced."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+        self.fc, self.aux = nn.Linear(4, 2), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor):
+        x = F.dropout(self.bn(self.conv(x)).mean((2, 3)), 0.5, training=self.training)
+        if self.training:
+            return self.fc(x), self.aux(x)
+        return self.fc(x)
+
+
+def test_a_training_branch_that_cannot_be_kept_is_refused_naming_its_line() -> None:
+    with pytest.raises(hatnorm.ConversionError, match=r"^module 'aux' \(Linear, 10 parameters\), test_convert\.py:"
+                                                      r"\d+ `return self\.fc\(x\), self\.aux\(x\)`: runs only in "
+                                                      r"training, and the training forward's path to the logits"):
+        hatnorm.convert(TrainingPathDiffers().eval(), num_tasks=2)
 
 
 def test_a_model_that_moves_units_by_its_shapes_asks_for_an_example_input(tmp_path) -> None:

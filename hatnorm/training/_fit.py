@@ -80,6 +80,15 @@ class FitState:
         return cls(**state | {"optimizer": optimizer})
 
 
+def _logits(output: object, model: nn.Module) -> Tensor:
+    """The training forward's logits; a model that returns more (auxiliary classifiers' logits) is refused."""
+    if not isinstance(output, Tensor):
+        raise TypeError(f"model must return a logits tensor in training, got {type(output).__name__} from "
+                        f"{type(model).__name__} (a model with auxiliary classifiers): train it with a loop of your "
+                        "own that combines their losses, or build it without them (e.g. aux_logits=False)")
+    return output
+
+
 def fit_task(model: nn.Module, method: Method, task_ids: Sequence[int], train: Sequence[Dataset],
         valid: Sequence[Dataset], config: TrainConfig, display: Display, name: str, seed: int, *,
         resume: FitState | None = None, epoch_end: Callable[[FitState], None] | None = None
@@ -133,8 +142,8 @@ def fit_task(model: nn.Module, method: Method, task_ids: Sequence[int], train: S
                                      f"{skip_hint('TrainConfig')}")
                 skipped_now += 1
                 continue
-            task_loss = sum(F.cross_entropy(model(shard(x), task=t, s=s), shard(y)) for t, (x, y) in
-                            zip(task_ids, batches, strict=True))
+            task_loss = sum(F.cross_entropy(_logits(model(shard(x), task=t, s=s), model), shard(y))
+                            for t, (x, y) in zip(task_ids, batches, strict=True))
             # checked before any gradient or step: the model is left as the last finite step made it
             if not math.isfinite(value := task_loss.item()):
                 raise diverged(f"task {task_ids[-1]} ({name}), epoch {epoch + 1}, batch {b + 1} of {steps_per_epoch}",

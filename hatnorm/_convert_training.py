@@ -1,0 +1,161 @@
+"""What a model's forward runs only in training (auxiliary heads), kept by :func:`hatnorm.convert`.
+
+A model traced in evaluation mode loses the branches its forward takes only in training: GoogLeNet's and
+Inception v3's auxiliary classifiers. ``convert`` traces the training forward too. When it runs modules the
+evaluation forward does not, the training graph is the one converted, provided its path to the logits is the
+evaluation graph exactly (compared node by node, so no flag fixed at trace time, such as a functional dropout's
+``training=True``, differs). The converted model runs the whole graph in training, returning what the original
+returns there (a ``GoogLeNetOutputs`` of per-task logits: every auxiliary classifier becomes one head per task
+too), and in evaluation only the nodes that compute the logits (:func:`evaluation_graph`).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+from torch import fx, nn
+
+from hatnorm._conversion_error import ConversionError
+from hatnorm._node_source import call_site
+from hatnorm._tracing import trace
+
+
+@dataclass
+class TrainingGraph:
+    """The training-mode trace of a model whose training forward runs more than its evaluation forward.
+
+    Attributes:
+        graph: the training-mode trace.
+        logits: the node of its output that the evaluation forward returns.
+        only_in_training: the paths of the modules only the training forward runs.
+    """
+
+    graph: fx.GraphModule
+    logits: fx.Node
+    only_in_training: list[str]
+
+
+def used_modules(gm: fx.GraphModule) -> set[str]:
+    """The paths of the modules a traced forward runs (called as leaves, or inlined into its nodes)."""
+    used = set()
+    for node in gm.graph.nodes:
+        used.update(node.meta.get("nn_module_stack") or {})
+        if node.op == "call_module":
+            used.add(node.target)
+    return used
+
+
+def training_graph(module: nn.Module, evaluation: fx.GraphModule) -> TrainingGraph | None:
+    """The training-mode trace of ``module`` (in evaluation mode), when its training forward runs modules that
+    ``evaluation``, its evaluation-mode trace, does not; ``None`` when it runs nothing more or does not trace.
+
+    Raises:
+        ConversionError: the training forward's path to the logits differs from the evaluation forward, so the
+            training-only modules (named, with the line that calls them) cannot be kept.
+    """
+    module.train()
+    try:
+        training = trace(module)
+    except Exception:  # a training forward torch.fx cannot trace: nothing to compare
+        return None
+    finally:
+        module.eval()
+    only = used_modules(training) - used_modules(evaluation)
+    lost = sorted(name for name in only if not any(name.startswith(other + ".") for other in only))
+    if not lost:
+        return None
+    for logits in _output_tensors(training.graph):
+        if _same_graph(evaluation_graph(training, logits), evaluation.graph):
+            return TrainingGraph(training, logits, lost)
+    described = [f"{name!r} ({type(module.get_submodule(name)).__name__}, "
+                 f"{sum(p.numel() for p in module.get_submodule(name).parameters()):,} parameters)"
+                 f"{call_site(training, name)}" for name in lost[:3]]
+    raise ConversionError(f"module {', '.join(described)}{' and more' if len(lost) > 3 else ''}: runs only in "
+                          "training, and the training forward's path to the logits is not the evaluation "
+                          "forward's (a mode fixed when traced differs), so it cannot be kept; remove it from the "
+                          "model (e.g. aux_logits=False) to convert without it")
+
+
+def evaluation_graph(gm: fx.GraphModule, logits: fx.Node) -> fx.Graph:
+    """A copy of ``gm``'s graph that returns ``logits`` and computes only what they need."""
+    graph = fx.Graph(owning_module=gm)
+    values: dict[fx.Node, fx.Node] = {}
+    graph.graph_copy(gm.graph, values)
+    graph.output(values[logits])
+    graph.eliminate_dead_code()
+    return graph
+
+
+def _output_tensors(graph: fx.Graph) -> list[fx.Node]:
+    """The nodes a traced forward returns: inside a tuple, a mapping or a named tuple built in the graph."""
+    result = next(n for n in graph.nodes if n.op == "output").args[0]
+    if isinstance(result, fx.Node) and is_structure(result):
+        result = (*result.args, *result.kwargs.values())
+    found: list[fx.Node] = []
+    fx.node.map_arg(result, found.append)
+    return found
+
+
+def is_structure(node: fx.Node) -> bool:
+    """Whether ``node`` builds a named tuple of outputs (GoogLeNet's ``GoogLeNetOutputs``)."""
+    target = node.target
+    return node.op == "call_function" and isinstance(target, type) and issubclass(target, tuple) and \
+        hasattr(target, "_fields")
+
+
+def _same_graph(a: fx.Graph, b: fx.Graph) -> bool:
+    """Whether two graphs compute the same: the same operations on the same arguments, node by node."""
+    nodes_a, nodes_b = list(a.nodes), list(b.nodes)
+    if len(nodes_a) != len(nodes_b):
+        return False
+    position_a = {n: i for i, n in enumerate(nodes_a)}
+    position_b = {n: i for i, n in enumerate(nodes_b)}
+    for x, y in zip(nodes_a, nodes_b, strict=True):
+        if x.op != y.op or x.target != y.target:
+            return False
+        args_x = fx.node.map_arg((x.args, x.kwargs), lambda n: _Position(position_a[n]))
+        args_y = fx.node.map_arg((y.args, y.kwargs), lambda n: _Position(position_b[n]))
+        if not _equal(args_x, args_y):
+            return False
+    return True
+
+
+@dataclass(frozen=True)
+class _Position:
+    index: int
+
+
+def _equal(a: Any, b: Any) -> bool:
+    try:
+        return bool(type(a) is type(b) and a == b)
+    except Exception:  # values without a plain equality (tensors): not provably the same
+        return False
+
+
+class EvaluationForward:
+    """The evaluation-mode forward of a converted graph that also holds training-only branches: the code of
+    :func:`evaluation_graph`, run on the graph module itself (so it always reads its current submodules).
+
+    Args:
+        graph: the evaluation graph.
+    """
+
+    def __init__(self, graph: fx.Graph) -> None:
+        self.graph = graph
+        self._forward: Any = None
+
+    def __call__(self, body: fx.GraphModule, *args: Any) -> Any:
+        if self._forward is None:
+            code = self.graph.python_code(root_module="self")
+            namespace = dict(code.globals)
+            exec(compile(code.src, "<hatnorm evaluation forward>", "exec"), namespace)
+            self._forward = namespace["forward"]
+        return self._forward(body, *args)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"graph": self.graph, "_forward": None}  # the compiled code is made again where it is loaded
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> EvaluationForward:
+        return EvaluationForward(copy.deepcopy(self.graph, memo))
