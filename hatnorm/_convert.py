@@ -888,7 +888,7 @@ class _Converter:
             self.units[node] = self.units[node.args[0]][node.args[1]]  # one part of a split
         elif rule is not None:
             self.apply_rule(node, rule, where)
-        elif target not in _MATMUL and any(isinstance(k, _Scores) for k in kinds):
+        elif target not in _MATMUL and target is not torch.einsum and any(isinstance(k, _Scores) for k in kinds):
             self.scores(node, tensors, where)
         elif target in _ADD:
             self.add(node, where)
@@ -909,6 +909,8 @@ class _Converter:
             self.attention_function(node, where)
         elif target in _MATMUL:
             self.matmul(node, where)
+        elif target is torch.einsum:
+            self.einsum(node, where)
         elif target in _MOVES_FUNCTIONS or (node.op == "call_method" and target in _MOVES_METHODS) or \
                 is_patch_merging_pad(target):
             self.resolve(node, where, ungated=True)
@@ -1061,6 +1063,25 @@ class _Converter:
             self.units[node] = Units(b.source, b.index)
         else:
             raise ConversionError(f"{where}: a matrix product is supported as attention (q @ kᵀ, then scores @ v)")
+
+    def einsum(self, node: fx.Node, where: str) -> None:
+        """An einsum that is attention's ``q @ kᵀ`` (``…id,…jd->…ij``: scores) or ``scores @ v`` (``…ij,…jd->…id``:
+        v's units), as MaxViT writes them."""
+        self.resolve(node, where)
+        equation, *operands = node.args
+        if len(operands) == 1 and isinstance(operands[0], list | tuple):
+            operands = list(operands[0])
+        form = _attention_einsum(equation) if isinstance(equation, str) and len(operands) == 2 else None
+        a, b = (self.units.get(x) for x in operands) if len(operands) == 2 else (None, None)
+        if form == "scores" and isinstance(a, Units) and isinstance(b, Units):
+            self.units[node] = _Scores()
+        elif form == "values" and isinstance(a, _Scores) and isinstance(b, Units) and (
+                b.index.dim() < 2 or b.index.shape[-2] == 1):
+            self.per_task(a.params, b.source)
+            self.units[node] = Units(b.source, b.index)
+        else:
+            raise ConversionError(f"{where}: an einsum is supported as attention ('...id,...jd->...ij' on q and k, "
+                                  f"then '...ij,...jd->...id' on the scores and v), got {equation!r}")
 
     def scores(self, node: fx.Node, tensors: list[fx.Node], where: str) -> None:
         """Scaling, softmax, dropout and a mask or bias of raw data keep attention scores scores."""
@@ -1275,7 +1296,7 @@ class _Converter:
     def classifier(self, node: fx.Node, module: nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d, where: str) -> None:
         if isinstance(module, nn.Linear):
             counts = self.num_classes or [module.out_features] * self.num_tasks
-            heads = TaskHeads(module.in_features, counts, num_tasks=self.num_tasks)
+            heads = TaskHeads(module.in_features, counts, num_tasks=self.num_tasks, bias=module.bias is not None)
         else:
             if module.groups != 1:
                 raise ConversionError(f"{where}: a convolutional classifier must have groups=1, got "
@@ -1306,6 +1327,24 @@ class _Converter:
             raise ConversionError(f"{where}: gives the model's output, which must come from a final nn.Linear or "
                                   "convolution (the classifier, which becomes one head per task), followed only by "
                                   "flattens, unit-wise activations, dropout or pooling")
+
+
+def _attention_einsum(equation: str) -> str | None:
+    """``"scores"`` for an einsum equation that is ``q @ kᵀ`` over shared leading dims, ``"values"`` for
+    ``scores @ v``, else ``None``."""
+    operands, arrow, out = equation.replace(" ", "").partition("->")
+    parts = operands.split(",")
+    if not arrow or len(parts) != 2 or "." in equation or len({len(parts[0]), len(parts[1]), len(out)}) != 1 or \
+            len(out) < 2 or len(set(out)) != len(out):
+        return None
+    a, b = parts
+    if not a[:-2] == b[:-2] == out[:-2]:
+        return None
+    if a[-1] == b[-1] and a[-2] != b[-2] and out[-2:] == a[-2] + b[-2] and a[-1] not in out:
+        return "scores"
+    if a[-1] == b[-2] and out[-2] == a[-2] and out[-1] == b[-1] and a[-1] not in out and a[-2] != b[-1]:
+        return "values"
+    return None
 
 
 def _residual(a: Units, b: Units) -> Units:

@@ -44,10 +44,12 @@ class TaskHeads(nn.Module):
         num_tasks: number of tasks.
         conv: the convolution each head is configured like (``nn.Conv1d``/``2d``/``3d`` with ``groups=1`` and
             ``in_features`` input channels); ``None`` for linear heads.
+        bias: whether linear heads have a bias (MaxViT's classifier has none); a convolutional head has one
+            when ``conv`` has.
     """
 
     def __init__(self, in_features: int, num_classes: int | Sequence[int], *, num_tasks: int,
-                 conv: nn.Conv1d | nn.Conv2d | nn.Conv3d | None = None) -> None:
+                 conv: nn.Conv1d | nn.Conv2d | nn.Conv3d | None = None, bias: bool = True) -> None:
         super().__init__()
         in_features = check_positive_int(in_features, "in_features")
         counts = class_counts(num_classes, num_tasks)
@@ -60,7 +62,9 @@ class TaskHeads(nn.Module):
         self.in_features = in_features
         self.num_classes = counts
         self.num_tasks = int(num_tasks)
-        self.heads = nn.ModuleList(nn.Linear(in_features, c) if conv is None else type(conv)(
+        if not isinstance(bias, bool):
+            raise TypeError(f"bias must be a bool, got {bias!r}")
+        self.heads = nn.ModuleList(nn.Linear(in_features, c, bias=bias) if conv is None else type(conv)(
             in_features, c, conv.kernel_size, stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
             bias=conv.bias is not None, padding_mode=conv.padding_mode) for c in counts)
         self._shape = (in_features,) if conv is None else (in_features, *_SPATIAL[len(conv.kernel_size)])

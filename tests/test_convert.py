@@ -100,6 +100,12 @@ MODELS = {
         patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 2], window_size=[4, 4],
         stochastic_depth_prob=0.1, num_classes=num_classes, block=swin.SwinTransformerBlockV2,
         downsample_layer=swin.PatchMergingV2), tmp), 32, ["masked_ln"]),
+    # MaxViT: attention as einsums with a relative position bias (one copy per task), squeeze-excitation,
+    # window and grid partitions, BatchNorm and LayerNorm (one norm per kind), a classifier without a bias
+    "torchvision_maxvit": (lambda tmp: pretrained_resnet(lambda num_classes: torchvision.models.MaxVit(
+        input_size=(32, 32), stem_channels=8, partition_size=2, block_channels=[16, 32], block_layers=[1, 1],
+        head_dim=8, stochastic_depth_prob=0.1, num_classes=num_classes), tmp), 32,
+        [{"batch": "masked_bn", "layer": "masked_ln"}]),
     # timm: F.scaled_dot_product_attention on a split qkv projection; BatchNormAct2d, timm's Linear, hard-swish
     "timm_vit": (lambda tmp: pretrained_resnet(lambda num_classes: timm_model(
         "vit_tiny_patch16_224", num_classes=num_classes, img_size=32, patch_size=8, depth=2, embed_dim=32,
@@ -223,6 +229,11 @@ class RunningSum(nn.Module):
         return x.cumsum(1)
 
 
+class Outer(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("nchw,ndhw->nhw", x, x)[:, None].expand_as(x)
+
+
 class ChannelMean(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x - x.mean(1, keepdim=True)
@@ -237,6 +248,8 @@ class ChannelMean(nn.Module):
     (Unconvertible(ChannelMean()), r"operation mean: only a mean over dims the units do not vary in \(spatial dims, "
                                    r"tokens\) keeps the units, got dim=\[1\] \(it would mix units\)"),
     (Unconvertible(nn.ConvTranspose2d(4, 4, 1)), "transposed convolutions"),
+    (Unconvertible(Outer()), r"operation einsum: an einsum is supported as attention \('\.\.\.id,\.\.\.jd->\.\.\.ij' on q "
+                             r"and k, then '\.\.\.ij,\.\.\.jd->\.\.\.id' on the scores and v\), got 'nchw,ndhw->nhw'"),
     (Branchy(), "cannot trace Branchy"),
 ])
 def test_what_cannot_be_converted_is_named(model: nn.Module, match: str) -> None:

@@ -860,6 +860,9 @@ def test_convolutional_heads_take_feature_maps_and_refuse_a_bad_configuration() 
     ]:
         with pytest.raises(exc, match=match):
             hatnorm.TaskHeads(4, 2, num_tasks=T, conv=conv)
+    with pytest.raises(TypeError, match=r"^bias must be a bool, got 'no'$"):
+        hatnorm.TaskHeads(4, 2, num_tasks=T, bias="no")
+    assert all(h.bias is None for h in hatnorm.TaskHeads(4, [2, 3, 4], num_tasks=T, bias=False).heads)
 
 
 # --- build and the registries -----------------------------------------------------------------------------
