@@ -248,8 +248,9 @@ class ChannelMean(nn.Module):
     (Unconvertible(ChannelMean()), r"operation mean: only a mean over dims the units do not vary in \(spatial dims, "
                                    r"tokens\) keeps the units, got dim=\[1\] \(it would mix units\)"),
     (Unconvertible(nn.ConvTranspose2d(4, 4, 1)), "transposed convolutions"),
-    (Unconvertible(Outer()), r"operation einsum: an einsum is supported as attention \('\.\.\.id,\.\.\.jd->\.\.\.ij' on q "
-                             r"and k, then '\.\.\.ij,\.\.\.jd->\.\.\.id' on the scores and v\), got 'nchw,ndhw->nhw'"),
+    (Unconvertible(Outer()), r"operation einsum: an einsum is supported as attention \('\.\.\.id,\.\.\.jd->"
+                             r"\.\.\.ij' on q and k, then '\.\.\.ij,\.\.\.jd->\.\.\.id' on the scores and v\), "
+                             r"got 'nchw,ndhw->nhw'"),
     (Branchy(), "cannot trace Branchy"),
 ])
 def test_what_cannot_be_converted_is_named(model: nn.Module, match: str) -> None:
