@@ -125,6 +125,8 @@ def torchvision_models() -> list[tuple[str, Callable[[], nn.Module], int]]:
     for name in torchvision.models.list_models(module=torchvision.models):
         size = 299 if name == "inception_v3" else 224 if name.startswith(("vit_", "swin", "maxvit")) else 64
         options = {"aux_logits": True, "init_weights": True} if name in ("inception_v3", "googlenet") else {}
+        if name == "vit_h_14":  # 632 M parameters: at 112×112 (65 tokens) its AdamW check fits in 24 GiB
+            size, options = 112, {"image_size": 112}
         models.append((name, lambda name=name, options=options: torchvision.models.get_model(
             name, weights=None, num_classes=CLASSES, **options), size))
     return models

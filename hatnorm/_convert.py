@@ -178,6 +178,19 @@ class GatedNorm(nn.Module):
         return self.norm(x, self.gate(task, s), task)
 
 
+class GatedLinear(nn.Module):
+    """A ``Linear`` and the gate on its output in one node of a converted graph, the gate folded into the
+    weights: ``(a ⊙ W)x + a ⊙ b``, one multiply per weight instead of one per output value."""
+
+    def __init__(self, linear: nn.Linear, gate: HATGate) -> None:
+        super().__init__()
+        self.linear = linear
+        self.gate = gate
+
+    def forward(self, x: Tensor, task: int, s: float | Tensor | None = None) -> Tensor:
+        return gated_linear(x, self.linear, self.gate(task, s))
+
+
 class Heads(nn.Module):
     """Per-task heads in a converted graph, reading ``[N, *, in_features]`` like the ``nn.Linear`` they replace (or
 ``[N, in_features, *spatial]`` like the convolution)."""
@@ -509,9 +522,18 @@ class _Converter:
             self.recorder.shapes[new] = self.recorder.shapes[old]
 
     def gate_weighted(self, node: fx.Node) -> Units:
-        """Insert a gate after a weighted layer that no norm follows."""
+        """Insert a gate after a weighted layer that no norm follows; a ``Linear``'s gate is folded into its
+        weights (:class:`GatedLinear`)."""
         rank = self.rank(node)
         module, inp = self.pending.pop(node)
+        if node.op == "call_module" and type(module).forward is nn.Linear.forward:
+            gate = self.new_gate(module.out_features)
+            self.gm.delete_submodule(node.target)
+            self.gm.add_submodule(node.target, GatedLinear(module, gate))
+            node.args, node.kwargs = (node.args[0], self.task, self.s), {}
+            self.layers.append(Layer(module, out=gate, inp=inp))
+            self.units[node] = Units.of_gate(gate, rank, -1)
+            return self.units[node]
         dim = -1 if isinstance(module, nn.Linear) else 1
         new, gate = self.add_gate_after(node, module.weight.shape[0], dim, f"{node.target}_gate".replace(".", "_"))
         self.layers.insert(len(self.layers) - 1, Layer(module, out=gate, inp=inp))

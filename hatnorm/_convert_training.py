@@ -15,6 +15,7 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import fx, nn
 
 from hatnorm._conversion_error import ConversionError
@@ -113,13 +114,22 @@ def _same_graph(a: fx.Graph, b: fx.Graph) -> bool:
     position_a = {n: i for i, n in enumerate(nodes_a)}
     position_b = {n: i for i, n in enumerate(nodes_b)}
     for x, y in zip(nodes_a, nodes_b, strict=True):
-        if x.op != y.op or x.target != y.target:
+        if x.op != y.op or (x.target != y.target and not _same_constant(a, x, b, y)):
             return False
         args_x = fx.node.map_arg((x.args, x.kwargs), lambda n: _Position(position_a[n]))
         args_y = fx.node.map_arg((y.args, y.kwargs), lambda n: _Position(position_b[n]))
         if not _equal(args_x, args_y):
             return False
     return True
+
+
+def _same_constant(a: fx.Graph, x: fx.Node, b: fx.Graph, y: fx.Node) -> bool:
+    """Whether ``x`` and ``y`` read equal tensor constants that tracing named differently."""
+    if x.op != "get_attr" or a.owning_module is None or b.owning_module is None:
+        return False
+    value_x, value_y = getattr(a.owning_module, x.target, None), getattr(b.owning_module, y.target, None)
+    return isinstance(value_x, torch.Tensor) and isinstance(value_y, torch.Tensor) and \
+        value_x.shape == value_y.shape and value_x.dtype == value_y.dtype and torch.equal(value_x, value_y)
 
 
 @dataclass(frozen=True)

@@ -648,3 +648,20 @@ def test_swin_v2_position_bias_mlp_and_logit_scale_get_one_copy_per_task(tmp_pat
         assert all(multipliers[id(p)].eq(float(t == 1)).all() for p in copy.parameters())
     scale = multipliers[id(first.logit_scale.copies)]
     assert scale[1].eq(1).all() and scale[[0, 2]].eq(0).all()
+
+
+def test_a_linear_no_norm_follows_has_its_gate_folded_into_its_weights() -> None:
+    torch.manual_seed(0)
+    original = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    model = hatnorm.convert(original, num_tasks=2)
+    kinds = [type(m).__name__ for m in model.modules()]
+    assert kinds.count("GatedLinear") == 2 and "NoNorm" not in kinds
+    x = torch.randn(5, 8)
+    hatnorm.open_gates(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x, task=1), original(x), atol=1e-6, rtol=0)
+    # the gates learn through the folded weights: (a ⊙ W)x + a ⊙ b
+    model.train()
+    model(x, task=1, s=1.0).sum().backward()
+    gates = [m for m in model.modules() if isinstance(m, hatnorm.HATGate)]
+    assert len(gates) == 2 and all(g.embedding.grad[1].abs().sum() > 0 for g in gates)
