@@ -14,6 +14,7 @@ saved as a state dict and loaded into a fresh instance; then three checks, each 
     python benchmarks/convert_coverage.py                          # everything (long: tens of minutes)
     python benchmarks/convert_coverage.py --sources torchvision --only resnet18 mobilenet_v3_small
     python benchmarks/convert_coverage.py --markdown               # also write the table into the docs
+    python benchmarks/convert_coverage.py --model mypackage.models:build_net --size 32   # your own model
 
 A model that fails names its stage and the first line of the error (a ``ConversionError`` names the module).
 Each model runs in a process of its own (started from a clean fork server), so the largest builders give their
@@ -25,10 +26,13 @@ Results go to ``benchmarks/results/convert_coverage.json`` and, with ``--markdow
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import io
 import json
 import multiprocessing
 import signal
+import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -162,6 +166,24 @@ def transformers_models() -> list[tuple[str, Callable[[], nn.Module], int]]:
 SOURCES = {"torchvision": torchvision_models, "timm": timm_models, "transformers": transformers_models}
 
 
+def builder(spec: str) -> Callable[[], nn.Module]:
+    """The function ``spec`` names, ``package.module:function`` or ``path/to/file.py:function``, called with
+    ``num_classes``: a model of one's own to check."""
+    where, colon, name = spec.rpartition(":")
+    if not colon or not where or not name.isidentifier():
+        raise ValueError(f"--model must be MODULE:FUNCTION or FILE.py:FUNCTION, got {spec!r}")
+    if where.endswith(".py"):
+        found = importlib.util.spec_from_file_location(Path(where).stem, where)
+        if found is None or found.loader is None:
+            raise ValueError(f"--model: cannot load {where!r}")
+        module = importlib.util.module_from_spec(found)
+        found.loader.exec_module(module)
+    else:
+        module = importlib.import_module(where)
+    function = getattr(module, name)
+    return lambda: function(num_classes=CLASSES)
+
+
 def first_line(error: BaseException) -> str:
     text = f"{type(error).__name__}: {error}".strip()
     return text.splitlines()[0][:300]
@@ -231,7 +253,11 @@ def forgetting(model: hatnorm.HATModule, probe: torch.Tensor, size: int, steps: 
 
 def check_in_child(source: str, name: str, steps: int, timeout: int, answer: Connection) -> None:
     """:func:`check` one model in this (child) process and send back its stage and detail."""
-    make, size = {n: (m, s) for n, m, s in SOURCES[source]()}[name]
+    if source == "own":
+        spec, _, size_text = name.rpartition("@")
+        make, size = builder(spec), int(size_text)
+    else:
+        make, size = {n: (m, s) for n, m, s in SOURCES[source]()}[name]
     try:
         with time_limit(timeout):
             result = check(make, size, steps)
@@ -285,31 +311,43 @@ def main(argv: list[str] | None = None) -> list[Row]:
     p = argparse.ArgumentParser(prog="python benchmarks/convert_coverage.py", description=__doc__.splitlines()[0])
     p.add_argument("--sources", nargs="+", choices=list(SOURCES), default=list(SOURCES), help="model sources")
     p.add_argument("--only", nargs="+", default=None, metavar="NAME", help="only these models")
+    p.add_argument("--model", nargs="+", default=[], metavar="MODULE:FUNCTION",
+                   help="models of your own: a function (in a module or a .py file) taking num_classes; with "
+                        "only --model, no library's models are tried")
+    p.add_argument("--size", type=int, default=64, help="the input size (pixels) for --model models")
     p.add_argument("--steps", type=int, default=2, help="AdamW steps per task in the no-forgetting check")
     p.add_argument("--timeout", type=int, default=300, help="seconds one model may take")
     p.add_argument("--out", type=Path, default=RESULTS, help="the JSON results file")
     p.add_argument("--markdown", action="store_true", help="write the table into --doc between the coverage markers")
     p.add_argument("--doc", type=Path, default=DOC, help="the Markdown file --markdown writes into")
     args = p.parse_args(argv)
+    if args.model and "--sources" not in (argv if argv is not None else sys.argv[1:]):
+        args.sources = []
+    for spec in args.model:
+        try:
+            builder(spec)
+        except (ValueError, ImportError, AttributeError) as error:
+            p.error(f"--model {spec}: {error}")
     console = Console()
     machine = f"{cpu_model()}, torch {torch.__version__}"
     rows: list[Row] = []
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["torch", "hatnorm", *args.sources])
+    jobs = []  # (source, the model's name, the name its child process rebuilds it from)
     for source in args.sources:
         try:
             candidates = SOURCES[source]()
         except ImportError as error:
             console.print(f"[yellow]{source}: not installed ({error}); skipped[/yellow]")
             continue
-        for name, _, _ in candidates:
-            if args.only and name not in args.only:
-                continue
-            started = time.perf_counter()
-            stage, detail = check_apart(context, source, name, args.steps, args.timeout)
-            rows.append(Row(source, name, stage, detail, time.perf_counter() - started))
-            mark = "[green]passed[/green]" if stage == "passed" else f"[red]{stage}[/red]"
-            console.print(f"{source} {name}: {mark} {detail} ({rows[-1].seconds:.1f} s)", highlight=False)
+        jobs += [(source, name, name) for name, _, _ in candidates if not args.only or name in args.only]
+    jobs += [("own", spec, f"{spec}@{args.size}") for spec in args.model]
+    for source, name, rebuilt_from in jobs:
+        started = time.perf_counter()
+        stage, detail = check_apart(context, source, rebuilt_from, args.steps, args.timeout)
+        rows.append(Row(source, name, stage, detail, time.perf_counter() - started))
+        mark = "[green]passed[/green]" if stage == "passed" else f"[red]{stage}[/red]"
+        console.print(f"{source} {name}: {mark} {detail} ({rows[-1].seconds:.1f} s)", highlight=False)
     table = Table(title=f"convert coverage ({machine})")
     for column in ("source", "tried", "pass all three", "convert", "open gates", "no forgetting"):
         table.add_column(column, justify="left" if column == "source" else "right")

@@ -44,16 +44,24 @@ def test_convert_coverage_reports_each_model_with_its_stage(tmp_path: Path) -> N
     doc = tmp_path / "doc.md"
     doc.write_text("before\n<!-- coverage:begin -->\nold\n<!-- coverage:end -->\nafter\n")
     out = tmp_path / "coverage.json"
+    own = [f"{ROOT / 'tests' / 'coverage_models.py'}:{name}" for name in ("small_cnn", "running_sum")]
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "convert_coverage.py"), "--sources",
-                           "torchvision", "--only", "resnet18", "googlenet", "--out", str(out), "--markdown",
-                           "--doc", str(doc)], capture_output=True, text=True, check=True, cwd=ROOT)
+                           "torchvision", "--only", "resnet18", "--model", *own, "--size", "16", "--out", str(out),
+                           "--markdown", "--doc", str(doc)], capture_output=True, text=True, check=True, cwd=ROOT)
     rows = {r["model"]: r for r in json.loads(out.read_text())["rows"]}
-    assert rows["resnet18"]["stage"] == "passed"
-    # what still fails fails at conversion, with a ConversionError naming the module and the source line
-    assert rows["googlenet"]["stage"] == "convert"
-    assert re.match(r"ConversionError: module 'aux1' \(InceptionAux, [\d,]+ parameters\), googlenet\.py:\d+ "
-                    r"`aux1 = self\.aux1\(x\)`", rows["googlenet"]["detail"])
+    assert rows["resnet18"]["stage"] == "passed" and rows[own[0]]["stage"] == "passed"
+    # what fails fails at conversion, with a ConversionError naming the module and the source line
+    assert rows[own[1]]["stage"] == "convert"
+    assert re.match(r"ConversionError: module '2' \(RunningSum\), coverage_models\.py:\d+ `return x\.cumsum\(1\)`: "
+                    r"operation cumsum", rows[own[1]]["detail"])
     text = doc.read_text()
     assert text.startswith("before\n<!-- coverage:begin -->\n") and text.endswith("<!-- coverage:end -->\nafter\n")
-    assert "**torchvision**: 1 of 2 pass all three checks" in text and "| torchvision | `resnet18` | ✓ |" in text
+    assert "**torchvision**: 1 of 1 pass all three checks" in text and "| torchvision | `resnet18` | ✓ |" in text
+    assert "**own**: 1 of 2 pass all three checks" in text
     assert "convert coverage" in done.stdout
+
+
+def test_convert_coverage_refuses_a_model_it_cannot_import() -> None:
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "convert_coverage.py"), "--model",
+                           "no_such_module_here:build"], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 2 and "--model no_such_module_here:build: No module named" in done.stderr
