@@ -45,7 +45,13 @@ from hatnorm._checks import (
 )
 from hatnorm._conversion_error import ConversionError
 from hatnorm._convert_params import ParameterUse, TaskParameter
-from hatnorm._convert_training import EvaluationForward, evaluation_graph, is_structure, training_graph
+from hatnorm._convert_training import (
+    EvaluationForward,
+    ModeValue,
+    evaluation_graph,
+    is_structure,
+    training_graph,
+)
 from hatnorm._convert_vit import convert_vit, is_transformers_vit
 from hatnorm._convert_windows import GatedShiftedWindowAttention, is_patch_merging_pad, is_window_attention
 from hatnorm._gate import HATGate
@@ -698,6 +704,8 @@ class _Converter:
         where = f"module {node.target!r} ({type(module).__name__})"
         rule = user_rule(module)
         scores = self.units.get(node.args[0]) if node.args else None
+        if isinstance(module, ModeValue):
+            return  # a number or flag of the mode, not a tensor
         if isinstance(scores, _Scores) and isinstance(module, nn.Softmax | nn.Dropout | nn.Identity):
             self.units[node] = scores  # attention weights, softmaxed or dropped out
         elif isinstance(module, _norm_modules()) and rule is None:
@@ -1487,7 +1495,7 @@ def convert(
         except Exception as again:  # still untraceable: data-dependent control flow
             raise ConversionError(f"module: torch.fx cannot trace {type(module).__name__}, even alongside "
                                   f"example_input: {again}") from again
-    kept = training_graph(traced, gm)
+    kept = training_graph(traced, gm, example_input if isinstance(example_input, Tensor) else None)
     logits = None
     if kept is not None:  # auxiliary heads: convert the training graph, whose evaluation part is gm
         gm, logits = kept.graph, kept.logits

@@ -1,22 +1,30 @@
-"""What a model's forward runs only in training (auxiliary heads), kept by :func:`hatnorm.convert`.
+"""What a model's forward does differently in training, kept by :func:`hatnorm.convert`.
 
-A model traced in evaluation mode loses the branches its forward takes only in training: GoogLeNet's and
-Inception v3's auxiliary classifiers. ``convert`` traces the training forward too. When it runs modules the
-evaluation forward does not, the training graph is the one converted, provided its path to the logits is the
-evaluation graph exactly (compared node by node, so no flag fixed at trace time, such as a functional dropout's
-``training=True``, differs). The converted model runs the whole graph in training, returning what the original
-returns there (a ``GoogLeNetOutputs`` of per-task logits: every auxiliary classifier becomes one head per task
-too), and in evaluation only the nodes that compute the logits (:func:`evaluation_graph`).
+A traced graph fixes every ``self.training`` it reads. Two things a forward does only in training would be
+lost converting an evaluation-mode trace, and ``convert`` traces the training forward too to find them:
+
+- **a number or flag read from the mode**: a functional dropout's ``training=self.training`` (timm's heads
+  with ``drop_rate``), attention's ``dropout_p=p if self.training else 0.0`` (transformers' models). Where
+  the same call differs between the two traces only in such an argument, the graph reads it from a module
+  that gives the value of the mode it runs in (:class:`ModeValue`);
+- **branches that run only in training**: GoogLeNet's and Inception v3's auxiliary classifiers. When the
+  training forward runs modules the evaluation forward does not, the training graph is the one converted,
+  provided its path to the logits is the evaluation graph exactly (compared node by node). The converted
+  model runs the whole graph in training, returning what the original returns there (a
+  ``GoogLeNetOutputs`` of per-task logits: every auxiliary classifier becomes one head per task too), and
+  in evaluation only the nodes that compute the logits (:func:`evaluation_graph`).
 """
 
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import fx, nn
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
 
 from hatnorm._conversion_error import ConversionError
 from hatnorm._node_source import call_site
@@ -48,21 +56,61 @@ def used_modules(gm: fx.GraphModule) -> set[str]:
     return used
 
 
-def training_graph(module: nn.Module, evaluation: fx.GraphModule) -> TrainingGraph | None:
-    """The training-mode trace of ``module`` (in evaluation mode), when its training forward runs modules that
-    ``evaluation``, its evaluation-mode trace, does not; ``None`` when it runs nothing more or does not trace.
+#: functions whose mode flag the task-aware norms replacing them take over
+_MODE_AWARE = (F.batch_norm, F.instance_norm)
+_SCALARS = (bool, int, float, type(None))
+
+
+class ModeValue(nn.Module):
+    """A value the traced forward read from ``self.training`` (a functional dropout's ``training`` flag, the
+    ``dropout_p`` of attention), as a module that gives the value of the mode it runs in (a traced graph would
+    fix it).
+
+    Args:
+        training: the value in training.
+        evaluation: the value in evaluation.
+    """
+
+    def __init__(self, training: Any, evaluation: Any) -> None:
+        super().__init__()
+        self.when_training, self.when_evaluating = training, evaluation
+
+    def forward(self) -> Any:
+        return self.when_training if self.training else self.when_evaluating
+
+    def extra_repr(self) -> str:
+        return f"training={self.when_training!r}, evaluation={self.when_evaluating!r}"
+
+
+def training_graph(module: nn.Module, evaluation: fx.GraphModule, example: Tensor | None = None
+                   ) -> TrainingGraph | None:
+    """Reconcile ``evaluation``, the evaluation-mode trace of ``module`` (in evaluation mode), with its training
+    forward (traced alongside ``example`` when torch.fx cannot trace it alone; its buffers are restored after):
+    arguments that follow the mode are read from :class:`ModeValue` modules (in both, in place), and the
+    training-mode trace is returned when it runs modules ``evaluation`` does not; ``None`` when it runs
+    nothing more or does not trace.
 
     Raises:
         ConversionError: the training forward's path to the logits differs from the evaluation forward, so the
             training-only modules (named, with the line that calls them) cannot be kept.
     """
+    buffers = [(b, b.clone()) for b in module.buffers()]
     module.train()
     try:
-        training = trace(module)
-    except Exception:  # a training forward torch.fx cannot trace: nothing to compare
+        try:
+            training = trace(module)
+        except Exception:  # torch.fx raises many types for untraceable code
+            if example is None:
+                return None
+            training = trace(module, example)
+    except Exception:  # a training forward that does not trace: nothing to compare
         return None
     finally:
         module.eval()
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
+    _follow_mode(evaluation, training)
     only = used_modules(training) - used_modules(evaluation)
     lost = sorted(name for name in only if not any(name.startswith(other + ".") for other in only))
     if not lost:
@@ -77,6 +125,61 @@ def training_graph(module: nn.Module, evaluation: fx.GraphModule) -> TrainingGra
                           "training, and the training forward's path to the logits is not the evaluation "
                           "forward's (a mode fixed when traced differs), so it cannot be kept; remove it from the "
                           "model (e.g. aux_logits=False) to convert without it")
+
+
+def _follow_mode(evaluation: fx.GraphModule, training: fx.GraphModule) -> None:
+    """Where the same call (the same function, module, source line and occurrence) takes a different number or
+    flag in the two traces, and nothing else differs (``F.dropout(x, p, training=self.training)``, attention's
+    ``dropout_p=p if self.training else 0.0``), read it from a :class:`ModeValue` of the same name in both."""
+    def calls(gm: fx.GraphModule) -> dict[tuple[Any, ...], fx.Node]:
+        seen: Counter[tuple[Any, ...]] = Counter()
+        found = {}
+        for node in gm.graph.nodes:
+            if node.op in ("call_function", "call_method") and node.target not in _MODE_AWARE:
+                site = (node.op, node.target, node.stack_trace, tuple(node.meta.get("nn_module_stack") or ()))
+                found[(*site, seen[site])] = node
+                seen[site] += 1
+        return found
+
+    in_training = calls(training)
+    changed = False
+    for number, (site, node) in enumerate(calls(evaluation).items()):
+        other = in_training.get(site)
+        differing = [] if other is None else _scalar_differences(node, other)
+        for i, (key, when_evaluating, when_training) in enumerate(differing or []):
+            name = f"mode_value_{number}_{i}"
+            for gm, call in ((evaluation, node), (training, other)):
+                gm.add_submodule(name, ModeValue(when_training, when_evaluating))
+                with gm.graph.inserting_before(call):
+                    value = gm.graph.call_module(name, ())
+                if isinstance(key, int):
+                    call.update_arg(key, value)
+                else:
+                    call.update_kwarg(key, value)
+            changed = True
+    if changed:
+        for gm in (evaluation, training):
+            gm.recompile()
+
+
+def _scalar_differences(a: fx.Node, b: fx.Node) -> list[tuple[int | str, Any, Any]] | None:
+    """The arguments (position or keyword, value in ``a``, value in ``b``) where two calls take different numbers
+    or flags; ``None`` when they differ otherwise."""
+    if len(a.args) != len(b.args) or a.kwargs.keys() != b.kwargs.keys():
+        return None
+    found: list[tuple[int | str, Any, Any]] = []
+    pairs = [*zip(range(len(a.args)), a.args, b.args, strict=True), *((k, a.kwargs[k], b.kwargs[k]) for k in a.kwargs)]
+    for key, x, y in pairs:
+        if isinstance(x, fx.Node) or isinstance(y, fx.Node):
+            if not (isinstance(x, fx.Node) and isinstance(y, fx.Node)):
+                return None
+        elif _equal(x, y):
+            continue
+        elif isinstance(x, _SCALARS) and isinstance(y, _SCALARS):
+            found.append((key, x, y))
+        else:
+            return None
+    return found
 
 
 def evaluation_graph(gm: fx.GraphModule, logits: fx.Node) -> fx.Graph:

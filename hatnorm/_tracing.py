@@ -132,8 +132,9 @@ def _untraced() -> Iterator[None]:
 
 def trace(module: nn.Module, example: Tensor | None = None) -> fx.GraphModule:
     """``torch.fx`` trace of ``module`` that records each operation's source line; forward arguments after
-    the first that have defaults (timm's ``attn_mask=None``) are traced at those defaults. With ``example``,
-    the trace runs alongside that batch (see the module docstring); ``module``'s state is left as it was."""
+    the first that have defaults (timm's ``attn_mask=None``) are traced at those defaults. The forward of
+    ``module``'s mode is traced. With ``example``, the trace runs alongside that batch (see the module
+    docstring), without gradients; ``module``'s state (buffers, modes) is left as it was."""
     forward = type(module).forward
     if hasattr(forward, "__wrapped__"):
         # a decorated forward (transformers' ``(*args, **kwargs)`` wrappers): fx reads the placeholders from the
@@ -156,7 +157,6 @@ def trace(module: nn.Module, example: Tensor | None = None) -> fx.GraphModule:
     tracer.record_stack_traces = True
     buffers = {k: v.clone() for k, v in module.named_buffers()}  # a no-grad pass can move buffers, not parameters
     modes = {m: m.training for m in module.modules()}
-    module.eval()
     try:
         with torch.no_grad():
             graph = tracer.trace(module, concrete_args=concrete or None)

@@ -461,7 +461,7 @@ def test_auxiliary_classifiers_are_kept_and_learn_in_training(mode: str, tmp_pat
 
 
 class TrainingPathDiffers(nn.Module):
-    """An auxiliary head in training, and a functional dropout whose mode is fixed when traced."""
+    """An auxiliary head in training, and a main path that differs in training too."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -469,16 +469,51 @@ class TrainingPathDiffers(nn.Module):
         self.fc, self.aux = nn.Linear(4, 2), nn.Linear(4, 2)
 
     def forward(self, x: torch.Tensor):
-        x = F.dropout(self.bn(self.conv(x)).mean((2, 3)), 0.5, training=self.training)
+        x = self.bn(self.conv(x)).mean((2, 3))
         if self.training:
+            return self.fc(x * 0.5), self.aux(x)
+        return self.fc(x)
+
+
+class FunctionalDropout(nn.Module):
+    """A dropout written as a function of the mode, as timm's heads with ``drop_rate`` write it, and an
+    auxiliary head behind it."""
+
+    def __init__(self, aux: bool) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)
+        self.fc, self.aux = nn.Linear(8, 3), nn.Linear(8, 3) if aux else None
+
+    def forward(self, x: torch.Tensor):
+        x = F.dropout(self.bn(self.conv(x)).mean((2, 3)), 0.5, training=self.training)
+        if self.training and self.aux is not None:
             return self.fc(x), self.aux(x)
         return self.fc(x)
 
 
+@pytest.mark.parametrize("aux", [False, True])
+def test_a_functional_dropout_still_drops_in_training(aux: bool) -> None:
+    torch.manual_seed(0)
+    original = FunctionalDropout(aux).eval()
+    model = hatnorm.convert(original, num_tasks=2)
+    assert sum(type(m).__name__ == "ModeValue" for m in model.modules()) == 1
+    hatnorm.open_gates(model)
+    x = torch.randn(6, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x, task=0), original(x), atol=1e-6, rtol=0)
+        # in training it drops what the original drops (the same random draws)
+        torch.manual_seed(1)
+        expected = original.train()(x)
+        torch.manual_seed(1)
+        got = model.train()(x, task=0, s=400.0)
+    for e, g in zip(expected if aux else [expected], got if aux else [got], strict=True):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=0)
+
+
 def test_a_training_branch_that_cannot_be_kept_is_refused_naming_its_line() -> None:
     with pytest.raises(hatnorm.ConversionError, match=r"^module 'aux' \(Linear, 10 parameters\), test_convert\.py:"
-                                                      r"\d+ `return self\.fc\(x\), self\.aux\(x\)`: runs only in "
-                                                      r"training, and the training forward's path to the logits"):
+                                                      r"\d+ `return self\.fc\(x \* 0\.5\), self\.aux\(x\)`: runs "
+                                                      r"only in training, and the training forward's path"):
         hatnorm.convert(TrainingPathDiffers().eval(), num_tasks=2)
 
 
@@ -665,3 +700,21 @@ def test_a_linear_no_norm_follows_has_its_gate_folded_into_its_weights() -> None
     model(x, task=1, s=1.0).sum().backward()
     gates = [m for m in model.modules() if isinstance(m, hatnorm.HATGate)]
     assert len(gates) == 2 and all(g.embedding.grad[1].abs().sum() > 0 for g in gates)
+
+
+def test_attention_dropout_read_from_the_mode_follows_it(tmp_path) -> None:
+    # transformers passes dropout_p=0.0 if not self.training else p to the attention: both traces are compared,
+    # and the converted graph reads it from the mode it runs in
+    original = pretrained_transformers("DeiT", tmp_path, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                       intermediate_size=64, patch_size=8, attention_probs_dropout_prob=0.3)
+    x = torch.randn(4, 3, 32, 32)
+    model = hatnorm.convert(original, num_tasks=2, example_input=x, norm="masked_ln")
+    values = [m for m in model.modules() if type(m).__name__ == "ModeValue"]
+    assert [(v.when_training, v.when_evaluating) for v in values] == [(0.3, 0.0), (0.3, 0.0)]
+    hatnorm.open_gates(model)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        expected = original.train()(x).logits
+        torch.manual_seed(1)
+        got = model.train()(x, task=0, s=400.0)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
