@@ -251,6 +251,7 @@ class HAT:
         self._snapshots: list[Tensor] = []
         self._free: list[Tensor] = []
         self._free_total = 1.0
+        self._free_flat: Tensor | None = None
         # each gate's masks as begin_task read them: (version, values) of cumulative, then of summative
         self._masks: list[tuple[int, Tensor, int, Tensor]] = []
 
@@ -287,6 +288,9 @@ class HAT:
                 self._keep.append(keep)
         self._free = [1 - g.cumulative for g in self.gates]
         self._free_total = max(float(sum(f.sum() for f in self._free)), 1e-12)
+        # gates of one device and dtype are computed as one tensor (a few ops per step instead of a few per gate)
+        together = len({(g.embedding.device, g.embedding.dtype) for g in self.gates}) == 1
+        self._free_flat = torch.cat(self._free) if together else None
         self._masks = [(g.cumulative._version, g.cumulative.clone(), g.summative._version, g.summative.clone())
                        for g in self.gates]
         self.task = task
@@ -305,8 +309,13 @@ class HAT:
         """The capacity regulariser R = Σ a^t(1 − a^{<t}) / Σ (1 − a^{<t}) over all gates (Serrà et al. eq. 6)."""
         task = self._active("regularizer")
         s = check_scale(s)
-        gates = (hat_gate(g.embedding[task], s, g.floor) for g in self.gates)
-        used = sum((a * free).sum() for a, free in zip(gates, self._free, strict=True))
+        floors = {g.floor for g in self.gates}
+        if self._free_flat is not None and len(floors) == 1:
+            used = (hat_gate(torch.cat([g.embedding[task] for g in self.gates]), s, floors.pop()) *
+                    self._free_flat).sum()
+        else:
+            gates = (hat_gate(g.embedding[task], s, g.floor) for g in self.gates)
+            used = sum((a * free).sum() for a, free in zip(gates, self._free, strict=True))
         return used / self._free_total
 
     def loss(self, task_loss: Tensor, s: float | Tensor) -> Tensor:
@@ -333,8 +342,13 @@ class HAT:
         task = self._active("protect")
         s = check_scale(s)
         self._check_masks_unchanged(task)
-        for g in self.gates:
-            if g.embedding.grad is not None:
+        gates = [g for g in self.gates if g.embedding.grad is not None]
+        if gates and self._free_flat is not None:
+            factor = compensation_factor(torch.cat([g.embedding[task] for g in gates]), s, self.s_max, self.thres_cosh)
+            torch._foreach_mul_([g.embedding.grad[task] for g in gates],
+                                list(factor.split([g.num_features for g in gates])))
+        else:
+            for g in gates:
                 g.embedding.grad[task] *= compensation_factor(g.embedding[task], s, self.s_max, self.thres_cosh)
         pairs = [(p.grad, m) for p, m in zip(self._params, self._mults, strict=True) if p.grad is not None]
         if pairs:
@@ -384,8 +398,10 @@ class HAT:
             if restore:
                 for p, keep, before in zip(self._frozen, self._keep, self._snapshots, strict=True):
                     p.copy_(torch.where(keep, p, before))
-            for g in self.gates:  # Serrà et al.'s code clamps every task's embedding
-                (g.embedding if self.reference else g.embedding[task]).clamp_(-self.clamp, self.clamp)
+            # Serrà et al.'s code clamps every task's embedding
+            rows = [g.embedding if self.reference else g.embedding[task] for g in self.gates]
+            torch._foreach_clamp_min_(rows, -self.clamp)
+            torch._foreach_clamp_max_(rows, self.clamp)
 
     def end_task(self) -> None:
         """Finish the active task: fold its masks into every gate's cumulative mask (binarized by default)
