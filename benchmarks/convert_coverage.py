@@ -251,11 +251,11 @@ def forgetting(model: hatnorm.HATModule, probe: torch.Tensor, size: int, steps: 
     return float((outputs[0] - outputs[1]).abs().max())
 
 
-def check_in_child(source: str, name: str, steps: int, timeout: int, answer: Connection) -> None:
-    """:func:`check` one model in this (child) process and send back its stage and detail."""
+def check_in_child(source: str, name: str, size: int | None, steps: int, timeout: int, answer: Connection) -> None:
+    """:func:`check` one model in this (child) process and send back its stage and detail; a model of one's
+    own (``source`` ``"own"``, ``name`` its ``--model`` spec) at ``size`` pixels."""
     if source == "own":
-        spec, _, size_text = name.rpartition("@")
-        make, size = builder(spec), int(size_text)
+        make = builder(name)
     else:
         make, size = {n: (m, s) for n, m, s in SOURCES[source]()}[name]
     try:
@@ -268,11 +268,11 @@ def check_in_child(source: str, name: str, steps: int, timeout: int, answer: Con
     answer.send(result)
 
 
-def check_apart(context: BaseContext, source: str, name: str, steps: int, timeout: int
+def check_apart(context: BaseContext, source: str, name: str, size: int | None, steps: int, timeout: int
                 ) -> tuple[str, str]:
     """:func:`check` one model in a process of its own; its memory is returned to the system when it ends."""
     receive, send = context.Pipe(duplex=False)
-    child = context.Process(target=check_in_child, args=(source, name, steps, timeout, send), daemon=True)
+    child = context.Process(target=check_in_child, args=(source, name, size, steps, timeout, send), daemon=True)
     child.start()
     send.close()
     try:
@@ -333,18 +333,18 @@ def main(argv: list[str] | None = None) -> list[Row]:
     rows: list[Row] = []
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["torch", "hatnorm", *args.sources])
-    jobs = []  # (source, the model's name, the name its child process rebuilds it from)
+    jobs = []  # (source, the model's name, the input size of a model of one's own)
     for source in args.sources:
         try:
             candidates = SOURCES[source]()
         except ImportError as error:
             console.print(f"[yellow]{source}: not installed ({error}); skipped[/yellow]")
             continue
-        jobs += [(source, name, name) for name, _, _ in candidates if not args.only or name in args.only]
-    jobs += [("own", spec, f"{spec}@{args.size}") for spec in args.model]
-    for source, name, rebuilt_from in jobs:
+        jobs += [(source, name, None) for name, _, _ in candidates if not args.only or name in args.only]
+    jobs += [("own", spec, args.size) for spec in args.model]
+    for source, name, size in jobs:
         started = time.perf_counter()
-        stage, detail = check_apart(context, source, rebuilt_from, args.steps, args.timeout)
+        stage, detail = check_apart(context, source, name, size, args.steps, args.timeout)
         rows.append(Row(source, name, stage, detail, time.perf_counter() - started))
         mark = "[green]passed[/green]" if stage == "passed" else f"[red]{stage}[/red]"
         console.print(f"{source} {name}: {mark} {detail} ({rows[-1].seconds:.1f} s)", highlight=False)

@@ -85,7 +85,7 @@ class ModeValue(nn.Module):
 def training_graph(module: nn.Module, evaluation: fx.GraphModule, example: Tensor | None = None
                    ) -> TrainingGraph | None:
     """Reconcile ``evaluation``, the evaluation-mode trace of ``module`` (in evaluation mode), with its training
-    forward (traced alongside ``example`` when torch.fx cannot trace it alone; its buffers are restored after):
+    forward (traced alongside ``example`` when torch.fx cannot trace it alone, which leaves the buffers as they were):
     arguments that follow the mode are read from :class:`ModeValue` modules (in both, in place), and the
     training-mode trace is returned when it runs modules ``evaluation`` does not; ``None`` when it runs
     nothing more or does not trace.
@@ -94,7 +94,6 @@ def training_graph(module: nn.Module, evaluation: fx.GraphModule, example: Tenso
         ConversionError: the training forward's path to the logits differs from the evaluation forward, so the
             training-only modules (named, with the line that calls them) cannot be kept.
     """
-    buffers = [(b, b.clone()) for b in module.buffers()]
     module.train()
     try:
         try:
@@ -102,14 +101,11 @@ def training_graph(module: nn.Module, evaluation: fx.GraphModule, example: Tenso
         except Exception:  # torch.fx raises many types for untraceable code
             if example is None:
                 return None
-            training = trace(module, example)
+            training = trace(module, example)  # restores the buffers the example pass moved
     except Exception:  # a training forward that does not trace: nothing to compare
         return None
     finally:
         module.eval()
-        with torch.no_grad():
-            for buffer, saved in buffers:
-                buffer.copy_(saved)
     _follow_mode(evaluation, training)
     only = used_modules(training) - used_modules(evaluation)
     lost = sorted(name for name in only if not any(name.startswith(other + ".") for other in only))
