@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import math
 import numbers
+import weakref
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -96,11 +98,45 @@ def check_mask(mask: object, num_features: int, *, like: Tensor | None = None,
         raise ValueError(f"mask must be on the device of x, {device}, got {mask.device}")
     check_dtype(mask, like, name="mask", mixed=True)
     # read on the CPU only, where it costs no device synchronisation (and not while compiling)
-    if mask.device.type == "cpu" and not torch.compiler.is_compiling() and not ((mask >= 0) & (mask <= 1)).all():
+    if mask.device.type == "cpu" and not torch.compiler.is_compiling() and not _within_unit_interval(mask):
         outside = mask[~((mask >= 0) & (mask <= 1))]
         raise ValueError(f"mask must hold gate values in [0, 1], got {outside.numel()} outside, e.g. "
                          f"{outside[:3].tolist()}")
     return mask
+
+
+class Remembered:
+    """What was derived from one tensor, kept while that tensor lives and is not written to (its version
+    counter moves on every in-place write): a transformer's norms all read the stream's gate, one tensor,
+    so what each norm derives from it is computed once per forward. Not used while ``torch.compile``
+    traces, where the derived values are part of the graph."""
+
+    def __init__(self) -> None:
+        self._tensor: weakref.ref[Tensor] | None = None
+        self._version = -1
+        self._value: Any = None
+
+    def get(self, tensor: Tensor) -> Any:
+        """The value remembered for ``tensor``, or ``None``."""
+        if self._tensor is not None and self._tensor() is tensor and tensor._version == self._version:
+            return self._value
+        return None
+
+    def remember(self, tensor: Tensor, value: Any) -> Any:
+        """Keep ``value`` for ``tensor`` (replacing what was kept) and return it."""
+        self._tensor, self._version, self._value = weakref.ref(tensor), tensor._version, value
+        return value
+
+
+_in_unit_interval = Remembered()
+
+
+def _within_unit_interval(mask: Tensor) -> bool:
+    """Whether every value is in [0, 1] (NaN is not): one reduction, read once per gate tensor."""
+    if _in_unit_interval.get(mask):
+        return True
+    low, high = torch.aminmax(mask)
+    return low.item() >= 0 and high.item() <= 1 and _in_unit_interval.remember(mask, True)
 
 
 def check_input(x: object, num_features: int, *, dims: tuple[int, ...], channel_dim: int, like: Tensor | None = None,

@@ -42,8 +42,12 @@ def hat_gate(e: Tensor, s: float | Tensor, floor: float = GATE_FLOOR) -> Tensor:
         floor: the smallest gate value, in [0, 0.5) [1e-8]; 0 gives the plain sigmoid.
     """
     _check_embedding(e)
-    floor = _check_floor(floor)
-    a = torch.sigmoid(check_scale(s) * e)
+    return _gate(e, check_scale(s), _check_floor(floor))
+
+
+def _gate(e: Tensor, s: float | Tensor, floor: float) -> Tensor:
+    """:func:`hat_gate` for arguments already checked (a gate's forward and the regulariser check them once)."""
+    a = torch.sigmoid(s * e)
     if floor == 0:
         return a
     # value max(a, floor) exactly ((a − a) + max(a, floor)); gradient σ's, also below the floor
@@ -168,8 +172,8 @@ class HATGate(nn.Module, MaskSource):
         s = check_training_scale(s, self.training)
         e = self.embedding[task]
         if not self.training:
-            return (e > 0).to(e.dtype) if self.binarize else hat_gate(e, self.s_max, self.floor)
-        return hat_gate(e, s, self.floor)
+            return (e > 0).to(e.dtype) if self.binarize else _gate(e, self.s_max, self.floor)
+        return _gate(e, s, self.floor)
 
     def selection(self, task: int) -> Tensor:
         """The units ``task`` selects: 1[a^t > 0.5] = 1[e^t > 0], a bool tensor ``[num_features]``."""

@@ -63,6 +63,10 @@ class Layer:
     inp: MaskSource | None = None
 
 
+#: a parameter with more entries than this whose multipliers are all 0 or 1 keeps them as a bool mask
+_FILL_ABOVE = 1 << 16
+
+
 class HATModule(nn.Module, ABC):
     """A model that knows its own wiring, so ``HAT(model)`` needs no ``layers`` argument."""
 
@@ -244,10 +248,14 @@ class HAT:
                              f"{loose}; wire their modules in layers (hatnorm.Layer) or freeze them")
 
     def _reset_task_state(self) -> None:
+        # parameters with multipliers other than 0 and 1, and theirs
         self._params: list[nn.Parameter] = []
         self._mults: list[Tensor] = []
+        # parameters with an entry whose multiplier is 0, and the bool mask of those entries
         self._frozen: list[nn.Parameter] = []
-        self._keep: list[Tensor] = []
+        self._drop: list[Tensor] = []
+        # the frozen parameters with large 0/1 multipliers, by index in _frozen: their gradients are filled
+        self._binary: list[int] = []
         self._snapshots: list[Tensor] = []
         self._free: list[Tensor] = []
         self._free_total = 1.0
@@ -278,14 +286,18 @@ class HAT:
         for p, mult in merged.values():
             if bool((mult == 1).all()):
                 continue
-            keep = mult != 0
-            # a 0/1 multiplier is its restore mask: one bool tensor instead of a float and a bool one
-            binary = bool((keep == mult).all())
-            self._params.append(p)
-            self._mults.append(keep if binary else mult)
-            if not bool(keep.all()):
+            drop = mult == 0
+            # a large 0/1 multiplier is kept as its bool mask only (a quarter of the memory), and the gradient's
+            # dropped entries are filled with 0; the others go through one fused multiply
+            filled = mult.numel() > _FILL_ABOVE and bool((drop | (mult == 1)).all())
+            if not filled:
+                self._params.append(p)
+                self._mults.append(mult)
+            if bool(drop.any()):
+                if filled:
+                    self._binary.append(len(self._frozen))
                 self._frozen.append(p)
-                self._keep.append(keep)
+                self._drop.append(drop)
         self._free = [1 - g.cumulative for g in self.gates]
         self._free_total = max(float(sum(f.sum() for f in self._free)), 1e-12)
         # gates of one device and dtype are computed as one tensor (a few ops per step instead of a few per gate)
@@ -338,7 +350,8 @@ class HAT:
     @torch.no_grad()
     def protect(self, s: float | Tensor) -> None:
         """Protect the gradients after ``backward``: compensate the embedding gradients of the active task
-        (Serrà et al. eq. 5), then multiply every governed gradient by its task multiplier in one fused pass."""
+        (Serrà et al. eq. 5), then multiply every governed gradient by its task multiplier: one fused
+        multiply, and for a large parameter whose multipliers are all 0 or 1, a fill of its 0 entries."""
         task = self._active("protect")
         s = check_scale(s)
         self._check_masks_unchanged(task)
@@ -354,6 +367,10 @@ class HAT:
         if pairs:
             grads, mults = map(list, zip(*pairs, strict=True))
             torch._foreach_mul_(grads, mults)
+        for i in self._binary:
+            grad = self._frozen[i].grad
+            if grad is not None:
+                grad.masked_fill_(self._drop[i], 0)
 
     def _check_masks_unchanged(self, task: int) -> None:
         """Refuse to protect with multipliers computed from masks that have since been replaced.
@@ -396,8 +413,8 @@ class HAT:
         optimizer.step()
         with torch.no_grad():
             if restore:
-                for p, keep, before in zip(self._frozen, self._keep, self._snapshots, strict=True):
-                    p.copy_(torch.where(keep, p, before))
+                for p, drop, before in zip(self._frozen, self._drop, self._snapshots, strict=True):
+                    p.copy_(torch.where(drop, before, p))
             # Serrà et al.'s code clamps every task's embedding
             rows = [g.embedding if self.reference else g.embedding[task] for g in self.gates]
             torch._foreach_clamp_min_(rows, -self.clamp)
@@ -419,7 +436,8 @@ class HAT:
     def gradient_multipliers(self) -> dict[str, Tensor]:
         """The multipliers of the active task by parameter name; parameters left out keep their raw gradient."""
         self._active("gradient_multipliers")
-        return {self._names[id(p)]: m.to(p.dtype) for p, m in zip(self._params, self._mults, strict=True)}
+        binary = {self._names[id(self._frozen[i])]: (~self._drop[i]).to(self._frozen[i].dtype) for i in self._binary}
+        return {self._names[id(p)]: m for p, m in zip(self._params, self._mults, strict=True)} | binary
 
     def state_dict(self) -> dict[str, list[int] | int | None]:
         """What the model's own ``state_dict`` leaves out: the learned tasks and the active task (or ``None``)."""

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from hatnorm._checks import (
+    Remembered,
     check_input,
     check_mask,
     check_non_negative,
@@ -195,11 +196,18 @@ def masked_moments(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     return mean, var
 
 
+_selections = Remembered()
+
+
 def _selection_weights(mask: Tensor) -> tuple[Tensor, Tensor]:
     """m/k with m = 1[a > 0.5] and k = Σ m (``[C]``), and k itself."""
+    compiling = torch.compiler.is_compiling()
+    if not compiling and (known := _selections.get(mask)) is not None:
+        return known
     selected = (mask > 0.5).to(mask.dtype)
     count = selected.sum()
-    return selected / count.clamp_min(1), count
+    weights = (selected / count.clamp_min(1), count)
+    return weights if compiling else _selections.remember(mask, weights)
 
 
 def _centred_moments(x: Tensor, scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -207,46 +215,52 @@ def _centred_moments(x: Tensor, scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     product with the selection, a single read of its operand."""
     mean = (x @ scale.to(x.dtype))[..., None]
     centred = x - mean
-    var = (centred.square() @ scale.to(x.dtype))[..., None]
+    var = ((centred * centred) @ scale.to(x.dtype))[..., None]
     return mean, centred, var
 
 
 class _MaskedLayerNorm(torch.autograd.Function):
-    """Masked LayerNorm with its backward written out, so training keeps one saved tensor and a few passes
-    instead of autograd's graph of a dozen ops.
+    """Masked LayerNorm with its backward handed to ATen's fused LayerNorm backward.
 
-    With m = 1[a > 0.5], k = Σ m, x̂ = (x − μ)·r, r = (σ² + eps)^−½ and g = ∂L/∂x̂ = dy ⊙ γ ⊙ a:
-    ∂L/∂x = r·(g − m/k·Σ g − m/k·x̂·Σ g x̂), since μ and σ² read only the selected features. The sums over
-    features, Σ g and Σ g x̂, are matrix-vector products with γ ⊙ a, so g itself is never formed.
+    With m = 1[a > 0.5], k = Σ m, x̂ = (x − μ)·r, r = (σ² + eps)^−½ and g = dy ⊙ γ ⊙ a, the gradient is
+    ∂L/∂x = r·g − m/k·r·(Σ g + x̂·Σ g x̂), sums over all C features, since μ and σ² read only the selected
+    ones. ``native_layer_norm_backward``, given this μ and r, computes the same with 1/C in place of m/k,
+    dx_C = r·g − r/C·(Σ g + x̂·Σ g x̂), in one pass, and with it Σ dy x̂ and Σ dy over the batch. So with
+    c = C·m/k: ∂L/∂x = c·dx_C + (1 − c)·r·g, formed in place. The forward saves what ``nn.LayerNorm``
+    saves (x, μ, r); its output's buffer is the first intermediate, so it allocates one tensor besides.
     """
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, mask: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
-        scale, count = _selection_weights(mask)
-        _, x_hat, var = _centred_moments(x, scale)
-        rstd = torch.rsqrt(var + eps)
-        x_hat.mul_(rstd)
-        any_selected = (count > 0).to(x.dtype)  # no selected feature: zeros
-        w, b = weight * mask * any_selected, bias * mask * any_selected
-        ctx.save_for_backward(x_hat, rstd, scale, mask, weight, bias, any_selected)
-        return torch.addcmul(b, x_hat, w)
+        ctx.input_dtype = x.dtype
+        x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x  # statistics in float32, as F.layer_norm
+        scale, count = _selection_weights(mask.to(x.dtype))
+        any_selected = count.clamp_max(1)  # no selected feature: zeros
+        gate = mask * any_selected
+        w, b = weight * gate, bias * gate
+        mean = (x @ scale).unsqueeze_(-1)
+        out = x - mean
+        rstd = ((out * out) @ scale).unsqueeze_(-1).add_(eps).rsqrt_()
+        torch.addcmul(b, out.mul_(rstd), w, out=out)
+        ctx.save_for_backward(x, mean, rstd, scale, gate, any_selected, weight, bias, w)
+        return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
-        x_hat, rstd, scale, mask, weight, bias, any_selected = ctx.saved_tensors
-        batch_dims = tuple(range(dy.dim() - 1))
-        dy_x_hat = dy * x_hat
-        dx = None
-        if ctx.needs_input_grad[0]:
-            w = weight * mask * any_selected
-            sum_g = (dy @ w)[..., None] * rstd  # r·Σ g
-            sum_g_x_hat = (dy_x_hat @ w)[..., None] * rstd  # r·Σ g x̂
-            # r·g − m/k·(r·Σ g + x̂·r·Σ g x̂)
-            dx = torch.addcmul((dy * w).mul_(rstd), torch.addcmul(sum_g, x_hat, sum_g_x_hat), scale, value=-1)
-        dy_x_hat = dy_x_hat.sum(batch_dims) * any_selected
-        dy_sum = dy.sum(batch_dims) * any_selected
-        return dx, dy_x_hat * weight + dy_sum * bias, dy_x_hat * mask, dy_sum * mask, None
+        x, mean, rstd, scale, gate, any_selected, weight, bias, w = ctx.saved_tensors
+        wanted = ctx.needs_input_grad
+        affine = any(wanted[1:4])
+        dx, dy_x_hat, dy_sum = torch.ops.aten.native_layer_norm_backward(
+            dy, x, [x.shape[-1]], mean, rstd, w, w, [wanted[0], affine, affine])
+        if dx is not None:
+            spread = scale * x.shape[-1]  # C·m/k
+            unspread = torch.addcmul(w, w, spread, value=-1)  # (1 − c)·γ·a
+            dx = dx.mul_(spread).div_(rstd).addcmul_(dy, unspread).mul_(rstd).to(ctx.input_dtype)
+        if not affine:
+            return dx, None, None, None, None
+        d_mask = torch.addcmul(dy_x_hat * weight, dy_sum, bias).mul_(any_selected)
+        return dx, d_mask, dy_x_hat * gate, dy_sum * gate, None
 
 
 def masked_layer_norm(x: Tensor, mask: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:

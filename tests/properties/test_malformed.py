@@ -42,8 +42,8 @@ def snapshot(*objects: object) -> list[object]:
         elif isinstance(obj, torch.optim.Optimizer):
             out.append(copy.deepcopy(obj.state_dict()))
         elif isinstance(obj, hatnorm.HAT):
-            out += [obj.task, list(obj.learned_tasks), [id(p) for p in obj._params], obj._free_total,
-                    *(t.clone() for t in (*obj._mults, *obj._keep, *obj._free))]
+            out += [obj.task, list(obj.learned_tasks), [id(p) for p in obj._params], [id(p) for p in obj._frozen],
+                    list(obj._binary), obj._free_total, *(t.clone() for t in (*obj._mults, *obj._drop, *obj._free))]
     return out
 
 
