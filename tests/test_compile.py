@@ -92,3 +92,28 @@ def test_the_compiled_step_computes_what_the_eager_step_does() -> None:
     torch.testing.assert_close(losses["compiled"], losses["eager"], rtol=1e-4, atol=1e-5)
     for (name, a), b in zip(eager.state_dict().items(), compiled.state_dict().values(), strict=True):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("selection", ["some", "all", "none"])
+def test_compiled_masked_ln_gives_the_eager_outputs_and_gradients(selection: str) -> None:
+    """The masked LayerNorm (an autograd.Function whose backward calls ATen's fused LayerNorm backward with the
+    masked statistics) gives the same outputs and gradients under torch.compile as eagerly, whichever features
+    are selected."""
+    gen = torch.Generator().manual_seed(0)
+    norm = hatnorm.MaskedLayerNorm(16, num_tasks=2)
+    with torch.no_grad():
+        norm.weight.normal_(generator=gen)
+        norm.bias.normal_(generator=gen)
+    x = torch.randn(4, 5, 16, generator=gen) * 2 + 1
+    embedding = {"some": torch.randn(16, generator=gen), "all": torch.ones(16), "none": -torch.ones(16)}[selection]
+    mask, dy = torch.sigmoid(4 * embedding), torch.randn(4, 5, 16, generator=gen)
+    results = {}
+    for name, forward in (("eager", norm), ("compiled", torch.compile(norm, backend=CountingBackend()))):
+        x_in, mask_in = x.clone().requires_grad_(), mask.clone().requires_grad_()
+        norm.zero_grad()
+        out = forward(x_in, mask_in, 1)
+        out.backward(dy)
+        results[name] = (out.detach(), x_in.grad, mask_in.grad, norm.weight.grad.clone(), norm.bias.grad.clone())
+    for what, eager, compiled in zip(("out", "x", "mask", "weight", "bias"), results["eager"], results["compiled"],
+                                     strict=True):
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5, msg=what)
