@@ -51,6 +51,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BATCHES_PER_EPOCH = 100  # the scale s anneals over this many batches
 SCHEDULE_POINTS = 8  # an epoch's mean step: steps at this many evenly spaced batches of the schedule
 SCALES = (1.0, 100.0, 400.0)  # s = 1, 100 and s_max
+MEMORY_PROBES = 3  # fresh processes per peak-memory figure on CPU, their median reported
 
 # architecture → (hatnorm options, plain twin, HAT norms to time, input side)
 MODELS: dict[str, tuple[dict[str, Any], Callable[..., nn.Module], tuple[str, ...]]] = {
@@ -179,7 +180,8 @@ def inputs(batch: int, device: torch.device, size: int = 32) -> tuple[Tensor, Te
 
 
 def peak_memory(spec: dict[str, Any], device: torch.device) -> float:
-    """Peak memory (MiB) of a few training steps of ``spec``: in a fresh process on CPU."""
+    """Peak memory (MiB) of a few training steps of ``spec``: on CPU the median of ``MEMORY_PROBES`` fresh
+    processes (one process's resident-set growth moves by tens of MiB from run to run)."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -190,9 +192,9 @@ def peak_memory(spec: dict[str, Any], device: torch.device) -> float:
         torch.cuda.synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - base) / 2**20
     plain_sigmoid = ["--plain-sigmoid"] if GATE_FLOOR == 0 else []
-    out = subprocess.run([sys.executable, __file__, "--memory-probe", json.dumps(spec), *plain_sigmoid],
-                         capture_output=True, text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
+    probes = [subprocess.run([sys.executable, __file__, "--memory-probe", json.dumps(spec), *plain_sigmoid],
+                             capture_output=True, text=True, check=True) for _ in range(MEMORY_PROBES)]
+    return statistics.median(float(out.stdout.strip().splitlines()[-1]) for out in probes)
 
 
 def make_step(spec: dict[str, Any], device: torch.device, compiler: Compiler) -> Callable[[], None]:
