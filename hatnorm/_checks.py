@@ -112,19 +112,19 @@ class Remembered:
     traces, where the derived values are part of the graph."""
 
     def __init__(self) -> None:
-        self._tensor: weakref.ref[Tensor] | None = None
-        self._version = -1
-        self._value: Any = None
+        # (tensor, its version, value) in one attribute, replaced whole, so threads never see a mix
+        self._entry: tuple[weakref.ref[Tensor], int, Any] | None = None
 
     def get(self, tensor: Tensor) -> Any:
         """The value remembered for ``tensor``, or ``None``."""
-        if self._tensor is not None and self._tensor() is tensor and tensor._version == self._version:
-            return self._value
+        entry = self._entry
+        if entry is not None and entry[0]() is tensor and tensor._version == entry[1]:
+            return entry[2]
         return None
 
     def remember(self, tensor: Tensor, value: Any) -> Any:
         """Keep ``value`` for ``tensor`` (replacing what was kept) and return it."""
-        self._tensor, self._version, self._value = weakref.ref(tensor), tensor._version, value
+        self._entry = (weakref.ref(tensor), tensor._version, value)
         return value
 
 

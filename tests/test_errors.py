@@ -1075,3 +1075,15 @@ def test_lbfgs_is_refused_by_hat_step_with_nothing_changed() -> None:
     with pytest.raises(TypeError, match=r"^optimizer must be one whose step\(\) needs no closure .*got LBFGS"):
         hat.step(optimizer)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.parametrize("cls", NORMS, ids=lambda c: c.__name__)
+def test_norm_rechecks_a_gate_written_in_place_after_a_good_call(cls) -> None:
+    """A gate tensor's range is checked once while it is unchanged (a transformer's norms share one); an
+    in-place write to it is seen."""
+    norm = make_norm(cls)
+    x, mask = torch.randn(NORMS[cls][0]), MASK.clone()
+    norm(x, mask, 0)
+    mask.fill_(1.5)
+    with refused(norm, ValueError, r"mask must hold gate values in \[0, 1\], got 6 outside"):
+        norm(x, mask, 0)

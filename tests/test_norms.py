@@ -457,3 +457,16 @@ def test_every_registered_norm_builds_and_runs_forward_and_backward(name) -> Non
         norm.eval()
         assert torch.isfinite(norm(x.detach(), gate.eval()(1), 1)).all()
         gate.train()
+
+
+def test_masked_ln_follows_a_gate_written_in_place_between_calls() -> None:
+    """The selection a gate tensor gives is computed once while the tensor is unchanged (the pre-norms of a
+    transformer read one); after an in-place write the norm uses the new selection."""
+    norm = randomize(hatnorm.MaskedLayerNorm(C, num_tasks=T))
+    x = torch.randn(3, 4, C) * 3 + 2
+    mask = SOFT.clone()
+    first = norm(x, mask, 0)
+    assert torch.equal(norm(x, mask, 0), first)
+    mask.copy_(1 - SOFT)
+    torch.testing.assert_close(norm(x, mask, 0), norm(x, (1 - SOFT).clone(), 0), rtol=0, atol=0)
+    assert not torch.allclose(norm(x, mask, 0), first)
