@@ -223,11 +223,12 @@ class _MaskedLayerNorm(torch.autograd.Function):
     """Masked LayerNorm with its backward handed to ATen's fused LayerNorm backward.
 
     With m = 1[a > 0.5], k = Σ m, x̂ = (x − μ)·r, r = (σ² + eps)^−½ and g = dy ⊙ γ ⊙ a, the gradient is
-    ∂L/∂x = r·g − m/k·r·(Σ g + x̂·Σ g x̂), sums over all C features, since μ and σ² read only the selected
-    ones. ``native_layer_norm_backward``, given this μ and r, computes the same with 1/C in place of m/k,
-    dx_C = r·g − r/C·(Σ g + x̂·Σ g x̂), in one pass, and with it Σ dy x̂ and Σ dy over the batch. So with
-    c = C·m/k: ∂L/∂x = c·dx_C + (1 − c)·r·g, formed in place. The forward saves what ``nn.LayerNorm``
-    saves (x, μ, r) and allocates no tensor of x's size but its output.
+    ∂L/∂x = r·(g − m/k·(Σ g + x̂·Σ g x̂)), sums over all C features, since μ and σ² read only the selected
+    ones. ``native_layer_norm_backward`` of x̂ itself, with mean 0 and rstd 1, computes
+    g − 1/C·(Σ g + x̂·Σ g x̂) in one pass, and with it Σ dy x̂ and Σ dy over the batch. So with c = C·m/k:
+    ∂L/∂x = r·(c·that + (1 − c)·g), formed in place. Handing it x̂ rather than x, μ and r keeps its sums
+    centred: from x it would subtract Σ g x and μ·Σ g, which cancel where the selected features vary
+    little (one selected feature: σ² = 0, r = eps^−½) and lose the gradient's leading digits.
     """
 
     @staticmethod
@@ -238,28 +239,33 @@ class _MaskedLayerNorm(torch.autograd.Function):
         any_selected = count.clamp_max(1)  # no selected feature: zeros
         gate = mask * any_selected
         w, b = weight * gate, bias * gate
-        # one tensor, the output, holds (x − μ)², then x − μ, then the result: a second [..., C] temporary
-        # costs more than the pass it saves, as freeing it lets the allocator return the pages to the
-        # system and the next call fault them in again (measured: 10x the forward's time at [8, 197, 768])
+        # no tensor of x's size is freed at the end of the call (one that is lets the allocator return its
+        # pages and the next call fault them in again: about 10x the forward's time at [8, 197, 768]):
+        # for training x̂ is saved; without gradients the output holds (x − μ)², then x − μ, then the result
         mean = (x @ scale).unsqueeze_(-1)
-        out = x - mean
-        rstd = (out.square_() @ scale).unsqueeze_(-1).add_(eps).rsqrt_()
-        torch.addcmul(b, torch.sub(x, mean, out=out).mul_(rstd), w, out=out)
-        ctx.save_for_backward(x, mean, rstd, scale, gate, any_selected, weight, bias, w)
+        x_hat = x - mean
+        if not any(ctx.needs_input_grad):
+            rstd = (x_hat.square_() @ scale).unsqueeze_(-1).add_(eps).rsqrt_()
+            return torch.addcmul(b, torch.sub(x, mean, out=x_hat).mul_(rstd), w, out=x_hat)
+        out = x_hat * x_hat
+        rstd = (out @ scale).unsqueeze_(-1).add_(eps).rsqrt_()
+        torch.addcmul(b, x_hat.mul_(rstd), w, out=out)
+        ctx.save_for_backward(x_hat, rstd, scale, gate, any_selected, weight, bias, w)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
-        x, mean, rstd, scale, gate, any_selected, weight, bias, w = ctx.saved_tensors
+        x_hat, rstd, scale, gate, any_selected, weight, bias, w = ctx.saved_tensors
         wanted = ctx.needs_input_grad
         affine = any(wanted[1:4])
+        centre, unit = torch.zeros_like(rstd), torch.ones_like(rstd)  # x̂'s own mean and rstd
         dx, dy_x_hat, dy_sum = torch.ops.aten.native_layer_norm_backward(
-            dy, x, [x.shape[-1]], mean, rstd, w, w, [wanted[0], affine, affine])
+            dy, x_hat, [x_hat.shape[-1]], centre, unit, w, w, [wanted[0], affine, affine])
         if dx is not None:
-            spread = scale * x.shape[-1]  # C·m/k
+            spread = scale * x_hat.shape[-1]  # c = C·m/k
             unspread = torch.addcmul(w, w, spread, value=-1)  # (1 − c)·γ·a
-            dx = dx.mul_(spread).div_(rstd).addcmul_(dy, unspread).mul_(rstd).to(ctx.input_dtype)
+            dx = dx.mul_(spread).addcmul_(dy, unspread).mul_(rstd).to(ctx.input_dtype)
         if not affine:
             return dx, None, None, None, None
         d_mask = torch.addcmul(dy_x_hat * weight, dy_sum, bias).mul_(any_selected)

@@ -194,6 +194,39 @@ def test_masked_ln_with_no_feature_selected_gives_zeros_and_finite_gradients(cha
         assert torch.isfinite(grad).all()
 
 
+def reference_masked_ln(x: Tensor, mask: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    """SPEC's masked LayerNorm written plainly, for autograd to differentiate: statistics over the selected
+    features (at least one), every feature normalised with them, then a ⊙ (γ·x̂ + β)."""
+    selected = (mask.detach() > 0.5).to(x.dtype)
+    mean = (x * selected).sum(-1, keepdim=True) / selected.sum()
+    var = ((x - mean).square() * selected).sum(-1, keepdim=True) / selected.sum()
+    return mask * (weight * (x - mean) / torch.sqrt(var + eps) + bias)
+
+
+@given(channels=features, dtype=dtypes, eps=epsilons, seed=seeds, spread=spreads, offset=offsets, data=st.data())
+def test_masked_ln_gradients_are_those_of_its_definition(channels, dtype, eps, seed, spread, offset, data):
+    """The written-out backward (ATen's LayerNorm backward with the masked statistics, then a correction)
+    gives autograd's gradients of the definition, computed in float64, for x, the gate, γ and β."""
+    shape = data.draw(ln_shapes(channels), label="shape")
+    mask = data.draw(gates(channels, dtype, selection="any"), label="mask")
+    assume(bool((mask > 0.5).any()))
+    gen = generator(seed)
+    norm = masked_ln(channels, dtype, gen, eps)
+    x, dy = randn(shape, gen, dtype, spread, offset), randn(shape, gen, dtype)
+
+    x_in, mask_in = x.clone().requires_grad_(), mask.clone().requires_grad_()
+    out = norm(x_in, mask_in, 0)
+    got = [out, *torch.autograd.grad(out, (x_in, mask_in, norm.weight, norm.bias), dy)]
+    reference = [t.detach().double().requires_grad_() for t in (x, mask, norm.weight, norm.bias)]
+    out = reference_masked_ln(*reference, eps)
+    expected = [out, *torch.autograd.grad(out, reference, dy.double())]
+
+    tol = 1e-4 if dtype == torch.float32 else 1e-9
+    for what, a, b in zip(("out", "x", "mask", "weight", "bias"), got, expected, strict=True):
+        scale = max(1.0, float(b.detach().abs().max()))
+        torch.testing.assert_close(a.detach().double(), b.detach(), rtol=tol, atol=tol * scale, msg=what)
+
+
 # 3. Protection --------------------------------------------------------------------------------------------
 
 # every registered norm that declares it forgets nothing, plug-in norms included
