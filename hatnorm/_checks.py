@@ -136,7 +136,10 @@ def _within_unit_interval(mask: Tensor) -> bool:
     if _in_unit_interval.get(mask):
         return True
     low, high = torch.aminmax(mask)
-    return low.item() >= 0 and high.item() <= 1 and _in_unit_interval.remember(mask, True)
+    if not (low.item() >= 0 and high.item() <= 1):
+        return False
+    _in_unit_interval.remember(mask, True)
+    return True
 
 
 def check_input(x: object, num_features: int, *, dims: tuple[int, ...], channel_dim: int, like: Tensor | None = None,

@@ -255,7 +255,7 @@ class HAT:
         self._frozen: list[nn.Parameter] = []
         self._drop: list[Tensor] = []
         # the frozen parameters with large 0/1 multipliers, by index in _frozen: their gradients are filled
-        self._binary: list[int] = []
+        self._filled: list[int] = []
         self._snapshots: list[Tensor] = []
         self._free: list[Tensor] = []
         self._free_total = 1.0
@@ -295,7 +295,7 @@ class HAT:
                 self._mults.append(mult)
             if bool(drop.any()):
                 if filled:
-                    self._binary.append(len(self._frozen))
+                    self._filled.append(len(self._frozen))
                 self._frozen.append(p)
                 self._drop.append(drop)
         self._free = [1 - g.cumulative for g in self.gates]
@@ -367,7 +367,7 @@ class HAT:
         if pairs:
             grads, mults = map(list, zip(*pairs, strict=True))
             torch._foreach_mul_(grads, mults)
-        for i in self._binary:
+        for i in self._filled:
             grad = self._frozen[i].grad
             if grad is not None:
                 grad.masked_fill_(self._drop[i], 0)
@@ -436,8 +436,8 @@ class HAT:
     def gradient_multipliers(self) -> dict[str, Tensor]:
         """The multipliers of the active task by parameter name; parameters left out keep their raw gradient."""
         self._active("gradient_multipliers")
-        binary = {self._names[id(self._frozen[i])]: (~self._drop[i]).to(self._frozen[i].dtype) for i in self._binary}
-        return {self._names[id(p)]: m for p, m in zip(self._params, self._mults, strict=True)} | binary
+        filled = {self._names[id(self._frozen[i])]: (~self._drop[i]).to(self._frozen[i].dtype) for i in self._filled}
+        return {self._names[id(p)]: m for p, m in zip(self._params, self._mults, strict=True)} | filled
 
     def state_dict(self) -> dict[str, list[int] | int | None]:
         """What the model's own ``state_dict`` leaves out: the learned tasks and the active task (or ``None``)."""

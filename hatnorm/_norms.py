@@ -192,7 +192,7 @@ def masked_moments(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     μ = Σ m_i z_i / Σ m_i, σ² = Σ m_i (z_i − μ)² / Σ m_i. With no selected feature both are 0.
     Returns two tensors of shape ``x.shape[:-1] + (1,)``.
     """
-    mean, _, var = _centred_moments(x, _selection_weights(mask.detach())[0])
+    mean, _, var = _centred_moments(x, _selection_weights(mask)[0])
     return mean, var
 
 
@@ -312,7 +312,7 @@ def masked_rms_norm(x: Tensor, mask: Tensor, weight: Tensor | None, eps: float) 
     Features outside the selection do not change the selected outputs; no selected feature gives zeros.
     With every feature selected it is ``F.rms_norm``.
     """
-    scale, count = _selection_weights(mask.detach())
+    scale, count = _selection_weights(mask)
     mean_square = (x.square() @ scale.to(x.dtype))[..., None]
     w = (mask if weight is None else weight * mask) * (count > 0).to(x.dtype)
     return x * torch.rsqrt(mean_square + eps) * w

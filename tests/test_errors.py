@@ -40,7 +40,7 @@ def state(module: nn.Module, optimizer: torch.optim.Optimizer | None = None,
     if hat is not None:
         out |= {"hat.task": hat.task, "hat.learned_tasks": list(hat.learned_tasks),
                 "hat.params": [id(p) for p in hat._params], "hat.frozen": [id(p) for p in hat._frozen],
-                "hat.binary": list(hat._binary), "hat.free_total": hat._free_total}
+                "hat.filled": list(hat._filled), "hat.free_total": hat._free_total}
         for what in ("_mults", "_drop", "_free"):
             out |= {f"hat.{what}.{i}": t.clone() for i, t in enumerate(getattr(hat, what))}
     return out

@@ -43,7 +43,7 @@ def snapshot(*objects: object) -> list[object]:
             out.append(copy.deepcopy(obj.state_dict()))
         elif isinstance(obj, hatnorm.HAT):
             out += [obj.task, list(obj.learned_tasks), [id(p) for p in obj._params], [id(p) for p in obj._frozen],
-                    list(obj._binary), obj._free_total, *(t.clone() for t in (*obj._mults, *obj._drop, *obj._free))]
+                    list(obj._filled), obj._free_total, *(t.clone() for t in (*obj._mults, *obj._drop, *obj._free))]
     return out
 
 
