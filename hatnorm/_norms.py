@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from hatnorm import _fused
 from hatnorm._checks import (
     Remembered,
     check_input,
@@ -229,11 +230,21 @@ class _MaskedLayerNorm(torch.autograd.Function):
     ∂L/∂x = r·(c·that + (1 − c)·g), formed in place. Handing it x̂ rather than x, μ and r keeps its sums
     centred: from x it would subtract Σ g x and μ·Σ g, which cancel where the selected features vary
     little (one selected feature: σ² = 0, r = eps^−½) and lose the gradient's leading digits.
+
+    On the CPU, where :func:`hatnorm._fused.applies`, the same forward and gradient are one fused kernel
+    pass each (the ATen passes above are the layer's cost there).
     """
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, mask: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
         ctx.input_dtype = x.dtype
+        ctx.fused = _fused.applies(x, mask, weight, bias)
+        if ctx.fused:  # one pass per row on the CPU; x itself is saved, x̂ recomputed from μ and r
+            scale, _ = _selection_weights(mask)
+            out, mean, rstd = _fused.layer_norm_forward(x.contiguous(), scale, weight, bias, mask, eps)
+            if any(ctx.needs_input_grad):
+                ctx.save_for_backward(x, mean, rstd, scale, mask, weight, bias)
+            return out
         x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x  # statistics in float32, as F.layer_norm
         scale, count = _selection_weights(mask.to(x.dtype))
         any_selected = count.clamp_max(1)  # no selected feature: zeros
@@ -256,20 +267,31 @@ class _MaskedLayerNorm(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
+        if ctx.fused:
+            x, mean, rstd, scale, mask, weight, bias = ctx.saved_tensors
+            return (*_fused.layer_norm_backward(dy, x.contiguous(), mean, rstd, scale, weight, bias, mask), None)
         x_hat, rstd, scale, gate, any_selected, weight, bias, w = ctx.saved_tensors
         wanted = ctx.needs_input_grad
         affine = any(wanted[1:4])
-        centre, unit = torch.zeros_like(rstd), torch.ones_like(rstd)  # x̂'s own mean and rstd
-        dx, dy_x_hat, dy_sum = torch.ops.aten.native_layer_norm_backward(
-            dy, x_hat, [x_hat.shape[-1]], centre, unit, w, w, [wanted[0], affine, affine])
-        if dx is not None:
-            spread = scale * x_hat.shape[-1]  # c = C·m/k
-            unspread = torch.addcmul(w, w, spread, value=-1)  # (1 − c)·γ·a
-            dx = dx.mul_(spread).addcmul_(dy, unspread).mul_(rstd).to(ctx.input_dtype)
+        dx, dy_x_hat, dy_sum = _aten_backward(dy, x_hat, rstd, scale, w, [wanted[0], affine, affine])
+        dx = None if dx is None else dx.to(ctx.input_dtype)
         if not affine:
             return dx, None, None, None, None
         d_mask = torch.addcmul(dy_x_hat * weight, dy_sum, bias).mul_(any_selected)
         return dx, d_mask, dy_x_hat * gate, dy_sum * gate, None
+
+
+def _aten_backward(dy: Tensor, x_hat: Tensor, rstd: Tensor, scale: Tensor, w: Tensor,
+                   wanted: list[bool]) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """The masked LayerNorm's ∂L/∂x, Σ dy·x̂ and Σ dy from ATen's LayerNorm backward (see _MaskedLayerNorm)."""
+    centre, unit = torch.zeros_like(rstd), torch.ones_like(rstd)  # x̂'s own mean and rstd
+    dx, dy_x_hat, dy_sum = torch.ops.aten.native_layer_norm_backward(
+        dy, x_hat, [x_hat.shape[-1]], centre, unit, w, w, wanted)
+    if dx is not None:
+        spread = scale * x_hat.shape[-1]  # c = C·m/k
+        unspread = torch.addcmul(w, w, spread, value=-1)  # (1 − c)·γ·a
+        dx = dx.mul_(spread).addcmul_(dy, unspread).mul_(rstd)
+    return dx, dy_x_hat, dy_sum
 
 
 def masked_layer_norm(x: Tensor, mask: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:

@@ -470,3 +470,85 @@ def test_masked_ln_follows_a_gate_written_in_place_between_calls() -> None:
     mask.copy_(1 - SOFT)
     torch.testing.assert_close(norm(x, mask, 0), norm(x, (1 - SOFT).clone(), 0), rtol=0, atol=0)
     assert not torch.allclose(norm(x, mask, 0), first)
+
+
+# the masked LayerNorm's fused CPU kernels (hatnorm/_fused.py) against its ATen version -------------------
+
+def _masked_ln_run(norm: nn.Module, x: Tensor, mask: Tensor, dy: Tensor, *, fused: bool) -> list[Tensor]:
+    """Output and gradients of x, the gate, γ and β of one masked-LN call on one path."""
+    from hatnorm import _fused
+
+    x, mask = x.clone().requires_grad_(), mask.clone().requires_grad_()
+    with _fused.kernels(fused):
+        out = norm(x, mask, 0)
+        return [out.detach(), *torch.autograd.grad(out, (x, mask, norm.weight, norm.bias), dy)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("selected", ["none", "one", "half", "all"])
+def test_fused_masked_ln_agrees_with_the_aten_version(dtype: torch.dtype, selected: str) -> None:
+    from hatnorm import _fused
+
+    gen = torch.Generator().manual_seed(0)
+    channels = 96
+    norm = hatnorm.MaskedLayerNorm(channels, num_tasks=2).to(dtype)
+    with torch.no_grad():
+        norm.weight.normal_(generator=gen)
+        norm.bias.normal_(generator=gen)
+    x = torch.randn(4, 33, channels, generator=gen, dtype=dtype) * 3 + 1
+    dy = torch.randn(x.shape, generator=gen, dtype=dtype)
+    chosen = {"none": 0, "one": 1, "half": channels // 2, "all": channels}[selected]
+    mask = torch.rand(channels, generator=gen, dtype=dtype) * 0.5  # unselected, yet open enough to matter
+    mask[torch.randperm(channels, generator=gen)[:chosen]] = 0.75
+    assert _fused.applies(x, mask, norm.weight, norm.bias)
+    fused = _masked_ln_run(norm, x, mask, dy, fused=True)
+    aten = _masked_ln_run(norm, x, mask, dy, fused=False)
+    tol = 2e-4 if dtype == torch.float32 else 1e-10
+    for what, a, b in zip(("out", "x", "mask", "weight", "bias"), fused, aten, strict=True):
+        scale = max(1.0, float(b.abs().max()))
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol * scale, msg=what)
+    if selected == "none":  # no selected feature: zeros, and no gradient
+        assert all(torch.equal(t, torch.zeros_like(t)) for t in fused)
+    # the same call again gives the same bits; without gradients the output is the same
+    again = _masked_ln_run(norm, x, mask, dy, fused=True)
+    assert all(torch.equal(a, b) for a, b in zip(fused, again, strict=True))
+    with torch.no_grad():
+        assert torch.equal(norm(x, mask, 0), fused[0])
+
+
+def test_fused_masked_ln_reads_a_strided_input() -> None:
+    """A channel LayerNorm over NCHW hands the kernels a moved (non-contiguous) view."""
+    gen = torch.Generator().manual_seed(1)
+    norm = hatnorm.MaskedChannelLayerNorm(16, num_tasks=2)
+    x = torch.randn(3, 16, 5, 7, generator=gen)
+    mask = torch.rand(16, generator=gen)
+    dy = torch.randn(x.shape, generator=gen)
+    fused = _masked_ln_run(norm, x, mask, dy, fused=True)
+    aten = _masked_ln_run(norm, x, mask, dy, fused=False)
+    for a, b in zip(fused, aten, strict=True):
+        torch.testing.assert_close(a, b, rtol=2e-4, atol=2e-4)
+
+
+def test_fused_kernels_are_not_used_where_they_do_not_apply() -> None:
+    from hatnorm import _fused
+
+    x, mask = torch.randn(2, 8), torch.rand(8)
+    assert _fused.applies(x, mask, mask, mask)
+    assert not _fused.applies(x.half(), mask.half(), mask.half(), mask.half())  # computed in float32 by ATen
+    assert not _fused.applies(x, mask.double(), mask, mask)  # mixed dtypes
+    assert not _fused.applies(x.to("meta"), mask, mask, mask)
+    with _fused.kernels(False):
+        assert not _fused.applies(x, mask, mask, mask)
+    assert _fused.applies(x, mask, mask, mask)
+
+
+def test_hatnorm_fused_0_in_the_environment_turns_the_kernels_off() -> None:
+    import os
+    import subprocess
+    import sys
+
+    code = "from hatnorm import _fused; print(_fused.enabled())"
+    run = [sys.executable, "-c", code]
+    off = subprocess.run(run, env=os.environ | {"HATNORM_FUSED": "0"}, capture_output=True, text=True, check=True)
+    on = subprocess.run(run, env=os.environ | {"HATNORM_FUSED": "1"}, capture_output=True, text=True, check=True)
+    assert (off.stdout.strip(), on.stdout.strip()) == ("False", "True")

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 import hatnorm
+from hatnorm import _fused
 
 from .models import gated_net, isolating_norms
 from .strategies import (
@@ -203,10 +204,12 @@ def reference_masked_ln(x: Tensor, mask: Tensor, weight: Tensor, bias: Tensor, e
     return mask * (weight * (x - mean) / torch.sqrt(var + eps) + bias)
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-kernels", "aten"])
 @given(channels=features, dtype=dtypes, eps=epsilons, seed=seeds, spread=spreads, offset=offsets, data=st.data())
-def test_masked_ln_gradients_are_those_of_its_definition(channels, dtype, eps, seed, spread, offset, data):
-    """The written-out backward (ATen's LayerNorm backward with the masked statistics, then a correction)
-    gives autograd's gradients of the definition, computed in float64, for x, the gate, γ and β."""
+def test_masked_ln_gradients_are_those_of_its_definition(fused, channels, dtype, eps, seed, spread, offset, data):
+    """Both written-out versions (the fused CPU kernels; ATen's LayerNorm backward with the masked
+    statistics, then a correction) give autograd's outputs and gradients of the definition, computed in
+    float64, for x, the gate, γ and β."""
     shape = data.draw(ln_shapes(channels), label="shape")
     mask = data.draw(gates(channels, dtype, selection="any"), label="mask")
     assume(bool((mask > 0.5).any()))
@@ -215,8 +218,10 @@ def test_masked_ln_gradients_are_those_of_its_definition(channels, dtype, eps, s
     x, dy = randn(shape, gen, dtype, spread, offset), randn(shape, gen, dtype)
 
     x_in, mask_in = x.clone().requires_grad_(), mask.clone().requires_grad_()
-    out = norm(x_in, mask_in, 0)
-    got = [out, *torch.autograd.grad(out, (x_in, mask_in, norm.weight, norm.bias), dy)]
+    with _fused.kernels(fused):
+        assert _fused.applies(x, mask, norm.weight, norm.bias) == fused
+        out = norm(x_in, mask_in, 0)
+        got = [out, *torch.autograd.grad(out, (x_in, mask_in, norm.weight, norm.bias), dy)]
     reference = [t.detach().double().requires_grad_() for t in (x, mask, norm.weight, norm.bias)]
     out = reference_masked_ln(*reference, eps)
     expected = [out, *torch.autograd.grad(out, reference, dy.double())]

@@ -1,0 +1,113 @@
+"""Fused CPU kernels for the masked LayerNorm, compiled by numba on first use.
+
+In ATen ops the masked LayerNorm's forward is six passes over its input (the two masked moments as
+matrix-vector products, the centring, the square, the scaling and the affine) and its backward four;
+on the CPU those passes, not the arithmetic, are its cost (2.3x ``nn.LayerNorm`` at [8, 197, 768]).
+These kernels do the whole forward in one pass per row and the backward in one, each row staying in
+the core's cache, so the layer costs what ``nn.LayerNorm`` costs (see docs/performance.md).
+
+They run rows in parallel on numba's threads, as many as torch's intra-op threads, and are used only
+where they apply (:func:`applies`): float32 or float64 tensors of torch's CPU type, outside
+``torch.compile`` and ``torch.export`` tracing (which see the ATen version). ``HATNORM_FUSED=0`` in
+the environment (or the block :func:`kernels` ``(False)``) uses the ATen version everywhere. The
+summation order inside a row differs from ATen's, so the two agree to rounding, not bit for bit;
+each is deterministic for a given number of threads.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import cache
+from typing import Any
+
+import torch
+from torch import Tensor
+
+#: the dtypes the kernels are compiled for (the ATen version handles the others)
+DTYPES = (torch.float32, torch.float64)
+
+
+#: whether the kernels may be used: ``HATNORM_FUSED=0`` in the environment at import turns them off
+_wanted = os.environ.get("HATNORM_FUSED", "1") != "0"
+
+
+def enabled() -> bool:
+    """Whether the fused kernels may be used: they are wanted (see :func:`kernels`) and numba imports."""
+    return _wanted and _kernels() is not None
+
+
+@contextmanager
+def kernels(wanted: bool) -> Iterator[None]:
+    """Within the block, use the fused kernels where they apply (``True``) or the ATen version everywhere
+    (``False``); the previous choice is restored afterwards."""
+    global _wanted
+    before, _wanted = _wanted, bool(wanted)
+    try:
+        yield
+    finally:
+        _wanted = before
+
+
+def applies(x: Tensor, *parameters: Tensor) -> bool:
+    """Whether the fused kernels compute a masked LayerNorm of ``x`` with ``parameters`` (gate, γ, β):
+    plain CPU tensors of one compiled dtype, outside compilation and export (dynamo and fake tensors
+    trace the ATen version)."""
+    tensors = (x, *parameters)
+    return (all(t.device.type == "cpu" and t.dtype == x.dtype and type(t) in (Tensor, torch.nn.Parameter)
+                for t in tensors)
+            and x.dtype in DTYPES and not torch.compiler.is_compiling() and enabled())
+
+
+@cache
+def _kernels() -> Any:
+    """The compiled kernels' module, or None without numba."""
+    try:
+        from hatnorm import _fused_kernels
+    except ImportError:
+        return None
+    return _fused_kernels
+
+
+def _threads() -> int:
+    """numba's threads for one call: torch's intra-op threads, at most numba's pool."""
+    numba = _kernels().numba
+    threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+    numba.set_num_threads(threads)
+    return threads
+
+
+def _rows(t: Tensor) -> Any:
+    """``t`` as a 2-d numpy array [rows, last dim] sharing its memory."""
+    return t.detach().reshape(-1, t.shape[-1]).numpy()
+
+
+def layer_norm_forward(x: Tensor, scale: Tensor, weight: Tensor, bias: Tensor, gate: Tensor,
+                       eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(x − μ)·r·(γ ⊙ a) + β ⊙ a over the last dim of contiguous ``x``, μ and r⁻² − eps the moments
+    weighted by ``scale`` (m/k); zeros where no feature is selected. Returns it, μ and r (``[rows]``)."""
+    forward = _kernels().forward
+    out = torch.empty_like(x)
+    rows = _rows(x)
+    mean, rstd = x.new_empty(rows.shape[0]), x.new_empty(rows.shape[0])
+    _threads()
+    forward(rows, scale.detach().numpy(), weight.detach().numpy(), bias.detach().numpy(), gate.detach().numpy(),
+            rows.dtype.type(eps), _rows(out), mean.numpy(), rstd.numpy())
+    return out, mean, rstd
+
+
+def layer_norm_backward(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, scale: Tensor, weight: Tensor,
+                        bias: Tensor, gate: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The gradients of :func:`layer_norm_forward`'s output with respect to x, the gate a, γ and β:
+    ∂L/∂x = r·(g − m/k·(Σ g + x̂·Σ g x̂)) with g = dy ⊙ γ ⊙ a, and with Σ dy·x̂ and Σ dy over the rows
+    ∂L/∂a = γ·Σ dy·x̂ + β·Σ dy, ∂L/∂γ = a·Σ dy·x̂, ∂L/∂β = a·Σ dy."""
+    backward = _kernels().backward
+    dy = dy.to(x.dtype).contiguous()
+    dx = torch.empty_like(x)
+    sums = x.new_empty(2, _threads(), x.shape[-1])
+    d_gate, d_weight, d_bias = torch.empty_like(gate), torch.empty_like(weight), torch.empty_like(bias)
+    parameters = (t.detach().numpy() for t in (scale, weight, bias, gate))
+    backward(_rows(dy), _rows(x), mean.numpy(), rstd.numpy(), *parameters, dx.numpy().dtype.type(0), _rows(dx),
+             sums.numpy(), d_gate.numpy(), d_weight.numpy(), d_bias.numpy())
+    return dx, d_gate, d_weight, d_bias
