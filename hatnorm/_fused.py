@@ -1,4 +1,4 @@
-"""Fused CPU kernels for the masked LayerNorm, compiled by numba on first use.
+"""Fused CPU kernels for the masked LayerNorm, compiled by numba on first use and cached.
 
 In ATen ops the masked LayerNorm's forward is six passes over its input (the two masked moments as
 matrix-vector products, the centring, the square, the scaling and the affine) and its backward four;
@@ -19,11 +19,12 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import cache
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from hatnorm import _fused_kernels
 
 #: the dtypes the kernels are compiled for (the ATen version handles the others)
 DTYPES = (torch.float32, torch.float64)
@@ -34,8 +35,8 @@ _wanted = os.environ.get("HATNORM_FUSED", "1") != "0"
 
 
 def enabled() -> bool:
-    """Whether the fused kernels may be used: they are wanted (see :func:`kernels`) and numba imports."""
-    return _wanted and _kernels() is not None
+    """Whether the fused kernels may be used (see :func:`kernels`)."""
+    return _wanted
 
 
 @contextmanager
@@ -60,40 +61,35 @@ def applies(x: Tensor, *parameters: Tensor) -> bool:
             and x.dtype in DTYPES and not torch.compiler.is_compiling() and enabled())
 
 
-@cache
-def _kernels() -> Any:
-    """The compiled kernels' module, or None without numba."""
-    try:
-        from hatnorm import _fused_kernels
-    except ImportError:
-        return None
-    return _fused_kernels
-
-
 def _threads() -> int:
     """numba's threads for one call: torch's intra-op threads, at most numba's pool."""
-    numba = _kernels().numba
-    threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
-    numba.set_num_threads(threads)
+    threads = min(torch.get_num_threads(), _fused_kernels.numba.config.NUMBA_NUM_THREADS)
+    _fused_kernels.numba.set_num_threads(threads)
     return threads
+
+
+def _array(t: Tensor) -> Any:
+    """``t`` as a numpy array sharing its memory. No torch op touches a fresh output buffer before the
+    kernel fills it (a dispatch mode watching the ops would read its uninitialised bits)."""
+    return (t.detach() if t.requires_grad else t).numpy()
 
 
 def _rows(t: Tensor) -> Any:
     """``t`` as a 2-d numpy array [rows, last dim] sharing its memory."""
-    return t.detach().reshape(-1, t.shape[-1]).numpy()
+    array = _array(t)
+    return array.reshape(-1, array.shape[-1])
 
 
 def layer_norm_forward(x: Tensor, scale: Tensor, weight: Tensor, bias: Tensor, gate: Tensor,
                        eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """(x − μ)·r·(γ ⊙ a) + β ⊙ a over the last dim of contiguous ``x``, μ and r⁻² − eps the moments
     weighted by ``scale`` (m/k); zeros where no feature is selected. Returns it, μ and r (``[rows]``)."""
-    forward = _kernels().forward
     out = torch.empty_like(x)
     rows = _rows(x)
     mean, rstd = x.new_empty(rows.shape[0]), x.new_empty(rows.shape[0])
     _threads()
-    forward(rows, scale.detach().numpy(), weight.detach().numpy(), bias.detach().numpy(), gate.detach().numpy(),
-            rows.dtype.type(eps), _rows(out), mean.numpy(), rstd.numpy())
+    _fused_kernels.forward(rows, *(_array(t) for t in (scale, weight, bias, gate)), rows.dtype.type(eps), _rows(out),
+            _array(mean), _array(rstd))
     return out, mean, rstd
 
 
@@ -102,12 +98,11 @@ def layer_norm_backward(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, scale
     """The gradients of :func:`layer_norm_forward`'s output with respect to x, the gate a, γ and β:
     ∂L/∂x = r·(g − m/k·(Σ g + x̂·Σ g x̂)) with g = dy ⊙ γ ⊙ a, and with Σ dy·x̂ and Σ dy over the rows
     ∂L/∂a = γ·Σ dy·x̂ + β·Σ dy, ∂L/∂γ = a·Σ dy·x̂, ∂L/∂β = a·Σ dy."""
-    backward = _kernels().backward
     dy = dy.to(x.dtype).contiguous()
     dx = torch.empty_like(x)
     sums = x.new_empty(2, _threads(), x.shape[-1])
     d_gate, d_weight, d_bias = torch.empty_like(gate), torch.empty_like(weight), torch.empty_like(bias)
-    parameters = (t.detach().numpy() for t in (scale, weight, bias, gate))
-    backward(_rows(dy), _rows(x), mean.numpy(), rstd.numpy(), *parameters, dx.numpy().dtype.type(0), _rows(dx),
-             sums.numpy(), d_gate.numpy(), d_weight.numpy(), d_bias.numpy())
+    parameters = (_array(t) for t in (mean, rstd, scale, weight, bias, gate))
+    _fused_kernels.backward(_rows(dy), _rows(x), *parameters, _array(x).dtype.type(0), _rows(dx), _array(sums),
+             *(_array(t) for t in (d_gate, d_weight, d_bias)))
     return dx, d_gate, d_weight, d_bias

@@ -1,4 +1,4 @@
-"""The numba kernels of :mod:`hatnorm._fused` (imported on first use: numba takes ~0.5 s to load).
+"""The numba kernels of :mod:`hatnorm._fused` (numba adds about 0.5 s to importing hatnorm).
 
 They are module-level functions so that numba caches their machine code beside this file (or in its
 user cache where that is not writable) and a new process loads it instead of compiling again.

@@ -29,7 +29,9 @@ class SubnormalCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if func.overloadpacket.__name__ in UNINITIALISED:
+        # a view makes no new value (and a view of an empty buffer that a kernel outside torch's dispatch,
+        # such as the fused masked LayerNorm, is about to fill would read uninitialised bits)
+        if func.overloadpacket.__name__ in UNINITIALISED or func.is_view:
             return out
         for t in out if isinstance(out, tuple | list) else [out]:
             if isinstance(t, torch.Tensor) and t.dtype == torch.float32 and tuple(t.shape) not in self.skip:
