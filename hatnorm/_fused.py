@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from hatnorm import _fused_kernels
+import hatnorm._fused_kernels as _fused_kernels
 
 #: the dtypes the kernels are compiled for (the ATen version handles the others)
 DTYPES = (torch.float32, torch.float64)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from hatnorm import _fused
+import hatnorm._fused as _fused
 from hatnorm._checks import (
     Remembered,
     check_input,
