@@ -29,7 +29,6 @@ import hatnorm._fused_kernels as _fused_kernels
 #: the dtypes the kernels are compiled for (the ATen version handles the others)
 DTYPES = (torch.float32, torch.float64)
 
-
 #: whether the kernels may be used: ``HATNORM_FUSED=0`` in the environment at import turns them off
 _wanted = os.environ.get("HATNORM_FUSED", "1") != "0"
 
@@ -88,8 +87,8 @@ def layer_norm_forward(x: Tensor, scale: Tensor, weight: Tensor, bias: Tensor, g
     rows = _rows(x)
     mean, rstd = x.new_empty(rows.shape[0]), x.new_empty(rows.shape[0])
     _threads()
-    _fused_kernels.forward(rows, *(_array(t) for t in (scale, weight, bias, gate)), rows.dtype.type(eps), _rows(out),
-            _array(mean), _array(rstd))
+    parameters = (_array(t) for t in (scale, weight, bias, gate))
+    _fused_kernels.forward(rows, *parameters, rows.dtype.type(eps), _rows(out), _array(mean), _array(rstd))
     return out, mean, rstd
 
 
@@ -103,6 +102,7 @@ def layer_norm_backward(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, scale
     sums = x.new_empty(2, _threads(), x.shape[-1])
     d_gate, d_weight, d_bias = torch.empty_like(gate), torch.empty_like(weight), torch.empty_like(bias)
     parameters = (_array(t) for t in (mean, rstd, scale, weight, bias, gate))
+    gradients = (_array(t) for t in (d_gate, d_weight, d_bias))
     _fused_kernels.backward(_rows(dy), _rows(x), *parameters, _array(x).dtype.type(0), _rows(dx), _array(sums),
-             *(_array(t) for t in (d_gate, d_weight, d_bias)))
+                            *gradients)
     return dx, d_gate, d_weight, d_bias

@@ -18,6 +18,7 @@ jit = numba.njit(parallel=True, fastmath=FASTMATH, boundscheck=False, cache=True
 # that form (2-d indexing or a loop that also updates the column sums ran 2-4x slower). Constants
 # take eps's type, so float32 rows are computed in float32, as ATen does.
 
+
 @serial
 def gated_affine(scale, weight, bias, gate):  # pragma: no cover - compiled
     # γ ⊙ a and β ⊙ a, zero when no feature is selected (Σ m/k = 0)
@@ -27,6 +28,7 @@ def gated_affine(scale, weight, bias, gate):  # pragma: no cover - compiled
         w[c] = weight[c] * gate[c] if selected else 0
         b[c] = bias[c] * gate[c] if selected else 0
     return selected, w, b
+
 
 @jit
 def forward(x, scale, weight, bias, gate, eps, out, mean, rstd):  # pragma: no cover - compiled
@@ -48,6 +50,7 @@ def forward(x, scale, weight, bias, gate, eps, out, mean, rstd):  # pragma: no c
         rstd[n] = r
         for c in range(features):
             out_row[c] = (x_row[c] - mu) * r * w[c] + b[c]
+
 
 @jit
 def backward(dy, x, mean, rstd, scale, weight, bias, gate, zero, dx, sums,
