@@ -15,7 +15,9 @@ at ``SCHEDULE_POINTS`` evenly spaced batches), and the norm layers with a gate f
 each s. ``--plain-sigmoid`` times the plain sigmoid gate instead of the floored one (``GATE_FLOOR``).
 The machine line names the CPU model, whether the process flushes subnormals to zero, and how much
 slower this CPU multiplies subnormals than normal floats. Peak memory is the peak resident-set growth of a
-fresh process over a few steps on CPU, and ``torch.cuda.max_memory_allocated`` on a GPU.
+fresh process over a few steps on CPU, measured after the masked LayerNorm's fused kernels are loaded (their
+code is a fixed cost per process, reported in a row of its own), and ``torch.cuda.max_memory_allocated`` on
+a GPU.
 
 Results go to ``benchmarks/results/<device>[-compile].json`` and, as a Markdown table, into
 ``docs/performance.md`` between the markers for that run.
@@ -44,6 +46,7 @@ from rich.table import Table
 from torch import Tensor, nn
 
 import hatnorm
+import hatnorm._fused
 from hatnorm.data import split_mnist
 from hatnorm.training import HATMethod, TrainConfig, train_sequence
 
@@ -213,13 +216,33 @@ def _status_kib(field: str) -> int:
 
 def probe_memory(spec: dict[str, Any]) -> None:
     """The child side of :func:`peak_memory`: prints the peak resident-set growth (MiB) from just before the
-    model is built to the end of 3 training steps: parameters, gradients, optimizer and HAT state, activations."""
+    model is built to the end of 3 training steps: parameters, gradients, optimizer and HAT state, activations.
+    The masked LayerNorm's fused kernels are loaded before, in every probe: their code is a fixed cost per
+    process, not the model's (:func:`kernel_load_memory` measures it)."""
+    hatnorm._fused.load()
     Path("/proc/self/clear_refs").write_text("5")  # resets the peak resident set (VmHWM) to the current size
     before = _status_kib("VmRSS")
     step = make_step(spec, torch.device("cpu"), Compiler(False))
     for _ in range(3):
         step()
     print((_status_kib("VmHWM") - before) / 1024)
+
+
+def kernel_load_memory() -> dict[str, Any]:
+    """The resident memory (MiB) that loading the fused masked-LN kernels adds to a fresh process that has
+    imported hatnorm: the median of ``MEMORY_PROBES`` processes."""
+    probes = [subprocess.run([sys.executable, __file__, "--kernel-probe"], capture_output=True, text=True, check=True)
+              for _ in range(MEMORY_PROBES)]
+    mib = statistics.median(float(out.stdout.strip().splitlines()[-1]) for out in probes)
+    return {"benchmark": "fused masked-LN kernels loaded (numba), once per process: resident memory added",
+            "fixed_mib": mib}
+
+
+def probe_kernel_load() -> None:
+    """The child side of :func:`kernel_load_memory`: prints the resident-set growth (MiB) of loading the kernels."""
+    before = _status_kib("VmRSS")
+    hatnorm._fused.load()
+    print((_status_kib("VmRSS") - before) / 1024)
 
 
 def training_steps(args: argparse.Namespace, clock: Clock, compiler: Compiler) -> list[dict[str, Any]]:
@@ -257,6 +280,8 @@ def training_steps(args: argparse.Namespace, clock: Clock, compiler: Compiler) -
                     "hat_mib": memory.get(norm), "base_mib": memory.get("plain"),
                     "recompiles": recompiles[norm] if args.compile else None,
                 })
+    if args.memory and args.device.type == "cpu":
+        rows.append(kernel_load_memory())
     return rows
 
 
@@ -381,6 +406,9 @@ def markdown(rows: list[dict[str, Any]], machine: str) -> str:
              "| benchmark | HAT / export (ms) | baseline (ms) | ratio | target | peak memory ratio |",
              "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
+        if "fixed_mib" in r:
+            lines.append(f"| {r['benchmark']} | | | | | {r['fixed_mib']:.0f} MiB |")
+            continue
         if "hat_ms" not in r:
             lines.append(f"| {r['benchmark']} | | | {r['recompiles']} recompiles | 0 | |")
             continue
@@ -455,12 +483,16 @@ def main(argv: list[str] | None = None) -> None:
                         "the cost of precise-BN validation); "
                         "the table is printed and no file is written")
     p.add_argument("--memory-probe", help=argparse.SUPPRESS)
+    p.add_argument("--kernel-probe", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     global GATE_FLOOR
     if args.plain_sigmoid:
         GATE_FLOOR = 0.0
     if args.memory_probe:
         probe_memory(json.loads(args.memory_probe))
+        return
+    if args.kernel_probe:
+        probe_kernel_load()
         return
     for name in ("batch", "repeats"):
         if getattr(args, name) < 2:
@@ -492,7 +524,8 @@ def main(argv: list[str] | None = None) -> None:
         table.add_row(r["benchmark"], f"{r['hat_ms']:.2f}" if "hat_ms" in r else "",
                       f"{r['base_ms']:.2f}" if "base_ms" in r else "", f"{r['ratio']:.3f}" if "ratio" in r else "",
                       f"≤ {r['target']:.2f}" if r.get("target") else "",
-                      f"{r['memory_ratio']:.2f}" if r.get("memory_ratio") else "",
+                      f"{r['memory_ratio']:.2f}" if r.get("memory_ratio") else
+                      f"{r['fixed_mib']:.0f} MiB" if "fixed_mib" in r else "",
                       str(r["recompiles"]) if r.get("recompiles") is not None else "")
     console.print(table)
     if args.only:

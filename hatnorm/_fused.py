@@ -60,6 +60,16 @@ def applies(x: Tensor, *parameters: Tensor) -> bool:
             and x.dtype in DTYPES and not torch.compiler.is_compiling() and enabled())
 
 
+def load() -> None:
+    """Load both float32 kernels into this process now, as the first masked-LN call would (numba reads their
+    machine code from its cache, or compiles and caches it): a fixed cost of about 60 MiB of resident
+    memory per process, whatever the model's size (docs/performance.md)."""
+    x = torch.zeros(1, 2, dtype=torch.float32)
+    parameters = (torch.full((2,), 0.5), torch.ones(2), torch.zeros(2), torch.ones(2))
+    out, mean, rstd = layer_norm_forward(x, *parameters, 1e-5)
+    layer_norm_backward(torch.ones_like(out), x, mean, rstd, *parameters)
+
+
 def _threads() -> int:
     """numba's threads for one call: torch's intra-op threads, at most numba's pool."""
     threads = min(torch.get_num_threads(), _fused_kernels.numba.config.NUMBA_NUM_THREADS)

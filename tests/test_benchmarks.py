@@ -24,6 +24,14 @@ def test_norm_layer_section_runs_at_every_scale_and_names_the_machine() -> None:
     assert "wrote" not in out  # --only prints the table and writes no file
 
 
+def test_kernel_probe_measures_loading_the_fused_kernels_in_a_fresh_process() -> None:
+    # the peak-memory probes load the kernels before their baseline; this row reports what that load costs,
+    # which is more than nothing only if importing hatnorm does not load them already
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--kernel-probe"],
+                          capture_output=True, text=True, check=True, cwd=ROOT)
+    assert float(done.stdout.split()[-1]) > 0
+
+
 def test_flush_detection_follows_torch_setting() -> None:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
