@@ -54,7 +54,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BATCHES_PER_EPOCH = 100  # the scale s anneals over this many batches
 SCHEDULE_POINTS = 8  # an epoch's mean step: steps at this many evenly spaced batches of the schedule
 SCALES = (1.0, 100.0, 400.0)  # s = 1, 100 and s_max
-MEMORY_PROBES = 3  # fresh processes per peak-memory figure on CPU, their median reported
+MEMORY_PROBES = 5  # fresh processes per peak-memory figure on CPU, their median reported
 
 # architecture → (hatnorm options, plain twin, HAT norms to time, input side)
 MODELS: dict[str, tuple[dict[str, Any], Callable[..., nn.Module], tuple[str, ...]]] = {
