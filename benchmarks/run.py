@@ -195,8 +195,13 @@ def peak_memory(spec: dict[str, Any], device: torch.device) -> float:
         torch.cuda.synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - base) / 2**20
     plain_sigmoid = ["--plain-sigmoid"] if GATE_FLOOR == 0 else []
-    probes = [subprocess.run([sys.executable, __file__, "--memory-probe", json.dumps(spec), *plain_sigmoid],
-                             capture_output=True, text=True, check=True) for _ in range(MEMORY_PROBES)]
+    return _median_of_probes("--memory-probe", json.dumps(spec), *plain_sigmoid)
+
+
+def _median_of_probes(*flags: str) -> float:
+    """The median of the MiB that ``MEMORY_PROBES`` fresh processes of this script, run with ``flags``, print."""
+    probes = [subprocess.run([sys.executable, __file__, *flags], capture_output=True, text=True, check=True)
+              for _ in range(MEMORY_PROBES)]
     return statistics.median(float(out.stdout.strip().splitlines()[-1]) for out in probes)
 
 
@@ -231,11 +236,8 @@ def probe_memory(spec: dict[str, Any]) -> None:
 def kernel_load_memory() -> dict[str, Any]:
     """The resident memory (MiB) that loading the fused masked-LN kernels adds to a fresh process that has
     imported hatnorm: the median of ``MEMORY_PROBES`` processes."""
-    probes = [subprocess.run([sys.executable, __file__, "--kernel-probe"], capture_output=True, text=True, check=True)
-              for _ in range(MEMORY_PROBES)]
-    mib = statistics.median(float(out.stdout.strip().splitlines()[-1]) for out in probes)
     return {"benchmark": "fused masked-LN kernels loaded (numba), once per process: resident memory added",
-            "fixed_mib": mib}
+            "fixed_mib": _median_of_probes("--kernel-probe")}
 
 
 def probe_kernel_load() -> None:
