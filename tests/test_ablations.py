@@ -224,7 +224,8 @@ def test_weights_start_every_model_from_a_torchvision_checkpoint(tmp_path, capsy
     for t in range(2):  # plain BatchNorm statistics in every task slot
         assert torch.equal(model.layer1[0].bn1.running_mean[t], net.layer1[0].bn1.running_mean)
     write_fake_cifar(tmp_path / "data", train_per_class=6, test_per_class=2)
-    norms.main(["--data", "cifar", "--data-root", str(tmp_path / "data"), "--tasks", "1", "--epochs", "1",
+    norms.main(["--data", "cifar", "--data-root", str(tmp_path / "data"), "--unverified-data", "--tasks", "1",
+                "--epochs", "1",
                 "--batch-size", "8", "--archs", "resnet18", "--resnet-width", "64", "--resnet-stem", "imagenet",
                 "--norms", "masked_bn", "--weights", str(path), "--out", str(tmp_path / "out")])
     out = capsys.readouterr().out
@@ -233,7 +234,8 @@ def test_weights_start_every_model_from_a_torchvision_checkpoint(tmp_path, capsy
     assert saved["weights"].startswith(f"{path} (sha256 ")
     # another width does not fit: refused before training, naming the file
     with pytest.raises(SystemExit) as exit_:
-        norms.main(["--data", "cifar", "--data-root", str(tmp_path / "data"), "--tasks", "1", "--archs", "resnet18",
+        norms.main(["--data", "cifar", "--data-root", str(tmp_path / "data"), "--unverified-data", "--tasks", "1",
+                    "--archs", "resnet18",
                     "--resnet-width", "8", "--resnet-stem", "imagenet", "--weights", str(path), "--out",
                     str(tmp_path / "other")])
     assert exit_.value.code == 2
