@@ -12,25 +12,51 @@ where they apply (:func:`applies`): float32 or float64 tensors of torch's CPU ty
 the environment (or the block :func:`kernels` ``(False)``) uses the ATen version everywhere. The
 summation order inside a row differs from ATen's, so the two agree to rounding, not bit for bit;
 each is deterministic for a given number of threads.
+
+numba is optional (the ``fused`` extra): the kernels, and numba with them, are imported by the first call
+that uses them, not by ``import hatnorm``; without numba the ATen version runs everywhere.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
+import importlib.util
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from types import ModuleType
 from typing import Any
 
 import torch
 from torch import Tensor
 
-import hatnorm._fused_kernels as _fused_kernels
+from hatnorm._extras import missing
+
+#: the module of the numba kernels, imported on first use (importing numba takes about a second)
+KERNELS = "hatnorm._fused_kernels"
 
 #: the dtypes the kernels are compiled for (the ATen version handles the others)
 DTYPES = (torch.float32, torch.float64)
 
 #: whether the kernels may be used: ``HATNORM_FUSED=0`` in the environment at import turns them off
 _wanted = os.environ.get("HATNORM_FUSED", "1") != "0"
+
+#: whether numba is installed, found without importing it
+_available = importlib.util.find_spec("numba") is not None
+
+
+def available() -> bool:
+    """Whether numba is installed (the ``fused`` extra), so that the kernels can run."""
+    return _available
+
+
+@functools.cache
+def _kernels() -> ModuleType:
+    """The numba kernels; the first call imports them, and numba with them."""
+    if not _available:
+        raise missing("the fused masked-LayerNorm kernels", "numba", "fused")
+    return importlib.import_module(KERNELS)
 
 
 def enabled() -> bool:
@@ -57,13 +83,17 @@ def applies(x: Tensor, *parameters: Tensor) -> bool:
     tensors = (x, *parameters)
     return (all(t.device.type == "cpu" and t.dtype == x.dtype and type(t) in (Tensor, torch.nn.Parameter)
                 for t in tensors)
-            and x.dtype in DTYPES and not torch.compiler.is_compiling() and enabled())
+            and x.dtype in DTYPES and not torch.compiler.is_compiling() and enabled() and _available)
 
 
 def load() -> None:
     """Load both float32 kernels into this process now, as the first masked-LN call would (numba reads their
     machine code from its cache, or compiles and caches it): a fixed cost of about 60 MiB of resident
-    memory per process, whatever the model's size (docs/performance.md)."""
+    memory per process, whatever the model's size (docs/performance.md).
+
+    Raises:
+        ImportError: numba is not installed.
+    """
     x = torch.zeros(1, 2, dtype=torch.float32)
     parameters = (torch.full((2,), 0.5), torch.ones(2), torch.zeros(2), torch.ones(2))
     out, mean, rstd = layer_norm_forward(x, *parameters, 1e-5)
@@ -72,8 +102,9 @@ def load() -> None:
 
 def _threads() -> int:
     """numba's threads for one call: torch's intra-op threads, at most numba's pool."""
-    threads = min(torch.get_num_threads(), _fused_kernels.numba.config.NUMBA_NUM_THREADS)
-    _fused_kernels.numba.set_num_threads(threads)
+    numba = _kernels().numba
+    threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+    numba.set_num_threads(threads)
     return threads
 
 
@@ -98,7 +129,7 @@ def layer_norm_forward(x: Tensor, scale: Tensor, weight: Tensor, bias: Tensor, g
     mean, rstd = x.new_empty(rows.shape[0]), x.new_empty(rows.shape[0])
     _threads()
     parameters = (_array(t) for t in (scale, weight, bias, gate))
-    _fused_kernels.forward(rows, *parameters, rows.dtype.type(eps), _rows(out), _array(mean), _array(rstd))
+    _kernels().forward(rows, *parameters, rows.dtype.type(eps), _rows(out), _array(mean), _array(rstd))
     return out, mean, rstd
 
 
@@ -113,6 +144,6 @@ def layer_norm_backward(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, scale
     d_gate, d_weight, d_bias = torch.empty_like(gate), torch.empty_like(weight), torch.empty_like(bias)
     parameters = (_array(t) for t in (mean, rstd, scale, weight, bias, gate))
     gradients = (_array(t) for t in (d_gate, d_weight, d_bias))
-    _fused_kernels.backward(_rows(dy), _rows(x), *parameters, _array(x).dtype.type(0), _rows(dx), _array(sums),
+    _kernels().backward(_rows(dy), _rows(x), *parameters, _array(x).dtype.type(0), _rows(dx), _array(sums),
                             *gradients)
     return dx, d_gate, d_weight, d_bias

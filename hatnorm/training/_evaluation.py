@@ -1,4 +1,4 @@
-"""Evaluation of a task and re-estimation of normalization statistics, with the non-finite rules."""
+"""Evaluation of a task and precise statistics for validation (recalibration itself is hatnorm._recalibration)."""
 
 from __future__ import annotations
 
@@ -9,20 +9,11 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from hatnorm._norms import MaskedNorm
-from hatnorm.distributed import shard
-
-
-def finite(x: Tensor) -> bool:
-    """Whether every input value is finite (integer inputs, such as token ids, always are)."""
-    return bool(torch.isfinite(x).all())
-
-
-def skip_hint(what: str) -> str:
-    return f"the inputs hold NaN or inf; clean the data, or pass {what}(nonfinite='skip') to skip such batches"
+from hatnorm._recalibration import finite, recalibrate_norms, skip_hint
 
 
 def diverged(where: str, what: str, value: float) -> FloatingPointError:
@@ -70,44 +61,6 @@ def evaluate(model: nn.Module, data: Dataset, task: int, batch_size: int = 256, 
     if not math.isfinite(total_loss):
         raise diverged(where, "loss", total_loss / count)
     return total_loss / count, correct / count
-
-
-@torch.no_grad()
-def recalibrate_norms(model: nn.Module, parts: Sequence[tuple[int, Dataset]], batch_size: int = 64, *,
-                      nonfinite: Literal["raise", "skip"] = "raise") -> None:
-    """Re-estimate the running statistics of every batch-statistics norm from ``(task, data)`` parts.
-
-    The model runs in evaluation mode (binarized gates, no dropout) with only its norms training. Each
-    norm's statistics end as the mean of the batch statistics they saw: per task for norms with
-    per-task statistics, over all parts for shared ones. Each norm moves only what its training
-    forward moves (masked BN: the task's selected units). A batch whose inputs hold NaN or inf raises
-    a ValueError, or is left out with ``nonfinite="skip"``. Under ``torchrun`` each rank passes its
-    share of every batch, and norms converted by :func:`hatnorm.convert_sync` combine the shares.
-    """
-    norms = [m for m in model.modules() if isinstance(m, MaskedNorm) and m.running_statistics()]
-    if not norms:
-        return
-    model.eval()
-    momenta = [m.momentum for m in norms]
-    seen: dict[tuple[int, int | None], int] = {}
-    try:
-        for m in norms:
-            m.train()
-        for task, data in parts:
-            for b, (x, _) in enumerate(DataLoader(data, batch_size=batch_size, drop_last=len(data) > batch_size)):
-                if not finite(x):
-                    if nonfinite == "skip":
-                        continue
-                    raise ValueError(f"task {task}, recalibration batch {b + 1}: {skip_hint('recalibrate_norms')}")
-                for i, m in enumerate(norms):
-                    key = (i, m.statistics_slot(task))
-                    seen[key] = seen.get(key, 0) + 1
-                    m.momentum = 1.0 / seen[key]
-                model(shard(x), task=task)
-    finally:
-        for m, momentum in zip(norms, momenta, strict=True):
-            m.momentum = momentum
-        model.eval()
 
 
 @contextmanager

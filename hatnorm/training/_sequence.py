@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.console import Console
 from torch import nn
 
 from hatnorm._checks import check_positive_int
@@ -31,7 +30,7 @@ from hatnorm.checkpoint import (
 from hatnorm.data import Task, fingerprint
 from hatnorm.distributed import is_main_process
 from hatnorm.training._config import TrainConfig
-from hatnorm.training._display import Display
+from hatnorm.training._display import Console, Display
 from hatnorm.training._evaluation import evaluate
 from hatnorm.training._fit import FitState, fit_task, split_validation
 from hatnorm.training._methods import FineTune, Method
