@@ -1,4 +1,12 @@
-"""hatnorm: task-aware normalization for Hard Attention to the Task (HAT) continual learning."""
+"""hatnorm: task-aware normalization for Hard Attention to the Task (HAT) continual learning.
+
+``import hatnorm`` loads the core (torch and einops). The trainer, data, statistics and checkpoint
+modules, which need more (some of them extras), load when imported or first used as attributes
+(``hatnorm.training``).
+"""
+
+import importlib
+from types import ModuleType
 
 from hatnorm._arch_registry import (
     ArchitectureSpec,
@@ -46,6 +54,7 @@ from hatnorm._norms import (
 )
 from hatnorm._policies import AdaHATPolicy, GradientPolicy, HATPolicy, get_policy, list_policies, register_policy
 from hatnorm._protected import Protected
+from hatnorm._recalibration import recalibrate_norms
 from hatnorm._transformer import (
     GatedAttention,
     GatedFeedForward,
@@ -56,9 +65,22 @@ from hatnorm._transformer import (
 )
 from hatnorm._units import register_conversion_rule
 from hatnorm.distributed import convert_sync
-from hatnorm.training._evaluation import recalibrate_norms
 
 __version__ = "0.1.0"
+
+#: the public submodules that ``import hatnorm`` does not load: each loads on first use as an attribute
+_SUBMODULES = ("checkpoint", "checks", "data", "distributed", "fused", "metrics", "stats", "training")
+
+
+def __getattr__(name: str) -> ModuleType:
+    """``hatnorm.training`` and the other public submodules without importing them first."""
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_SUBMODULES})
 
 __all__ = [
     "GATE_FLOOR",
