@@ -35,15 +35,15 @@ def test_kernel_probe_measures_loading_the_fused_kernels_in_a_fresh_process() ->
 def test_flush_detection_follows_torch_setting() -> None:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
-        import run
+        import harness
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
-    before = run.flushes_subnormals()
+    before = harness.flushes_subnormals()
     try:
         if torch.set_flush_denormal(True):  # False where the CPU cannot flush
-            assert run.flushes_subnormals()
+            assert harness.flushes_subnormals()
         torch.set_flush_denormal(False)
-        assert not run.flushes_subnormals()
+        assert not harness.flushes_subnormals()
     finally:
         torch.set_flush_denormal(before)
 
