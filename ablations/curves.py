@@ -30,7 +30,7 @@ import numpy as np
 from rich.table import Table
 
 import hatnorm
-from ablations import _common
+from ablations import _cli
 from hatnorm.data import Task
 from hatnorm.stats import summarize
 from hatnorm.training import OPTIMIZERS, FineTune, HATMethod, TrainConfig, train_sequence
@@ -48,24 +48,24 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", choices=("split_mnist", "permuted_mnist", "rotated_mnist"), default="rotated_mnist",
                    help="the sequence the task is taken from")
-    p.add_argument("--task", type=_common.non_negative_int, default=0, help="which task of the sequence (0-based)")
+    p.add_argument("--task", type=_cli.non_negative_int, default=0, help="which task of the sequence (0-based)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0],
                    help="random seeds (model, validation split, batch order, the sequence's angles or permutations)")
     p.add_argument("--stems", nargs="+", choices=STEMS, default=list(STEMS), help="token embeddings to try")
-    p.add_argument("--patch-sizes", type=_common.positive_int, nargs="+", default=[4, 8],
+    p.add_argument("--patch-sizes", type=_cli.positive_int, nargs="+", default=[4, 8],
                    help="patch sides to try (divide 32; powers of 2 for the conv stem)")
     p.add_argument("--method", choices=METHODS, default="plain",
                    help="plain: the ungated ViT with shared LN (joint training's model); hat: HAT with masked LN")
-    p.add_argument("--dim", type=_common.positive_int, default=64, help="width of the residual stream")
-    p.add_argument("--depth", type=_common.positive_int, default=2, help="number of blocks")
-    p.add_argument("--heads", type=_common.positive_int, default=4, help="attention heads")
-    p.add_argument("--epochs", type=_common.positive_int, default=20, help="epochs (the cosine schedule's length)")
+    p.add_argument("--dim", type=_cli.positive_int, default=64, help="width of the residual stream")
+    p.add_argument("--depth", type=_cli.positive_int, default=2, help="number of blocks")
+    p.add_argument("--heads", type=_cli.positive_int, default=4, help="attention heads")
+    p.add_argument("--epochs", type=_cli.positive_int, default=20, help="epochs (the cosine schedule's length)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw", help="optimizer")
-    p.add_argument("--lr", type=_common.positive_float, default=2e-3, help="peak learning rate")
-    p.add_argument("--weight-decay", type=_common.non_negative_float, default=0.05, help="weight decay")
-    p.add_argument("--warmup-epochs", type=_common.non_negative_int, default=1, help="epochs of linear warmup")
-    p.add_argument("--batch-size", type=_common.positive_int, default=64, help="batch size (≥ 2)")
-    p.add_argument("--c", type=_common.non_negative_float, default=0.75, help="HAT's regulariser (--method hat)")
+    p.add_argument("--lr", type=_cli.positive_float, default=2e-3, help="peak learning rate")
+    p.add_argument("--weight-decay", type=_cli.non_negative_float, default=0.05, help="weight decay")
+    p.add_argument("--warmup-epochs", type=_cli.non_negative_int, default=1, help="epochs of linear warmup")
+    p.add_argument("--batch-size", type=_cli.positive_int, default=64, help="batch size (≥ 2)")
+    p.add_argument("--c", type=_cli.non_negative_float, default=0.75, help="HAT's regulariser (--method hat)")
     p.add_argument("--out", type=Path, default=Path("runs/curves"), help="folder for results.json and curves.png")
     args = p.parse_args(argv)
     for size in args.patch_sizes:
@@ -114,8 +114,8 @@ def plot(results: dict[str, Any], path: Path, title: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse(argv)
-    console = _common.console()
-    tasks_of, channels, size = _common.load_tasks(args, args.parser)
+    console = _cli.console()
+    tasks_of, channels, size = _cli.load_tasks(args, args.parser)
     norm = "shared_ln" if args.method == "plain" else "masked_ln"
     results: dict[str, Any] = {}
     started = time.perf_counter()
@@ -141,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                              "final_validation": summarize([r["curve"][-1] for r in runs.values()]).to_dict(),
                              "seconds": summarize([r["seconds"] for r in runs.values()]).to_dict()}
     title = (f"{args.method} ViT (dim {args.dim}, depth {args.depth}) on task {args.task} of {args.data}, "
-             f"{_common.seeds_text(args.seeds)}")
+             f"{_cli.seeds_text(args.seeds)}")
     table = Table(title=title + (" (mean ± 95% CI)" if len(args.seeds) > 1 else ""))
     for column in ("configuration", "test accuracy", "validation, last epoch", "seconds per run"):
         table.add_column(column, justify="left" if column == "configuration" else "right")

@@ -28,8 +28,8 @@ from torch import Tensor, nn
 from transformers import ViTConfig, ViTForImageClassification
 
 import hatnorm
-from ablations import _common
-from ablations._common import Variant
+from ablations import _cli, _runner
+from ablations._runner import Variant
 from ablations.pretrained import source_task
 from hatnorm.training import FineTune, HATMethod, TrainConfig, train_sequence
 
@@ -89,32 +89,32 @@ def converted(config: ViTConfig, weights: Callable[[int], Path]) -> Callable[[in
     def make(num_tasks: int, norm: str, num_classes: list[int], seed: int) -> nn.Module:
         model = ViTForImageClassification(config)
         path = weights(seed)
-        model.load_state_dict(_common.read_weights(path, "--hf-weights"))
+        model.load_state_dict(_runner.read_weights(path, "--hf-weights"))
         return hatnorm.convert(model.train(), num_tasks=num_tasks, norm=norm, num_classes=num_classes)
 
     return make
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    p = _common.parser("python -m ablations.layernorm", __doc__.splitlines()[0],
-                       budget=_common.Budget(smoke=4, converged=20, optimizer="adamw", lr=2e-3), out="runs/layernorm",
-                       data="rotated_mnist")
+    p = _cli.parser("python -m ablations.layernorm", __doc__.splitlines()[0],
+                    budget=_cli.Budget(smoke=4, converged=20, optimizer="adamw", lr=2e-3), out="runs/layernorm",
+                    data="rotated_mnist")
     p.add_argument("--arch", choices=("vit_micro", "vit_tiny", "vit"), default="vit_micro", help="the ViT")
     p.add_argument("--norms", nargs="+", choices=NORMS, default=list(NORMS), help="norm variants under HAT")
-    p.add_argument("--dim", type=_common.positive_int, default=64, help="width of the residual stream")
-    p.add_argument("--depth", type=_common.positive_int, default=2, help="number of blocks")
-    p.add_argument("--heads", type=_common.positive_int, default=4, help="attention heads")
-    p.add_argument("--patch-size", type=_common.positive_int, default=8, help="patch side (divides 32)")
+    p.add_argument("--dim", type=_cli.positive_int, default=64, help="width of the residual stream")
+    p.add_argument("--depth", type=_cli.positive_int, default=2, help="number of blocks")
+    p.add_argument("--heads", type=_cli.positive_int, default=4, help="attention heads")
+    p.add_argument("--patch-size", type=_cli.positive_int, default=8, help="patch side (divides 32)")
     p.add_argument("--stem", choices=("patch", "conv"), default="conv",
                    help="token embedding: ViT's patchify layer, or a convolutional stem (stride-2 3×3 convolutions)")
-    p.add_argument("--c", type=_common.non_negative_float, default=0.75, help="HAT capacity-regulariser weight")
+    p.add_argument("--c", type=_cli.non_negative_float, default=0.75, help="HAT capacity-regulariser weight")
     p.add_argument("--converted", action=argparse.BooleanOptionalAction, default=True,
                    help=f"also run the {CONVERTED} variant: a transformers ViTForImageClassification of the same "
                         "sizes (patch stem), loaded from a state dict and converted with masked LN")
     p.add_argument("--hf-weights", type=Path, default=None, metavar="PATH",
                    help="the converted variant's state dict (a ViTForImageClassification of the ablation's sizes, "
                         "1 input channel, 10 labels); default: pretrain one per seed on pooled Permuted-MNIST")
-    p.add_argument("--source-tasks", type=_common.positive_int, default=2,
+    p.add_argument("--source-tasks", type=_cli.positive_int, default=2,
                    help="Permuted-MNIST tasks pooled into the converted variant's pretraining source")
     args = p.parse_args(argv)
     if 32 % args.patch_size:
@@ -123,8 +123,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         p.error(f"--stem conv needs a --patch-size that is a power of 2 ≥ 2, got {args.patch_size}")
     if args.dim % args.heads:
         p.error(f"--dim must be a multiple of --heads, got {args.dim} and {args.heads}")
-    console = _common.console()
-    tasks, channels, size = _common.load_tasks(args, p)
+    console = _cli.console()
+    tasks, channels, size = _cli.load_tasks(args, p)
     options = {"in_channels": channels, "image_size": size, "patch_size": args.patch_size, "dim": args.dim,
                "depth": args.depth, "heads": args.heads, "mlp_dim": 2 * args.dim, "stem": args.stem}
     arch = args.arch
@@ -138,11 +138,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
                            depth=args.depth, heads=args.heads)
         if args.hf_weights is not None:
             try:
-                ViTForImageClassification(config).load_state_dict(_common.read_weights(args.hf_weights, "--hf-weights"))
+                ViTForImageClassification(config).load_state_dict(_runner.read_weights(args.hf_weights, "--hf-weights"))
             except (ValueError, RuntimeError) as error:
                 p.error(f"--hf-weights: {args.hf_weights} does not fit a ViTForImageClassification of the "
                         f"ablation's sizes ({error})".replace("\n", " "))
-        train = _common.config(args, p)
+        train = _cli.config(args, p)
 
         def weights(seed: int) -> Path:
             if args.hf_weights is not None:
@@ -155,8 +155,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                                 {"patch_size": args.patch_size, "dim": args.dim, "depth": args.depth,
                                  "heads": args.heads}, make=converted(config, weights)))
         contrasts.append((label, f"{arch} HAT masked LN"))
-    title = f"LayerNorm under HAT ({args.data}, {len(tasks(args.seeds[0]))} tasks, {_common.seeds_text(args.seeds)})"
-    return _common.run_and_report(variants, tasks, args, console, title=title, contrasts=contrasts, parser_=p,
+    title = f"LayerNorm under HAT ({args.data}, {len(tasks(args.seeds[0]))} tasks, {_cli.seeds_text(args.seeds)})"
+    return _runner.run_and_report(variants, tasks, args, console, title=title, contrasts=contrasts, parser_=p,
                                   joint_norm={arch: "shared_ln", CONVERTED: "shared_ln"})
 
 

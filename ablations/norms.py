@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ablations import _common
-from ablations._common import Variant
+from ablations import _cli, _runner
+from ablations._runner import Variant
 from hatnorm.training import FineTune, HATMethod
 
 NORMS = ("none", "shared_bn", "masked_bn", "task_bn", "post_gate_bn")
@@ -44,18 +44,18 @@ def contrasts(archs: Sequence[str]) -> list[tuple[str, str]]:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    p = _common.parser("python -m ablations.norms", __doc__.splitlines()[0],
-                       budget=_common.Budget(smoke=4, converged=100), out="runs/norms")
+    p = _cli.parser("python -m ablations.norms", __doc__.splitlines()[0],
+                    budget=_cli.Budget(smoke=4, converged=100), out="runs/norms")
     p.add_argument("--archs", nargs="+", choices=ARCHS, default=list(ARCHS), help="architectures")
     p.add_argument("--norms", nargs="+", choices=NORMS, default=list(NORMS), help="norm variants under HAT")
-    p.add_argument("--resnet-width", type=_common.positive_int, default=4,
+    p.add_argument("--resnet-width", type=_cli.positive_int, default=4,
                    help="ResNet-18 base width (64 is torchvision's, 20 the reduced ResNet-18)")
     p.add_argument("--resnet-stem", choices=("cifar", "imagenet"), default="cifar",
                    help="ResNet-18 stem: 3×3 conv for 32×32 inputs, or torchvision's 7×7 conv + max-pool (what "
                         "ImageNet checkpoints for --weights hold)")
-    p.add_argument("--alexnet-width", type=_common.positive_float, default=0.125,
+    p.add_argument("--alexnet-width", type=_cli.positive_float, default=0.125,
                    help="AlexNet width multiplier (1 is Serrà's)")
-    p.add_argument("--c", type=_common.non_negative_float, default=0.75, help="HAT capacity-regulariser weight")
+    p.add_argument("--c", type=_cli.non_negative_float, default=0.75, help="HAT capacity-regulariser weight")
     p.add_argument("--full", action="store_true",
                    help="reference settings: 200 epochs, ResNet-18 width 64, AlexNet width 1")
     args = p.parse_args(argv)
@@ -65,12 +65,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
             args.epochs = 200
     if args.alexnet_width > 16:
         p.error(f"--alexnet-width must be ≤ 16, got {args.alexnet_width}")
-    console = _common.console()
-    tasks, channels, size = _common.load_tasks(args, p)
+    console = _cli.console()
+    tasks, channels, size = _cli.load_tasks(args, p)
     options = {"resnet18": {"base_width": args.resnet_width, "in_channels": channels, "stem": args.resnet_stem},
                "alexnet": {"width": args.alexnet_width, "in_channels": channels, "size": size}}
-    title = f"Norms under HAT ({args.data}, {len(tasks(args.seeds[0]))} tasks, {_common.seeds_text(args.seeds)})"
-    return _common.run_and_report(variants(args.archs, args.norms, options, args.c), tasks, args,
+    title = f"Norms under HAT ({args.data}, {len(tasks(args.seeds[0]))} tasks, {_cli.seeds_text(args.seeds)})"
+    return _runner.run_and_report(variants(args.archs, args.norms, options, args.c), tasks, args,
                                   console, joint_norm={"resnet18": "shared_bn", "alexnet": "shared_bn"}, title=title,
                                   contrasts=contrasts(args.archs), parser_=p)
 

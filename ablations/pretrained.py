@@ -34,8 +34,8 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import hatnorm
-from ablations import _common
-from ablations._common import Variant
+from ablations import _cli, _runner
+from ablations._runner import Variant
 from hatnorm.data import Task, permuted_mnist
 from hatnorm.training import FineTune, HATMethod, TrainConfig, train_sequence
 
@@ -105,7 +105,7 @@ def start(how: str, weights: Callable[[int], Path]) -> Callable[[nn.Module, int]
 
     def prepare(model: nn.Module, seed: int) -> None:
         path = weights(seed)
-        _common.load_weights(model, _common.read_weights(path), str(path))
+        _runner.load_weights(model, _runner.read_weights(path), str(path))
         if how == "BN reset":
             reset_norms(model)
         elif how == "BN frozen":
@@ -125,28 +125,28 @@ def contrasts(arch: str) -> list[tuple[str, str]]:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    p = _common.parser("python -m ablations.pretrained", __doc__.splitlines()[0],
-                       budget=_common.Budget(smoke=4, converged=100), out="runs/pretrained")
+    p = _cli.parser("python -m ablations.pretrained", __doc__.splitlines()[0],
+                    budget=_cli.Budget(smoke=4, converged=100), out="runs/pretrained")
     p.add_argument("--arch", choices=("resnet18", "alexnet"), default="resnet18", help="architecture")
-    p.add_argument("--width", type=_common.positive_float, default=None,
+    p.add_argument("--width", type=_cli.positive_float, default=None,
                    help="ResNet-18 base width (rounded), or AlexNet width multiplier (default: 4 for resnet18, "
                         "0.125 for alexnet)")
-    p.add_argument("--source-tasks", type=_common.positive_int, default=2,
+    p.add_argument("--source-tasks", type=_cli.positive_int, default=2,
                    help="Permuted-MNIST tasks pooled into the pretraining source (4,000 images each)")
-    p.add_argument("--c", type=_common.non_negative_float, default=0.75, help="HAT capacity-regulariser weight")
+    p.add_argument("--c", type=_cli.non_negative_float, default=0.75, help="HAT capacity-regulariser weight")
     args = p.parse_args(argv)
     if args.width is None:
         args.width = 4.0 if args.arch == "resnet18" else 0.125
-    _common.check_cnn_width(p, args.arch, args.width)
-    console = _common.console()
-    tasks, channels, size = _common.load_tasks(args, p)
-    options = _common.cnn_options(args.arch, args.width, channels, size)
+    _cli.check_cnn_width(p, args.arch, args.width)
+    console = _cli.console()
+    tasks, channels, size = _cli.load_tasks(args, p)
+    options = _cli.cnn_options(args.arch, args.width, channels, size)
     weights_arg, args.weights = args.weights, None  # the pretrained variants load it, not every model
-    config = _common.config(args, p)
+    config = _cli.config(args, p)
     if weights_arg is not None:
         try:
-            _common.load_weights(hatnorm.build(args.arch, num_tasks=1, norm="masked_bn", num_classes=2, **options),
-                                 _common.read_weights(weights_arg), str(weights_arg))
+            _runner.load_weights(hatnorm.build(args.arch, num_tasks=1, norm="masked_bn", num_classes=2, **options),
+                                 _runner.read_weights(weights_arg), str(weights_arg))
         except ValueError as error:
             p.error(str(error))
 
@@ -161,8 +161,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                         prepare=start(how, weights)) for norm in NORMS for how in STARTS]
     source = weights_arg if weights_arg is not None else f"{args.source_tasks} Permuted-MNIST tasks"
     title = (f"Pretrained BN under HAT, {args.arch} from {source} ({args.data}, "
-             f"{_common.seeds_text(args.seeds)})")
-    return _common.run_and_report(variants, tasks, args, console, joint_norm={args.arch: "shared_bn"}, title=title,
+             f"{_cli.seeds_text(args.seeds)})")
+    return _runner.run_and_report(variants, tasks, args, console, joint_norm={args.arch: "shared_bn"}, title=title,
                                   contrasts=contrasts(args.arch), parser_=p)
 
 

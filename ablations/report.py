@@ -16,79 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-from ablations._common import METRICS, aggregate, cell, plot, seeds_text, write
-
-
-def variants_table(results: dict[str, Any]) -> str:
-    """One row per variant: each metric as mean ± 95% CI half-width, epochs per task, the joint minimum."""
-    lines = [f"| variant | {' | '.join(METRICS.values())} | epochs/task | min A_J |",
-             "|---|" + "---:|" * (len(METRICS) + 2)]
-    for label, r in results["variants"].items():
-        joints = [r_["joint"][-1] for r_ in r["runs"].values()]
-        lowest = min(a for row in joints for a in row if a == a)
-        cells = [cell(r["summary"][m], m) for m in METRICS]
-        lines.append(f"| {label} | {' | '.join(cells)} | {r['epochs_mean']:.1f} | {lowest:.3f} |")
-    return "\n".join(lines)
-
-
-def contrasts_table(results: dict[str, Any]) -> str:
-    """The paired contrasts: mean difference, its 95% CI and whether it is a finding (CI excludes 0)."""
-    lines = ["| a − b | metric | mean Δ | 95% CI | finding |", "|---|---|---:|---:|---|"]
-    for c in results["contrasts"]:
-        d = c["difference"]
-        interval = "n/a" if d["n"] == 1 else f"[{d['low']:+.4f}, {d['high']:+.4f}]"
-        finding = "one seed" if d["n"] == 1 else ("**yes**" if c["established"] else "no (CI holds 0)")
-        lines.append(f"| {c['a']} − {c['b']} | {METRICS[c['metric']]} | {d['mean']:+.4f} | {interval} | {finding} |")
-    return "\n".join(lines)
-
-
-def describe(results: dict[str, Any]) -> str:
-    """The run's settings and wall time in one line."""
-    config = results["config"]
-    minutes = results.get("wall_seconds", math.nan) / 60
-    schedule = (f"{config['optimizer']}, lr {config['lr']:g}, {config['schedule']}"
-                + (f" (patience {config['patience']}, lr floor {config['lr_min']:g})"
-                   if config["schedule"] == "plateau" else f" (warmup {config['warmup_epochs']})"))
-    return (f"{results['title']}; preset {results['preset']}, ≤ {config['epochs']} epochs per task, {schedule}, "
-            f"seeds {', '.join(map(str, results['seeds']))}; wall time {minutes:.0f} min")
-
-
-def merge(runs: Sequence[dict[str, Any]], names: Sequence[str]) -> dict[str, Any]:
-    """One summary over the seeds of several runs of the same ablation, variants and settings.
-
-    Raises:
-        ValueError: the runs differ in title (other than the seeds), preset, settings or variants, or share a seed.
-    """
-    first = runs[0]
-    by_seed: dict[int, dict[str, Any]] = {}
-    for name, results in zip(names, runs, strict=True):
-        for key, default in (("preset", None), ("config", None), ("reference", False), ("weights", None)):
-            mine, theirs = results.get(key, default), first.get(key, default)
-            if mine != theirs:
-                raise ValueError(f"{name}: {key} {mine!r} differs from {names[0]}'s {theirs!r}")
-        # the sequence: its data and length (in the title); its tasks themselves may follow the seed
-        # (permutations, rotation angles, CIFAR's task order)
-        mine, theirs = results["title"].rsplit(", seed", 1)[0], first["title"].rsplit(", seed", 1)[0]
-        if mine != theirs or len(results.get("tasks", [])) != len(first.get("tasks", [])):
-            raise ValueError(f"{name}: the run {mine!r} ({len(results.get('tasks', []))} tasks) is not the same "
-                             f"ablation and sequence as {names[0]}'s {theirs!r} ({len(first.get('tasks', []))} tasks)")
-        if list(results["variants"]) != list(first["variants"]):
-            raise ValueError(f"{name}: variants {list(results['variants'])} differ from {names[0]}'s")
-        for seed in results["seeds"]:
-            if seed in by_seed:
-                raise ValueError(f"{name}: seed {seed} is in two of the runs; each seed must come from one")
-            by_seed[seed] = {label: r["runs"][str(seed)] for label, r in results["variants"].items()}
-    pairs = list(dict.fromkeys((c["a"], c["b"]) for c in first["contrasts"]))
-    summary = aggregate(dict(sorted(by_seed.items())), pairs)
-    title = first["title"].rsplit(", seed", 1)[0] + f", {seeds_text(list(summary['seeds']))})"
-    wall = sum(r.get("wall_seconds", math.nan) for r in runs)
-    return {k: v for k, v in first.items() if k not in ("variants", "contrasts", "seeds")} | {
-        "title": title, "wall_seconds": wall, "merged_from": list(names)} | summary
+from ablations._report import contrasts_table, describe, plot, variants_table
+from ablations._results import merge, write
 
 
 def main(argv: Sequence[str] | None = None) -> None:

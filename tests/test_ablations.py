@@ -18,7 +18,7 @@ from transformers import ViTForImageClassification
 
 import hatnorm
 from ablations import __main__ as cli
-from ablations import _common, curves, layernorm, norms, policy, pretrained, report, sweep
+from ablations import _cli, _runner, curves, layernorm, norms, policy, pretrained, report, sweep
 from hatnorm.stats import paired_difference, summarize
 from hatnorm.training import TrainConfig
 
@@ -118,23 +118,23 @@ def test_runs_whose_tasks_follow_the_seed_merge_too(tmp_path, capsys) -> None:
 
 
 def test_presets_and_optimizers_resolve_to_the_training_settings() -> None:
-    cnn = _common.Budget(smoke=4, converged=100)
+    cnn = _cli.Budget(smoke=4, converged=100)
 
-    def settings(*argv: str, budget: _common.Budget = cnn) -> TrainConfig:
-        return _common.config(_common.parser("p", "", budget=budget, out="runs").parse_args(list(argv)))
+    def settings(*argv: str, budget: _cli.Budget = cnn) -> TrainConfig:
+        return _cli.config(_cli.parser("p", "", budget=budget, out="runs").parse_args(list(argv)))
 
     assert settings() == TrainConfig(epochs=4, seed=0)  # the smoke run: the reference schedule, 4 epochs
     assert settings("--preset", "converged") == TrainConfig(epochs=100, patience=3, lr_min=5e-4)
     assert settings("--preset", "converged", "--patience", "5", "--epochs", "50") == TrainConfig(
         epochs=50, patience=5, lr_min=5e-4)
-    vit = _common.Budget(smoke=4, converged=30, optimizer="adamw")
+    vit = _cli.Budget(smoke=4, converged=30, optimizer="adamw")
     assert settings(budget=vit) == TrainConfig(epochs=4, optimizer="adamw", schedule="cosine", lr=1e-3,
                                                weight_decay=0.05, warmup_epochs=1)
     assert settings("--epochs", "1", budget=vit).warmup_epochs == 0  # the default warmup fits one epoch
     assert settings("--optimizer", "sgd", "--momentum", "0.9", "--weight-decay", "5e-4", budget=vit) == TrainConfig(
         epochs=4, momentum=0.9, weight_decay=5e-4)
     assert settings("--seeds", "7", "8").seed == 7
-    tuned = _common.Budget(smoke=4, converged=20, optimizer="adamw", lr=2e-3)  # the architecture's own lr
+    tuned = _cli.Budget(smoke=4, converged=20, optimizer="adamw", lr=2e-3)  # the architecture's own lr
     assert settings(budget=tuned).lr == 2e-3 and settings("--lr", "1e-4", budget=tuned).lr == 1e-4
     assert settings("--optimizer", "sgd", budget=tuned).lr == 0.05  # another optimizer: its own default
 
@@ -218,7 +218,7 @@ def test_weights_start_every_model_from_a_torchvision_checkpoint(tmp_path, capsy
     torch.save(net.state_dict(), path)
     model = hatnorm.build("resnet18", num_tasks=2, norm="masked_bn", num_classes=2, base_width=64, in_channels=3,
                           stem="imagenet")
-    left_out = _common.load_weights(model, _common.read_weights(path), str(path))
+    left_out = _runner.load_weights(model, _runner.read_weights(path), str(path))
     assert left_out[:2] == ["bn1.num_batches_tracked", "fc.bias"] and "fc.weight" in left_out
     assert torch.equal(model.conv1.weight, net.conv1.weight)
     for t in range(2):  # plain BatchNorm statistics in every task slot
@@ -293,9 +293,9 @@ def _hat_guarantees_no_forgetting(label: str) -> bool:
 
 @pytest.mark.parametrize(("tasks", "expected"), [([], 10), (["--tasks", "20"], 20)])
 def test_permuted_mnist_sequences_of_10_and_20_tasks(tasks: list[str], expected: int, tmp_path) -> None:
-    p = _common.parser("p", "", budget=_common.Budget(smoke=1, converged=1), out=str(tmp_path))
+    p = _cli.parser("p", "", budget=_cli.Budget(smoke=1, converged=1), out=str(tmp_path))
     args = p.parse_args(["--data", "permuted_mnist", "--seeds", "0", "1", *tasks])
-    tasks_of, channels, size = _common.load_tasks(args, p)
+    tasks_of, channels, size = _cli.load_tasks(args, p)
     first, second = tasks_of(0), tasks_of(1)
     assert len(first) == expected and (channels, size) == (1, 32)
     assert all(len(t.train) == 4000 and t.num_classes == 10 for t in first)

@@ -20,7 +20,7 @@ from rich.console import Console
 from safetensors.torch import load_file
 
 import hatnorm
-from ablations import _common, layernorm
+from ablations import _cli, layernorm
 from hatnorm.checkpoint import CheckpointError, load_checkpoint, lock_folder, save_checkpoint
 from hatnorm.training import EWC, HATMethod, TrainConfig, split_validation, train_joint, train_sequence
 
@@ -395,7 +395,7 @@ LAYERNORM = ["--tasks", "2", "--epochs", "1", "--seeds", "0", "--dim", "8", "--d
 def test_the_ablation_resumes_a_killed_run(tmp_path, monkeypatch, capsys) -> None:
     expected = layernorm.main([*LAYERNORM, "--out", str(tmp_path / "reference")])
     # joint training writes epoch lines 1-2, the HAT run 3-4: stop at its task 1, before that task's checkpoint
-    monkeypatch.setattr(_common, "console", lambda: console(stop=4))
+    monkeypatch.setattr(_cli, "console", lambda: console(stop=4))
     with pytest.raises(Interrupted):
         layernorm.main([*LAYERNORM, "--out", str(tmp_path / "killed"), "--checkpoint-every", "1"])
     monkeypatch.undo()
@@ -420,8 +420,8 @@ def test_the_ablation_options(capsys) -> None:
     with pytest.raises(SystemExit):
         layernorm.main(["--checkpoint-every", "0"])
     assert "--checkpoint-every: must be an int ≥ 1, got 0" in capsys.readouterr().err
-    budget = _common.Budget(smoke=4, converged=100)
-    usage = _common.parser("python -m ablations.norms", "", budget=budget, out="runs/norms").format_help()
+    budget = _cli.Budget(smoke=4, converged=100)
+    usage = _cli.parser("python -m ablations.norms", "", budget=budget, out="runs/norms").format_help()
     assert "--resume" in usage and "--checkpoint-every N" in usage
 
 

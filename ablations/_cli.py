@@ -1,0 +1,244 @@
+"""The ablations' command line: the options every ablation takes, its task sequence and training settings."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from hatnorm.data import Task, cifar_sequence, permuted_mnist, rotated_mnist, split_mnist
+from hatnorm.training import OPTIMIZERS, SCHEDULES, TrainConfig
+
+DATASETS = ("split_mnist", "permuted_mnist", "rotated_mnist", "cifar")
+
+
+PRESETS = ("smoke", "converged")
+
+
+#: what a user of each optimizer would pick: the reference SGD schedule, and AdamW with warmup + cosine
+OPTIMIZER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "sgd": {"lr": 0.05, "schedule": "plateau", "weight_decay": 0.0, "warmup_epochs": 0},
+    "adamw": {"lr": 1e-3, "schedule": "cosine", "weight_decay": 0.05, "warmup_epochs": 1},
+}
+
+
+#: the plateau schedule of ``--preset converged``: each lr lasts until 3 epochs bring no improvement, and the
+#: task ends after the 5th drop (0.05 → 2e-4 < 5e-4), or at the epoch cap
+CONVERGED_PLATEAU = {"patience": 3, "lr_min": 5e-4}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """An ablation's epochs per task in each preset, and the optimizer its architecture's users pick.
+
+    Attributes:
+        smoke: epochs per task of the quick default run.
+        converged: the epoch cap of ``--preset converged`` (the plateau schedule usually ends first; the
+            cosine schedule runs exactly this many).
+        optimizer: the default optimizer (``"sgd"`` for CNNs, ``"adamw"`` for transformers).
+        lr: the default (peak) learning rate with that optimizer; ``None``: the optimizer's default.
+    """
+
+    smoke: int
+    converged: int
+    optimizer: str = "sgd"
+    lr: float | None = None
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an int ≥ 1, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an int ≥ 0, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite number ≥ 0, got {text}")
+    return value
+
+
+def parser(prog: str, description: str, *, budget: Budget, out: str, data: str = "split_mnist"
+           ) -> argparse.ArgumentParser:
+    """The options every ablation takes; ``budget`` gives its presets and default optimizer, ``data`` its
+    default task sequence."""
+    p = argparse.ArgumentParser(prog=prog, description=description,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.set_defaults(budget=budget)
+    p.add_argument("--data", choices=DATASETS, default=data,
+                   help="task sequence: the embedded Split-/Permuted-/Rotated-MNIST, or Serrà's CIFAR-10/100 sequence")
+    p.add_argument("--data-root", type=Path, default=None,
+                   help="folder holding cifar-10-batches-py and cifar-100-python (needed for --data cifar)")
+    p.add_argument("--unverified-data", action="store_true",
+                   help="read CIFAR files that are not byte for byte the published ones (stand-ins in the same "
+                        "format); they are read by an unpickler that builds only plain data and arrays")
+    p.add_argument("--tasks", type=positive_int, default=None,
+                   help="number of tasks (Split-MNIST ≤ 5, CIFAR ≤ 10, Permuted- and Rotated-MNIST any; default: 5, "
+                        "10 for Permuted-/Rotated-MNIST and CIFAR)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0],
+                   help="random seeds, one run of every variant each (model, split, batch order, permutations, "
+                        "rotation angles, CIFAR task order); tables give the mean and a 95%% confidence interval "
+                        "over them")
+    p.add_argument("--preset", choices=PRESETS, default="smoke",
+                   help=f"smoke: {budget.smoke} epochs per task, a quick look at the mechanics; converged: "
+                        f"train each task until the plateau schedule ends (patience "
+                        f"{CONVERGED_PLATEAU['patience']}, lr floor {CONVERGED_PLATEAU['lr_min']:g}) or "
+                        f"{budget.converged} epochs, the budget of the documented numbers")
+    p.add_argument("--epochs", type=positive_int, default=argparse.SUPPRESS,
+                   help="most epochs per task (overrides the preset; the reference is 200)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=budget.optimizer,
+                   help="sgd (with the plateau schedule) or adamw (with warmup + cosine)")
+    p.add_argument("--schedule", choices=SCHEDULES, default=argparse.SUPPRESS,
+                   help="learning-rate schedule (default: plateau for sgd, cosine for adamw)")
+    p.add_argument("--lr", type=positive_float, default=argparse.SUPPRESS,
+                   help="initial (cosine: peak) learning rate (default: "
+                        + (f"{budget.lr:g} for {budget.optimizer}; otherwise " if budget.lr is not None else "")
+                        + "0.05 for sgd, 1e-3 for adamw)")
+    p.add_argument("--momentum", type=non_negative_float, default=0.0, help="SGD momentum")
+    p.add_argument("--weight-decay", type=non_negative_float, default=argparse.SUPPRESS,
+                   help="weight decay (default: 0 for sgd, 0.05 for adamw)")
+    p.add_argument("--warmup-epochs", type=non_negative_int, default=argparse.SUPPRESS,
+                   help="cosine schedule: epochs of linear warmup (default: 1 for the cosine schedule)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="batch size (≥ 2)")
+    p.add_argument("--reference", action="store_true",
+                   help="HAT as Serrà et al.'s code runs it rather than the paper: soft cumulative masks, the scale "
+                        "annealed over the sample index, every task's embeddings clamped (docs/concepts.md)")
+    p.add_argument("--patience", type=positive_int, default=argparse.SUPPRESS,
+                   help="plateau schedule: epochs without improvement before lr ÷ 3 (default: 5; 3 with "
+                        "--preset converged)")
+    p.add_argument("--weights", type=Path, default=None, metavar="PATH",
+                   help="start every model from this state dict (torch.save of a state_dict, e.g. a torchvision or "
+                        "timm checkpoint of the same architecture and width): matching tensors are loaded, plain "
+                        "BatchNorm state into every task slot; the rest (gates, heads, a classifier) is reported")
+    p.add_argument("--out", type=Path, default=Path(out),
+                   help="folder for results.json, results.csv and plots (one sub-folder per seed)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a killed run in the same --out folder from the checkpoints in its checkpoints/ "
+                        "folders: finished runs are read back, the interrupted one continues where it stopped")
+    p.add_argument("--checkpoint-every", type=positive_int, default=None, metavar="N",
+                   help="also checkpoint every N epochs within a task (a checkpoint is always written after "
+                        "every task)")
+    return p
+
+
+def load_tasks(args: argparse.Namespace, parser_: argparse.ArgumentParser
+               ) -> tuple[Callable[[int], list[Task]], int, int]:
+    """The task sequence of every seed the options ask for, its input channels and image side.
+
+    The options are checked now (the first seed's tasks are loaded, ``--out`` must be writable), not after
+    the first task's training. Returns a function from a seed to its tasks.
+    """
+    if len(set(args.seeds)) != len(args.seeds):
+        parser_.error(f"--seeds must not repeat a seed, got {' '.join(map(str, args.seeds))}")
+    cache: dict[int, tuple[list[Task], int, int]] = {}
+
+    def loaded(seed: int) -> tuple[list[Task], int, int]:
+        key = 0 if args.data == "split_mnist" else seed  # Split-MNIST's split is fixed; the others follow the seed
+        if key not in cache:
+            cache[key] = _tasks(args, parser_, seed)
+        return cache[key]
+
+    def tasks_of(seed: int) -> list[Task]:
+        return loaded(seed)[0]
+
+    _, channels, size = loaded(args.seeds[0])
+    try:  # now, not after the first task's training
+        args.out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=args.out):
+            pass
+    except OSError as error:
+        parser_.error(f"--out: {args.out} is not a folder this run can write to ({error.strerror})")
+    return tasks_of, channels, size
+
+
+def _tasks(args: argparse.Namespace, parser_: argparse.ArgumentParser, seed: int) -> tuple[list[Task], int, int]:
+    if args.batch_size < 2:
+        parser_.error(f"--batch-size must be ≥ 2 (batch statistics), got {args.batch_size}")
+    if args.data == "cifar":
+        num_tasks = args.tasks or 10
+        if args.data_root is None:
+            parser_.error("--data cifar needs --data-root, the folder holding the CIFAR-10 and CIFAR-100 python "
+                          "batches")
+        if num_tasks > 10:
+            parser_.error(f"--tasks must be ≤ 10 for the CIFAR sequence, got {num_tasks}")
+        try:
+            return cifar_sequence(args.data_root, seed=seed, num_tasks=num_tasks,
+                                  verify_checksums=not args.unverified_data), 3, 32
+        except (FileNotFoundError, ValueError) as error:
+            parser_.error(str(error))
+    if args.data == "permuted_mnist":
+        return permuted_mnist(num_tasks=args.tasks or 10, seed=seed), 1, 32
+    if args.data == "rotated_mnist":
+        return rotated_mnist(num_tasks=args.tasks or 10, seed=seed), 1, 32
+    num_tasks = args.tasks or 5
+    if num_tasks > 5:
+        parser_.error(f"--tasks must be ≤ 5 for split_mnist, got {num_tasks}")
+    return split_mnist(num_tasks=num_tasks), 1, 32
+
+
+def check_cnn_width(parser_: argparse.ArgumentParser, arch: str, width: float) -> None:
+    """Refuse a ``--width`` the architecture cannot take (AlexNet's width multiplier is at most 16)."""
+    if arch == "alexnet" and width > 16:
+        parser_.error(f"--width must be ≤ 16 for alexnet (a width multiplier), got {width}")
+
+
+def cnn_options(arch: str, width: float, channels: int, size: int) -> dict[str, Any]:
+    """Options of ``alexnet`` (width multiplier) or ``resnet18`` (base width, rounded) for the data."""
+    if arch == "alexnet":
+        return {"width": width, "in_channels": channels, "size": size}
+    return {"base_width": max(1, round(width)), "in_channels": channels}
+
+
+def config(args: argparse.Namespace, parser_: argparse.ArgumentParser | None = None) -> TrainConfig:
+    """The training settings of the options: the optimizer's defaults, then the preset, then what was given."""
+    budget: Budget = args.budget
+    settings = dict(OPTIMIZER_DEFAULTS[args.optimizer])
+    if budget.lr is not None and args.optimizer == budget.optimizer:
+        settings["lr"] = budget.lr
+    settings["epochs"] = budget.converged if args.preset == "converged" else budget.smoke
+    if args.preset == "converged" and settings["schedule"] == "plateau":
+        settings |= CONVERGED_PLATEAU
+    given = {k: getattr(args, k) for k in ("epochs", "schedule", "lr", "weight_decay", "warmup_epochs", "patience")
+             if hasattr(args, k)}
+    settings |= given
+    if "warmup_epochs" not in given:  # the default warmup fits the schedule and the epochs it is given
+        cosine = settings["schedule"] == "cosine"
+        settings["warmup_epochs"] = min(settings["warmup_epochs"], settings["epochs"] - 1) if cosine else 0
+    try:
+        return TrainConfig(batch_size=args.batch_size, momentum=args.momentum, optimizer=args.optimizer,
+                           seed=args.seeds[0], **settings)
+    except ValueError as error:
+        if parser_ is None:
+            raise
+        parser_.error(str(error))
+
+
+def console() -> Console:
+    """A console wide enough for the tables when output goes to a file or a pipe."""
+    plain = Console()
+    return plain if plain.is_terminal else Console(width=160)
+
+
+def seeds_text(seeds: Sequence[int]) -> str:
+    return f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {', '.join(map(str, seeds))}"

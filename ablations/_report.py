@@ -1,0 +1,143 @@
+"""The ablations' report: the tables (terminal and Markdown) and the plots, made from a run's summary."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from ablations._results import METRICS
+
+
+def cell(s: dict[str, Any], metric: str) -> str:
+    """A metric's summary as the tables print it: mean ± 95% CI half-width (the mean alone for one seed)."""
+    if math.isnan(s["mean"]):
+        return "n/a"
+    mean = f"{s['mean']:.4f}" if metric == "average_accuracy" else f"{s['mean']:+.4f}"
+    return mean if s["n"] == 1 else f"{mean} ± {(s['high'] - s['low']) / 2:.4f}"
+
+
+def table(summary: dict[str, Any], title: str) -> Table:
+    """The ablation's table: one row per variant, each metric as mean ± 95% CI half-width over the seeds."""
+    n = len(summary["seeds"])
+    t = Table(title=title, caption=f"mean ± 95% CI half-width over {n} seeds" if n > 1 else "one seed: no interval")
+    for column in ("variant", *METRICS.values(), "epochs/task", "time (s)"):
+        t.add_column(column, justify="left" if column == "variant" else "right")
+    for label, r in summary["variants"].items():
+        t.add_row(label, *(cell(r["summary"][m], m) for m in METRICS), f"{r['epochs_mean']:.1f}",
+                  f"{r['seconds']:.0f}")
+    return t
+
+
+def contrast_table(summary: dict[str, Any]) -> Table:
+    """The paired contrasts: the mean difference over seeds, its 95% CI and whether it is established."""
+    t = Table(title="Paired contrasts over seeds (a − b)")
+    for column in ("a − b", "metric", "mean Δ", "95% CI", "finding"):
+        t.add_column(column, justify="left" if column in ("a − b", "metric") else "right")
+    for c in summary["contrasts"]:
+        d = c["difference"]
+        interval = "n/a" if d["n"] == 1 else f"[{d['low']:+.4f}, {d['high']:+.4f}]"
+        finding = "1 seed" if d["n"] == 1 else ("yes" if c["established"] else "no: CI holds 0")
+        t.add_row(f"{c['a']} − {c['b']}", METRICS[c["metric"]], f"{d['mean']:+.4f}", interval, finding)
+    return t
+
+
+def plot(summary: dict[str, Any], out: Path, title: str) -> list[Path]:
+    """ρ^{≤t} over t for every variant with its 95% band over seeds (one panel per architecture), and the
+    seed-mean accuracy matrices as heatmaps."""
+    results = summary["variants"]
+    archs = list(dict.fromkeys(r["arch"] for r in results.values()))
+    fig, axes = plt.subplots(1, len(archs), figsize=(max(7.0, 5.5 * len(archs)), 4.5), squeeze=False,
+                             layout="constrained")
+    for ax, arch in zip(axes[0], archs, strict=True):
+        for label, r in results.items():
+            if r["arch"] != arch:
+                continue
+            curve = {k: np.array(v, dtype=float) for k, v in r["rho_curve"].items()}
+            steps = np.arange(1, len(curve["mean"]) + 1)
+            line, = ax.plot(steps, curve["mean"], marker="o", label=label)
+            if len(r["seeds"]) > 1:
+                ax.fill_between(steps, curve["low"], curve["high"], color=line.get_color(), alpha=0.15, lw=0)
+        ax.axhline(0, color="gray", lw=0.8, ls="--")
+        ax.set(title=f"{arch}", xlabel="tasks learned $t$", ylabel=r"forgetting ratio $\rho^{\leq t}$")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.legend(fontsize=7)
+    n = len(summary["seeds"])
+    fig.suptitle(title + (f"\nmean and 95% band over {n} seeds" if n > 1 else ""), fontsize=10)
+    rho_path = out / "forgetting_ratio.png"
+    fig.savefig(rho_path, dpi=120)
+    plt.close(fig)
+
+    count = len(results)
+    cols = min(count, 4)
+    rows = math.ceil(count / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols + 1, 3.0 * rows), squeeze=False, layout="constrained")
+    for ax in axes.flat[count:]:
+        ax.axis("off")
+    for ax, (label, r) in zip(axes.flat, results.items(), strict=False):
+        a = np.array(r["accuracy_mean"])
+        a[np.triu_indices_from(a, 1)] = np.nan
+        image = ax.imshow(a, vmin=0, vmax=1, cmap="viridis")
+        if len(a) <= 10:
+            for (t, tau), value in np.ndenumerate(a):
+                if not np.isnan(value):
+                    ax.text(tau, t, f"{value:.2f}", ha="center", va="center", fontsize=6,
+                            color="white" if value < 0.6 else "black")
+        ax.set(title=label, xlabel="tested on task", ylabel="after task")
+        ax.title.set_fontsize(8)
+    fig.colorbar(image, ax=axes, shrink=0.6, label="test accuracy" + (f" (mean of {n} seeds)" if n > 1 else ""))
+    heat_path = out / "accuracy_matrices.png"
+    fig.savefig(heat_path, dpi=120)
+    plt.close(fig)
+    return [rho_path, heat_path]
+
+
+def finish(summary: dict[str, Any], out: Path, title: str, console: Console) -> None:
+    console.print(table(summary, title))
+    if summary["contrasts"]:
+        console.print(contrast_table(summary))
+    for path in plot(summary, out, title):
+        console.print(f"wrote {path}")
+    console.print(f"wrote {out / 'results.json'}, {out / 'results.csv'} and {out / 'contrasts.csv'}")
+
+
+def variants_table(results: dict[str, Any]) -> str:
+    """One row per variant: each metric as mean ± 95% CI half-width, epochs per task, the joint minimum."""
+    lines = [f"| variant | {' | '.join(METRICS.values())} | epochs/task | min A_J |",
+             "|---|" + "---:|" * (len(METRICS) + 2)]
+    for label, r in results["variants"].items():
+        joints = [r_["joint"][-1] for r_ in r["runs"].values()]
+        lowest = min(a for row in joints for a in row if a == a)
+        cells = [cell(r["summary"][m], m) for m in METRICS]
+        lines.append(f"| {label} | {' | '.join(cells)} | {r['epochs_mean']:.1f} | {lowest:.3f} |")
+    return "\n".join(lines)
+
+
+def contrasts_table(results: dict[str, Any]) -> str:
+    """The paired contrasts: mean difference, its 95% CI and whether it is a finding (CI excludes 0)."""
+    lines = ["| a − b | metric | mean Δ | 95% CI | finding |", "|---|---|---:|---:|---|"]
+    for c in results["contrasts"]:
+        d = c["difference"]
+        interval = "n/a" if d["n"] == 1 else f"[{d['low']:+.4f}, {d['high']:+.4f}]"
+        finding = "one seed" if d["n"] == 1 else ("**yes**" if c["established"] else "no (CI holds 0)")
+        lines.append(f"| {c['a']} − {c['b']} | {METRICS[c['metric']]} | {d['mean']:+.4f} | {interval} | {finding} |")
+    return "\n".join(lines)
+
+
+def describe(results: dict[str, Any]) -> str:
+    """The run's settings and wall time in one line."""
+    config = results["config"]
+    minutes = results.get("wall_seconds", math.nan) / 60
+    schedule = (f"{config['optimizer']}, lr {config['lr']:g}, {config['schedule']}"
+                + (f" (patience {config['patience']}, lr floor {config['lr_min']:g})"
+                   if config["schedule"] == "plateau" else f" (warmup {config['warmup_epochs']})"))
+    return (f"{results['title']}; preset {results['preset']}, ≤ {config['epochs']} epochs per task, {schedule}, "
+            f"seeds {', '.join(map(str, results['seeds']))}; wall time {minutes:.0f} min")

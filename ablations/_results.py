@@ -1,0 +1,125 @@
+"""The ablations' results: one seed's files, the summary over seeds with the paired contrasts, and the run's
+files (``results.json``, ``results.csv``, ``contrasts.csv``)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ablations._cli import seeds_text
+from hatnorm.stats import Summary, paired_difference, summarize
+
+#: the metrics every table, file and contrast reports
+METRICS = {"average_accuracy": "avg acc", "bwt": "BWT", "rho_final": "ρ^{≤T}"}
+
+
+def write_seed(results: dict[str, Any], out: Path, info: dict[str, Any]) -> None:
+    """One seed's ``results.json`` and ``results.csv`` (one row per variant)."""
+    (out / "results.json").write_text(json.dumps(info | {"variants": results}, indent=2))
+    with (out / "results.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["variant", "arch", "norm", "method", "average_accuracy", "bwt", "rho_final", "seconds"])
+        for label, r in results.items():
+            writer.writerow([label, r["arch"], r["norm"], r["method"], f"{r['average_accuracy']:.6f}",
+                             f"{r['bwt']:.6f}", f"{r['rho_final']:.6f}", f"{r['seconds']:.1f}"])
+
+
+def _summary(values: Sequence[float]) -> Summary:
+    """The summary of one metric over seeds; NaN throughout where a seed's value is undefined (ρ at chance)."""
+    if any(math.isnan(v) for v in values):
+        return Summary(math.nan, math.nan, math.nan, math.nan, len(values), 0.95)
+    return summarize(values)
+
+
+def aggregate(by_seed: dict[int, dict[str, Any]], contrasts: Sequence[tuple[str, str]]) -> dict[str, Any]:
+    """Every variant's metrics over seeds (mean, std, 95% CI) and the paired contrasts between variants."""
+    seeds = list(by_seed)
+    labels = list(by_seed[seeds[0]])
+    variants: dict[str, Any] = {}
+    for label in labels:
+        runs = [by_seed[seed][label] for seed in seeds]
+        first = runs[0]
+        rho = np.array([r["rho"] for r in runs], dtype=float)  # [seeds, T]
+        curve = [_summary(rho[:, t].tolist()) for t in range(rho.shape[1])]
+        variants[label] = {
+            "arch": first["arch"], "norm": first["norm"], "method": first["method"], "seeds": seeds,
+            "summary": {m: _summary([r[m] for r in runs]).to_dict() for m in METRICS},
+            "rho_curve": {k: [getattr(c, k) for c in curve] for k in ("mean", "low", "high")},
+            "accuracy_mean": np.mean([r["accuracy"] for r in runs], axis=0).tolist(),
+            "epochs_mean": float(np.mean([np.mean(r["epochs"]) for r in runs])),
+            "seconds": float(np.sum([r["seconds"] for r in runs])),
+            "runs": {str(seed): r for seed, r in zip(seeds, runs, strict=True)},
+        }
+    paired = []
+    for a, b in contrasts:
+        if a not in variants or b not in variants:
+            continue
+        for m in METRICS:
+            values = [[by_seed[seed][label][m] for seed in seeds] for label in (a, b)]
+            if any(math.isnan(v) for side in values for v in side):
+                continue
+            d = paired_difference(*values)
+            paired.append({"a": a, "b": b, "metric": m, "difference": d.to_dict(),
+                           "established": len(seeds) > 1 and d.excludes_zero})
+    return {"seeds": seeds, "variants": variants, "contrasts": paired}
+
+
+def write(summary: dict[str, Any], out: Path, info: dict[str, Any]) -> None:
+    """The run's ``results.json`` (everything, every seed), ``results.csv`` (one row per variant, mean, std and
+    95% CI of every metric) and ``contrasts.csv`` (the paired contrasts)."""
+    (out / "results.json").write_text(json.dumps(info | summary, indent=2))
+    with (out / "results.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["variant", "arch", "norm", "method", "seeds",
+                         *(f"{m}_{k}" for m in METRICS for k in ("mean", "std", "ci_low", "ci_high")),
+                         "epochs_per_task", "seconds"])
+        for label, r in summary["variants"].items():
+            cells = [f"{r['summary'][m][k]:.6f}" for m in METRICS for k in ("mean", "std", "low", "high")]
+            writer.writerow([label, r["arch"], r["norm"], r["method"], len(r["seeds"]), *cells,
+                             f"{r['epochs_mean']:.2f}", f"{r['seconds']:.1f}"])
+    with (out / "contrasts.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["a", "b", "metric", "difference_mean", "ci_low", "ci_high", "seeds", "established"])
+        for c in summary["contrasts"]:
+            d = c["difference"]
+            writer.writerow([c["a"], c["b"], c["metric"], f"{d['mean']:.6f}", f"{d['low']:.6f}", f"{d['high']:.6f}",
+                             d["n"], c["established"]])
+
+
+def merge(runs: Sequence[dict[str, Any]], names: Sequence[str]) -> dict[str, Any]:
+    """One summary over the seeds of several runs of the same ablation, variants and settings.
+
+    Raises:
+        ValueError: the runs differ in title (other than the seeds), preset, settings or variants, or share a seed.
+    """
+    first = runs[0]
+    by_seed: dict[int, dict[str, Any]] = {}
+    for name, results in zip(names, runs, strict=True):
+        for key, default in (("preset", None), ("config", None), ("reference", False), ("weights", None)):
+            mine, theirs = results.get(key, default), first.get(key, default)
+            if mine != theirs:
+                raise ValueError(f"{name}: {key} {mine!r} differs from {names[0]}'s {theirs!r}")
+        # the sequence: its data and length (in the title); its tasks themselves may follow the seed
+        # (permutations, rotation angles, CIFAR's task order)
+        mine, theirs = results["title"].rsplit(", seed", 1)[0], first["title"].rsplit(", seed", 1)[0]
+        if mine != theirs or len(results.get("tasks", [])) != len(first.get("tasks", [])):
+            raise ValueError(f"{name}: the run {mine!r} ({len(results.get('tasks', []))} tasks) is not the same "
+                             f"ablation and sequence as {names[0]}'s {theirs!r} ({len(first.get('tasks', []))} tasks)")
+        if list(results["variants"]) != list(first["variants"]):
+            raise ValueError(f"{name}: variants {list(results['variants'])} differ from {names[0]}'s")
+        for seed in results["seeds"]:
+            if seed in by_seed:
+                raise ValueError(f"{name}: seed {seed} is in two of the runs; each seed must come from one")
+            by_seed[seed] = {label: r["runs"][str(seed)] for label, r in results["variants"].items()}
+    pairs = list(dict.fromkeys((c["a"], c["b"]) for c in first["contrasts"]))
+    summary = aggregate(dict(sorted(by_seed.items())), pairs)
+    title = first["title"].rsplit(", seed", 1)[0] + f", {seeds_text(list(summary['seeds']))})"
+    wall = sum(r.get("wall_seconds", math.nan) for r in runs)
+    return {k: v for k, v in first.items() if k not in ("variants", "contrasts", "seeds")} | {
+        "title": title, "wall_seconds": wall, "merged_from": list(names)} | summary

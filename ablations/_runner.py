@@ -1,0 +1,235 @@
+"""The ablations' runner: the variants of an ablation trained on every seed, joint training per architecture,
+starting weights, and the run's files and report."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from torch import nn
+
+import hatnorm
+from ablations._cli import config, seeds_text
+from ablations._report import finish
+from ablations._results import aggregate, write, write_seed
+from hatnorm import metrics
+from hatnorm.checkpoint import CheckpointError
+from hatnorm.data import Task
+from hatnorm.training import HATMethod, Method, TrainConfig, train_joint, train_sequence
+
+#: where the converged numbers of every ablation are written up
+RESULTS_DOC = "docs/ablations.md"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One line of an ablation: an architecture, a norm and a method.
+
+    Attributes:
+        label: the name in the table and the plots.
+        arch: a registered architecture.
+        norm: a registered norm.
+        method: makes the method for a run.
+        options: architecture options.
+        prepare: called with the built model and the seed before training (pretrained weights, ...).
+        make: builds the model instead of ``hatnorm.build(arch, ...)`` (a converted model of another library,
+            ``arch`` then only names it), called with the task count, the norm, the class counts and the seed;
+            ``--weights`` does not apply to it.
+    """
+
+    label: str
+    arch: str
+    norm: str
+    method: Callable[[], Method]
+    options: dict[str, Any] = field(default_factory=dict)
+    prepare: Callable[[nn.Module, int], None] | None = None
+    make: Callable[[int, str, list[int], int], nn.Module] | None = None
+
+
+def as_reference(variant: Variant) -> Variant:
+    """The variant as Serrà et al.'s code runs it: its model built with soft masks, HAT in reference mode."""
+
+    def method(factory: Callable[[], Method] = variant.method) -> Method:
+        made = factory()
+        if isinstance(made, HATMethod):
+            made.reference = True
+        return made
+
+    return replace(variant, method=method, options=variant.options | {"reference": True})
+
+
+def read_weights(path: Path, option: str = "--weights") -> dict[str, torch.Tensor]:
+    """The state dict in ``path`` (a ``torch.save`` of a ``state_dict``, or of ``{"state_dict": ...}`` as
+    training scripts often write), read without running any code it might hold; errors name ``option``."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, ValueError) as error:  # missing, unreadable or not a tensor file
+        raise ValueError(f"{option}: {path} is not a state dict torch can read ({error})") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{option}: {path} must hold a state dict (names to tensors), got {type(state).__name__}")
+    return state
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> list[str]:
+    """Load the tensors of ``state`` the model has (plain BatchNorm state into every task slot); returns the
+    names it left out (not in the model: a classifier replaced by per-task heads, a step counter).
+
+    Raises:
+        ValueError: no tensor of ``state`` is named like one of the model's, or a shape differs (another
+            width or input channels), naming the tensor.
+    """
+    own = model.state_dict()
+    usable = {k: v for k, v in state.items() if k in own}
+    if not usable:
+        raise ValueError(f"--weights: {source} holds no tensor named like the model's (it holds "
+                         f"{sorted(state)[:4]}, the model {sorted(own)[:4]}); is it this architecture?")
+    # a per-unit tensor [C] fits a per-task one [T, C]: plain BatchNorm state goes into every task slot
+    misfits = [k for k, v in usable.items() if v.shape not in (own[k].shape, own[k].shape[1:])]
+    if misfits:
+        first = misfits[0]
+        raise ValueError(f"--weights: {source} does not fit the model (another width, stem or input channels?): "
+                         f"{first} is {list(usable[first].shape)} there and {list(own[first].shape)} in the model"
+                         + (f", and {len(misfits) - 1} more tensors differ" if len(misfits) > 1 else ""))
+    model.load_state_dict(usable, strict=False)
+    return sorted(set(state) - set(usable))
+
+
+def describe_left_out(names: Sequence[str]) -> str:
+    """The tensors a checkpoint had and the model has not, BatchNorm's step counters counted, not listed."""
+    counters = [n for n in names if n.endswith("num_batches_tracked")]
+    listed = [n for n in names if n not in counters]
+    parts = [", ".join(listed)] if listed else []
+    if counters:
+        parts.append(f"{len(counters)} BatchNorm step counters")
+    return "; ".join(parts) or "none"
+
+
+def _random_accuracies(tasks: Sequence[Task]) -> list[float]:
+    return [metrics.random_stratified_accuracy(t.train.tensors[1], t.test.tensors[1]) for t in tasks]
+
+
+def run(variants: Sequence[Variant], tasks: Sequence[Task], cfg: TrainConfig, out: Path, console: Console,
+        *, joint_norm: dict[str, str], title: str, resume: bool = False,
+        checkpoint_every: int | None = None, weights: tuple[str, dict[str, torch.Tensor]] | None = None
+        ) -> dict[str, Any]:
+    """Train every variant, joint training per architecture, and compute the metrics, for one seed.
+
+    Returns the results by variant label; also writes them (``results.json``, ``results.csv``) with
+    each run's own folder under ``out``. Every run checkpoints into its folder under ``out/checkpoints``
+    after every task (and every ``checkpoint_every`` epochs); ``resume`` continues from there.
+    ``weights`` (a name and a state dict) starts every model, joint training's included, from them.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    counts = [t.num_classes for t in tasks]
+
+    def build(variant: Variant, norm: str, prepared: bool) -> nn.Module:
+        if variant.make is not None:
+            return variant.make(len(tasks), norm, counts, cfg.seed)
+        model = hatnorm.build(variant.arch, num_tasks=len(tasks), norm=norm, num_classes=counts, **variant.options)
+        if weights is not None:
+            load_weights(model, weights[1], weights[0])
+        if prepared and variant.prepare is not None:
+            variant.prepare(model, cfg.seed)
+        return model
+
+    random = _random_accuracies(tasks)
+    joint: dict[str, tuple[list[list[float]], float]] = {}
+    results: dict[str, Any] = {}
+    for variant in variants:
+        # joint training has every gate open, so the gates' s_max does not change it
+        key = json.dumps([variant.arch, {k: v for k, v in variant.options.items() if k != "s_max"}], sort_keys=True)
+        if key not in joint:
+            console.print(f"[bold]{variant.arch}[/bold]: joint training on tasks 0..t for every t (A_J), "
+                          f"seed {cfg.seed}")
+            same_arch = sum(json.loads(k)[0] == variant.arch for k in joint)
+            folder = f"joint_{_slug(variant.arch)}" + (f"_{same_arch + 1}" if same_arch else "")
+            started = time.perf_counter()
+            matrix = train_joint(lambda v=variant: build(v, joint_norm[v.arch], prepared=False), tasks, cfg,
+                                 console=console, title=f"{variant.arch} joint s{cfg.seed}",
+                                 checkpoint_dir=out / "checkpoints" / folder, checkpoint_every=checkpoint_every,
+                                 resume=resume)
+            joint[key] = matrix, time.perf_counter() - started
+        console.print(f"[bold]{variant.label}[/bold], seed {cfg.seed}")
+        result = train_sequence(
+            lambda v=variant: build(v, v.norm, prepared=True), tasks, variant.method(), cfg,
+            out_dir=out / _slug(variant.label), console=console, title=f"{variant.label} s{cfg.seed}",
+            info={"arch": variant.arch, "norm": variant.norm, "options": variant.options,
+                  "weights": None if weights is None else weights[0]},
+            checkpoint_dir=out / "checkpoints" / _slug(variant.label), checkpoint_every=checkpoint_every,
+            resume=resume)
+        rho = metrics.mean_forgetting_ratio(result.accuracy, random, joint[key][0])
+        results[variant.label] = {
+            "arch": variant.arch, "norm": variant.norm, "method": variant.method().name,
+            "accuracy": result.accuracy, "joint": joint[key][0], "joint_seconds": joint[key][1], "random": random,
+            "average_accuracy": metrics.average_accuracy(result.accuracy),
+            "bwt": metrics.backward_transfer(result.accuracy),
+            "rho": rho.tolist(), "rho_final": float(rho[-1]), "epochs": result.epochs, "seconds": sum(result.seconds),
+        }
+    write_seed(results, out, {"title": title, "config": asdict(cfg), "tasks": [t.name for t in tasks]})
+    return results
+
+
+def _slug(label: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in label).strip("_").lower()
+
+
+def run_and_report(variants: Sequence[Variant], tasks_of: Callable[[int], list[Task]], args: argparse.Namespace,
+                   console: Console, *, joint_norm: dict[str, str], title: str,
+                   contrasts: Sequence[tuple[str, str]] = (),
+                   parser_: argparse.ArgumentParser | None = None) -> dict[str, Any]:
+    """:func:`run` for every seed of the options, then the tables, the files and the plots.
+
+    Each seed's runs go to ``<--out>/seed_<seed>/``; ``<--out>`` gets the summary over seeds.
+    """
+    cfg = config(args, parser_)
+    if args.reference:
+        variants = [as_reference(v) for v in variants]
+    weights = None
+    if args.weights is not None:
+        try:
+            digest = hashlib.sha256(args.weights.read_bytes()).hexdigest()[:16] if args.weights.is_file() else ""
+            weights = (f"{args.weights} (sha256 {digest}…)", read_weights(args.weights))
+            left_out = load_weights(hatnorm.build(variants[0].arch, num_tasks=len(tasks_of(args.seeds[0])),
+                                                  norm=variants[0].norm,
+                                                  num_classes=[t.num_classes for t in tasks_of(args.seeds[0])],
+                                                  **variants[0].options), weights[1], str(args.weights))
+        except ValueError as error:
+            if parser_ is None:
+                raise
+            parser_.error(str(error))
+        console.print(f"--weights: every model starts from {args.weights} ({len(weights[1]) - len(left_out)} "
+                      f"tensors; left out, not in the model: {describe_left_out(left_out)})", highlight=False,
+                      soft_wrap=True)
+    started = time.perf_counter()
+    by_seed = {}
+    try:
+        for seed in args.seeds:
+            by_seed[seed] = run(variants, tasks_of(seed), replace(cfg, seed=seed), args.out / f"seed_{seed}",
+                                console, joint_norm=joint_norm, title=title, resume=args.resume,
+                                checkpoint_every=args.checkpoint_every, weights=weights)
+    except CheckpointError as error:  # --resume with other options than the killed run's
+        sys.exit(f"--resume: {error}")
+    summary = aggregate(by_seed, contrasts)
+    config_info = {k: v for k, v in asdict(cfg).items() if k != "seed"}
+    write(summary, args.out, {"title": title, "preset": args.preset, "reference": args.reference,
+                              "weights": None if args.weights is None else str(args.weights), "config": config_info,
+                              "tasks": [t.name for t in tasks_of(args.seeds[0])],
+                              "wall_seconds": time.perf_counter() - started})
+    finish(summary, args.out, title, console)
+    if args.preset == "smoke":
+        console.print(f"This is a smoke-size run (--preset smoke, {cfg.epochs} epochs per task, "
+                      f"{seeds_text(args.seeds)}): it checks the mechanics, its numbers are not converged. "
+                      f"The converged numbers over several seeds, with their commands, are in {RESULTS_DOC} "
+                      "(--preset converged --seeds 0 1 2).", highlight=False)
+    return summary
