@@ -30,9 +30,11 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from hatnorm._checks import check_non_negative, check_positive, check_scale, check_task, check_task_loss
 from hatnorm._gate import HATGate, anneal_scale, compensation_factor, hat_gate
@@ -41,6 +43,7 @@ from hatnorm._masks import MaskSource, MaskState
 from hatnorm._norms import MaskedNorm
 from hatnorm._policies import GradientPolicy, get_policy
 from hatnorm._protected import Protected
+from hatnorm._step_policy import StepPolicy, Wiring
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,14 @@ def _moves_only_by_gradient(optimizer: torch.optim.Optimizer) -> bool:
         group["momentum"] == 0 and group["weight_decay"] == 0 for group in optimizer.param_groups)
 
 
+def _check_optimizer(optimizer: object, why: str) -> None:
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if isinstance(optimizer, torch.optim.LBFGS):
+        raise TypeError("optimizer must be one whose step() needs no closure (SGD, Adam, AdamW, ...), got LBFGS, "
+                        f"which re-evaluates the loss inside step(); {why}")
+
+
 class HAT:
     """Hard Attention to the Task (Serrà et al. 2018) over a model with :class:`HATGate` gates.
 
@@ -113,8 +124,9 @@ class HAT:
         layers: the wiring of every weighted layer and norm; omitted when ``model`` is a
             :class:`HATModule`.
         c: the capacity-regulariser weight [0.75].
-        policy: a registered gradient-policy name (``"hat"``, ``"adahat"``) or a
-            :class:`GradientPolicy` [``"hat"``].
+        policy: a registered gradient-policy name (``"hat"``, ``"adahat"``, ``"fg_adahat"``) or a
+            :class:`GradientPolicy` [``"hat"``]. A :class:`~hatnorm.StepPolicy` (FG-AdaHAT, AdaHAT's reference
+            form) adjusts gradients at every :meth:`protect` and reads every :meth:`step`; it serves one HAT.
         clamp: embeddings are clamped to [−clamp, clamp] after every step [6].
         thres_cosh: the clamp of s·e in the compensation [50].
         reference: reproduce Serrà et al.'s code where it differs from the paper: the scale anneals over
@@ -176,8 +188,13 @@ class HAT:
         self.task: int | None = None
         self.learned_tasks: list[int] = []
         self._names = {id(p): n for n, p in model.named_parameters()}
+        # the optimizers attach() hooked, with their hooks' handles
+        self._attached: list[tuple[torch.optim.Optimizer, tuple[RemovableHandle, RemovableHandle]]] = []
+        self._restore = False
         self._check_coverage()
         self._reset_task_state()
+        if isinstance(self.policy, StepPolicy):
+            self.policy.wire(self._wiring())
 
     @staticmethod
     def _agree(name: str, values: set) -> object:
@@ -239,6 +256,13 @@ class HAT:
             own = torch.zeros_like(gate.embedding)
             own[task] = 1
             yield gate.embedding, own
+
+    def _wiring(self) -> Wiring:
+        """What a per-step policy reads of the model: its layers, gates, and the heads with the units they read."""
+        units = self.model.head_units() if isinstance(self.model, HATModule) else None
+        heads = () if units is None else tuple((h, units) for h in self.model.modules() if isinstance(h, TaskHeads))
+        return Wiring(self.model, tuple((layer.module, layer.out, layer.inp) for layer in self.layers),
+                      tuple(self.gates), heads)
 
     def _check_coverage(self) -> None:
         covered = {id(p) for p, _ in self._multipliers(0)}
@@ -306,6 +330,8 @@ class HAT:
         self._masks = [(g.cumulative._version, g.cumulative.clone(), g.summative._version, g.summative.clone())
                        for g in self.gates]
         self.task = task
+        if isinstance(self.policy, StepPolicy):
+            self.policy.begin_task(task, len(self.learned_tasks) + 1)
 
     def _active(self, what: str) -> int:
         if self.task is None:
@@ -371,6 +397,8 @@ class HAT:
             grad = self._frozen[i].grad
             if grad is not None:
                 grad.masked_fill_(self._drop[i], 0)
+        if isinstance(self.policy, StepPolicy):
+            self.policy.adjust(s)
 
     def _check_masks_unchanged(self, task: int) -> None:
         """Refuse to protect with multipliers computed from masks that have since been replaced.
@@ -394,31 +422,84 @@ class HAT:
 
     def step(self, optimizer: torch.optim.Optimizer) -> None:
         """``optimizer.step()``, then restore every entry with multiplier 0 and clamp the active embeddings
-        (every embedding with ``reference=True``).
+        (every embedding with ``reference=True``). On an optimizer :meth:`attach` gave to this HAT, only
+        ``optimizer.step()``: its hooks do the rest.
 
         See the module docstring for why restoring is needed for momentum, weight decay and Adam.
         """
-        task = self._active("step")
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        if isinstance(optimizer, torch.optim.LBFGS):
-            raise TypeError("optimizer must be one whose step() needs no closure (SGD, Adam, AdamW, ...), got LBFGS, "
-                            "which re-evaluates the loss inside step(); HAT.step calls optimizer.step() once")
-        restore = bool(self._frozen) and not _moves_only_by_gradient(optimizer)
-        with torch.no_grad():
-            if restore:
-                if not self._snapshots:
-                    self._snapshots = [torch.empty_like(p) for p in self._frozen]
-                torch._foreach_copy_(self._snapshots, [p.detach() for p in self._frozen])
+        self._active("step")
+        _check_optimizer(optimizer, "HAT.step calls optimizer.step() once")
+        if any(o is optimizer for o, _ in self._attached):
+            optimizer.step()
+            return
+        self._before_step(optimizer)
         optimizer.step()
-        with torch.no_grad():
-            if restore:
-                for p, drop, before in zip(self._frozen, self._drop, self._snapshots, strict=True):
-                    p.copy_(torch.where(drop, before, p))
-            # Serrà et al.'s code clamps every task's embedding
-            rows = [g.embedding if self.reference else g.embedding[task] for g in self.gates]
-            torch._foreach_clamp_min_(rows, -self.clamp)
-            torch._foreach_clamp_max_(rows, self.clamp)
+        self._after_step(optimizer)
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+        """Give every ``optimizer.step()`` HAT's optimizer safety, for trainers that step the optimizer
+        themselves (Lightning, the transformers ``Trainer``, Avalanche).
+
+        PyTorch's step hooks do what :meth:`step` does around the step: the pre-hook takes the snapshot of
+        the parameters with frozen entries, the post-hook restores those entries and clamps the embeddings.
+        A step that does not happen (a gradient scaler's overflow skips ``optimizer.step()``) runs neither.
+        Protection stays the caller's: :meth:`protect` once per optimizer step, after the last
+        ``backward`` of a gradient-accumulation cycle and before any gradient clipping (Serrà et al.'s
+        order); docs/integrations.md says where each trainer calls it.
+
+        Args:
+            optimizer: a ``torch.optim.Optimizer`` whose ``step()`` needs no closure, not attached yet.
+
+        Raises:
+            TypeError: ``optimizer`` is not an optimizer, or is LBFGS.
+            ValueError: ``optimizer`` is already attached to this HAT.
+        """
+        _check_optimizer(optimizer, "a step hook runs once around it")
+        if any(o is optimizer for o, _ in self._attached):
+            raise ValueError(f"optimizer must not be attached already, got a {type(optimizer).__name__} this HAT "
+                             "is attached to; detach(optimizer) first")
+        handles = (optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._before_step(opt)),
+                   optimizer.register_step_post_hook(lambda opt, args, kwargs: self._after_step(opt)))
+        self._attached.append((optimizer, handles))
+
+    def detach(self, optimizer: torch.optim.Optimizer) -> None:
+        """Remove the hooks :meth:`attach` registered: ``optimizer.step()`` is a plain step again.
+
+        Raises:
+            ValueError: ``optimizer`` is not attached to this HAT.
+        """
+        for i, (attached, handles) in enumerate(self._attached):
+            if attached is optimizer:
+                for handle in handles:
+                    handle.remove()
+                del self._attached[i]
+                return
+        raise ValueError(f"optimizer must be one attached to this HAT, got a {type(optimizer).__name__} that is not "
+                         f"({len(self._attached)} attached)")
+
+    @torch.no_grad()
+    def _before_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Snapshot the parameters with frozen entries, unless ``optimizer`` moves no entry without a gradient."""
+        self._active("optimizer.step() on an optimizer attached to HAT")
+        self._restore = bool(self._frozen) and not _moves_only_by_gradient(optimizer)
+        if self._restore:
+            if not self._snapshots:
+                self._snapshots = [torch.empty_like(p) for p in self._frozen]
+            torch._foreach_copy_(self._snapshots, [p.detach() for p in self._frozen])
+
+    @torch.no_grad()
+    def _after_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Restore the frozen entries the step moved and clamp the embeddings."""
+        task = self._active("optimizer.step() on an optimizer attached to HAT")
+        if self._restore:
+            for p, drop, before in zip(self._frozen, self._drop, self._snapshots, strict=True):
+                p.copy_(torch.where(drop, before, p))
+        # Serrà et al.'s code clamps every task's embedding
+        rows = [g.embedding if self.reference else g.embedding[task] for g in self.gates]
+        torch._foreach_clamp_min_(rows, -self.clamp)
+        torch._foreach_clamp_max_(rows, self.clamp)
+        if isinstance(self.policy, StepPolicy):
+            self.policy.after_step()
 
     def end_task(self) -> None:
         """Finish the active task: fold its masks into every gate's cumulative mask (binarized by default)
@@ -429,6 +510,8 @@ class HAT:
         for layer in self.layers:
             if isinstance(layer.module, MaskedNorm):
                 layer.module.end_task(task)
+        if isinstance(self.policy, StepPolicy):
+            self.policy.end_task(task)
         self.learned_tasks.append(task)
         self.task = None
         self._reset_task_state()
@@ -439,11 +522,15 @@ class HAT:
         filled = {self._names[id(self._frozen[i])]: (~self._drop[i]).to(self._frozen[i].dtype) for i in self._filled}
         return {self._names[id(p)]: m for p, m in zip(self._params, self._mults, strict=True)} | filled
 
-    def state_dict(self) -> dict[str, list[int] | int | None]:
-        """What the model's own ``state_dict`` leaves out: the learned tasks and the active task (or ``None``)."""
-        return {"learned_tasks": list(self.learned_tasks), "task": self.task}
+    def state_dict(self) -> dict[str, Any]:
+        """What the model's own ``state_dict`` leaves out: the learned tasks and the active task (or ``None``), and
+        a :class:`~hatnorm.StepPolicy`'s state under ``"policy"``."""
+        state: dict[str, Any] = {"learned_tasks": list(self.learned_tasks), "task": self.task}
+        if isinstance(self.policy, StepPolicy):
+            state["policy"] = self.policy.state_dict()
+        return state
 
-    def load_state_dict(self, state: dict[str, list[int] | int | None]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` after the model's state is loaded (an active task is begun again: its
         multipliers come from the restored masks, as when it began).
 
@@ -456,6 +543,11 @@ class HAT:
         learned = [check_task(t, self.num_tasks, "state['learned_tasks'][i]") for t in learned]
         if task is not None and check_task(task, self.num_tasks, "state['task']") in learned:
             raise ValueError(f"state['task'] must be a task not learned yet, got {task}; learned: {learned}")
+        if isinstance(self.policy, StepPolicy):
+            if not isinstance(state.get("policy"), dict):
+                raise ValueError(f"state['policy'] must hold the state of the {type(self.policy).__name__} (a dict), "
+                                 f"got {state.get('policy')!r}")
+            self.policy.load_state_dict(state["policy"])
         self.task = None
         self.learned_tasks = learned
         self._reset_task_state()
