@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import shlex
+import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -79,12 +81,22 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser that keeps the command it parsed in ``command`` (what the results files record)."""
+
+    def parse_known_args(self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+                         ) -> tuple[argparse.Namespace, list[str]]:
+        argv = sys.argv[1:] if args is None else list(args)
+        parsed, rest = super().parse_known_args(argv, namespace)
+        parsed.command = " ".join([self.prog, *map(shlex.quote, argv)])
+        return parsed, rest
+
+
 def parser(prog: str, description: str, *, budget: Budget, out: str, data: str = "split_mnist"
            ) -> argparse.ArgumentParser:
     """The options every ablation takes; ``budget`` gives its presets and default optimizer, ``data`` its
     default task sequence."""
-    p = argparse.ArgumentParser(prog=prog, description=description,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _Parser(prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.set_defaults(budget=budget)
     p.add_argument("--data", choices=DATASETS, default=data,
                    help="task sequence: the embedded Split-/Permuted-/Rotated-MNIST, or Serrà's CIFAR-10/100 sequence")

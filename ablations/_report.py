@@ -25,28 +25,61 @@ def cell(s: dict[str, Any], metric: str) -> str:
     return mean if s["n"] == 1 else f"{mean} ± {(s['high'] - s['low']) / 2:.4f}"
 
 
+def parameters(variant: dict[str, Any]) -> str:
+    """A variant's parameter count (every task's gates and heads included), or n/a for runs that predate it."""
+    count = variant.get("parameters")
+    return "n/a" if count is None else f"{count:,}"
+
+
 def table(summary: dict[str, Any], title: str) -> Table:
     """The ablation's table: one row per variant, each metric as mean ± 95% CI half-width over the seeds."""
     n = len(summary["seeds"])
     t = Table(title=title, caption=f"mean ± 95% CI half-width over {n} seeds" if n > 1 else "one seed: no interval")
-    for column in ("variant", *METRICS.values(), "epochs/task", "time (s)"):
+    for column in ("variant", "parameters", *METRICS.values(), "epochs/task", "time (s)"):
         t.add_column(column, justify="left" if column == "variant" else "right")
     for label, r in summary["variants"].items():
-        t.add_row(label, *(cell(r["summary"][m], m) for m in METRICS), f"{r['epochs_mean']:.1f}",
+        t.add_row(label, parameters(r), *(cell(r["summary"][m], m) for m in METRICS), f"{r['epochs_mean']:.1f}",
                   f"{r['seconds']:.0f}")
     return t
 
 
+#: the contrast tables' columns, terminal and Markdown alike
+CONTRAST_COLUMNS = ("a − b", "metric", "role", "mean Δ", "95% CI", "p (t)", "p (Holm)", "p (sign-flip)", "finding")
+#: the setting every table is in
+SETTING = "task-incremental: one head per task, the task id given at test"
+
+
+def _p(value: float | None) -> str:
+    if value is None:
+        return "—"
+    if math.isnan(value):
+        return "n/a"
+    return "< 0.001" if value < 0.001 else f"{value:.3f}"
+
+
+def contrast_cells(c: dict[str, Any]) -> tuple[str, ...]:
+    """One contrast as both contrast tables print it: a primary one is a finding when its Holm-adjusted
+    paired-t p-value is below 0.05; an exploratory one is never called a finding."""
+    d = c["difference"]
+    interval = "n/a" if d["n"] == 1 else f"[{d['low']:+.4f}, {d['high']:+.4f}]"
+    if not c["primary"]:
+        finding = "exploratory"
+    elif d["n"] == 1:
+        finding = "one seed"
+    else:
+        finding = "**yes**" if c["finding"] else "no"
+    return (f"{c['a']} − {c['b']}", METRICS[c["metric"]], "primary" if c["primary"] else "exploratory",
+            f"{d['mean']:+.4f}", interval, _p(c["p_t"]), _p(c["p_holm"]), _p(c["p_sign_flip"]), finding)
+
+
 def contrast_table(summary: dict[str, Any]) -> Table:
-    """The paired contrasts: the mean difference over seeds, its 95% CI and whether it is established."""
-    t = Table(title="Paired contrasts over seeds (a − b)")
-    for column in ("a − b", "metric", "mean Δ", "95% CI", "finding"):
-        t.add_column(column, justify="left" if column in ("a − b", "metric") else "right")
+    """The paired contrasts: mean difference over seeds, its 95% CI, p-values and, for primary ones, whether
+    they are findings after Holm's correction."""
+    t = Table(title="Paired contrasts over seeds (a − b); Holm over the table's primary contrasts")
+    for column in CONTRAST_COLUMNS:
+        t.add_column(column, justify="left" if column in ("a − b", "metric", "role") else "right")
     for c in summary["contrasts"]:
-        d = c["difference"]
-        interval = "n/a" if d["n"] == 1 else f"[{d['low']:+.4f}, {d['high']:+.4f}]"
-        finding = "1 seed" if d["n"] == 1 else ("yes" if c["established"] else "no: CI holds 0")
-        t.add_row(f"{c['a']} − {c['b']}", METRICS[c["metric"]], f"{d['mean']:+.4f}", interval, finding)
+        t.add_row(*contrast_cells(c))
     return t
 
 
@@ -111,33 +144,33 @@ def finish(summary: dict[str, Any], out: Path, title: str, console: Console) -> 
 
 def variants_table(results: dict[str, Any]) -> str:
     """One row per variant: each metric as mean ± 95% CI half-width, epochs per task, the joint minimum."""
-    lines = [f"| variant | {' | '.join(METRICS.values())} | epochs/task | min A_J |",
-             "|---|" + "---:|" * (len(METRICS) + 2)]
+    lines = [f"| variant | parameters | {' | '.join(METRICS.values())} | epochs/task | min A_J |",
+             "|---|" + "---:|" * (len(METRICS) + 3)]
     for label, r in results["variants"].items():
         joints = [r_["joint"][-1] for r_ in r["runs"].values()]
         lowest = min(a for row in joints for a in row if a == a)
         cells = [cell(r["summary"][m], m) for m in METRICS]
-        lines.append(f"| {label} | {' | '.join(cells)} | {r['epochs_mean']:.1f} | {lowest:.3f} |")
+        lines.append(f"| {label} | {parameters(r)} | {' | '.join(cells)} | {r['epochs_mean']:.1f} | {lowest:.3f} |")
     return "\n".join(lines)
 
 
 def contrasts_table(results: dict[str, Any]) -> str:
-    """The paired contrasts: mean difference, its 95% CI and whether it is a finding (CI excludes 0)."""
-    lines = ["| a − b | metric | mean Δ | 95% CI | finding |", "|---|---|---:|---:|---|"]
-    for c in results["contrasts"]:
-        d = c["difference"]
-        interval = "n/a" if d["n"] == 1 else f"[{d['low']:+.4f}, {d['high']:+.4f}]"
-        finding = "one seed" if d["n"] == 1 else ("**yes**" if c["established"] else "no (CI holds 0)")
-        lines.append(f"| {c['a']} − {c['b']} | {METRICS[c['metric']]} | {d['mean']:+.4f} | {interval} | {finding} |")
+    """The paired contrasts as a Markdown table (the cells of :func:`contrast_cells`)."""
+    lines = ["| " + " | ".join(CONTRAST_COLUMNS) + " |", "|---|---|---|" + "---:|" * (len(CONTRAST_COLUMNS) - 3)]
+    lines += ["| " + " | ".join(contrast_cells(c)) + " |" for c in results["contrasts"]]
     return "\n".join(lines)
 
 
 def describe(results: dict[str, Any]) -> str:
-    """The run's settings and wall time in one line."""
+    """The run's setting, settings and wall time in one line, and the command, commit and machine that made it."""
     config = results["config"]
     minutes = results.get("wall_seconds", math.nan) / 60
     schedule = (f"{config['optimizer']}, lr {config['lr']:g}, {config['schedule']}"
                 + (f" (patience {config['patience']}, lr floor {config['lr_min']:g})"
                    if config["schedule"] == "plateau" else f" (warmup {config['warmup_epochs']})"))
-    return (f"{results['title']}; preset {results['preset']}, ≤ {config['epochs']} epochs per task, {schedule}, "
-            f"seeds {', '.join(map(str, results['seeds']))}; wall time {minutes:.0f} min")
+    line = (f"{results['title']}; {results.get('setting', SETTING)}; preset {results['preset']}, "
+            f"≤ {config['epochs']} epochs per task, {schedule}, seeds {', '.join(map(str, results['seeds']))}; "
+            f"wall time {minutes:.0f} min")
+    if "command" in results:
+        line += f"\n\nCommand: `{results['command']}` at commit {results['commit']} on {results['machine']}."
+    return line

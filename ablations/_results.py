@@ -7,12 +7,14 @@ import csv
 import json
 import math
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ablations._cli import seeds_text
+from ablations._protocol import ALPHA, Contrast, expand, holm, paired_t_pvalue, sign_flip_pvalue
 from hatnorm.stats import Summary, paired_difference, summarize
 
 #: the metrics every table, file and contrast reports
@@ -37,8 +39,16 @@ def _summary(values: Sequence[float]) -> Summary:
     return summarize(values)
 
 
-def aggregate(by_seed: dict[int, dict[str, Any]], contrasts: Sequence[tuple[str, str]]) -> dict[str, Any]:
-    """Every variant's metrics over seeds (mean, std, 95% CI) and the paired contrasts between variants."""
+def aggregate(by_seed: dict[int, dict[str, Any]], contrasts: Sequence[Contrast | tuple[str, str]]
+              ) -> dict[str, Any]:
+    """Every variant's metrics over seeds (mean, std, 95% CI) and the paired contrasts between variants.
+
+    Every variant of a table runs on the same seeds, so each contrast pairs a variant with its control seed by
+    seed. ``contrasts`` are the ablation's declaration (:func:`ablations._protocol.expand` gives every metric
+    of a pair): each gets its mean difference with a 95% interval, the paired-t p-value and the sign-flip
+    p-value; the primary ones also the Holm-adjusted p-value over the table's primary contrasts, and are a
+    finding when that is below ``ALPHA``.
+    """
     seeds = list(by_seed)
     labels = list(by_seed[seeds[0]])
     variants: dict[str, Any] = {}
@@ -49,6 +59,7 @@ def aggregate(by_seed: dict[int, dict[str, Any]], contrasts: Sequence[tuple[str,
         curve = [_summary(rho[:, t].tolist()) for t in range(rho.shape[1])]
         variants[label] = {
             "arch": first["arch"], "norm": first["norm"], "method": first["method"], "seeds": seeds,
+            "parameters": first.get("parameters"),
             "summary": {m: _summary([r[m] for r in runs]).to_dict() for m in METRICS},
             "rho_curve": {k: [getattr(c, k) for c in curve] for k in ("mean", "low", "high")},
             "accuracy_mean": np.mean([r["accuracy"] for r in runs], axis=0).tolist(),
@@ -56,18 +67,23 @@ def aggregate(by_seed: dict[int, dict[str, Any]], contrasts: Sequence[tuple[str,
             "seconds": float(np.sum([r["seconds"] for r in runs])),
             "runs": {str(seed): r for seed, r in zip(seeds, runs, strict=True)},
         }
+    declared = expand(contrasts, list(METRICS))
     paired = []
-    for a, b in contrasts:
-        if a not in variants or b not in variants:
+    for c in declared:
+        if c.a not in variants or c.b not in variants:
             continue
-        for m in METRICS:
-            values = [[by_seed[seed][label][m] for seed in seeds] for label in (a, b)]
-            if any(math.isnan(v) for side in values for v in side):
-                continue
-            d = paired_difference(*values)
-            paired.append({"a": a, "b": b, "metric": m, "difference": d.to_dict(),
-                           "established": len(seeds) > 1 and d.excludes_zero})
-    return {"seeds": seeds, "variants": variants, "contrasts": paired}
+        values = [[by_seed[seed][label][c.metric] for seed in seeds] for label in (c.a, c.b)]
+        if any(math.isnan(v) for side in values for v in side):
+            continue
+        differences = [x - y for x, y in zip(*values, strict=True)]
+        paired.append({"a": c.a, "b": c.b, "metric": c.metric, "primary": c.primary,
+                       "difference": paired_difference(*values).to_dict(), "p_t": paired_t_pvalue(differences),
+                       "p_sign_flip": sign_flip_pvalue(differences), "p_holm": None, "finding": False})
+    primaries = [entry for entry in paired if entry["primary"]]
+    for entry, adjusted in zip(primaries, holm([e["p_t"] for e in primaries]), strict=True):
+        entry["p_holm"] = adjusted
+        entry["finding"] = bool(adjusted < ALPHA)
+    return {"seeds": seeds, "variants": variants, "declared": [asdict(c) for c in declared], "contrasts": paired}
 
 
 def write(summary: dict[str, Any], out: Path, info: dict[str, Any]) -> None:
@@ -85,11 +101,14 @@ def write(summary: dict[str, Any], out: Path, info: dict[str, Any]) -> None:
                              f"{r['epochs_mean']:.2f}", f"{r['seconds']:.1f}"])
     with (out / "contrasts.csv").open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["a", "b", "metric", "difference_mean", "ci_low", "ci_high", "seeds", "established"])
+        writer.writerow(["a", "b", "metric", "role", "difference_mean", "ci_low", "ci_high", "seeds", "p_t", "p_holm",
+                         "p_sign_flip", "finding"])
         for c in summary["contrasts"]:
             d = c["difference"]
-            writer.writerow([c["a"], c["b"], c["metric"], f"{d['mean']:.6f}", f"{d['low']:.6f}", f"{d['high']:.6f}",
-                             d["n"], c["established"]])
+            writer.writerow([c["a"], c["b"], c["metric"], "primary" if c["primary"] else "exploratory",
+                             f"{d['mean']:.6f}", f"{d['low']:.6f}", f"{d['high']:.6f}", d["n"], f"{c['p_t']:.6g}",
+                             "" if c["p_holm"] is None else f"{c['p_holm']:.6g}", f"{c['p_sign_flip']:.6g}",
+                             c["finding"]])
 
 
 def merge(runs: Sequence[dict[str, Any]], names: Sequence[str]) -> dict[str, Any]:
@@ -117,8 +136,8 @@ def merge(runs: Sequence[dict[str, Any]], names: Sequence[str]) -> dict[str, Any
             if seed in by_seed:
                 raise ValueError(f"{name}: seed {seed} is in two of the runs; each seed must come from one")
             by_seed[seed] = {label: r["runs"][str(seed)] for label, r in results["variants"].items()}
-    pairs = list(dict.fromkeys((c["a"], c["b"]) for c in first["contrasts"]))
-    summary = aggregate(dict(sorted(by_seed.items())), pairs)
+    declared = [Contrast(**c) for c in first.get("declared", [])] or [(c["a"], c["b"]) for c in first["contrasts"]]
+    summary = aggregate(dict(sorted(by_seed.items())), declared)
     title = first["title"].rsplit(", seed", 1)[0] + f", {seeds_text(list(summary['seeds']))})"
     wall = sum(r.get("wall_seconds", math.nan) for r in runs)
     return {k: v for k, v in first.items() if k not in ("variants", "contrasts", "seeds")} | {

@@ -6,6 +6,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
+import platform
+import re
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -19,8 +23,9 @@ from torch import nn
 
 import hatnorm
 from ablations._cli import config, seeds_text
-from ablations._report import finish
-from ablations._results import aggregate, write, write_seed
+from ablations._protocol import Contrast, expand
+from ablations._report import SETTING, finish
+from ablations._results import METRICS, aggregate, write, write_seed
 from hatnorm import metrics
 from hatnorm.checkpoint import CheckpointError
 from hatnorm.data import Task
@@ -171,6 +176,7 @@ def run(variants: Sequence[Variant], tasks: Sequence[Task], cfg: TrainConfig, ou
         rho = metrics.mean_forgetting_ratio(result.accuracy, random, joint[key][0])
         results[variant.label] = {
             "arch": variant.arch, "norm": variant.norm, "method": variant.method().name,
+            "parameters": sum(p.numel() for p in build(variant, variant.norm, prepared=False).parameters()),
             "accuracy": result.accuracy, "joint": joint[key][0], "joint_seconds": joint[key][1], "random": random,
             "average_accuracy": metrics.average_accuracy(result.accuracy),
             "bwt": metrics.backward_transfer(result.accuracy),
@@ -184,14 +190,44 @@ def _slug(label: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in label).strip("_").lower()
 
 
+def commit() -> str:
+    """The commit of the code that ran (``git rev-parse``), marked when tracked files differ from it; "unknown"
+    outside a git checkout."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=root).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                 text=True, check=True, cwd=root).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + (" (with uncommitted changes)" if changed else "")
+
+
+def machine() -> str:
+    """The CPU model (Linux's /proc/cpuinfo, else what the platform says), its cores, torch's threads and version."""
+    cpuinfo = Path("/proc/cpuinfo")
+    found = re.search(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.M) if cpuinfo.exists() else None
+    name = found.group(1).strip() if found else platform.processor() or platform.machine()
+    return f"{name}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+
+
 def run_and_report(variants: Sequence[Variant], tasks_of: Callable[[int], list[Task]], args: argparse.Namespace,
                    console: Console, *, joint_norm: dict[str, str], title: str,
-                   contrasts: Sequence[tuple[str, str]] = (),
+                   contrasts: Sequence[Contrast | tuple[str, str]] = (),
                    parser_: argparse.ArgumentParser | None = None) -> dict[str, Any]:
     """:func:`run` for every seed of the options, then the tables, the files and the plots.
 
-    Each seed's runs go to ``<--out>/seed_<seed>/``; ``<--out>`` gets the summary over seeds.
+    Each seed's runs go to ``<--out>/seed_<seed>/``; ``<--out>`` gets the summary over seeds, with the setting,
+    the command, the commit, the machine and the wall time. ``contrasts`` is the ablation's declaration
+    (:class:`ablations._protocol.Contrast`), checked against the variants before anything trains.
     """
+    labels = [v.label for v in variants]
+    pairs = dict.fromkeys(f"{c.a} − {c.b}" for c in expand(contrasts, list(METRICS))
+                          if c.a not in labels or c.b not in labels)
+    unknown = list(pairs)
+    if unknown:
+        raise ValueError(f"contrasts must pair variants of the table {labels}, got {unknown}")
     cfg = config(args, parser_)
     if args.reference:
         variants = [as_reference(v) for v in variants]
@@ -222,10 +258,11 @@ def run_and_report(variants: Sequence[Variant], tasks_of: Callable[[int], list[T
         sys.exit(f"--resume: {error}")
     summary = aggregate(by_seed, contrasts)
     config_info = {k: v for k, v in asdict(cfg).items() if k != "seed"}
-    write(summary, args.out, {"title": title, "preset": args.preset, "reference": args.reference,
+    write(summary, args.out, {"title": title, "setting": SETTING, "preset": args.preset, "reference": args.reference,
                               "weights": None if args.weights is None else str(args.weights), "config": config_info,
                               "tasks": [t.name for t in tasks_of(args.seeds[0])],
-                              "wall_seconds": time.perf_counter() - started})
+                              "wall_seconds": time.perf_counter() - started, "command": getattr(args, "command", None),
+                              "commit": commit(), "machine": machine()})
     finish(summary, args.out, title, console)
     if args.preset == "smoke":
         console.print(f"This is a smoke-size run (--preset smoke, {cfg.epochs} epochs per task, "

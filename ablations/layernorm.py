@@ -29,6 +29,7 @@ from transformers import ViTConfig, ViTForImageClassification
 
 import hatnorm
 from ablations import _cli, _runner
+from ablations._protocol import Contrast
 from ablations._runner import Variant
 from ablations.pretrained import source_task
 from hatnorm.training import FineTune, HATMethod, TrainConfig, train_sequence
@@ -131,8 +132,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     variants = [Variant(f"{arch} HAT {LABELS[n]}", arch, n, lambda: HATMethod(c=args.c), options) for n in args.norms]
     variants.append(Variant(f"{arch} SGD", arch, "shared_ln", FineTune, options))
     masked = f"{arch} HAT masked LN"
-    contrasts = [(masked, f"{arch} HAT {LABELS[n]}") for n in args.norms if n != "masked_ln"]
-    contrasts.append((masked, f"{arch} SGD"))
+    # primary: masked LN against shared and per-task LN on average accuracy; the rest exploratory
+    contrasts = [Contrast(masked, f"{arch} HAT {LABELS[n]}", primary=n in ("shared_ln", "task_ln"))
+                 for n in args.norms if n != "masked_ln"] if "masked_ln" in args.norms else []
+    contrasts.append(Contrast(masked, f"{arch} SGD"))
     if args.converted:
         config = hf_config(channels=channels, size=size, patch_size=args.patch_size, dim=args.dim,
                            depth=args.depth, heads=args.heads)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ablations import _cli, _runner
+from ablations._protocol import Contrast
 from ablations._runner import Variant
 from hatnorm.training import FineTune, HATMethod
 
@@ -32,14 +33,26 @@ def variants(archs: Sequence[str], norms: Sequence[str], options: dict[str, dict
     return out
 
 
-def contrasts(archs: Sequence[str]) -> list[tuple[str, str]]:
-    """The paired comparisons the ablation is about, per architecture."""
-    pairs = [("masked BN", "per-task BN"), ("masked BN", "shared BN"), ("masked BN", "BN after gate"),
-             ("per-task BN", "shared BN")]
+#: the questions, per architecture: does masked BN keep old tasks where shared BN forgets (BWT), where BN after
+#: the gate does (BWT), does it match per-task BN's accuracy, and does it beat SGD fine-tuning (average accuracy)
+PRIMARY = (("masked BN", "shared BN", "bwt"), ("masked BN", "BN after gate", "bwt"),
+           ("masked BN", "per-task BN", "average_accuracy"))
+
+
+def contrasts(archs: Sequence[str], norms: Sequence[str]) -> list[Contrast]:
+    """The paired comparisons of the ablation, per architecture: ``PRIMARY`` and masked BN against SGD on
+    average accuracy (where the run has both sides), then the exploratory ones."""
+    run = {LABELS[n] for n in norms}
     out = []
     for arch in archs:
-        out += [(f"{arch} HAT {a}", f"{arch} HAT {b}") for a, b in pairs]
-        out += [(f"{arch} HAT {n}", f"{arch} SGD") for n in ("masked BN", "per-task BN")]
+        primary = [(a, b, m) for a, b, m in PRIMARY if a in run and b in run]
+        out += [Contrast(f"{arch} HAT {a}", f"{arch} HAT {b}", m, primary=True) for a, b, m in primary]
+        if "masked BN" in run:
+            out.append(Contrast(f"{arch} HAT masked BN", f"{arch} SGD", "average_accuracy", primary=True))
+        if {"per-task BN", "shared BN"} <= run:
+            out.append(Contrast(f"{arch} HAT per-task BN", f"{arch} HAT shared BN"))
+        if "per-task BN" in run:
+            out.append(Contrast(f"{arch} HAT per-task BN", f"{arch} SGD"))
     return out
 
 
@@ -72,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     title = f"Norms under HAT ({args.data}, {len(tasks(args.seeds[0]))} tasks, {_cli.seeds_text(args.seeds)})"
     return _runner.run_and_report(variants(args.archs, args.norms, options, args.c), tasks, args,
                                   console, joint_norm={"resnet18": "shared_bn", "alexnet": "shared_bn"}, title=title,
-                                  contrasts=contrasts(args.archs), parser_=p)
+                                  contrasts=contrasts(args.archs, args.norms), parser_=p)
 
 
 if __name__ == "__main__":

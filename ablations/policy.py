@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ablations import _cli, _runner
+from ablations._protocol import Contrast
 from ablations._runner import Variant
 from hatnorm import AdaHATPolicy, list_norms
 from hatnorm.training import HATMethod
@@ -33,7 +34,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         variants.append(Variant(f"{norm} adahat", args.arch, norm,
                                 lambda: HATMethod(c=args.c, policy=AdaHATPolicy(alpha=args.alpha)), options))
     title = f"Gradient policy, {args.arch} ({args.data}, {_cli.seeds_text(args.seeds)})"
-    contrasts = [(f"{norm} hat", f"{norm} adahat") for norm in args.norms]
+    contrasts = [Contrast(f"{norm} hat", f"{norm} adahat", primary=True) for norm in args.norms]
     return _runner.run_and_report(variants, tasks, args, console, joint_norm={args.arch: "shared_bn"}, title=title,
                                   contrasts=contrasts, parser_=p)
 

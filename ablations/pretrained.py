@@ -35,6 +35,7 @@ from torch.utils.data import TensorDataset
 
 import hatnorm
 from ablations import _cli, _runner
+from ablations._protocol import Contrast
 from ablations._runner import Variant
 from hatnorm.data import Task, permuted_mnist
 from hatnorm.training import FineTune, HATMethod, TrainConfig, train_sequence
@@ -115,13 +116,15 @@ def start(how: str, weights: Callable[[int], Path]) -> Callable[[nn.Module, int]
     return prepare
 
 
-def contrasts(arch: str) -> list[tuple[str, str]]:
-    """Each start against copying BN per task, per norm, and the two norms with BN copied."""
+def contrasts(arch: str) -> list[Contrast]:
+    """Each start against copying BN per task, per norm (primary, average accuracy), and the two norms with BN
+    copied (exploratory)."""
     pairs = []
     for norm in NORMS:
         copied = f"{arch} {LABELS[norm]}, BN copied"
-        pairs += [(copied, f"{arch} {LABELS[norm]}, {how}") for how in STARTS if how != "BN copied"]
-    return [*pairs, (f"{arch} masked BN, BN copied", f"{arch} per-task BN, BN copied")]
+        pairs += [Contrast(copied, f"{arch} {LABELS[norm]}, {how}", primary=True) for how in STARTS
+                  if how != "BN copied"]
+    return [*pairs, Contrast(f"{arch} masked BN, BN copied", f"{arch} per-task BN, BN copied")]
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ablations import _cli, _runner
+from ablations._protocol import Contrast
 from ablations._runner import Variant
 from hatnorm import list_norms
 from hatnorm.training import HATMethod
@@ -32,9 +33,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     variants = [Variant(f"s_max={s:g}", args.arch, args.norm, HATMethod, base | {"s_max": s}) for s in args.s_max]
     variants += [Variant(f"c={c:g}", args.arch, args.norm, lambda c=c: HATMethod(c=c), base) for c in args.c]
     title = f"s_max and c sweep, {args.arch} + {args.norm} ({args.data}, {_cli.seeds_text(args.seeds)})"
-    # each value against the reference one (s_max = 400, c = 0.75), where the sweep holds it
-    contrasts = [(f"s_max={s:g}", "s_max=400") for s in args.s_max if s != 400]
-    contrasts += [(f"c={c:g}", "c=0.75") for c in args.c if c != 0.75]
+    # each value against its own control, the reference value (s_max = 400, c = 0.75) run on the same seeds
+    # where the sweep holds it: primary on average accuracy, with Holm over all of them
+    contrasts = [Contrast(f"s_max={s:g}", "s_max=400", primary=True) for s in args.s_max
+                 if s != 400 and 400 in args.s_max]
+    contrasts += [Contrast(f"c={c:g}", "c=0.75", primary=True) for c in args.c if c != 0.75 and 0.75 in args.c]
     return _runner.run_and_report(variants, tasks, args, console, joint_norm={args.arch: "shared_bn"}, title=title,
                                   contrasts=contrasts, parser_=p)
 

@@ -19,6 +19,7 @@ from transformers import ViTForImageClassification
 import hatnorm
 from ablations import __main__ as cli
 from ablations import _cli, _runner, curves, layernorm, norms, policy, pretrained, report, sweep
+from ablations._protocol import holm, paired_t_pvalue, sign_flip_pvalue
 from hatnorm.stats import paired_difference, summarize
 from hatnorm.training import TrainConfig
 
@@ -65,7 +66,16 @@ def test_several_seeds_give_means_intervals_and_paired_contrasts(tmp_path, capsy
     assert contrast["difference"] == paired_difference(
         [masked["runs"][s]["bwt"] for s in ("3", "4")], [shared["runs"][s]["bwt"] for s in ("3", "4")]).to_dict()
     assert contrast["difference"]["mean"] == pytest.approx(sum(differences) / 2)
-    assert contrast["established"] == (contrast["difference"]["low"] > 0 or contrast["difference"]["high"] < 0)
+    # declared primary (masked − shared BN on BWT): its paired-t p-value, Holm-adjusted over the table's primaries
+    primaries = [c for c in results["contrasts"] if c["primary"]]
+    assert contrast["primary"] and contrast["p_t"] == pytest.approx(paired_t_pvalue(differences))
+    assert [c["p_holm"] for c in primaries] == pytest.approx(holm([c["p_t"] for c in primaries]), nan_ok=True)
+    assert contrast["finding"] == (contrast["p_holm"] < 0.05)
+    assert contrast["p_sign_flip"] == sign_flip_pvalue(differences) >= 0.5  # 2 seeds: 2 of 4 sign patterns at least
+    # every other metric of the pair is exploratory: no adjusted p-value, never a finding
+    exploratory = next(c for c in results["contrasts"] if (c["a"], c["b"], c["metric"]) == (
+        "alexnet HAT masked BN", "alexnet HAT shared BN", "average_accuracy"))
+    assert not exploratory["primary"] and exploratory["p_holm"] is None and not exploratory["finding"]
     with (tmp_path / "results.csv").open() as f:
         rows = {row["variant"]: row for row in csv.DictReader(f)}
     assert rows["alexnet HAT masked BN"]["seeds"] == "2"
@@ -81,7 +91,9 @@ def test_several_seeds_give_means_intervals_and_paired_contrasts(tmp_path, capsy
     assert "seeds 3, 4; wall time" in markdown and "| alexnet HAT masked BN | " in markdown
     row = next(line for line in markdown.splitlines() if line.startswith("| alexnet HAT masked BN − alexnet HAT shared "
                                                                            "BN | BWT |"))
-    assert ("**yes**" in row) == contrast["established"]
+    assert ("**yes**" in row) == contrast["finding"] and "| primary |" in row
+    assert "task-incremental: one head per task, the task id given at test" in markdown
+    assert "Command: `python -m ablations.norms --tasks 2" in markdown
 
 
 def test_runs_on_other_seeds_merge_into_one_summary(tmp_path, capsys) -> None:
