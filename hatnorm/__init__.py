@@ -21,6 +21,7 @@ from hatnorm._exported import ExportedBatchNorm, ExportedGate, ExportedGroupNorm
 from hatnorm._gate import GATE_FLOOR, HATGate, anneal_scale, compensate, compensation_factor, hat_gate
 from hatnorm._hat import HAT, HATModule, Layer
 from hatnorm._heads import TaskHeads
+from hatnorm._importance import TYPES as IMPORTANCE_TYPES
 from hatnorm._masks import Concat, Flatten, MaskSource, MaskState, Residual, Select
 from hatnorm._norm_registry import NormSpec, get_norm, list_norms, register_norm
 from hatnorm._norms import (
@@ -55,6 +56,8 @@ from hatnorm._norms import (
 from hatnorm._policies import AdaHATPolicy, GradientPolicy, HATPolicy, get_policy, list_policies, register_policy
 from hatnorm._protected import Protected
 from hatnorm._recalibration import recalibrate_norms
+from hatnorm._soft_policies import ADAHAT_MODES, SCHEDULERS, SUMMING_STRATEGIES, AdaHATReferencePolicy, FGAdaHATPolicy
+from hatnorm._step_policy import SoftRatePolicy, StepPolicy, Wiring
 from hatnorm._transformer import (
     GatedAttention,
     GatedFeedForward,
@@ -83,9 +86,14 @@ def __dir__() -> list[str]:
     return sorted({*globals(), *_SUBMODULES})
 
 __all__ = [
+    "ADAHAT_MODES",
     "GATE_FLOOR",
     "HAT",
+    "IMPORTANCE_TYPES",
+    "SCHEDULERS",
+    "SUMMING_STRATEGIES",
     "AdaHATPolicy",
+    "AdaHATReferencePolicy",
     "ArchitectureSpec",
     "Concat",
     "ConversionError",
@@ -95,6 +103,7 @@ __all__ = [
     "ExportedGroupNorm",
     "ExportedLayerNorm",
     "ExportedRMSNorm",
+    "FGAdaHATPolicy",
     "Flatten",
     "GatedAttention",
     "GatedFeedForward",
@@ -126,6 +135,8 @@ __all__ = [
     "SharedBatchNorm1d",
     "SharedBatchNorm2d",
     "SharedLayerNorm",
+    "SoftRatePolicy",
+    "StepPolicy",
     "TaskBatchNorm",
     "TaskBatchNorm1d",
     "TaskBatchNorm2d",
@@ -134,6 +145,7 @@ __all__ = [
     "TaskModel",
     "TaskParameter",
     "TokenEmbedding",
+    "Wiring",
     "anneal_scale",
     "blocks_wiring",
     "build",

@@ -30,6 +30,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -42,6 +43,7 @@ from hatnorm._masks import MaskSource, MaskState
 from hatnorm._norms import MaskedNorm
 from hatnorm._policies import GradientPolicy, get_policy
 from hatnorm._protected import Protected
+from hatnorm._step_policy import StepPolicy, Wiring
 
 
 @dataclass(frozen=True)
@@ -122,8 +124,9 @@ class HAT:
         layers: the wiring of every weighted layer and norm; omitted when ``model`` is a
             :class:`HATModule`.
         c: the capacity-regulariser weight [0.75].
-        policy: a registered gradient-policy name (``"hat"``, ``"adahat"``) or a
-            :class:`GradientPolicy` [``"hat"``].
+        policy: a registered gradient-policy name (``"hat"``, ``"adahat"``, ``"fg_adahat"``) or a
+            :class:`GradientPolicy` [``"hat"``]. A :class:`~hatnorm.StepPolicy` (FG-AdaHAT, AdaHAT's reference
+            form) adjusts gradients at every :meth:`protect` and reads every :meth:`step`; it serves one HAT.
         clamp: embeddings are clamped to [−clamp, clamp] after every step [6].
         thres_cosh: the clamp of s·e in the compensation [50].
         reference: reproduce Serrà et al.'s code where it differs from the paper: the scale anneals over
@@ -190,6 +193,8 @@ class HAT:
         self._restore = False
         self._check_coverage()
         self._reset_task_state()
+        if isinstance(self.policy, StepPolicy):
+            self.policy.wire(self._wiring())
 
     @staticmethod
     def _agree(name: str, values: set) -> object:
@@ -251,6 +256,13 @@ class HAT:
             own = torch.zeros_like(gate.embedding)
             own[task] = 1
             yield gate.embedding, own
+
+    def _wiring(self) -> Wiring:
+        """What a per-step policy reads of the model: its layers, gates, and the heads with the units they read."""
+        units = self.model.head_units() if isinstance(self.model, HATModule) else None
+        heads = () if units is None else tuple((h, units) for h in self.model.modules() if isinstance(h, TaskHeads))
+        return Wiring(self.model, tuple((layer.module, layer.out, layer.inp) for layer in self.layers),
+                      tuple(self.gates), heads)
 
     def _check_coverage(self) -> None:
         covered = {id(p) for p, _ in self._multipliers(0)}
@@ -318,6 +330,8 @@ class HAT:
         self._masks = [(g.cumulative._version, g.cumulative.clone(), g.summative._version, g.summative.clone())
                        for g in self.gates]
         self.task = task
+        if isinstance(self.policy, StepPolicy):
+            self.policy.begin_task(task, len(self.learned_tasks) + 1)
 
     def _active(self, what: str) -> int:
         if self.task is None:
@@ -383,6 +397,8 @@ class HAT:
             grad = self._frozen[i].grad
             if grad is not None:
                 grad.masked_fill_(self._drop[i], 0)
+        if isinstance(self.policy, StepPolicy):
+            self.policy.adjust(s)
 
     def _check_masks_unchanged(self, task: int) -> None:
         """Refuse to protect with multipliers computed from masks that have since been replaced.
@@ -482,6 +498,8 @@ class HAT:
         rows = [g.embedding if self.reference else g.embedding[task] for g in self.gates]
         torch._foreach_clamp_min_(rows, -self.clamp)
         torch._foreach_clamp_max_(rows, self.clamp)
+        if isinstance(self.policy, StepPolicy):
+            self.policy.after_step()
 
     def end_task(self) -> None:
         """Finish the active task: fold its masks into every gate's cumulative mask (binarized by default)
@@ -492,6 +510,8 @@ class HAT:
         for layer in self.layers:
             if isinstance(layer.module, MaskedNorm):
                 layer.module.end_task(task)
+        if isinstance(self.policy, StepPolicy):
+            self.policy.end_task(task)
         self.learned_tasks.append(task)
         self.task = None
         self._reset_task_state()
@@ -502,11 +522,15 @@ class HAT:
         filled = {self._names[id(self._frozen[i])]: (~self._drop[i]).to(self._frozen[i].dtype) for i in self._filled}
         return {self._names[id(p)]: m for p, m in zip(self._params, self._mults, strict=True)} | filled
 
-    def state_dict(self) -> dict[str, list[int] | int | None]:
-        """What the model's own ``state_dict`` leaves out: the learned tasks and the active task (or ``None``)."""
-        return {"learned_tasks": list(self.learned_tasks), "task": self.task}
+    def state_dict(self) -> dict[str, Any]:
+        """What the model's own ``state_dict`` leaves out: the learned tasks and the active task (or ``None``), and
+        a :class:`~hatnorm.StepPolicy`'s state under ``"policy"``."""
+        state: dict[str, Any] = {"learned_tasks": list(self.learned_tasks), "task": self.task}
+        if isinstance(self.policy, StepPolicy):
+            state["policy"] = self.policy.state_dict()
+        return state
 
-    def load_state_dict(self, state: dict[str, list[int] | int | None]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` after the model's state is loaded (an active task is begun again: its
         multipliers come from the restored masks, as when it began).
 
@@ -519,6 +543,11 @@ class HAT:
         learned = [check_task(t, self.num_tasks, "state['learned_tasks'][i]") for t in learned]
         if task is not None and check_task(task, self.num_tasks, "state['task']") in learned:
             raise ValueError(f"state['task'] must be a task not learned yet, got {task}; learned: {learned}")
+        if isinstance(self.policy, StepPolicy):
+            if not isinstance(state.get("policy"), dict):
+                raise ValueError(f"state['policy'] must hold the state of the {type(self.policy).__name__} (a dict), "
+                                 f"got {state.get('policy')!r}")
+            self.policy.load_state_dict(state["policy"])
         self.task = None
         self.learned_tasks = learned
         self._reset_task_state()

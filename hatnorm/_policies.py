@@ -1,14 +1,15 @@
 """Gradient policies: how much of a parameter's gradient survives, given what earlier tasks used.
 
 A policy maps the masks earlier tasks left on a parameter's units to a rate in [0, 1] that
-multiplies its gradient. :class:`hatnorm.HAT` asks once per task, at task start.
+multiplies its gradient. :class:`hatnorm.HAT` asks once per task, at task start. Policies whose rates change
+every step (AdaHAT as its authors run it, FG-AdaHAT) are :class:`hatnorm.StepPolicy` subclasses.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import final
+from typing import Any, final
 
 import torch
 from torch import Tensor
@@ -61,7 +62,7 @@ def register_policy(name: str) -> Callable[[Callable[..., GradientPolicy]], Call
     return decorator(POLICIES, name)
 
 
-def get_policy(name: str, **options: float) -> GradientPolicy:
+def get_policy(name: str, **options: Any) -> GradientPolicy:
     """Build the gradient policy registered as ``name`` with ``options``."""
     return POLICIES.get(name)(**options)
 
@@ -81,9 +82,9 @@ class HATPolicy(GradientPolicy):
 
 
 @final
-@register_policy("adahat")
 class AdaHATPolicy(GradientPolicy):
-    """AdaHAT's soft protection (Wang et al., ECML-PKDD 2024, eqs. 8–9).
+    """AdaHAT's soft protection (Wang et al., ECML-PKDD 2024, eqs. 8–9), with multipliers fixed at task start:
+    the policy ``"adahat"`` (:func:`hatnorm.get_policy`; its ``reference=True`` form follows the authors' code).
 
     An entry used by n earlier tasks keeps the rate r/(n + r) of its gradient, with
     r = α/(ε + sparsity); entries no task used keep their whole gradient. hatnorm fixes multipliers
