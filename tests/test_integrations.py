@@ -37,8 +37,9 @@ def tiny_model(seed: int = 0) -> nn.Module:
                          hidden=(16, 16))
 
 
-def probe() -> Tensor:
-    return torch.randn(6, IN_FEATURES, generator=torch.Generator().manual_seed(1))
+def probe(shape: tuple[int, ...] = (IN_FEATURES,)) -> Tensor:
+    """Six fixed inputs of one sample's ``shape``."""
+    return torch.randn(6, *shape, generator=torch.Generator().manual_seed(1))
 
 
 def sgd(model: nn.Module) -> torch.optim.Optimizer:
@@ -78,14 +79,15 @@ def hand_loop(model: nn.Module, tasks: list[TensorDataset], *, epochs: int = 2, 
                 optimizer.zero_grad()
         hat.end_task()
         hatnorm.recalibrate_norms(model, [(task, data)])
-        outputs.append(task_zero(model))
+        outputs.append(task_zero(model, data.tensors[0].shape[1:]))
     return outputs
 
 
-def task_zero(model: nn.Module) -> Tensor:
+def task_zero(model: nn.Module, shape: tuple[int, ...] = (IN_FEATURES,)) -> Tensor:
+    """The model's task-0 outputs on :func:`probe` in evaluation mode."""
     model.eval()
     with torch.no_grad():
-        return model(probe(), task=0)
+        return model(probe(shape), task=0)
 
 
 def assert_same_weights(model: nn.Module, reference: nn.Module) -> None:
