@@ -1,0 +1,19 @@
+"""``python -m ablations policy`` runs the per-step policies, with the norms' γ/β adjusted and free."""
+
+from __future__ import annotations
+
+from ablations import policy
+
+TINY = ["--tasks", "2", "--epochs", "1", "--seeds", "0"]
+
+
+def test_the_policy_ablation_runs_fg_adahat_and_adahat_reference(tmp_path) -> None:
+    results = policy.main([*TINY, "--out", str(tmp_path), "--width", "0.05", "--norms", "masked_bn",
+                           "--policies", "hat", "adahat_reference", "fg_icu", "--gamma-beta", "both"])
+    assert set(results["variants"]) == {"masked_bn hat", "masked_bn adahat_reference",
+                                        "masked_bn adahat_reference γβ free", "masked_bn fg_icu",
+                                        "masked_bn fg_icu γβ free"}
+    for label, r in results["variants"].items():
+        A = r["runs"]["0"]["accuracy"]
+        assert all(0.0 <= a <= 1.0 for row in A for a in row)
+        assert r["runs"]["0"]["bwt"] == (0.0 if label == "masked_bn hat" else A[1][0] - A[0][0])
