@@ -9,8 +9,9 @@ current weights (precise BN). Methods: HAT (per-batch scale annealing, the capac
 gradient protection), SGD fine-tuning, EWC, and joint multitask training.
 
 The parts, one job each: ``_config`` (the settings), ``_methods`` (how a task is learned), ``_evaluation``
-(testing and statistics re-estimation), ``_fit`` (one task's epoch loop and schedule), ``_display``
-(progress), ``_sequence`` (whole sequences, their files and checkpoints).
+(testing, and statistics re-estimated for validation by the core's ``recalibrate_norms``), ``_fit`` (one
+task's epoch loop and schedule), ``_display`` (progress), ``_sequence`` (whole sequences, their files and
+checkpoints).
 """
 
 from hatnorm.training._config import OPTIMIZERS, SCHEDULES, TrainConfig
