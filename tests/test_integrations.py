@@ -48,8 +48,10 @@ def sgd(model: nn.Module) -> torch.optim.Optimizer:
 
 def hand_loop(model: nn.Module, tasks: list[TensorDataset], *, epochs: int = 2, batch_size: int = 8,
               accumulate: int = 1, clip: float | None = None, clip_first: bool = False,
-              make_optimizer: Callable[[nn.Module], torch.optim.Optimizer] = sgd) -> list[Tensor]:
-    """The README's loop, one new optimizer per task (as one fit per task makes one), batches in order.
+              make_optimizer: Callable[[nn.Module], torch.optim.Optimizer] = sgd,
+              keep_optimizer: bool = False) -> list[Tensor]:
+    """The README's loop, one new optimizer per task (as one fit per task makes one; one for all tasks with
+    ``keep_optimizer``, its state carried over), batches in order.
 
     ``accumulate`` batches make one optimizer step (each loss divided by ``accumulate``; all share the step's
     scale); ``clip`` clips the gradient norm after protection (Serrà et al.'s order), or before it with
@@ -57,8 +59,10 @@ def hand_loop(model: nn.Module, tasks: list[TensorDataset], *, epochs: int = 2, 
     """
     hat = hatnorm.HAT(model)
     outputs = []
+    optimizer = make_optimizer(model)
     for task, data in enumerate(tasks):
-        optimizer = make_optimizer(model)
+        if task and not keep_optimizer:
+            optimizer = make_optimizer(model)
         hat.begin_task(task)
         loader = DataLoader(data, batch_size=batch_size)
         steps = math.ceil(len(loader) / accumulate)
