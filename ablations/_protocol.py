@@ -7,6 +7,8 @@ the one metric its question is about. A table's primary contrasts share one fami
 step-down correction of their paired-t p-values); every other contrast, and every other metric of a primary
 pair, is exploratory: its p-values are printed, unadjusted, and it is never called a finding.
 
+The joint baseline (A_J) normalises as it is tested: its BatchNorm keeps per-task statistics (``JOINT_NORM``).
+
 scipy (the ``stats`` extra) is imported when a p-value is first computed.
 """
 
@@ -19,6 +21,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+#: the BatchNorm of the joint baseline (A_J): per-task statistics and affine, so that each task's batch is
+#: normalised by its own batch statistics in training and by its own running statistics at test; a shared BN
+#: would normalise each task's batch separately in training but pool every task's statistics at test
+JOINT_NORM = "task_bn"
 #: a primary contrast is a finding when its Holm-adjusted paired-t p-value is below this
 ALPHA = 0.05
 #: seeds up to this count: the sign-flip test enumerates all 2^n sign patterns; more: this many random ones

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ablations import _cli, _runner
-from ablations._protocol import Contrast
+from ablations._protocol import JOINT_NORM, Contrast
 from ablations._runner import Variant
 from hatnorm.training import FineTune, HATMethod
 
@@ -84,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                "alexnet": {"width": args.alexnet_width, "in_channels": channels, "size": size}}
     title = f"Norms under HAT ({args.data}, {len(tasks(args.seeds[0]))} tasks, {_cli.seeds_text(args.seeds)})"
     return _runner.run_and_report(variants(args.archs, args.norms, options, args.c), tasks, args,
-                                  console, joint_norm={"resnet18": "shared_bn", "alexnet": "shared_bn"}, title=title,
+                                  console, joint_norm={"resnet18": JOINT_NORM, "alexnet": JOINT_NORM}, title=title,
                                   contrasts=contrasts(args.archs, args.norms), parser_=p)
 
 

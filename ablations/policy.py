@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ablations import _cli, _runner
-from ablations._protocol import Contrast
+from ablations._protocol import JOINT_NORM, Contrast
 from ablations._runner import Variant
 from hatnorm import AdaHATPolicy, AdaHATReferencePolicy, FGAdaHATPolicy, GradientPolicy, list_norms
 from hatnorm.training import HATMethod
@@ -74,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             if name not in ("hat", "adahat") and len(settings) == 2:
                 contrasts.append(Contrast(f"{norm} {name}", f"{norm} {name} γβ free"))
     title = f"Gradient policy, {args.arch} ({args.data}, {_cli.seeds_text(args.seeds)})"
-    return _runner.run_and_report(variants, tasks, args, console, joint_norm={args.arch: "shared_bn"}, title=title,
+    return _runner.run_and_report(variants, tasks, args, console, joint_norm={args.arch: JOINT_NORM}, title=title,
                                   contrasts=contrasts, parser_=p)
 
 

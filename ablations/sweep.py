@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ablations import _cli, _runner
-from ablations._protocol import Contrast
+from ablations._protocol import JOINT_NORM, Contrast
 from ablations._runner import Variant
 from hatnorm import list_norms
 from hatnorm.training import HATMethod
@@ -38,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     contrasts = [Contrast(f"s_max={s:g}", "s_max=400", primary=True) for s in args.s_max
                  if s != 400 and 400 in args.s_max]
     contrasts += [Contrast(f"c={c:g}", "c=0.75", primary=True) for c in args.c if c != 0.75 and 0.75 in args.c]
-    return _runner.run_and_report(variants, tasks, args, console, joint_norm={args.arch: "shared_bn"}, title=title,
+    return _runner.run_and_report(variants, tasks, args, console, joint_norm={args.arch: JOINT_NORM}, title=title,
                                   contrasts=contrasts, parser_=p)
 
 
