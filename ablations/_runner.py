@@ -267,6 +267,6 @@ def run_and_report(variants: Sequence[Variant], tasks_of: Callable[[int], list[T
     if args.preset == "smoke":
         console.print(f"This is a smoke-size run (--preset smoke, {cfg.epochs} epochs per task, "
                       f"{seeds_text(args.seeds)}): it checks the mechanics, its numbers are not converged. "
-                      f"The converged numbers over several seeds, with their commands, are in {RESULTS_DOC} "
-                      "(--preset converged --seeds 0 1 2).", highlight=False)
+                      f"Which questions converged runs answer is in {RESULTS_DOC}, and which runs are pending, "
+                      "with their commands, in docs/results/README.md.", highlight=False)
     return summary
