@@ -73,3 +73,24 @@ def test_convert_coverage_refuses_a_model_it_cannot_import() -> None:
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "convert_coverage.py"), "--model",
                            "no_such_module_here:build"], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 2 and "--model no_such_module_here:build: No module named" in done.stderr
+
+
+def test_each_kind_of_row_is_rendered_once_for_the_terminal_the_docs_and_the_json() -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import rows
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    ratio = rows.Ratio("step", hat_ms=3.0, base_ms=2.0, target=1.1, hat_mib=30.0, base_mib=20.0)
+    table = [ratio, rows.FixedMemory("kernels", 58.4), rows.Recompiles("recompiles", recompiles=0, graphs=3)]
+    lines = rows.markdown(table, "a machine").splitlines()
+    assert lines[0] == "Measured on a machine."
+    assert lines[2] == ("| benchmark | HAT / export (ms) | baseline (ms) | ratio | target | peak memory ratio | "
+                        "recompiles |")
+    assert lines[4:] == ["| " + " | ".join(r.cells()) + " |" for r in table]
+    assert lines[4] == "| step | 3.00 | 2.00 | 1.500 | ≤ 1.10 | 1.50 (30 / 20 MiB) |  |"
+    # the recompile count's column only where a row has one
+    assert "recompiles" not in rows.markdown(table[:2], "m")
+    assert [c.header for c in rows.terminal_table(table[:2], "t").columns][-1] == "peak memory ratio"
+    assert ratio.to_json() == {"benchmark": "step", "hat_ms": 3.0, "base_ms": 2.0, "ratio": 1.5, "target": 1.1,
+                               "hat_mib": 30.0, "base_mib": 20.0, "memory_ratio": 1.5, "recompiles": None}
