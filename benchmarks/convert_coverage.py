@@ -62,9 +62,13 @@ CLASSES = 10
 TIMM = ["resnet18", "resnet50", "efficientnet_b0", "mobilenetv3_small_100", "mobilenetv3_large_100",
         "regnetx_002", "regnety_002", "densenet121", "convnext_atto", "vit_tiny_patch16_224",
         "deit_tiny_patch16_224", "swin_tiny_patch4_window7_224"]
-#: transformers image classifiers, built from small configs
+#: transformers image classifiers, built from small configs; the models with a drop-path module of their own keep
+#: their config's default drop-path rate (what a pretrained checkpoint carries)
 TRANSFORMERS = ["ViTForImageClassification", "DeiTForImageClassification", "ConvNextForImageClassification",
-                "ResNetForImageClassification", "SwinForImageClassification"]
+                "ResNetForImageClassification", "SwinForImageClassification", "Swinv2ForImageClassification",
+                "BeitForImageClassification", "Data2VecVisionForImageClassification", "Dinov2ForImageClassification",
+                "ConvNextV2ForImageClassification", "FocalNetForImageClassification",
+                "SegformerForImageClassification"]
 
 
 @dataclass
@@ -147,6 +151,7 @@ def transformers_models() -> list[tuple[str, Callable[[], nn.Module], int]]:
     import transformers
 
     small = {"num_labels": CLASSES, "image_size": 32}
+    encoder = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128, **small}
     configs = {
         "ViTForImageClassification": transformers.ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                                              intermediate_size=128, patch_size=4, **small),
@@ -159,6 +164,18 @@ def transformers_models() -> list[tuple[str, Callable[[], nn.Module], int]]:
                                                                   embedding_size=16, **small),
         "SwinForImageClassification": transformers.SwinConfig(embed_dim=16, depths=[1, 1], num_heads=[2, 2],
                                                               window_size=4, patch_size=4, **small),
+        "Swinv2ForImageClassification": transformers.Swinv2Config(embed_dim=16, depths=[2, 2], num_heads=[2, 2],
+                                                                  window_size=4, patch_size=4, **small),
+        "BeitForImageClassification": transformers.BeitConfig(patch_size=4, **encoder),
+        "Data2VecVisionForImageClassification": transformers.Data2VecVisionConfig(patch_size=4, **encoder),
+        "Dinov2ForImageClassification": transformers.Dinov2Config(patch_size=4, **encoder),
+        "ConvNextV2ForImageClassification": transformers.ConvNextV2Config(hidden_sizes=[16, 32, 64, 128],
+                                                                          depths=[1, 1, 1, 1], **small),
+        "FocalNetForImageClassification": transformers.FocalNetConfig(embed_dim=16, depths=[1, 1], patch_size=4,
+                                                                      **small),
+        "SegformerForImageClassification": transformers.SegformerConfig(
+            num_encoder_blocks=2, depths=[2, 2], sr_ratios=[2, 1], hidden_sizes=[16, 32], num_attention_heads=[1, 2],
+            patch_sizes=[7, 3], strides=[4, 2], mlp_ratios=[2, 2], **small),
     }
     return [(name, lambda name=name: getattr(transformers, name)(configs[name]), 32) for name in TRANSFORMERS]
 

@@ -61,9 +61,9 @@ from hatnorm._masks import Concat, Flatten, MaskSource, Residual, Select
 from hatnorm._node_source import where as _where
 from hatnorm._norm_registry import NormSpec, get_norm, list_norms
 from hatnorm._norms import MaskedNorm, NoNorm
-from hatnorm._tracing import is_drop_path, trace
+from hatnorm._tracing import is_drop_path, is_transformers_activation, trace
 from hatnorm._transformer import gated_linear
-from hatnorm._units import Recorder, Units, expand, record, user_rule
+from hatnorm._units import Recorder, Units, expand, record, unitwise_failure, user_rule
 
 #: modules that act on every value alone and keep 0 at 0
 _UNITWISE_MODULES = (
@@ -142,6 +142,7 @@ class _Scale:
     it may only multiply a gated tensor, whose units the product keeps."""
 
     units: Units | None
+    origin: str = ""  # the module that made it, when it is named in errors (a transformers activation)
 
 
 @dataclass(frozen=True)
@@ -611,8 +612,8 @@ class _Converter:
         if isinstance(units, _Flat):
             raise ConversionError(f"{reader}: a flattened tensor can only feed a Linear layer")
         if isinstance(units, _Scale):
-            raise ConversionError(f"{reader}: the output of a sigmoid-like activation (f(0) ≠ 0) can only scale a "
-                                  "gated tensor (squeeze-excitation: x * scale)")
+            raise ConversionError(f"{reader}: the output of a sigmoid-like activation (f(0) ≠ 0{units.origin}) can "
+                                  "only scale a gated tensor (squeeze-excitation: x * scale)")
         if isinstance(units, tuple):
             raise ConversionError(f"{reader}: reads a tuple of tensors")
         return units
@@ -719,6 +720,8 @@ class _Converter:
             self.window_attention(node, module, where)
         elif rule is not None:
             self.apply_rule(node, rule, where, module=module)
+        elif is_transformers_activation(module):
+            self.activation(node, module, where)
         elif isinstance(module, _UNITWISE_MODULES) or is_drop_path(module):
             self.resolve(node, where, ungated=isinstance(module, nn.Dropout | nn.Identity))
             self.units[node] = self.unitwise(node, node.args[0], where, pool=isinstance(module, _POOL_MODULES))
@@ -732,6 +735,24 @@ class _Converter:
             raise ConversionError(f"{where}: {type(module).__name__} is not supported (allowed: the torch norms, "
                                   "Linear, Conv1d/2d/3d, unit-wise activations, dropout and pooling, or a module "
                                   "with a rule from hatnorm.register_conversion_rule)")
+
+    def activation(self, node: fx.Node, module: nn.Module, where: str) -> None:
+        """A transformers activation, judged by what it does on a probe: unit-wise with f(0) = 0 keeps the units;
+        unit-wise with f(0) ≠ 0 (a sigmoid-like one) may only scale a gated tensor."""
+        self.resolve(node, where)
+        parameters = sum(p.numel() for p in module.parameters())
+        if parameters:
+            raise ConversionError(f"{where}: an activation with parameters ({parameters}) shared by every unit, "
+                                  "which no gate can protect")
+        shape = self.shape(node.args[0])
+        probe = tuple(shape) if shape is not None else (2, 3, 4, 4)
+        if unitwise_failure(module, probe) is None:
+            self.units[node] = self.unitwise(node, node.args[0], where, pool=False)
+            return
+        failure = unitwise_failure(module, probe, zero=False)
+        if failure is not None:
+            raise ConversionError(f"{where}: an activation that {failure}")
+        self.units[node] = _Scale(self.gated(node.args[0], where), f": {where} {unitwise_failure(module, probe)}")
 
     def weighted(self, node: fx.Node, module: nn.Module, where: str) -> None:
         if isinstance(module, nn.modules.conv._ConvTransposeNd):

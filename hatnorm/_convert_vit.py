@@ -21,9 +21,7 @@ from hatnorm._masks import MaskSource
 from hatnorm._norm_registry import NormSpec
 from hatnorm._norms import MaskedNorm
 from hatnorm._transformer import GatedAttention, GatedFeedForward, TokenEmbedding, blocks_wiring, run_blocks
-
-#: transformers activations that map 0 to 0, so a closed MLP unit stays closed
-_ZERO_PRESERVING = {"gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "quick_gelu", "relu", "silu", "swish"}
+from hatnorm._units import unitwise_failure
 
 
 def is_transformers_vit(module: nn.Module) -> bool:
@@ -42,9 +40,8 @@ class ConvertedViT(HATModule):
                  num_classes: list[int] | None, s_max: float) -> None:
         super().__init__()
         config = vit.config
-        if config.hidden_act not in _ZERO_PRESERVING:
-            raise ConversionError(f"module: activation {config.hidden_act!r} does not map 0 to 0; allowed: "
-                                 f"{sorted(_ZERO_PRESERVING)}")
+        layers = vit.layers if hasattr(vit, "layers") else vit.encoder.layer
+        _check_activation(layers[0].mlp.activation_fn, config.hidden_act)
         if not spec.fits("layer"):
             raise ConversionError(f"norm {spec.name!r} cannot replace a transformer's LayerNorm; use a layer-family "
                                  "norm")
@@ -63,7 +60,6 @@ class ConvertedViT(HATModule):
             self.tokens.cls_token.copy_(embeddings.cls_token)
             self.tokens.pos_embedding.copy_(embeddings.position_embeddings)
         self.gate_stream = HATGate(dim, num_tasks=num_tasks, s_max=s_max)
-        layers = vit.layers if hasattr(vit, "layers") else vit.encoder.layer
         heads = config.num_attention_heads
         dim_head = getattr(config, "head_dim", None) or dim // heads
         self.attentions = nn.ModuleList()
@@ -115,6 +111,18 @@ class ConvertedViT(HATModule):
 
     def head_units(self) -> MaskSource:
         return self.gate_stream
+
+
+def _check_activation(activation: nn.Module, name: object) -> None:
+    """Refuse an MLP activation that would open a closed unit: judged by what it does on a probe (f(0) = 0, on
+    every value alone), and one with parameters, which every unit shares."""
+    parameters = sum(p.numel() for p in activation.parameters())
+    failure = unitwise_failure(activation, (2, 5, 8))
+    if parameters:
+        failure = f"has {parameters} parameter(s) shared by every unit, which no gate can protect"
+    if failure is not None:
+        raise ConversionError(f"module: config.hidden_act={name!r} ({type(activation).__name__}) {failure}; the MLP's "
+                              "activation must act on every value alone and map 0 to 0 (relu, gelu, silu, tanh…)")
 
 
 def convert_vit(module: nn.Module, *, num_tasks: int, spec: NormSpec, num_classes: list[int] | None,

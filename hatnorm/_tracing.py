@@ -26,20 +26,29 @@ from hatnorm._units import user_module_classes
 
 
 def is_drop_path(module: nn.Module) -> bool:
-    """torchvision's ``StochasticDepth`` and timm's ``DropPath``: each sample's units scaled alike (a zero unit
-    stays 0); kept as calls, so they drop paths in training and pass them in evaluation as the original does."""
+    """torchvision's ``StochasticDepth``, timm's ``DropPath`` and transformers' per-model drop-paths
+    (``SwinDropPath``, ``BeitDropPath``, ``ConvNextDropPath``…, every ``*DropPath`` class of a transformers model):
+    each sample's units scaled alike (a zero unit stays 0); kept as calls, so they drop paths in training and pass
+    them in evaluation as the original does."""
     kind = type(module)
     return (kind.__name__ == "StochasticDepth" and kind.__module__.startswith("torchvision.ops")) or \
-        (kind.__name__ == "DropPath" and kind.__module__.startswith("timm."))
+        (kind.__name__ == "DropPath" and kind.__module__.startswith("timm.")) or \
+        (kind.__name__.endswith("DropPath") and kind.__module__.startswith("transformers.models."))
+
+
+def is_transformers_activation(module: nn.Module) -> bool:
+    """An activation module of ``transformers.activations`` (``ACT2FN``'s own classes): kept as a call, and judged by
+    what it does on a probe (:func:`hatnorm._units.unitwise_failure`)."""
+    return type(module).__module__ == "transformers.activations"
 
 
 class _Tracer(fx.Tracer):
-    """fx's tracer, keeping the module classes users declared a rule for, drop-path modules and torchvision's
-    Swin window attention as calls."""
+    """fx's tracer, keeping the module classes users declared a rule for, drop-path modules, transformers'
+    activations and torchvision's Swin window attention as calls."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, user_module_classes()) or is_drop_path(m) or is_window_attention(m) or \
-            super().is_leaf_module(m, module_qualified_name)
+        return isinstance(m, user_module_classes()) or is_drop_path(m) or is_transformers_activation(m) or \
+            is_window_attention(m) or super().is_leaf_module(m, module_qualified_name)
 
 
 class _ExampleProxy(fx.Proxy):
@@ -120,6 +129,23 @@ class _ExampleTracer(_Tracer):
 
 
 @contextmanager
+def _attributes_kept(module: nn.Module) -> Iterator[None]:
+    """Every submodule's attributes as they were before the trace: a forward that stores a traced value on itself
+    (transformers' Swin sets ``self.window_size`` from the input's size) would leave a proxy of a finished graph
+    there, and the next trace of the module would read it."""
+    saved = {m: dict(vars(m)) for m in module.modules()}
+    try:
+        yield
+    finally:
+        for m, attributes in saved.items():
+            for name in [n for n, v in vars(m).items() if n not in attributes and isinstance(v, fx.Proxy)]:
+                delattr(m, name)
+            for name, value in attributes.items():
+                if vars(m).get(name, value) is not value:
+                    setattr(m, name, value)
+
+
+@contextmanager
 def _untraced() -> Iterator[None]:
     """Modules called and read as in eager mode while the tracer has patched ``nn.Module``."""
     patched_call, patched_getattr = nn.Module.__call__, nn.Module.__getattr__
@@ -134,7 +160,8 @@ def trace(module: nn.Module, example: Tensor | None = None) -> fx.GraphModule:
     """``torch.fx`` trace of ``module`` that records each operation's source line; forward arguments after
     the first that have defaults (timm's ``attn_mask=None``) are traced at those defaults. The forward of
     ``module``'s mode is traced. With ``example``, the trace runs alongside that batch (see the module
-    docstring), without gradients; ``module``'s state (buffers, modes) is left as it was."""
+    docstring), without gradients; ``module``'s state (buffers, modes, attributes its forward sets) is left as it
+    was."""
     forward = type(module).forward
     if hasattr(forward, "__wrapped__"):
         # a decorated forward (transformers' ``(*args, **kwargs)`` wrappers): fx reads the placeholders from the
@@ -152,13 +179,15 @@ def trace(module: nn.Module, example: Tensor | None = None) -> fx.GraphModule:
     if example is None:
         tracer: _Tracer = _Tracer()
         tracer.record_stack_traces = True
-        return fx.GraphModule(module, tracer.trace(module, concrete_args=concrete or None), type(module).__name__)
+        with _attributes_kept(module):
+            graph = tracer.trace(module, concrete_args=concrete or None)
+        return fx.GraphModule(module, graph, type(module).__name__)
     tracer = _ExampleTracer(example)
     tracer.record_stack_traces = True
     buffers = {k: v.clone() for k, v in module.named_buffers()}  # a no-grad pass can move buffers, not parameters
     modes = {m: m.training for m in module.modules()}
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _attributes_kept(module):
             graph = tracer.trace(module, concrete_args=concrete or None)
     finally:
         for name, value in module.named_buffers():

@@ -56,6 +56,33 @@ def register_conversion_rule(target: Callable[..., Any] | str | type[nn.Module],
     _USER_RULES[target] = rule
 
 
+def unitwise_failure(op: Callable[[Tensor], Any], shape: tuple[int, ...] = (2, 3, 4, 4), *,
+                     zero: bool = True) -> str | None:
+    """Why ``op`` is not unit-wise with f(0) = 0, judged on a probe tensor of ``shape`` (a third of its values 0,
+    the rest spread over ±9): ``None`` when its output has the probe's shape, is exactly 0 wherever the probe is
+    0 (checked only with ``zero``), and is the same function of every value alone (a permutation of the probe's
+    values permutes the output alike); else the reason, for an error message."""
+    generator = torch.Generator().manual_seed(0)
+    probe = torch.randn(shape, generator=generator) * 3
+    probe.view(-1)[::3] = 0.0
+    order = torch.randperm(probe.numel(), generator=generator)
+    try:
+        with torch.no_grad():
+            out, shuffled = op(probe.clone()), op(probe.reshape(-1)[order].reshape(shape))
+    except Exception as error:  # whatever the op raises for a plain tensor
+        return (f"cannot be checked: calling it on a tensor of shape {list(shape)} raised "
+                f"{type(error).__name__}: {error}")
+    if not isinstance(out, Tensor) or out.shape != probe.shape or not isinstance(shuffled, Tensor) or \
+            shuffled.shape != probe.shape:
+        return f"does not give a tensor of its input's shape {list(shape)}"
+    at_zero = out[probe == 0]
+    if zero and bool((at_zero != 0).any()):
+        return f"maps 0 to {at_zero[at_zero != 0][0].item():.4g}, not 0, so a closed unit would not stay closed"
+    if not torch.allclose(out.reshape(-1)[order], shuffled.reshape(-1), rtol=1e-4, atol=1e-6, equal_nan=True):
+        return "does not act on every value alone (its output at one position depends on other positions)"
+    return None
+
+
 def user_rule(target: object) -> str | None:
     """The rule a user registered for ``target`` (a function, method name or module class), if any."""
     if isinstance(target, nn.Module):
