@@ -61,7 +61,7 @@ from hatnorm._masks import Concat, Flatten, MaskSource, Residual, Select
 from hatnorm._node_source import where as _where
 from hatnorm._norm_registry import NormSpec, get_norm, list_norms
 from hatnorm._norms import MaskedNorm, NoNorm
-from hatnorm._tracing import is_drop_path, is_transformers_activation, trace
+from hatnorm._tracing import eliminate_dead_code, is_drop_path, is_in_place, is_transformers_activation, trace
 from hatnorm._transformer import gated_linear
 from hatnorm._units import Recorder, Units, expand, record, unitwise_failure, user_rule
 
@@ -299,10 +299,11 @@ class ConvertedModel(HATModule):
         norms = [m for m in self.body.modules() if isinstance(m, MaskedNorm) and m.batch_statistics]
         handles = [norm.register_forward_pre_hook(record) for norm in norms]
         modes = {m: m.training for m in self.modules()}
+        buffers = {name: value.clone() for name, value in self.named_buffers()}  # a forward may count its calls
         self.eval()
         try:
             with torch.no_grad():
-                self._run(x[:1], task, None)
+                self._run(x[:1].clone(), task, None)  # a copy: the forward may write into its input
         except torch.cuda.OutOfMemoryError:
             raise
         except (RuntimeError, ValueError) as error:  # a layer, norm or head that cannot take the shape
@@ -312,6 +313,9 @@ class ConvertedModel(HATModule):
                 handle.remove()
             for m, training in modes.items():
                 m.training = training
+            with torch.no_grad():
+                for name, value in self.named_buffers():
+                    value.copy_(buffers[name])
         self._accepted[key] = min(seen, default=None)
         return self._accepted[key]
 
@@ -669,8 +673,24 @@ class _Converter:
                 self.call(node)
             elif node.op == "get_attr":
                 self.get_attr(node)
+            if node.op in ("call_module", "call_function", "call_method") and is_in_place(node, self.gm):
+                self.in_place(node)
         self.finish()
         return self.layers
+
+    def in_place(self, node: fx.Node) -> None:
+        """An in-place operation: its node stands for the tensor from there on (see
+        :func:`hatnorm._tracing.follow_in_place`), which is sound unless it changes the units of a tensor that
+        shares its memory with another (a view, or one a view reads): that other tensor would change unseen."""
+        written = node.args[0]
+        before, after = self.units.get(written), self.units.get(node)
+        if before is after or (isinstance(before, Units) and isinstance(after, Units) and before.source is after.source
+                               and torch.equal(*torch.broadcast_tensors(before.index, after.index))):
+            return
+        if _is_view(written, self.gm) or any(_is_view(u, self.gm) for u in written.users if u is not node):
+            raise ConversionError(f"{_where(node)}: an in-place operation that changes which units a tensor holds "
+                                  "(it adds to it, or makes closed units nonzero) on a tensor that shares its memory "
+                                  "with a view, which would change unseen; write it out of place (h = h + b)")
 
     def get_attr(self, node: fx.Node) -> None:
         value = _attribute(self.gm, node.target)
@@ -696,7 +716,7 @@ class _Converter:
             module = self.gm.get_submodule(owner)
             module._parameters.pop(name, None)
             module._buffers.pop(name, None)
-        graph.eliminate_dead_code()
+        eliminate_dead_code(graph, self.gm)
         self.gm.delete_all_unused_submodules()
         self.gm.recompile()
 
@@ -1417,6 +1437,14 @@ def _parameters_of(kinds: list[Any]) -> tuple[str, ...]:
     found = [t for k in kinds if isinstance(k, _Derived) for t in k.params]
     found += [t for k in kinds if isinstance(k, _Ungated) for t, _ in k.params]
     return tuple(dict.fromkeys(found))
+
+
+def _is_view(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """Whether ``node`` may give a view of its first argument (an op that only moves values)."""
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), _MOVES_MODULES)
+    return (node.op == "call_method" and node.target in _MOVES_METHODS) or \
+        (node.op == "call_function" and node.target in _MOVES_FUNCTIONS)
 
 
 def _reads_metadata(node: fx.Node) -> bool:

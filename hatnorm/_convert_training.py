@@ -28,7 +28,7 @@ from torch import Tensor, fx, nn
 
 from hatnorm._conversion_error import ConversionError
 from hatnorm._node_source import call_site
-from hatnorm._tracing import trace
+from hatnorm._tracing import eliminate_dead_code, trace
 
 
 @dataclass
@@ -184,7 +184,7 @@ def evaluation_graph(gm: fx.GraphModule, logits: fx.Node) -> fx.Graph:
     values: dict[fx.Node, fx.Node] = {}
     graph.graph_copy(gm.graph, values)
     graph.output(values[logits])
-    graph.eliminate_dead_code()
+    eliminate_dead_code(graph, gm)
     return graph
 
 

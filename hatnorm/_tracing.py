@@ -1,5 +1,6 @@
 """Tracing a model for :func:`hatnorm.convert`: ``torch.fx``'s symbolic trace, and, for code it cannot trace
 symbolically (a shape unpacked into names, a check on a size), the same trace run alongside an example batch.
+Either way, every use of a tensor after an in-place operation on it reads that operation (:func:`follow_in_place`).
 
 The plain trace keeps the module classes users declared a rule for, and drop-path modules, as single
 calls, and traces forward arguments after the first at their defaults. The example trace also evaluates
@@ -42,9 +43,63 @@ def is_transformers_activation(module: nn.Module) -> bool:
     return type(module).__module__ == "transformers.activations"
 
 
+def is_in_place(node: fx.Node, root: nn.Module) -> bool:
+    """Whether ``node`` writes into its first argument and returns it: a tensor method or torch function named with a
+    trailing underscore (``h.relu_()``, ``h.mul_(gamma)``, ``self.calls.add_(1)``), a function called with
+    ``inplace=True`` (``F.relu(h, inplace=True)``) or a module built with it (``nn.ReLU(inplace=True)``)."""
+    if node.op == "call_module":
+        return getattr(root.get_submodule(node.target), "inplace", False) is True
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    if node.op not in ("call_method", "call_function") or not isinstance(name, str):
+        return False
+    if name.endswith("_") and not name.startswith("_"):
+        return True
+    if node.op == "call_function" and callable(node.target) and node.kwargs.get("inplace") is None:
+        try:
+            bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
+        except (TypeError, ValueError):  # a builtin without a signature, or arguments it does not take
+            return False
+        return bound.arguments.get("inplace") is True
+    return node.kwargs.get("inplace") is True
+
+
+def follow_in_place(gm: fx.GraphModule) -> None:
+    """Make every use of a tensor after an in-place operation on it read that operation's node (which returns the
+    tensor itself), so the graph says what the forward does: the operation has users and is walked like its
+    out-of-place form (a statement ``h.relu_()`` would otherwise be a node nobody reads, dropped as dead code)."""
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    for node in list(gm.graph.nodes):
+        written = node.args[0] if node.args else None
+        if not isinstance(written, fx.Node) or not is_in_place(node, gm):
+            continue
+        for user in list(written.users):
+            if order[user] > order[node]:
+                user.replace_input_with(written, node)
+    gm.recompile()
+
+
+def eliminate_dead_code(graph: fx.Graph, root: nn.Module) -> None:
+    """fx's dead-code elimination, keeping in-place operations (a buffer counter's ``add_(1)`` has no user)."""
+    graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or is_in_place(n, root))
+
+
 class _Tracer(fx.Tracer):
     """fx's tracer, keeping the module classes users declared a rule for, drop-path modules, transformers'
-    activations and torchvision's Swin window attention as calls."""
+    activations and torchvision's Swin window attention as calls, and recording the operations on the buffers
+    ``recorded`` (fx runs an operation on a buffer once while tracing, leaving it out of the graph)."""
+
+    def __init__(self, recorded: frozenset[str] = frozenset()) -> None:
+        super().__init__()
+        self.recorded = recorded
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        if self.recorded and isinstance(attr_val, Tensor) and not isinstance(attr_val, nn.Parameter):
+            name = next((n for n, b in self.root.named_buffers() if b is attr_val), None)
+            if name in self.recorded:
+                if name not in parameter_proxy_cache:
+                    parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
+                return parameter_proxy_cache[name]
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return isinstance(m, user_module_classes()) or is_drop_path(m) or is_transformers_activation(m) or \
@@ -91,8 +146,8 @@ class _ExampleAttribute(_ExampleProxy, Attribute):
 class _ExampleTracer(_Tracer):
     """Records each operation and evaluates it on the example's values (evaluation mode, no gradients)."""
 
-    def __init__(self, example: Tensor) -> None:
-        super().__init__()
+    def __init__(self, example: Tensor, recorded: frozenset[str] = frozenset()) -> None:
+        super().__init__(recorded)
         self.example = example
         self.values: dict[fx.Node, Any] = {}
         self.placeholders = 0
@@ -156,6 +211,30 @@ def _untraced() -> Iterator[None]:
         nn.Module.__call__, nn.Module.__getattr__ = patched_call, patched_getattr
 
 
+def _trace_keeping_state(module: nn.Module, example: Tensor | None, concrete: dict[str, Any],
+                         recorded: frozenset[str]) -> tuple[fx.Graph, list[str]]:
+    """One trace of ``module`` (alongside ``example`` when given, without gradients) recording the operations on
+    the buffers ``recorded``, and the other buffers the forward wrote into while traced; ``module``'s buffers,
+    modes and attributes are left as they were."""
+    tracer = _Tracer(recorded) if example is None else _ExampleTracer(example, recorded)
+    tracer.record_stack_traces = True
+    buffers = dict(module.named_buffers())
+    saved = {name: value.clone() for name, value in buffers.items()}
+    versions = {name: value._version for name, value in buffers.items()}
+    modes = {m: m.training for m in module.modules()}
+    try:
+        with torch.no_grad(), _attributes_kept(module):
+            traced = tracer.trace(module, concrete_args=concrete or None)
+    finally:
+        written = [name for name, value in buffers.items() if value._version != versions[name]]
+        with torch.no_grad():
+            for name, value in buffers.items():
+                value.copy_(saved[name])
+        for m, training in modes.items():
+            m.training = training
+    return traced, [name for name in written if name not in recorded]
+
+
 def trace(module: nn.Module, example: Tensor | None = None) -> fx.GraphModule:
     """``torch.fx`` trace of ``module`` that records each operation's source line; forward arguments after
     the first that have defaults (timm's ``attn_mask=None``) are traced at those defaults. The forward of
@@ -176,22 +255,9 @@ def trace(module: nn.Module, example: Tensor | None = None) -> fx.GraphModule:
     parameters = list(inspect.signature(module.forward).parameters.values())[1:]
     concrete = {p.name: p.default for p in parameters
                 if p.default is not inspect.Parameter.empty and p.kind is not inspect.Parameter.VAR_KEYWORD}
-    if example is None:
-        tracer: _Tracer = _Tracer()
-        tracer.record_stack_traces = True
-        with _attributes_kept(module):
-            graph = tracer.trace(module, concrete_args=concrete or None)
-        return fx.GraphModule(module, graph, type(module).__name__)
-    tracer = _ExampleTracer(example)
-    tracer.record_stack_traces = True
-    buffers = {k: v.clone() for k, v in module.named_buffers()}  # a no-grad pass can move buffers, not parameters
-    modes = {m: m.training for m in module.modules()}
-    try:
-        with torch.no_grad(), _attributes_kept(module):
-            graph = tracer.trace(module, concrete_args=concrete or None)
-    finally:
-        for name, value in module.named_buffers():
-            value.copy_(buffers[name])
-        for m, training in modes.items():
-            m.training = training
-    return fx.GraphModule(module, graph, type(module).__name__)
+    graph, written = _trace_keeping_state(module, example, concrete, frozenset())
+    if written:  # run once while tracing instead of recorded: trace again, recording those buffers' operations
+        graph, _ = _trace_keeping_state(module, example, concrete, frozenset(written))
+    gm = fx.GraphModule(module, graph, type(module).__name__)
+    follow_in_place(gm)
+    return gm
