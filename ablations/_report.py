@@ -62,14 +62,16 @@ def contrast_cells(c: dict[str, Any]) -> tuple[str, ...]:
     paired-t p-value is below 0.05; an exploratory one is never called a finding."""
     d = c["difference"]
     interval = "n/a" if d["n"] == 1 else f"[{d['low']:+.4f}, {d['high']:+.4f}]"
-    if not c["primary"]:
+    primary = c.get("primary", False)  # runs made before the protocol declared nothing: all exploratory
+    if not primary:
         finding = "exploratory"
     elif d["n"] == 1:
         finding = "one seed"
     else:
         finding = "**yes**" if c["finding"] else "no"
-    return (f"{c['a']} − {c['b']}", METRICS[c["metric"]], "primary" if c["primary"] else "exploratory",
-            f"{d['mean']:+.4f}", interval, _p(c["p_t"]), _p(c["p_holm"]), _p(c["p_sign_flip"]), finding)
+    return (f"{c['a']} − {c['b']}", METRICS[c["metric"]], "primary" if primary else "exploratory",
+            f"{d['mean']:+.4f}", interval, _p(c.get("p_t", math.nan)), _p(c.get("p_holm")),
+            _p(c.get("p_sign_flip", math.nan)), finding)
 
 
 def contrast_table(summary: dict[str, Any]) -> Table:

@@ -10,6 +10,7 @@ import pytest
 from scipy import stats
 
 from ablations._protocol import Contrast, expand, holm, paired_t_pvalue, sign_flip_pvalue
+from ablations._report import contrast_cells
 from ablations._results import METRICS, aggregate
 from ablations._runner import Variant, run_and_report
 from hatnorm.training import FineTune
@@ -81,3 +82,10 @@ def test_a_contrast_naming_no_variant_of_the_table_is_refused_before_anything_ru
                                          r"\['hat − sdg'\]"):
         run_and_report(variants, lambda seed: [], argparse.Namespace(), None, joint_norm={}, title="t",
                        contrasts=[Contrast("hat", "sdg", primary=True)])
+
+
+def test_a_contrast_of_a_run_made_before_the_protocol_reads_as_exploratory() -> None:
+    old = {"a": "x", "b": "y", "metric": "bwt", "established": True,
+           "difference": {"mean": 0.1, "std": 0.01, "low": 0.05, "high": 0.15, "n": 3, "confidence": 0.95}}
+    assert contrast_cells(old) == ("x − y", "BWT", "exploratory", "+0.1000", "[+0.0500, +0.1500]", "n/a", "—", "n/a",
+                                   "exploratory")
