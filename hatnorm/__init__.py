@@ -15,6 +15,7 @@ from hatnorm._arch_registry import (
     list_architectures,
     register_architecture,
 )
+from hatnorm._attribution import ATTRIBUTIONS as ATTRIBUTION_TYPES
 from hatnorm._convert import ConversionError, ConvertedModel, ParameterUse, TaskParameter, convert, open_gates
 from hatnorm._export import TaskModel, export
 from hatnorm._exported import ExportedBatchNorm, ExportedGate, ExportedGroupNorm, ExportedLayerNorm, ExportedRMSNorm
@@ -87,6 +88,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "ADAHAT_MODES",
+    "ATTRIBUTION_TYPES",
     "GATE_FLOOR",
     "HAT",
     "IMPORTANCE_TYPES",

@@ -134,7 +134,7 @@ class UnitImportance:
         total, calls = self._inputs.get(module, (0, 0))
         self._inputs[module] = (per_unit + total, calls + 1)
 
-    def compute(self, task: int) -> dict[HATGate, Tensor]:
+    def compute(self, task: int, s: float | Tensor) -> dict[HATGate, Tensor]:
         """The raw importance ``u`` of every gate's units for this step; clears the recorded activations."""
         quantities = {name: self._quantity(name, task) for name in self.needs}
         self._inputs = {}

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from hatnorm._attribution import ATTRIBUTIONS, AttributionImportance, load_captum
 from hatnorm._checks import check_non_negative, check_positive
 from hatnorm._gate import HATGate, hat_gate
 from hatnorm._importance import TYPES, UnitImportance, normalize
@@ -129,7 +130,8 @@ class FGAdaHATPolicy(SoftRatePolicy):
 
     Args:
         alpha: α [1.5e-7].
-        importance: the per-step importance type, a key of :data:`hatnorm.IMPORTANCE_TYPES`
+        importance: the per-step importance type, a key of :data:`hatnorm.IMPORTANCE_TYPES`, or of
+            :data:`hatnorm.ATTRIBUTION_TYPES` (computed with Captum, the ``captum`` extra)
             [``"input_weight_gradient_abs_sum"``].
         summing: how the importances of the learned tasks are summed: ``add_latest``, ``add_all``,
             ``add_average`` or a ``*_decrease`` strategy [``"add_all"``].
@@ -173,8 +175,11 @@ class FGAdaHATPolicy(SoftRatePolicy):
         norms: bool = True,
     ) -> None:
         super().__init__(alpha, aggregation, norms)
-        if importance not in TYPES:
-            raise ValueError(f"importance must be one of {sorted(TYPES)}, got {importance!r}")
+        if importance not in TYPES and importance not in ATTRIBUTIONS:
+            raise ValueError(f"importance must be one of {sorted(TYPES)} or, with Captum, {sorted(ATTRIBUTIONS)}, "
+                             f"got {importance!r}")
+        if importance in ATTRIBUTIONS:
+            load_captum(importance)
         if summing not in SUMMING_STRATEGIES:
             raise ValueError(f"summing must be one of {list(SUMMING_STRATEGIES)}, got {summing!r}")
         if scheduler not in SCHEDULERS:
@@ -207,7 +212,8 @@ class FGAdaHATPolicy(SoftRatePolicy):
         self.history: list[list[Tensor]] = []  # I^τ per learned task, per gate
         self.accumulated: list[Tensor] = []  # Σ over this task's steps of the gated, normalised importance
         self.steps = 0
-        self._units: UnitImportance | None = None
+        self._units: UnitImportance | AttributionImportance | None = None
+        self._s: float | Tensor = 1.0
         self._gates_now: list[Tensor] | None = None
         self._resume: tuple[list[Tensor], int] | None = None  # a loaded task's accumulation, for begin_task
 
@@ -215,7 +221,9 @@ class FGAdaHATPolicy(SoftRatePolicy):
         super().wire(wiring)
         if not self.summed:
             self.summed = [torch.zeros_like(g.embedding[0].detach()) for g in wiring.gates]
-        self._units = UnitImportance(self.importance, wiring.layers, wiring.gates, wiring.heads)
+        self._units = (AttributionImportance(self.importance, wiring.model, wiring.layers, wiring.gates)
+                       if self.importance in ATTRIBUTIONS
+                       else UnitImportance(self.importance, wiring.layers, wiring.gates, wiring.heads))
 
     def factors(self) -> list[Factor]:
         gates = self.wiring.gates
@@ -248,6 +256,7 @@ class FGAdaHATPolicy(SoftRatePolicy):
 
     def adjust(self, s: float | Tensor) -> None:
         super().adjust(s)
+        self._s = s
         # the gate the step's importance is multiplied by is the one the forward used, before the step moves e
         self._gates_now = self.soft_gates(s) if self.multiply_gate else None
 
@@ -262,7 +271,7 @@ class FGAdaHATPolicy(SoftRatePolicy):
         (call between ``HAT.step`` and the next forward; it consumes the recorded activations)."""
         if self.task is None:
             raise RuntimeError("step_importance needs an active task; HAT.begin_task(task) starts one")
-        raw = self._units.compute(self.task)
+        raw = self._units.compute(self.task, self._s)
         found = [normalize(raw[g]) for g in self.wiring.gates]
         if self._gates_now is not None:
             found = [u * a.to(u) for u, a in zip(found, self._gates_now, strict=True)]
