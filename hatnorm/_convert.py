@@ -58,6 +58,7 @@ from hatnorm._gate import HATGate
 from hatnorm._hat import HATModule, Layer
 from hatnorm._heads import TaskHeads, class_counts
 from hatnorm._masks import Concat, Flatten, MaskSource, Residual, Select
+from hatnorm._node_source import model_frames, source_line
 from hatnorm._node_source import where as _where
 from hatnorm._norm_registry import NormSpec, get_norm, list_norms
 from hatnorm._norms import MaskedNorm, NoNorm
@@ -662,6 +663,7 @@ class _Converter:
         with graph.inserting_after(self.task):
             self.s = graph.placeholder("s", default_value=None)
         self.units[placeholders[0]] = None
+        self.check_single_calls()
         for node in list(graph.nodes):
             if node in (self.task, self.s) or node.op == "placeholder" or node.graph is not graph:
                 continue
@@ -677,6 +679,25 @@ class _Converter:
                 self.in_place(node)
         self.finish()
         return self.layers
+
+    def check_single_calls(self) -> None:
+        """Refuse a module with parameters that the forward calls more than once (one layer in two places)."""
+        calls: dict[str, list[fx.Node]] = {}
+        for node in self.gm.graph.nodes:
+            if node.op == "call_module":
+                calls.setdefault(node.target, []).append(node)
+        for target, nodes in calls.items():
+            module = self.gm.get_submodule(target)
+            parameters = sum(p.numel() for p in module.parameters())
+            if len(nodes) < 2 or not parameters:
+                continue
+            lines = [source_line(model_frames(n)[-1]).lstrip(", ") for n in nodes if model_frames(n)]
+            raise ConversionError(
+                f"module {target!r} ({type(module).__name__}, {parameters:,} parameters) is used {len(nodes)} times "
+                f"in one forward{' (' + '; '.join(lines) + ')' if lines else ''}: HAT gives each layer its own gate "
+                "and protects its weights by the units of that one place, so a module cannot serve two places; give "
+                "each call a module of its own (copy.deepcopy(module) for the second, to start from the same "
+                "weights)")
 
     def in_place(self, node: fx.Node) -> None:
         """An in-place operation: its node stands for the tensor from there on (see
