@@ -351,7 +351,8 @@ def test_a_crafted_batch_runs_no_code(
     with pytest.raises(ValueError, match="data_batch_1") as raised:
         cifar_sequence(tmp_path / "data", verify_checksums=verify_checksums)
     if not verify_checksums:
-        assert "asks for pathlib.Path.touch: refused without calling it" in str(raised.value)
+        # the global the pickle names (Path.touch, or getattr reaching it) is refused before it is called
+        assert "refused without calling it" in str(raised.value)
     assert not marker.exists()
     with pytest.raises(TypeError, match=r"^verify_checksums must be a bool, got 'no'$"):
         cifar_sequence(tmp_path / "data", verify_checksums="no")
