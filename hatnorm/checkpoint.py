@@ -3,7 +3,8 @@
 A checkpoint folder holds two files::
 
     checkpoint.json                  the commit point: format, step, identity of the run, the state's
-                                     JSON values, and the name and SHA-256 of the tensor file
+                                     JSON values, the name and SHA-256 of the tensor file, and the
+                                     SHA-256 of its own content
     checkpoint-000007.safetensors    every tensor of the state (step 7), the JSON naming each by its path
 
 :func:`save_checkpoint` writes the tensor file under a new name, then the JSON; each goes to a temporary
@@ -14,15 +15,22 @@ new one once the JSON's rename happened, the previous one before it.
 
 :func:`load_checkpoint` compares the run's identity (architecture, norm, task count, settings,
 parameter names and shapes, ...) with the saved one first and refuses a checkpoint of a different run
-with a :class:`CheckpointError` that names every difference, before anything is loaded. It then checks
-the tensor file against the SHA-256 the index recorded, so a file changed or corrupted after it was
-written (a flipped bit included) is refused rather than trained on.
+with a :class:`CheckpointError` that names every difference, before anything is loaded. Both files are
+checked against SHA-256s: the index against the one it records for its own values (the learning rate,
+patience and best loss of an interrupted task live there), the tensor file against the one the index
+records for it, so a file changed or corrupted after it was written (a flipped bit included) is refused
+rather than trained on.
+
+:func:`describe_options` gives the options of an object (a gradient policy, say) for an identity: a
+run is only resumed with the same options, not merely the same classes.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
+import math
 import os
 import random
 import re
@@ -42,7 +50,7 @@ from safetensors.torch import save as serialize
 from torch import Tensor, nn
 
 FORMAT = "hatnorm-checkpoint"
-VERSION = 2  # 2: the index records the tensor file's SHA-256
+VERSION = 3  # 2: the index records the tensor file's SHA-256; 3: and its own
 #: the commit point of a checkpoint folder
 INDEX = "checkpoint.json"
 #: the file a writing run holds locked (see :func:`lock_folder`)
@@ -102,6 +110,7 @@ def save_checkpoint(directory: str | Path, state: Mapping[str, Any], *, identity
     _write_atomic(directory / name, data)
     index = {"format": FORMAT, "version": VERSION, "step": step, "tensors": name,
              "sha256": hashlib.sha256(data).hexdigest(), "identity": index_identity, "state": body}
+    index["index_sha256"] = _index_digest(index)
     _write_atomic(directory / INDEX, json.dumps(index, indent=1).encode())
     for f in directory.iterdir():
         if (_TENSOR_FILE.fullmatch(f.name) and f.name != name) or _TEMPORARY.fullmatch(f.name):
@@ -137,9 +146,13 @@ def load_checkpoint(directory: str | Path, *, identity: Mapping[str, Any] | None
     if index.get("version") != VERSION:
         raise CheckpointError(f"{index_path} has checkpoint format version {index.get('version')!r}; this hatnorm "
                               f"reads version {VERSION}")
-    missing = [key for key in ("step", "tensors", "sha256", "identity", "state") if key not in index]
+    missing = [key for key in ("step", "tensors", "sha256", "identity", "state", "index_sha256") if key not in index]
     if missing:
         raise CheckpointError(f"{index_path} lacks {', '.join(missing)}: it is not a complete checkpoint index")
+    if _index_digest(index) != index["index_sha256"]:
+        raise CheckpointError(f"{index_path} does not match the SHA-256 it records for itself: the file was changed "
+                              "or corrupted after it was written. Nothing was loaded; start afresh (resume=False, or "
+                              "no --resume) to replace the checkpoint")
     if identity is not None:
         differences = identity_differences(index["identity"], json.loads(json.dumps(identity)))
         if differences:
@@ -166,6 +179,12 @@ def load_checkpoint(directory: str | Path, *, identity: Mapping[str, Any] | None
         raise CheckpointError(f"{tensor_path} belongs to step {saved_step}, but {index_path} is step {index['step']}")
     return Checkpoint(path=directory, step=index["step"], identity=index["identity"],
                       state=_join(index["state"], tensors))
+
+
+def _index_digest(index: Mapping[str, Any]) -> str:
+    """The SHA-256 of an index's values (all but the digest itself), independent of layout and key order."""
+    values = {key: value for key, value in index.items() if key != "index_sha256"}
+    return hashlib.sha256(json.dumps(values, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _metadata(data: bytes) -> dict[str, str]:
@@ -242,6 +261,73 @@ def describe_model(model: nn.Module) -> dict[str, Any]:
         "parameters": {name: [list(t.shape), str(t.dtype).removeprefix("torch.")]
                        for name, t in model.state_dict().items()},
     }
+
+
+def state_sha256(model: nn.Module) -> str:
+    """The SHA-256 of ``model``'s state (every entry's name, dtype, shape and values), as hex.
+
+    In a run's identity it records the weights the run started from: pretrained weights from another
+    file, or another initialisation, give another digest.
+    """
+    return _sha256(model.state_dict())
+
+
+def _sha256(tensors: Mapping[str, Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in tensors.items():
+        data = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}:{data.dtype}{tuple(data.shape)};".encode())
+        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def describe_options(value: Any) -> Any:
+    """``value`` as JSON values for a run's identity, with every option of every object in it.
+
+    JSON values stay as they are (a NaN becomes the string ``"nan"``, so that it equals itself); lists,
+    tuples and string-keyed dicts are described item by item; a class or function becomes its module and
+    qualified name; a tensor its shape, dtype and the SHA-256 of its values; any other object its class
+    and the description of every attribute it holds (its ``vars``, or its ``__slots__``). A gradient
+    policy is therefore described by its class and all its options, and two identities agree only when
+    every option of every object does (``AdaHATPolicy(alpha=50)`` is not ``AdaHATPolicy(alpha=0.1)``).
+    An object met again inside itself is described by its class alone.
+
+    Args:
+        value: the object to describe, typically a method's option read before training starts.
+
+    Returns:
+        JSON values: ``None``, bools, numbers, strings, lists and dicts.
+    """
+    return _describe(value, ())
+
+
+def _describe(value: Any, inside: tuple[int, ...]) -> Any:
+    if isinstance(value, float) and math.isnan(value):
+        return "nan"
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, type) or inspect.isroutine(value):
+        return f"{value.__module__}.{value.__qualname__}"
+    if isinstance(value, Tensor):
+        return {"shape": list(value.shape), "dtype": str(value.dtype).removeprefix("torch."),
+                "sha256": _sha256({"": value})}
+    if id(value) in inside:
+        return {"class": _class_name(value)}
+    inside = (*inside, id(value))
+    if isinstance(value, list | tuple):
+        return [_describe(v, inside) for v in value]
+    if isinstance(value, Mapping) and all(isinstance(k, str) for k in value):
+        return {k: _describe(v, inside) for k, v in value.items()}
+    if hasattr(value, "__dict__"):
+        attributes = vars(value)
+    else:
+        slots = [name for cls in type(value).__mro__ for name in getattr(cls, "__slots__", ())]
+        attributes = {name: getattr(value, name) for name in slots if hasattr(value, name)}
+    return {"class": _class_name(value)} | {k: _describe(v, inside) for k, v in attributes.items()}
+
+
+def _class_name(value: Any) -> str:
+    return f"{type(value).__module__}.{type(value).__qualname__}"
 
 
 def identity_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:

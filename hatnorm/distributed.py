@@ -133,11 +133,19 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
+def world_size(process_group: ProcessGroup | None = None) -> int:
+    """How many ranks ``process_group`` (``None``: every rank) has; 1 in a single process."""
+    group = _group(process_group)
+    return 1 if group is None else dist.get_world_size(group)
+
+
 def shard(batch: Tensor, process_group: ProcessGroup | None = None) -> Tensor:
     """This rank's contiguous share of a global ``batch`` (split along dim 0); the whole batch in one process.
 
-    Ranks get equal shares when the batch size is a multiple of the world size; only then is the
-    average of the ranks' mean losses the mean loss of the whole batch.
+    Ranks get equal shares when the batch size is a multiple of the world size; otherwise the first
+    ``len(batch) % world`` ranks get one sample more. The average of the ranks' mean losses is the mean
+    loss of the whole batch only with equal shares: weight each rank's mean loss by
+    :func:`share_weight` to make it so for any batch.
 
     Raises:
         ValueError: the batch has fewer samples than the group has ranks.
@@ -152,6 +160,26 @@ def shard(batch: Tensor, process_group: ProcessGroup | None = None) -> Tensor:
     if len(batch) < world:
         raise ValueError(f"batch must hold at least one sample per rank ({world}), got {len(batch)}")
     return batch.tensor_split(world)[dist.get_rank(group)]
+
+
+def share_weight(batch_size: int, process_group: ProcessGroup | None = None) -> float:
+    """The weight of this rank's mean loss over its :func:`shard` of a batch of ``batch_size`` samples.
+
+    ``len(share) × world / batch_size``: with it, the gradients averaged over the ranks (by DDP or
+    :func:`average_gradients`) are those of the whole batch's mean loss, also when the shares are
+    unequal (a last batch of 5 split 3 / 2). Exactly 1 with equal shares and in one process.
+
+    Raises:
+        ValueError: ``batch_size`` is not an int ≥ the group's number of ranks.
+    """
+    world = world_size(process_group)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < world:
+        raise ValueError(f"batch_size must be an int ≥ the number of ranks ({world}), got {batch_size!r}")
+    if world == 1:
+        return 1.0
+    rank = dist.get_rank(_group(process_group))
+    share = batch_size // world + (rank < batch_size % world)
+    return share * world / batch_size
 
 
 def average_gradients(model: nn.Module, process_group: ProcessGroup | None = None) -> None:

@@ -15,23 +15,60 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler, SequentialLR
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from hatnorm.distributed import average_gradients, convert_sync, shard
+from hatnorm.distributed import average_gradients, convert_sync, shard, share_weight, world_size
 from hatnorm.training._config import TrainConfig
 from hatnorm.training._display import Display
 from hatnorm.training._evaluation import diverged, evaluate, finite, precise_statistics, skip_hint
 from hatnorm.training._methods import Method
 
+#: the fewest samples a rank trains on in one step: batch statistics need two
+PER_RANK = 2
+
+
+def validation_size(samples: int, fraction: float) -> int:
+    """How many of a task's ``samples`` :func:`split_validation` holds out (at least one)."""
+    return max(1, round(samples * fraction))
+
 
 def split_validation(data: Dataset, fraction: float, seed: int) -> tuple[Subset, Subset]:
     """A seeded random split of ``data`` into training and validation parts."""
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed)).tolist()
-    n_val = max(1, round(len(data) * fraction))
+    n_val = validation_size(len(data), fraction)
     return Subset(data, order[n_val:]), Subset(data, order[:n_val])
 
 
+def check_trainable(tasks: Sequence[tuple[str, int]], config: TrainConfig) -> None:
+    """Refuse, before any training, a task or batch too small to give every rank two samples a step.
+
+    Args:
+        tasks: every task's name and sample count (before the validation split).
+        config: the training settings.
+
+    Raises:
+        ValueError: under ``torchrun``, a batch size below 2 per rank; a task whose training split (what
+            the validation split leaves) holds fewer than 2 samples per rank, so that it would train on
+            nothing (names the task and the split).
+    """
+    world = world_size()
+    need = PER_RANK * world
+    if config.batch_size < need:
+        raise ValueError(f"batch_size must be ≥ {PER_RANK} per rank ({need} for {world} ranks under torchrun: batch "
+                         f"statistics), got {config.batch_size}")
+    for t, (name, samples) in enumerate(tasks):
+        held = validation_size(samples, config.validation_fraction)
+        left = samples - held
+        if left < need:
+            ranks = "" if world == 1 else f" ({PER_RANK} per rank, {world} ranks)"
+            raise ValueError(f"task {t} ({name}): its training split holds {left} sample{'s' * (left != 1)} "
+                             f"({held} of {samples} {'is' if held == 1 else 'are'} held out for validation; "
+                             f"validation_fraction={config.validation_fraction}); training needs at least {need}"
+                             f"{ranks}: give the task more samples")
+
+
 def _batches(data: Dataset, batch_size: int, seed: int) -> DataLoader:
-    # drop a last batch of one: batch statistics need two samples
-    drop_last = len(data) % batch_size == 1
+    # drop a last batch that cannot give every rank two samples (batch statistics need two): in one process a
+    # last batch of one, under torchrun with W ranks any last batch of fewer than 2W
+    drop_last = 0 < len(data) % batch_size < PER_RANK * world_size()
     return DataLoader(data, batch_size=batch_size, shuffle=True, drop_last=drop_last,
                       generator=torch.Generator().manual_seed(seed))
 
@@ -89,19 +126,36 @@ def _logits(output: object, model: nn.Module) -> Tensor:
     return output
 
 
+def _batch_loss(model: nn.Module, x: Tensor, y: Tensor, task: int, s: float, where: str, classes: int) -> Tensor:
+    """This rank's part of the batch's mean loss: its share's mean loss weighted by :func:`share_weight`.
+
+    A head with fewer outputs than the task has classes is refused, naming the task.
+    """
+    logits = _logits(model(shard(x), task=task, s=s), model)
+    if logits.dim() > 1 and logits.shape[1] < classes:
+        raise ValueError(f"{where}: the model's head gives {logits.shape[1]} outputs, but the task has {classes} "
+                         f"classes (labels up to {classes - 1}): build the model with num_classes ≥ {classes} for "
+                         "this task (a list gives every task its own)")
+    return F.cross_entropy(logits, shard(y)) * share_weight(len(y))
+
+
 def fit_task(model: nn.Module, method: Method, task_ids: Sequence[int], train: Sequence[Dataset],
         valid: Sequence[Dataset], config: TrainConfig, display: Display, name: str, seed: int, *,
-        resume: FitState | None = None, epoch_end: Callable[[FitState], None] | None = None
-        ) -> tuple[int, int, list[float]]:
+        classes: Sequence[int], resume: FitState | None = None,
+        epoch_end: Callable[[FitState], None] | None = None) -> tuple[int, int, list[float]]:
     """Train on one or more tasks (several for joint training) with the configured schedule.
 
     Each step takes one batch of every task in ``task_ids`` and sums their losses. Validation after every
     epoch sees statistics re-estimated for the current weights (``config.recalibrate``), and so do the
     best weights it keeps and restores. ``resume`` continues from a state ``epoch_end`` was given after an
-    epoch. Returns the epochs run, the batches skipped and the validation accuracy after every epoch.
+    epoch. ``classes`` gives each task's class count (its head must have at least as many outputs).
+    Returns the epochs run, the batches skipped and the validation accuracy after every epoch.
 
     Under ``torchrun`` every rank loads the same batches and trains on its share of each, with
-    synchronised norms and gradients averaged over the ranks, so all ranks stay equal.
+    synchronised norms and gradients averaged over the ranks, so all ranks stay equal. Each rank's mean
+    loss is weighted by its share of the batch, so unequal shares (a last batch of 5 over 2 ranks: 3 and
+    2) step as one process does on the whole batch. The one difference: a last batch of fewer than 2
+    samples per rank is left out on every rank (one process leaves out only a last batch of 1).
     """
     convert_sync(model)
     parts = list(zip(task_ids, train, strict=True))
@@ -142,8 +196,8 @@ def fit_task(model: nn.Module, method: Method, task_ids: Sequence[int], train: S
                                      f"{skip_hint('TrainConfig')}")
                 skipped_now += 1
                 continue
-            task_loss = sum(F.cross_entropy(_logits(model(shard(x), task=t, s=s), model), shard(y))
-                            for t, (x, y) in zip(task_ids, batches, strict=True))
+            task_loss = sum(_batch_loss(model, x, y, t, s, f"task {t} ({name})", k)
+                            for t, k, (x, y) in zip(task_ids, classes, batches, strict=True))
             # checked before any gradient or step: the model is left as the last finite step made it
             if not math.isfinite(value := task_loss.item()):
                 raise diverged(f"task {task_ids[-1]} ({name}), epoch {epoch + 1}, batch {b + 1} of {steps_per_epoch}",

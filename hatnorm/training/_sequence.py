@@ -20,19 +20,21 @@ from hatnorm._checks import check_positive_int
 from hatnorm.checkpoint import (
     Checkpoint,
     describe_model,
+    describe_options,
     load_checkpoint,
     lock_folder,
     remove_checkpoint,
     rng_state,
     save_checkpoint,
     set_rng_state,
+    state_sha256,
 )
 from hatnorm.data import Task, fingerprint
 from hatnorm.distributed import is_main_process
 from hatnorm.training._config import TrainConfig
 from hatnorm.training._display import Console, Display
 from hatnorm.training._evaluation import evaluate
-from hatnorm.training._fit import FitState, fit_task, split_validation
+from hatnorm.training._fit import FitState, check_trainable, fit_task, split_validation
 from hatnorm.training._methods import FineTune, Method
 
 
@@ -117,15 +119,18 @@ def _checkpoints(directory: str | Path | None, every: int | None, resume: bool) 
 
 
 def _method_identity(method: Method) -> dict[str, Any]:
-    """The method's name and options, read before :meth:`Method.setup` adds its state."""
-    options = {k: v if v is None or isinstance(v, bool | int | float | str) else type(v).__name__
-               for k, v in vars(method).items()}
-    return {"name": method.name} | options
+    """The method's name and options, read before :meth:`Method.setup` adds its state; an object among them (a
+    gradient policy) with all of its own options."""
+    return {"name": method.name} | describe_options(vars(method))
 
 
 def _identity(run: str, model: nn.Module, tasks: Sequence[Task], method: dict[str, Any], config: TrainConfig,
               info: dict[str, Any] | None) -> dict[str, Any]:
-    """What a checkpoint must agree on to be resumed; ``nonfinite`` may change (skipping after an error)."""
+    """What a checkpoint must agree on to be resumed; ``nonfinite`` may change (skipping after an error).
+
+    ``model`` is the run's model as built, before anything is loaded into it: its state's digest records the
+    weights the run started from (pretrained ones included).
+    """
     return (info or {}) | {
         "run": run,
         "num_tasks": len(tasks),
@@ -135,6 +140,7 @@ def _identity(run: str, model: nn.Module, tasks: Sequence[Task], method: dict[st
                   for i, t in enumerate(tasks)},
         "method": method,
         "config": {k: v for k, v in asdict(config).items() if k != "nonfinite"},
+        "initial_sha256": state_sha256(model),
     } | describe_model(model)
 
 
@@ -180,7 +186,8 @@ def train_sequence(
     ``checkpoint_dir``, a checkpoint (:mod:`hatnorm.checkpoint`) is written there after every task and
     every ``checkpoint_every`` epochs within a task: the model, the optimizer, the schedule, the method,
     the random states and the results so far. ``resume=True`` continues from it; the run ends exactly as
-    an uninterrupted one (bitwise on the CPU).
+    an uninterrupted one (bitwise on the CPU). A checkpoint is only resumed by the same run: the same
+    model as built (its starting weights included), data, method with every option, and settings.
 
     Under ``torchrun`` (an initialised process group), every rank makes this same call: each trains on
     its share of every batch with synchronised norms and averaged gradients, the ranks stay equal, and
@@ -203,13 +210,15 @@ def train_sequence(
             without training; an empty folder starts afresh).
 
     Raises:
-        ValueError: no tasks, bad checkpoint options, or an input batch holding NaN or inf (with
-            ``config.nonfinite="raise"``).
+        ValueError: no tasks, bad checkpoint options, a task whose training split holds fewer than 2
+            samples (per rank under ``torchrun``; before any training), a head with fewer outputs than its
+            task has classes, or an input batch holding NaN or inf (with ``config.nonfinite="raise"``).
         hatnorm.checkpoint.CheckpointError: the checkpoint to resume is from a different run (another
             architecture, norm, task count, method, config, ...) or damaged; nothing is loaded.
     """
     if not tasks:
         raise ValueError("tasks must hold at least one task, got none")
+    check_trainable([(task.name, len(task.train)) for task in tasks], config)
     checkpoints = _checkpoints(checkpoint_dir, checkpoint_every, resume)
     _check_writable(out_dir, "out_dir")
     _check_writable(checkpoint_dir, "checkpoint_dir")
@@ -261,7 +270,8 @@ def train_sequence(
                         save(fit, time.perf_counter() - start)
 
                 epochs, skipped, curve = fit_task(model, method, [t], [train], [valid], config, display,
-                                                  tasks[t].name, config.seed + t, resume=fit_state,
+                                                  tasks[t].name, config.seed + t, classes=[tasks[t].num_classes],
+                                                  resume=fit_state,
                                                   epoch_end=epoch_end if checkpoints is not None else None)
                 fit_state, elapsed = None, 0.0
                 method.end_task(t, train)
@@ -295,7 +305,8 @@ def train_joint(
     """A_J: for every t, a fresh ungated model trained jointly on tasks 0..t, tested on each of them.
 
     Checkpoints work as in :func:`train_sequence`: after every t, and every ``checkpoint_every`` epochs
-    within one.
+    within one; a checkpoint of other starting weights (``build_model`` loading another pretrained file)
+    is refused.
 
     Args:
         build_model: makes the model (called after seeding, once per t).
@@ -311,9 +322,11 @@ def train_joint(
         ``joint[t][τ]`` for τ ≤ t (NaN above the diagonal).
 
     Raises:
-        ValueError: bad checkpoint options, or an input batch holding NaN or inf.
+        ValueError: bad checkpoint options, a task too small to train or a head too small for its task (as
+            for :func:`train_sequence`), or an input batch holding NaN or inf.
         hatnorm.checkpoint.CheckpointError: the checkpoint to resume is from a different run, or damaged.
     """
+    check_trainable([(task.name, len(task.train)) for task in tasks], config)
     checkpoints = _checkpoints(checkpoint_dir, checkpoint_every, resume)
     _check_writable(checkpoint_dir, "checkpoint_dir")
     with _holding(checkpoints):
@@ -350,7 +363,8 @@ def train_joint(
                                           "rng": rng_state()})
 
                 fit_task(model, method, list(range(t + 1)), [s[0] for s in splits], [s[1] for s in splits], config,
-                     display, f"tasks 0..{t}", config.seed + 100 + t, resume=fit_state,
+                     display, f"tasks 0..{t}", config.seed + 100 + t,
+                     classes=[task.num_classes for task in tasks[: t + 1]], resume=fit_state,
                      epoch_end=epoch_end if checkpoints is not None else None)
                 fit_state = None
                 matrix.append([evaluate(model, tasks[tau].test, tau, nonfinite=config.nonfinite,
