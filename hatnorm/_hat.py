@@ -517,7 +517,8 @@ class HAT:
         self._reset_task_state()
 
     def gradient_multipliers(self) -> dict[str, Tensor]:
-        """The multipliers of the active task by parameter name; parameters left out keep their raw gradient."""
+        """The multipliers of the active task by parameter name; parameters left out keep their raw gradient, except
+        those a :class:`~hatnorm.StepPolicy` governs, whose rates change every step (``hat.policy.rates(s)``)."""
         self._active("gradient_multipliers")
         filled = {self._names[id(self._frozen[i])]: (~self._drop[i]).to(self._frozen[i].dtype) for i in self._filled}
         return {self._names[id(p)]: m for p, m in zip(self._params, self._mults, strict=True)} | filled

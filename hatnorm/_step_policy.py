@@ -264,7 +264,8 @@ class SoftRatePolicy(StepPolicy):
         found: dict[nn.Parameter, Tensor] = {}
         with torch.no_grad():
             for e in self._entries:
-                rate = self.alpha / (coefficients[e.layer] * e.importance + self.alpha)
+                # α/(c·Î + α), one allocation
+                rate = torch.mul(e.importance, coefficients[e.layer]).add_(self.alpha).reciprocal_().mul_(self.alpha)
                 # a module wired twice keeps the stricter rate
                 found[e.param] = torch.minimum(found[e.param], rate) if e.param in found else rate
         return found
