@@ -64,7 +64,7 @@ from hatnorm._norm_registry import NormSpec, get_norm, list_norms
 from hatnorm._norms import MaskedNorm, NoNorm
 from hatnorm._tracing import eliminate_dead_code, is_drop_path, is_in_place, is_transformers_activation, trace
 from hatnorm._transformer import gated_linear
-from hatnorm._units import Recorder, Units, expand, record, unitwise_failure, user_rule
+from hatnorm._units import Recorder, Units, expand, record, rule_failure, unitwise_failure, user_rule
 
 #: modules that act on every value alone and keep 0 at 0
 _UNITWISE_MODULES = (
@@ -1016,6 +1016,7 @@ class _Converter:
                                   "or declare it with hatnorm.register_conversion_rule")
 
     def apply_rule(self, node: fx.Node, rule: str, where: str, module: nn.Module | None = None) -> None:
+        self.check_claim(node, rule, where, module)
         if rule == "bookkeeping":
             return
         self.resolve(node, where, ungated=rule == "moves")
@@ -1025,6 +1026,31 @@ class _Converter:
             self.units[node] = self.moves(node, node.args[0], where, call=module)
         else:
             self.units[node] = _Scale(self.gated(node.args[0], where))
+
+    def check_claim(self, node: fx.Node, rule: str, where: str, module: nn.Module | None) -> None:
+        """Check a registered rule's claim on a probe of the input's shape, called as ``node`` calls the op (a module
+        is checked here, a function that takes a tensor alone was at registration)."""
+        if not node.args or not isinstance(node.args[0], fx.Node):
+            return
+        shape = self.shape(node.args[0])
+        known = self.recorder.values if self.recorder is not None else {}
+        if any(a not in known for a in _tensor_args(node)[1:]):
+            return  # another tensor, or a value of unknown size, among its arguments: nothing to probe with
+        args, kwargs = fx.node.map_arg((node.args[1:], node.kwargs), lambda a: known[a])
+        target = node.target
+        if module is not None:
+            def op(t: Tensor) -> Any:
+                return module(t, *args, **kwargs)
+        elif node.op == "call_method":
+            def op(t: Tensor) -> Any:
+                return getattr(t, target)(*args, **kwargs)
+        else:
+            def op(t: Tensor) -> Any:
+                return target(t, *args, **kwargs)
+        failure = rule_failure(op, rule, tuple(shape) if shape is not None else (2, 3, 4, 4), lone=shape is None)
+        if failure is not None:
+            raise ConversionError(f"{where}: the rule {rule!r} registered for it is false: on a probe tensor it "
+                                  f"{failure}")
 
     # ----------------------------------------------------------------------------- rules
     def unitwise(self, node: fx.Node, source: fx.Node, where: str, *, pool: bool) -> Any:

@@ -13,11 +13,16 @@ the dim it contracts, which is valid only where the units do not vary along any 
 
 from __future__ import annotations
 
+import functools
+import inspect
+import math
+import types
 from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, fx, nn
+from torch.fx import _symbolic_trace
 
 from hatnorm._masks import MaskSource, Select
 
@@ -32,8 +37,15 @@ _USER_RULES: dict[object, str] = {}
 def register_conversion_rule(target: Callable[..., Any] | str | type[nn.Module], rule: Rule) -> None:
     """Declare how :func:`hatnorm.convert` passes units through your own operation.
 
+    The rule's claim is checked on a probe tensor where it can be: at registration for a function or a tensor
+    method that takes a tensor alone, at conversion (at the example's shape) for a module class's instances and
+    for a function that needs more arguments. ``"unitwise"`` must map 0 to exactly 0 and act on every value
+    alone; ``"moves"`` must give only values of its input (or 0); ``"bookkeeping"`` must not give a floating-point
+    tensor.
+
     Args:
-        target: a function the forward calls (``my_ops.swish``), the name of a tensor method
+        target: a function the forward calls (``my_ops.swish``; one that ``torch.fx`` records as a call: a torch
+            function, a builtin, or a function wrapped with ``torch.fx.wrap``), the name of a tensor method
             (``"my_method"``), or a module class (its instances are kept as single calls, not traced into).
         rule: ``"unitwise"``: the op acts on every value alone and maps 0 to 0 (an activation, a dropout, a
             pool), so its output holds its input's units; ``"moves"``: the op only moves, copies or drops
@@ -44,7 +56,9 @@ def register_conversion_rule(target: Callable[..., Any] | str | type[nn.Module],
 
     Raises:
         TypeError: ``target`` is none of these.
-        ValueError: ``rule`` is not one of the four.
+        ValueError: ``rule`` is not one of the four; ``target`` is a plain Python function, which ``torch.fx``
+            traces into (the rule could never apply); or the rule's claim is false on a probe (softplus declared
+            ``"unitwise"``: softplus(0) ≠ 0).
     """
     if not (callable(target) or isinstance(target, str)) or (isinstance(target, type)
                                                               and not issubclass(target, nn.Module)):
@@ -53,7 +67,77 @@ def register_conversion_rule(target: Callable[..., Any] | str | type[nn.Module],
         raise TypeError(f"target: a tensor method's name must be an identifier, got {target!r}")
     if rule not in RULES:
         raise ValueError(f"rule must be one of {list(RULES)}, got {rule!r}")
+    name = target if isinstance(target, str) else getattr(target, "__name__", repr(target))
+    if not isinstance(target, str | type) and not _recorded_by_fx(target):
+        raise ValueError(f"target: {name} is a plain Python function, which torch.fx traces into (it records the "
+                         f"operations inside it, never a call to {name}), so a rule for it could never apply; wrap it "
+                         "with torch.fx.wrap at the top level of its module, or register the nn.Module class that "
+                         "calls it")
+    if not isinstance(target, type) and (not isinstance(target, str) or hasattr(Tensor, target)):
+        op = target if not isinstance(target, str) else (lambda t: getattr(t, target)())
+        failure = rule_failure(op, rule, lone=True)
+        if failure is not None:
+            raise ValueError(f"rule: {rule!r} is false for {name!r}: on a probe tensor it {failure}")
     _USER_RULES[target] = rule
+
+
+@functools.cache
+def _torch_functions() -> frozenset[Callable[..., Any]]:
+    """The Python functions of torch that dispatch through ``__torch_function__``, so fx records them as calls."""
+    return frozenset(f for functions in torch.overrides.get_overridable_functions().values() for f in functions)
+
+
+def _recorded_by_fx(target: Callable[..., Any]) -> bool:
+    """Whether ``torch.fx`` records a call to ``target`` as one node: a builtin, a torch function, a function
+    wrapped with ``torch.fx.wrap``, or one of ``math``'s (fx wraps them); a plain Python function is traced into."""
+    if not inspect.isfunction(target):
+        return inspect.isbuiltin(target) or isinstance(target, types.BuiltinMethodType | types.MethodWrapperType) or \
+            _in(target, _torch_functions())
+    wrapped = (id(target.__globals__), target.__name__) in _symbolic_trace._wrapped_fns_to_patch
+    return wrapped or target.__module__ == "math" or _in(target, _torch_functions())
+
+
+def _in(target: object, found: frozenset[Callable[..., Any]]) -> bool:
+    try:
+        return target in found
+    except TypeError:  # an unhashable callable
+        return False
+
+
+def rule_failure(op: Callable[[Tensor], Any], rule: str, shape: tuple[int, ...] = (2, 3, 4, 4), *,
+                 lone: bool = False) -> str | None:
+    """Why ``op`` does not do what ``rule`` claims, on a probe tensor of ``shape``; ``None`` when it does or the claim
+    cannot be checked (``lone``: ``op`` may need more arguments than the tensor, so a call that raises is not held
+    against it)."""
+    if rule == "unitwise":
+        failure = unitwise_failure(op, shape)
+    elif rule == "moves":
+        probe = (torch.randperm(math.prod(shape), generator=torch.Generator().manual_seed(0)) + 1.0).view(shape)
+        try:
+            with torch.no_grad():
+                out = op(probe)
+        except Exception as error:  # whatever the op raises for a plain tensor
+            failure = f"cannot be checked: calling it on a tensor of shape {list(shape)} raised {error}"
+        else:
+            moved = [out] if isinstance(out, Tensor) else list(out) if isinstance(out, tuple | list) else []
+            values = torch.cat([probe.reshape(-1), probe.new_zeros(1)])
+            failure = None if moved and all(isinstance(m, Tensor) and bool(torch.isin(m, values).all())
+                                            for m in moved) else \
+                "gives values its input does not hold (it does more than move values)"
+    elif rule == "bookkeeping":
+        try:
+            with torch.no_grad():
+                out = op(torch.randn(shape, generator=torch.Generator().manual_seed(0)))
+        except Exception as error:  # whatever the op raises for a plain tensor
+            failure = f"cannot be checked: calling it on a tensor of shape {list(shape)} raised {error}"
+        else:
+            failure = "gives a floating-point tensor (data, not bookkeeping)" if \
+                isinstance(out, Tensor) and out.dtype.is_floating_point else None
+    else:
+        failure = None
+    if failure is None or (lone and failure.startswith("cannot be checked")):
+        return None
+    return failure
 
 
 def unitwise_failure(op: Callable[[Tensor], Any], shape: tuple[int, ...] = (2, 3, 4, 4), *,
