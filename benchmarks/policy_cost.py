@@ -63,9 +63,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     p.add_argument("--quick", action="store_true", help="ResNet-18 at base width 16")
     p.add_argument("--batch", type=int, default=64, help="batch size")
     p.add_argument("--repeats", type=int, default=7, help="timed steps per policy (median)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per policy first")
+    p.add_argument("--arch", nargs="+", choices=("resnet18", "vit_micro"), default=["resnet18", "vit_micro"],
+                   help="architectures")
     args = p.parse_args(argv)
     models = {"resnet18": ("masked_bn", {"base_width": 16 if args.quick else 64}), "vit_micro": ("masked_ln", {})}
-    clock = Clock(torch.device("cpu"), repeats=args.repeats, warmup=2)
+    models = {arch: models[arch] for arch in args.arch}
+    clock = Clock(torch.device("cpu"), repeats=args.repeats, warmup=args.warmup)
     print(f"{cpu_model()} ({torch.get_num_threads()} threads), torch {torch.__version__}; batch {args.batch}, "
           f"Adam, task 1 of 2, s = {SCALE:g}; median of {args.repeats} interleaved steps")
     found = {}
