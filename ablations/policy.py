@@ -45,7 +45,9 @@ def make_policy(name: str, alpha: float, norms: bool) -> str | GradientPolicy:
 def main(argv: Sequence[str] | None = None) -> dict:
     p = _cli.parser("python -m ablations.policy", __doc__.splitlines()[0],
                     budget=_cli.Budget(smoke=4, converged=100), out="runs/policy")
-    p.add_argument("--arch", choices=("alexnet", "resnet18"), default="alexnet", help="architecture")
+    p.add_argument("--arch", choices=("alexnet", "resnet18", "mlp"), default="alexnet",
+                   help="architecture (mlp: the FG-AdaHAT paper's, hidden sizes --hidden)")
+    p.add_argument("--hidden", nargs="+", type=int, default=[256, 100, 64], help="mlp: hidden layer sizes")
     p.add_argument("--norms", nargs="+", choices=list_norms("batch"), default=["masked_bn", "task_bn"], help="norms")
     p.add_argument("--width", type=_cli.positive_float, default=0.125,
                    help="AlexNet width multiplier, or ResNet-18 base width (rounded)")
@@ -59,7 +61,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     _cli.check_cnn_width(p, args.arch, args.width)
     console = _cli.console()
     tasks, channels, size = _cli.load_tasks(args, p)
-    options = _cli.cnn_options(args.arch, args.width, channels, size)
+    options = ({"in_features": channels * size * size, "hidden": args.hidden} if args.arch == "mlp"
+               else _cli.cnn_options(args.arch, args.width, channels, size))
     variants = []
     contrasts = []
     settings = {"adjusted": [True], "free": [False], "both": [True, False]}[args.gamma_beta]

@@ -17,3 +17,10 @@ def test_the_policy_ablation_runs_fg_adahat_and_adahat_reference(tmp_path) -> No
         A = r["runs"]["0"]["accuracy"]
         assert all(0.0 <= a <= 1.0 for row in A for a in row)
         assert r["runs"]["0"]["bwt"] == (0.0 if label == "masked_bn hat" else A[1][0] - A[0][0])
+
+
+def test_the_policy_ablation_runs_the_fg_adahat_papers_mlp(tmp_path) -> None:
+    results = policy.main([*TINY, "--out", str(tmp_path), "--arch", "mlp", "--hidden", "16", "12", "--norms", "none",
+                           "--data", "permuted_mnist", "--policies", "hat", "fg_afi"])
+    assert set(results["variants"]) == {"none hat", "none fg_afi"}
+    assert results["variants"]["none hat"]["runs"]["0"]["bwt"] == 0.0
