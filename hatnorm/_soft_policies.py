@@ -22,7 +22,7 @@ from hatnorm._checks import check_non_negative, check_positive
 from hatnorm._gate import HATGate, hat_gate
 from hatnorm._importance import TYPES, UnitImportance, normalize
 from hatnorm._policies import AdaHATPolicy, GradientPolicy, register_policy
-from hatnorm._step_policy import Factor, SoftRatePolicy
+from hatnorm._step_policy import Factor, SoftRatePolicy, Wiring
 
 ADAHAT_MODES = ("adahat", "adahat_no_sum", "adahat_no_reg")
 
@@ -217,7 +217,7 @@ class FGAdaHATPolicy(SoftRatePolicy):
         self._gates_now: list[Tensor] | None = None
         self._resume: tuple[list[Tensor], int] | None = None  # a loaded task's accumulation, for begin_task
 
-    def wire(self, wiring: Any) -> None:
+    def wire(self, wiring: Wiring) -> None:
         super().wire(wiring)
         if not self.summed:
             self.summed = [torch.zeros_like(g.embedding[0].detach()) for g in wiring.gates]
