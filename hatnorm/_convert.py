@@ -44,7 +44,7 @@ from hatnorm._checks import (
     check_training_scale,
 )
 from hatnorm._conversion_error import ConversionError
-from hatnorm._convert_params import ParameterUse, TaskParameter
+from hatnorm._convert_params import BufferUse, ParameterUse, TaskParameter
 from hatnorm._convert_training import (
     EvaluationForward,
     ModeValue,
@@ -481,6 +481,7 @@ class _Converter:
         self.head_units: MaskSource | None = None
         self.consumed: set[str] = set()  # parameters and buffers a functional norm took over
         self.used_parameters: dict[str, fx.Node] = {}
+        self.used_buffers: dict[str, BufferUse] = {}  # buffers a gated tensor is multiplied by, entry by unit
 
     # ----------------------------------------------------------------------------- shapes and values
     def shape(self, node: fx.Node) -> torch.Size | None:
@@ -1293,7 +1294,39 @@ class _Converter:
                 self.protect(target, elements, gated[0].index, gated[0].source, where)
         elif isinstance(other, _Flat | tuple):
             raise ConversionError(f"{where}: multiplies a flattened map or a tuple")
+        elif other is None:
+            self.buffer_product(node, next(a for a in _tensor_args(node) if self.units.get(a, 0) is None), gated[0])
         self.units[node] = gated[0]
+
+    def buffer_product(self, node: fx.Node, other: fx.Node, gated: Units) -> None:
+        """A gated tensor times a tensor of buffers or data: a buffer with an entry per unit (a fixed per-channel
+        scale; of unknown shape without an example input) becomes a wired :class:`BufferUse`, so export keeps those
+        units whole (its entries stay aligned)."""
+        shape = self.shape(other)
+        buffers = [n for n in _ancestors(other) if n.op == "get_attr" and isinstance(_attribute(self.gm, n.target),
+                                                                                   Tensor)]
+        if shape is not None:  # per unit: it varies along a dim the units vary along
+            rank = min(len(shape), gated.index.dim())
+            buffers = buffers if any(shape[d] > 1 and gated.index.shape[d] > 1 for d in range(-rank, 0)) else []
+        for buffer in buffers:
+            if buffer.target in self.used_buffers:
+                self.layers.append(Layer(self.used_buffers[buffer.target], out=gated.source))
+                continue
+            owner, _, name = buffer.target.rpartition(".")
+            holder = self.gm.get_submodule(owner)
+            value = holder._buffers.pop(name) if name in holder._buffers else _attribute(self.gm, buffer.target)
+            use = BufferUse(value)
+            module_name = _free_name(self.gm, f"{buffer.target}_use".replace(".", "_"))
+            self.gm.add_submodule(module_name, use)
+            for read in [n for n in self.gm.graph.nodes if n.op == "get_attr" and n.target == buffer.target]:
+                with self.gm.graph.inserting_after(read):
+                    new = self.gm.graph.call_module(module_name)
+                read.replace_all_uses_with(new)
+                self.same_shape(new, read)
+                self.units[new] = None
+                self.gm.graph.erase_node(read)
+            self.used_buffers[buffer.target] = use
+            self.layers.append(Layer(use, out=gated.source))
 
     def divide(self, node: fx.Node, where: str) -> None:
         """Division by a number keeps 0 at 0 (and a scale a scale)."""
@@ -1492,6 +1525,17 @@ def _is_view(node: fx.Node, gm: fx.GraphModule) -> bool:
         return isinstance(gm.get_submodule(node.target), _MOVES_MODULES)
     return (node.op == "call_method" and node.target in _MOVES_METHODS) or \
         (node.op == "call_function" and node.target in _MOVES_FUNCTIONS)
+
+
+def _ancestors(node: fx.Node) -> list[fx.Node]:
+    """``node`` and every node it is computed from."""
+    found, stack = {}, [node]
+    while stack:
+        current = stack.pop()
+        if current not in found:
+            found[current] = None
+            stack.extend(current.all_input_nodes)
+    return list(found)
 
 
 def _reads_metadata(node: fx.Node) -> bool:

@@ -77,3 +77,23 @@ class ParameterUse(nn.Module, Protected):
     def gradient_multipliers(self, previous: MaskState, task: int, policy: GradientPolicy) -> dict[str, Tensor]:
         rate = policy.unit_rate(previous)
         return {"parameter": rate[self.units.to(rate.device)].to(self.parameter.dtype)}
+
+
+class BufferUse(nn.Module, Protected):
+    """A buffer the traced forward multiplies a gated tensor by, one entry per unit (a fixed per-channel scale):
+    it holds no parameter, so HAT has nothing to protect, but as a wired module it keeps those units whole when
+    :func:`hatnorm.export` removes unused units (the buffer still has an entry for every unit).
+
+    Args:
+        buffer: the buffer, moved here from the module that held it.
+    """
+
+    def __init__(self, buffer: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("buffer", buffer)
+
+    def forward(self) -> Tensor:
+        return self.buffer
+
+    def gradient_multipliers(self, previous: MaskState, task: int, policy: GradientPolicy) -> dict[str, Tensor]:
+        return {}
