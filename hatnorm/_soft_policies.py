@@ -296,15 +296,24 @@ class FGAdaHATPolicy(SoftRatePolicy):
                 "accumulated": list(self.accumulated), "steps": self.steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (checked whole first: a bad state changes nothing).
+
+        Raises:
+            ValueError: a key is missing, or a tensor list does not hold one tensor per gate of the gate's size.
+        """
+        missing = sorted({"summed", "history", "accumulated", "steps"} - set(state))
+        if missing:
+            raise ValueError(f"state must hold 'summed', 'history', 'accumulated' and 'steps', got no {missing}")
+        sizes = [g.num_features for g in self.wiring.gates]
+        lists = {"summed": state["summed"], "accumulated": state["accumulated"] or [torch.zeros(n) for n in sizes]}
+        lists |= {f"history[{i}]": h for i, h in enumerate(state["history"])}
+        for key, tensors in lists.items():
+            if [t.numel() for t in tensors] != sizes:
+                raise ValueError(f"state[{key!r}] must hold one tensor per gate with sizes {sizes}, got "
+                                 f"{[t.numel() for t in tensors]}")
         self._units.stop()
         self.task = None
-        sizes = [g.num_features for g in self.wiring.gates]
-        for key in ("summed", "accumulated"):
-            if [t.numel() for t in state[key]] != sizes and state[key]:
-                raise ValueError(f"state[{key!r}] must hold one tensor per gate with sizes {sizes}, got "
-                                 f"{[t.numel() for t in state[key]]}")
         self.summed = [t.clone() for t in state["summed"]]
         self.history = [[t.clone() for t in h] for h in state["history"]]
         self._resume = ([t.clone() for t in state["accumulated"]], int(state["steps"])) if state["accumulated"] \
             else None
-

@@ -185,3 +185,19 @@ def test_a_state_without_the_policy_is_refused() -> None:
     with pytest.raises(ValueError, match=r"state\['policy'\]"):
         hat.load_state_dict({"learned_tasks": [], "task": None})
     assert hat.learned_tasks == [] and hat.task is None
+
+
+def test_a_policy_state_of_another_model_changes_nothing() -> None:
+    model = hatnorm.build("mlp", num_tasks=3, norm="masked_bn", num_classes=3, in_features=8, hidden=[12, 12])
+    hat = HAT(model, policy=FGAdaHATPolicy(alpha=1e-3))
+    train(model, hat, (8,))
+    before = [s.clone() for s in hat.policy.summed]
+    state = hat.state_dict()
+    state["policy"]["summed"] = [torch.zeros(5)]
+    with pytest.raises(ValueError, match=r"state\['summed'\] must hold one tensor per gate"):
+        hat.load_state_dict(state)
+    del state["policy"]["steps"]
+    with pytest.raises(ValueError, match="'steps'"):
+        hat.load_state_dict(state)
+    assert hat.learned_tasks == [0, 1]
+    assert all(torch.equal(a, b) for a, b in zip(hat.policy.summed, before, strict=True))
