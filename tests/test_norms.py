@@ -416,10 +416,37 @@ def test_none_gates_the_dim_its_layout_names() -> None:
     assert torch.equal(last(x, SOFT, 0), x * SOFT)
 
 
-@pytest.mark.parametrize(("name", "dims"), [("masked_bn", None), ("masked_bn", 3), ("masked_ln", 2)])
+@pytest.mark.parametrize(("name", "dims"), [("masked_bn", 0), ("masked_bn", 3), ("masked_ln", 2)])
 def test_registered_builder_refuses_a_layout_it_does_not_have(name, dims) -> None:
-    with pytest.raises(ValueError, match=rf"dims must be .* for norm '{name}', got {dims}"):
+    cls = hatnorm.get_norm(name).norm_class.__name__
+    with pytest.raises(ValueError, match=rf"^{cls}: dims must be .*, got {dims}$"):
         hatnorm.get_norm(name).layer(num_tasks=T, dims=dims)(C)
+
+
+@pytest.mark.parametrize("name", hatnorm.list_norms())
+def test_a_norm_declares_its_layout_once_and_its_instances_follow_it(name) -> None:
+    cls = hatnorm.get_norm(name).norm_class
+    for dims, ranks in cls.ranks.items():
+        norm = hatnorm.get_norm(name).layer(num_tasks=T, dims=dims)(C)
+        assert norm.dims == ranks
+        channels_last = cls.layout == "channels_last" or (cls.layout == "any" and dims is None)
+        assert norm.channel_dim == (-1 if channels_last else 1)
+
+
+@pytest.mark.parametrize("name", hatnorm.list_norms())
+def test_default_multipliers_follow_the_parameter_shapes(name) -> None:
+    norm = hatnorm.get_norm(name).layer(num_tasks=T, dims=next(iter(hatnorm.get_norm(name).norm_class.ranks)))(C)
+    previous = hatnorm.MaskState(cumulative=torch.tensor([1.0, 0, 1, 0, 0.5, 0]), summative=torch.ones(C))
+    multipliers = norm.gradient_multipliers(previous, 1, hatnorm.HATPolicy())
+    assert set(multipliers) == {n for n, _ in norm.named_parameters()}
+    for pname, p in norm.named_parameters():
+        if p.shape == (C,):  # shared by every task: protected like a bias, 1 − a^{<t}
+            assert torch.equal(multipliers[pname], 1 - previous.cumulative), pname
+        else:  # one row per task: task 1 trains its own row only
+            assert p.shape == (T, C)
+            expected = torch.zeros(T, C)
+            expected[1] = 1
+            assert torch.equal(multipliers[pname], expected), pname
 
 
 def test_registered_builders_pass_options_on() -> None:

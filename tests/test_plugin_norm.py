@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import ClassVar
 
 import distributed_worker
 import pytest
@@ -16,6 +17,7 @@ from test_convert import task_aware
 from test_training import STATISTICS_NORMS
 
 import hatnorm
+import hatnorm._norm_registry
 
 PLUGIN = "example_task_affine_bn"  # tests/plugin: the hatnorm-example-norm package
 
@@ -68,3 +70,119 @@ def test_convert_swaps_the_modules_the_plugin_replaces() -> None:
     with pytest.raises(hatnorm.ConversionError, match=rf"norm '{PLUGIN}' cannot replace module '1' \(LayerNorm\)"):
         hatnorm.convert(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2)),
                         num_tasks=2, norm=PLUGIN)
+
+
+# --- a plug-in norm's declarations are checked when the first model is built with it ----------------------
+
+
+@pytest.fixture
+def registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The norms registered by a test are gone afterwards."""
+    hatnorm.list_norms()  # load the installed plugins first, so the copy holds them
+    monkeypatch.setattr(hatnorm._norm_registry.NORMS, "_entries", dict(hatnorm._norm_registry.NORMS._entries))
+
+
+class GateBlindLayerNorm(hatnorm.MaskedNorm):
+    """Declares that it forgets nothing, but normalises without its gate: γ, β are shared, so the units task 0
+    left closed keep training, and task 0's outputs there move."""
+
+    layout = "channels_last"
+    ranks: ClassVar[dict[int | None, tuple[int, ...]]] = {None: (2, 3), 1: (2, 3)}
+    isolates_tasks = True
+
+    def __init__(self, num_features: int, *, num_tasks: int, dims: int | None = None) -> None:
+        super().__init__(num_features, num_tasks=num_tasks, dims=dims)
+        self.weight = torch.nn.Parameter(torch.ones(num_features))
+        self.bias = torch.nn.Parameter(torch.zeros(num_features))
+
+    def normalize(self, x: torch.Tensor, gate: torch.Tensor, task: int) -> torch.Tensor:
+        return torch.nn.functional.layer_norm(x, (self.num_features,), self.weight, self.bias)
+
+
+class SharedStatisticsBatchNorm(hatnorm.MaskedNorm):
+    """Declares that it forgets nothing and gates its output, but its running statistics are shared: a later
+    task's batches move the statistics an earlier task is evaluated with."""
+
+    layout = "channels_first"
+    ranks: ClassVar[dict[int | None, tuple[int, ...]]] = {2: (4,), 1: (2, 3)}
+    batch_statistics = True
+    isolates_tasks = True
+
+    def __init__(self, num_features: int, *, num_tasks: int, dims: int | None = 2) -> None:
+        super().__init__(num_features, num_tasks=num_tasks, dims=dims)
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def normalize(self, x: torch.Tensor, gate: torch.Tensor, task: int) -> torch.Tensor:
+        return hatnorm.selective_batch_norm(x, None, gate, None, self.running_mean, self.running_var,
+                                            training=self.training, momentum=0.1, eps=1e-5)
+
+
+class DroppingLayerNorm(hatnorm.MaskedNorm):
+    """Returns one feature fewer than it was given (a slicing bug)."""
+
+    layout = "channels_last"
+    ranks: ClassVar[dict[int | None, tuple[int, ...]]] = {None: (2, 3), 1: (2, 3)}
+
+    def normalize(self, x: torch.Tensor, gate: torch.Tensor, task: int) -> torch.Tensor:
+        return (x * gate)[..., :-1]
+
+
+def test_a_norm_that_ignores_its_gate_is_refused_when_the_first_model_is_built(registry) -> None:
+    hatnorm.register_norm("test_gate_blind_ln")(GateBlindLayerNorm)  # registering reads declarations only
+    with pytest.raises(TypeError, match=r"^norm 'test_gate_blind_ln' \(GateBlindLayerNorm\) declares "
+                                        r"isolates_tasks=True, but its output is not 0 where the gate is 0"):
+        hatnorm.build("vit_micro", num_tasks=2, norm="test_gate_blind_ln", num_classes=2)
+
+
+def test_a_norm_whose_statistics_follow_later_tasks_is_refused_when_the_first_model_is_built(registry) -> None:
+    hatnorm.register_norm("test_shared_statistics_bn")(SharedStatisticsBatchNorm)
+    with pytest.raises(TypeError, match=r"^norm 'test_shared_statistics_bn' \(SharedStatisticsBatchNorm\) declares "
+                                        r"isolates_tasks=True, but one step of task 1 under HAT's protection changed "
+                                        r"task 0's output by up to [0-9.e-]+:"):
+        hatnorm.build("resnet18", num_tasks=2, norm="test_shared_statistics_bn", num_classes=2, base_width=4)
+
+
+def test_the_same_norms_declared_as_baselines_build_and_train(registry) -> None:
+    class GateBlindBaseline(GateBlindLayerNorm):
+        isolates_tasks = False
+
+    hatnorm.register_norm("test_gate_blind_baseline")(GateBlindBaseline)
+    model = hatnorm.build("vit_micro", num_tasks=2, norm="test_gate_blind_baseline", num_classes=2, image_size=16)
+    assert model(torch.randn(2, 3, 16, 16), task=0, s=1.0).shape == (2, 2)
+
+
+def test_a_norm_returning_the_wrong_shape_is_reported_at_its_first_build(registry) -> None:
+    hatnorm.register_norm("test_dropping_ln")(DroppingLayerNorm)
+    with pytest.raises(TypeError, match=r"^DroppingLayerNorm.normalize must return a tensor of x's shape \[4, 16\] "
+                                        r"\(gate ⊙ norm\(x\)\), got shape \[4, 15\]$"):
+        hatnorm.get_norm("test_dropping_ln").layer(num_tasks=2, dims=None)(8)
+
+
+def test_a_norm_returning_the_wrong_shape_is_reported_at_its_first_call() -> None:
+    norm = DroppingLayerNorm(8, num_tasks=2)  # built directly, not through the registry
+    for trusted in (False, True):
+        with pytest.raises(TypeError, match=r"^DroppingLayerNorm.normalize must return a tensor of x's shape "
+                                            r"\[2, 5, 8\] \(gate ⊙ norm\(x\)\), got shape \[2, 5, 7\]$"):
+            norm(torch.randn(2, 5, 8), torch.ones(8), 0, trusted=trusted)
+
+
+def test_the_probe_leaves_torch_s_random_numbers_alone(registry) -> None:
+    class Fresh(GateBlindLayerNorm):  # a class the probe has not seen
+        isolates_tasks = False
+
+    hatnorm.register_norm("test_fresh_ln")(Fresh)
+    torch.manual_seed(0)
+    hatnorm.get_norm("test_fresh_ln").layer(num_tasks=2, dims=None)(8)  # the first build runs the probe
+    after_probe = torch.rand(3)
+    torch.manual_seed(0)
+    hatnorm.get_norm("test_fresh_ln").layer(num_tasks=2, dims=None)(8)
+    assert torch.equal(torch.rand(3), after_probe)
+
+
+def test_a_norm_written_against_the_old_protocol_is_told_what_to_implement() -> None:
+    with pytest.raises(TypeError, match=r"^OldStyle overrides forward: a MaskedNorm implements normalize\(x, gate, "
+                                        r"task\), which the protocol's forward calls after its checks$"):
+        class OldStyle(hatnorm.MaskedNorm):
+            def forward(self, x: torch.Tensor, mask: torch.Tensor, task: int) -> torch.Tensor:
+                return x * mask

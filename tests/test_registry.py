@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from importlib.metadata import EntryPoint
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
@@ -71,16 +72,42 @@ def test_registry_refuses_a_name_that_is_not_a_non_empty_string(name) -> None:
 
 
 def test_register_get_list_norm() -> None:
-    @hatnorm.register_norm("test_scaled_none", family="batch")
-    def scaled_none(num_features: int, *, num_tasks: int, dims: int | None = 2) -> hatnorm.MaskedNorm:
-        return hatnorm.NoNorm(num_features, num_tasks=num_tasks)
+    @hatnorm.register_norm("test_scaled_none")
+    class ScaledNone(hatnorm.MaskedNorm):
+        """A norm whose class declares everything: channels first, the batch norms' ranks."""
+
+        layout = "channels_first"
+        ranks: ClassVar[dict[int | None, tuple[int, ...]]] = {2: (4,), 1: (2, 3)}
+        isolates_tasks = True
+
+        def normalize(self, x: torch.Tensor, gate: torch.Tensor, task: int) -> torch.Tensor:
+            return 2 * x * gate.view(-1, *[1] * (x.dim() - 2))
 
     spec = hatnorm.get_norm("test_scaled_none")
-    assert spec == hatnorm.NormSpec("test_scaled_none", "batch", scaled_none)
+    assert spec == hatnorm.NormSpec("test_scaled_none", ScaledNone)
+    assert spec.family == "batch"
     assert "test_scaled_none" in hatnorm.list_norms()
     assert "test_scaled_none" in hatnorm.list_norms("batch")
     assert "test_scaled_none" not in hatnorm.list_norms("layer")
-    assert isinstance(spec.layer(num_tasks=2)(3), hatnorm.NoNorm)
+    norm = spec.layer(num_tasks=2)(3)
+    assert isinstance(norm, ScaledNone) and (norm.dims, norm.channel_dim) == ((4,), 1)
+
+
+def test_the_registry_stores_classes_only() -> None:
+    def builder(num_features: int, *, num_tasks: int, dims: int | None = 2) -> hatnorm.MaskedNorm:
+        return hatnorm.NoNorm(num_features, num_tasks=num_tasks)
+
+    with pytest.raises(TypeError, match=r"^the registered norm must be a MaskedNorm subclass \(the registry stores "
+                                        r"classes\), got <function"):
+        hatnorm.register_norm("test_function_norm")(builder)
+    assert "test_function_norm" not in hatnorm.list_norms()
+
+
+def test_a_family_given_at_registration_must_be_the_class_s_own() -> None:
+    with pytest.raises(ValueError, match=r"^family: MaskedLayerNorm declares layout 'channels_last', family 'layer'; "
+                                         r"got 'batch'$"):
+        hatnorm.register_norm("test_wrong_family", family="batch")(hatnorm.MaskedLayerNorm)
+    assert "test_wrong_family" not in hatnorm.list_norms()
 
 
 def test_duplicate_norm_name() -> None:
@@ -144,10 +171,10 @@ def test_duplicate_policy_name() -> None:
 
 
 def test_unknown_policy_name_lists_the_registered_ones() -> None:
-    with pytest.raises(ValueError, match=r"unknown gradient policy 'ewc'; registered: \[.*'adahat', 'hat'.*\]"):
+    with pytest.raises(ValueError, match=r"unknown gradient policy 'ewc'; registered: \[.*'adahat', .*'hat'.*\]"):
         hatnorm.get_policy("ewc")
     net = TinyNet(num_tasks=2, norm=hatnorm.get_norm("masked_bn"), num_classes=[2, 2])
-    with pytest.raises(ValueError, match=r"unknown gradient policy 'ewc'; registered: \[.*'adahat', 'hat'.*\]"):
+    with pytest.raises(ValueError, match=r"unknown gradient policy 'ewc'; registered: \[.*'adahat', .*'hat'.*\]"):
         hatnorm.HAT(net, policy="ewc")
 
 

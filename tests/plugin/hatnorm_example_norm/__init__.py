@@ -7,12 +7,13 @@ it trains without forgetting, exports, recalibrates and synchronises across proc
 norm: the proof that the protocol is the one extension point.
 
 Per task t: running statistics ``[T, C]`` moved only on the units task t selects (masked BN), and its own
-γ_t, β_t (per-task BN), output a ⊙ (γ_t·x̂ + β_t).
+γ_t, β_t (per-task BN), output a ⊙ (γ_t·x̂ + β_t). The class declares its layout and ranks once; its gradient
+multipliers follow from its parameters' shapes (``[T, C]``: task t trains row t only).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -35,19 +36,15 @@ class TaskAffineBatchNorm(hatnorm.MaskedNorm):
         momentum: running-statistics momentum.
     """
 
-    family = "batch"
-    channel_dim = 1
+    layout = "channels_first"
+    ranks: ClassVar[dict[int | None, tuple[int, ...]]] = {1: (2, 3), 2: (4,)}
     batch_statistics = True
     isolates_tasks = True
     replaces = (nn.BatchNorm1d, nn.BatchNorm2d)
 
     def __init__(self, num_features: int, *, num_tasks: int, dims: int | None = 2, eps: float = 1e-5,
                  momentum: float = 0.1) -> None:
-        super().__init__(num_features, num_tasks=num_tasks)
-        if dims not in (1, 2):
-            raise ValueError(f"dims must be 1 ([N, C] or [N, C, L]) or 2 ([N, C, H, W]) for norm {NAME!r}, "
-                             f"got {dims!r}")
-        self.dims = (2, 3) if dims == 1 else (4,)
+        super().__init__(num_features, num_tasks=num_tasks, dims=dims)
         self.eps, self.momentum = float(eps), float(momentum)
         self.weight = nn.Parameter(torch.ones(num_tasks, num_features))
         self.bias = nn.Parameter(torch.zeros(num_tasks, num_features))
@@ -55,17 +52,10 @@ class TaskAffineBatchNorm(hatnorm.MaskedNorm):
         self.register_buffer("running_var", torch.ones(num_tasks, num_features))
         self.process_group: ProcessGroup | None = None
 
-    def forward(self, x: Tensor, mask: Tensor, task: int) -> Tensor:
-        task = self.validate(x, mask, task)
-        return hatnorm.masked_batch_norm(x, mask, self.weight[task], self.bias[task], self.running_mean[task],
+    def normalize(self, x: Tensor, gate: Tensor, task: int) -> Tensor:
+        return hatnorm.masked_batch_norm(x, gate, self.weight[task], self.bias[task], self.running_mean[task],
                                          self.running_var[task], training=self.training, momentum=self.momentum,
                                          eps=self.eps, process_group=self.process_group)
-
-    def gradient_multipliers(self, previous: hatnorm.MaskState, task: int,
-                             policy: hatnorm.GradientPolicy) -> dict[str, Tensor]:
-        own = torch.zeros_like(self.weight)
-        own[task] = 1  # task t trains its own γ_t, β_t only
-        return {"weight": own, "bias": own}
 
     @classmethod
     def options_from(cls, module: nn.Module) -> dict[str, Any]:
@@ -74,11 +64,11 @@ class TaskAffineBatchNorm(hatnorm.MaskedNorm):
         return {"eps": module.eps, "momentum": module.momentum or 0.1,
                 "dims": 1 if isinstance(module, nn.BatchNorm1d) else 2}
 
-    def export(self, task: int, mask: Tensor, keep: Tensor) -> nn.Module:
+    def export(self, task: int, gate: Tensor, keep: Tensor) -> nn.Module:
         def kept(t: Tensor) -> Tensor:
             return t.detach()[task, keep]
 
-        return hatnorm.ExportedBatchNorm(kept(self.weight) * mask, kept(self.bias) * mask,
+        return hatnorm.ExportedBatchNorm(kept(self.weight) * gate, kept(self.bias) * gate,
                                          kept(self.running_mean).clone(), kept(self.running_var).clone(), self.eps)
 
     def running_statistics(self) -> list[Tensor]:
