@@ -98,14 +98,15 @@ class AlexNet(HATModule):
         check_batch(x, (self.in_channels, self.size, self.size), like=self.convs[0].weight)
         check_batch_statistics(x, self._fewest_positions, training=self.training)
         task, s = check_task_and_scale(task, s, num_tasks=self.num_tasks, training=self.training)
+        # checked once here: the gates, norms and heads below take the trusted path
         h = x
         for i, conv in enumerate(self.convs):
-            h = self.drops[i](F.relu(self.norms[i](conv(h), self.gates[i](task, s), task)))
+            h = self.drops[i](F.relu(self.norms[i](conv(h), self.gates[i](task, s, trusted=True), task, trusted=True)))
             h = F.max_pool2d(h, 2)
         h = h.flatten(1)  # [N, c3·side·side]
         for i, fc in enumerate(self.fcs, start=3):
-            h = self.drops[i](F.relu(self.norms[i](fc(h), self.gates[i](task, s), task)))
-        return self.heads(h, task)
+            h = self.drops[i](F.relu(self.norms[i](fc(h), self.gates[i](task, s, trusted=True), task, trusted=True)))
+        return self.heads(h, task, trusted=True)
 
     def hat_layers(self) -> list[Layer]:
         g = self.gates

@@ -59,10 +59,11 @@ class GatedMLP(HATModule):
         check_flat_batch(x, self.in_features, like=self.fcs[0].weight)
         check_batch_statistics(x, self._fewest_positions, training=self.training)
         task, s = check_task_and_scale(task, s, num_tasks=self.num_tasks, training=self.training)
+        # checked once here: the gates, norms and heads below take the trusted path
         h = x.flatten(1)  # [N, in_features]
         for fc, norm, gate in zip(self.fcs, self.norms, self.gates, strict=True):
-            h = self.drop(F.relu(norm(fc(h), gate(task, s), task)))
-        return self.heads(h, task)
+            h = self.drop(F.relu(norm(fc(h), gate(task, s, trusted=True), task, trusted=True)))
+        return self.heads(h, task, trusted=True)
 
     def hat_layers(self) -> list[Layer]:
         layers = []

@@ -46,13 +46,14 @@ class BasicBlock(nn.Module):
             self.downsample = nn.ModuleList([nn.Conv2d(inplanes, planes, 1, stride, bias=False), norm_layer(planes)])
             self.gate_down = HATGate(planes, num_tasks=num_tasks, s_max=s_max)
 
-    def forward(self, x: Tensor, task: int, s: float | Tensor | None) -> Tensor:
-        out = F.relu(self.bn1(self.conv1(x), self.gate1(task, s), task))
-        out = self.bn2(self.conv2(out), self.gate2(task, s), task)
+    def forward(self, x: Tensor, task: int, s: float | Tensor | None, *, trusted: bool = False) -> Tensor:
+        """The block's output for ``x``; ``trusted``: ``task`` and ``s`` were checked by the model."""
+        out = F.relu(self.bn1(self.conv1(x), self.gate1(task, s, trusted=trusted), task, trusted=trusted))
+        out = self.bn2(self.conv2(out), self.gate2(task, s, trusted=trusted), task, trusted=trusted)
         identity = x
         if self.downsample is not None:
             conv, norm = self.downsample
-            identity = norm(conv(x), self.gate_down(task, s), task)
+            identity = norm(conv(x), self.gate_down(task, s, trusted=trusted), task, trusted=trusted)
         return F.relu(out + identity)
 
     def wiring(self, inp: MaskSource) -> tuple[list[Layer], MaskSource]:
@@ -143,13 +144,14 @@ class ResNet(HATModule):
         if self._batch_statistics:
             check_batch_statistics(x, self._last_positions(x.shape[2], x.shape[3]), training=self.training)
         task, s = check_task_and_scale(task, s, num_tasks=self.num_tasks, training=self.training)
-        h = F.relu(self.bn1(self.conv1(x), self.gate1(task, s), task))
+        # checked once here: the gates, norms and heads below take the trusted path
+        h = F.relu(self.bn1(self.conv1(x), self.gate1(task, s, trusted=True), task, trusted=True))
         if self.stem == "imagenet":
             h = F.max_pool2d(h, 3, 2, 1)
         for stage in self.stages():
             for block in stage:
-                h = block(h, task, s)
-        return self.heads(F.adaptive_avg_pool2d(h, 1).flatten(1), task)
+                h = block(h, task, s, trusted=True)
+        return self.heads(F.adaptive_avg_pool2d(h, 1).flatten(1), task, trusted=True)
 
     def _wiring(self) -> tuple[list[Layer], MaskSource]:
         layers = [Layer(self.conv1, out=self.gate1), Layer(self.bn1, out=self.gate1)]

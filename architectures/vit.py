@@ -117,21 +117,22 @@ class ViT(HATModule):
         first = self.to_patch_embedding if self.stem == "patch" else self.stem_convs[0]
         check_batch(img, (self.in_channels, size, size), like=first.weight, name="img")
         task, s = check_task_and_scale(task, s, num_tasks=self.num_tasks, training=self.training)
-        stream = self.gate_stream(task, s)
-        x = self.tokens(self._embed(img, stream, task, s), stream)
-        x = run_blocks(x, stream, self.attentions, self.feedforwards, task, s)
-        return self.heads(self.norm(x, stream, task)[:, 0], task)
+        # checked once here: the gates, norms and heads below take the trusted path
+        stream_gate = self.gate_stream(task, s, trusted=True)
+        x = self.tokens(self._embed(img, stream_gate, task, s), stream_gate, trusted=True)
+        x = run_blocks(x, stream_gate, self.attentions, self.feedforwards, task, s, trusted=True)
+        return self.heads(self.norm(x, stream_gate, task, trusted=True)[:, 0], task, trusted=True)
 
-    def _embed(self, img: Tensor, stream: Tensor, task: int, s: float | Tensor | None) -> Tensor:
-        """The gated patch embeddings ``[N, n, D]``."""
+    def _embed(self, img: Tensor, stream_gate: Tensor, task: int, s: float | Tensor | None) -> Tensor:
+        """The gated patch embeddings ``[N, n, D]`` (``task`` and ``s`` checked by :meth:`forward`)."""
         if self.stem == "patch":
             patches = rearrange(img, "b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=self.patch_size,
                                 p2=self.patch_size)
-            return gated_linear(patches, self.to_patch_embedding, stream)
+            return gated_linear(patches, self.to_patch_embedding, stream_gate)
         h = img
         for conv, norm, gate in zip(self.stem_convs, self.stem_norms, self.stem_gates, strict=False):
-            h = F.relu(norm(conv(h), gate(task, s), task))
-        return rearrange(self.stem_convs[-1](h), "b d h w -> b (h w) d") * stream
+            h = F.relu(norm(conv(h), gate(task, s, trusted=True), task, trusted=True))
+        return rearrange(self.stem_convs[-1](h), "b d h w -> b (h w) d") * stream_gate
 
     def hat_layers(self) -> list[Layer]:
         stream = self.gate_stream

@@ -38,7 +38,7 @@ class ExportedMask(nn.Module):
         super().__init__()
         self.register_buffer("mask", mask)
 
-    def forward(self, task: object = None, s: object = None) -> Tensor:
+    def forward(self, task: object = None, s: object = None, **unused_options: object) -> Tensor:
         return self.mask
 
 
@@ -53,7 +53,7 @@ class ExportedHead(nn.Module):
         super().__init__()
         self.linear = linear
 
-    def forward(self, x: Tensor, *unused: object) -> Tensor:
+    def forward(self, x: Tensor, *unused: object, **unused_options: object) -> Tensor:
         return self.linear(x)
 
 

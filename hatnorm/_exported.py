@@ -2,7 +2,8 @@
 
 A norm's :meth:`~hatnorm.MaskedNorm.export` returns one of these (or a module of its own): the norm's
 evaluation formula for the task with the gate folded into its affine, over the units export keeps.
-Each is called as the norm was, ``module(x, mask, task)``; the extra arguments are ignored.
+Each is called as the norm was, ``module(x, gate, task)`` (``trusted=True`` added by a model that checked its
+input); the extra arguments are ignored.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ class ExportedBatchNorm(nn.Module):
         self.register_buffer("running_var", running_var)
         self.eps = eps
 
-    def forward(self, x: Tensor, *unused: object) -> Tensor:
+    def forward(self, x: Tensor, *unused: object, **unused_options: object) -> Tensor:
         return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
 
 
@@ -50,7 +51,7 @@ class ExportedLayerNorm(nn.Module):
         self.channel_dim = channel_dim  # -1: features last; 1: the channels of [N, C, *]
         self.register_buffer("selected", selected)
 
-    def forward(self, x: Tensor, *unused: object) -> Tensor:
+    def forward(self, x: Tensor, *unused: object, **unused_options: object) -> Tensor:
         z = x.movedim(1, -1) if self.channel_dim == 1 else x
         if self.selected is None:
             out = F.layer_norm(z, (z.shape[-1],), self.weight, self.bias, self.eps)
@@ -72,7 +73,7 @@ class ExportedRMSNorm(nn.Module):
         self.eps = eps
         self.register_buffer("selected", selected)
 
-    def forward(self, x: Tensor, *unused: object) -> Tensor:
+    def forward(self, x: Tensor, *unused: object, **unused_options: object) -> Tensor:
         read = x if self.selected is None else x[..., self.selected]
         return x * torch.rsqrt(read.square().mean(-1, keepdim=True) + self.eps) * self.weight
 
@@ -90,7 +91,7 @@ class ExportedGroupNorm(nn.Module):
         self.register_buffer("read", read / read.sum(1, keepdim=True))
         self.num_groups, self.eps = num_groups, eps
 
-    def forward(self, x: Tensor, *unused: object) -> Tensor:
+    def forward(self, x: Tensor, *unused: object, **unused_options: object) -> Tensor:
         grouped = x.reshape(x.shape[0], self.num_groups, x.shape[1] // self.num_groups, -1)
         weights = self.read[None, :, :, None] / grouped.shape[-1]
         mean = (grouped * weights).sum((2, 3), keepdim=True)
@@ -109,7 +110,7 @@ class ExportedGate(nn.Module):
         self.register_buffer("mask", mask)
         self.channel_dim = channel_dim
 
-    def forward(self, x: Tensor, *unused: object) -> Tensor:
+    def forward(self, x: Tensor, *unused: object, **unused_options: object) -> Tensor:
         if self.mask is None:
             return x
         return x * (self.mask.view(-1, *([1] * (x.dim() - 2))) if self.channel_dim == 1 else self.mask)

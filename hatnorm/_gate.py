@@ -161,15 +161,18 @@ class HATGate(nn.Module, MaskSource):
     def num_features(self) -> int:
         return self._num_features
 
-    def forward(self, task: int, s: float | Tensor | None = None) -> Tensor:
+    def forward(self, task: int, s: float | Tensor | None = None, *, trusted: bool = False) -> Tensor:
         """The gate of ``task``, shape ``[num_features]``.
 
         Args:
             task: the task id, in ``[0, num_tasks)``.
             s: the scale; required while training, ignored in evaluation.
+            trusted: the caller has checked ``task`` (an int in range) and ``s`` (a model that validated them at
+                the top), so they are not checked again (the :func:`hat_gate`/``_gate`` split, for modules).
         """
-        task = check_task(task, self.num_tasks)
-        s = check_training_scale(s, self.training)
+        if not trusted:
+            task = check_task(task, self.num_tasks)
+            s = check_training_scale(s, self.training)
         e = self.embedding[task]
         if not self.training:
             return (e > 0).to(e.dtype) if self.binarize else _gate(e, self.s_max, self.floor)

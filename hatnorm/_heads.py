@@ -74,11 +74,19 @@ class TaskHeads(nn.Module):
         """Whether the heads are convolutions (reading ``[N, in_features, *spatial]``)."""
         return len(self._shape) > 1
 
-    def forward(self, x: Tensor, task: int) -> Tensor:
+    def forward(self, x: Tensor, task: int, *, trusted: bool = False) -> Tensor:
         """The logits of task ``task`` for ``x`` ``[N, in_features]``: ``[N, num_classes[task]]``; for
-        convolutional heads, ``x`` ``[N, in_features, *spatial]`` gives ``[N, num_classes[task], *spatial']``."""
-        task = check_task(task, self.num_tasks)
-        check_batch(x, self._shape, like=self.heads[task].weight)
+        convolutional heads, ``x`` ``[N, in_features, *spatial]`` gives ``[N, num_classes[task], *spatial']``.
+
+        Args:
+            x: the features.
+            task: the task id, in ``[0, num_tasks)``.
+            trusted: the caller has checked ``task`` and made ``x`` itself (a model that validated its input and
+                task at the top), so neither is checked again.
+        """
+        if not trusted:
+            task = check_task(task, self.num_tasks)
+            check_batch(x, self._shape, like=self.heads[task].weight)
         return self.heads[task](x)
 
     def gradient_multipliers(self, task: int) -> dict[str, Tensor]:

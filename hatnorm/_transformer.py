@@ -55,16 +55,18 @@ class TokenEmbedding(nn.Module, Protected):
         self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
         self.pos_embedding = nn.Parameter(torch.randn(1, num_patches + 1, dim) * 0.02)
 
-    def forward(self, patches: Tensor, gate: Tensor | None = None) -> Tensor:
+    def forward(self, patches: Tensor, gate: Tensor | None = None, *, trusted: bool = False) -> Tensor:
         """``[N, n, D]`` patch embeddings → ``[N, n + 1, D]`` tokens with the cls token first.
 
         With ``gate`` (the stream's ``[D]``), the cls token and the position embedding are gated, for
         patches already gated: the result is the gated tokens, with the gate applied to ``[n + 1, D]``
-        parameters rather than to every token of the batch.
+        parameters rather than to every token of the batch. ``trusted``: the caller made ``patches`` (a
+        model that checked its input), so their shape is not checked again.
         """
-        # read from the parameters, which a per-task export may have pruned to fewer stream units
-        num_tokens, dim = self.pos_embedding.shape[1:]
-        check_batch(patches, (num_tokens - 1, dim), like=self.cls_token, name="patches")
+        if not trusted:
+            # read from the parameters, which a per-task export may have pruned to fewer stream units
+            num_tokens, dim = self.pos_embedding.shape[1:]
+            check_batch(patches, (num_tokens - 1, dim), like=self.cls_token, name="patches")
         cls_token, pos_embedding = self.cls_token, self.pos_embedding
         if gate is not None:
             cls_token, pos_embedding = cls_token * gate, pos_embedding * gate
@@ -101,13 +103,16 @@ class GatedAttention(nn.Module):
         self.gate_q, self.gate_k, self.gate_v = (HATGate(inner, num_tasks=num_tasks, s_max=s_max) for _ in range(3))
         self.to_out = nn.Linear(inner, dim)
 
-    def forward(self, x: Tensor, stream: Tensor, task: int, s: float | Tensor | None) -> Tensor:
-        """The gated update ``[N, n, D]`` for the stream ``x``, given the stream's gate values ``stream``."""
-        h = self.norm(x, stream, task)
-        q, k, v = (rearrange(gated_linear(h, proj, gate(task, s)), "b n (h d) -> b h n d", h=self.heads)
+    def forward(self, x: Tensor, stream_gate: Tensor, task: int, s: float | Tensor | None, *,
+                trusted: bool = False) -> Tensor:
+        """The gated update ``[N, n, D]`` for the stream ``x``, given the stream's gate values ``stream_gate``;
+        ``trusted``: ``task`` and ``s`` were checked by the caller (see :meth:`hatnorm.HATGate.forward`)."""
+        h = self.norm(x, stream_gate, task, trusted=trusted)
+        q, k, v = (rearrange(gated_linear(h, proj, gate(task, s, trusted=trusted)), "b n (h d) -> b h n d",
+                             h=self.heads)
                    for proj, gate in ((self.to_q, self.gate_q), (self.to_k, self.gate_k), (self.to_v, self.gate_v)))
         out = rearrange(F.scaled_dot_product_attention(q, k, v), "b h n d -> b n (h d)")
-        return gated_linear(out, self.to_out, stream)
+        return gated_linear(out, self.to_out, stream_gate)
 
     def wiring(self, stream: HATGate) -> list[Layer]:
         return [Layer(self.norm, out=stream),
@@ -141,21 +146,25 @@ class GatedFeedForward(nn.Module):
         self.activation = activation if activation is not None else nn.GELU()
         self.fc2 = nn.Linear(hidden, dim)
 
-    def forward(self, x: Tensor, stream: Tensor, task: int, s: float | Tensor | None) -> Tensor:
-        h = self.activation(gated_linear(self.norm(x, stream, task), self.fc1, self.gate(task, s)))
-        return gated_linear(h, self.fc2, stream)
+    def forward(self, x: Tensor, stream_gate: Tensor, task: int, s: float | Tensor | None, *,
+                trusted: bool = False) -> Tensor:
+        """The gated update ``[N, n, D]`` for the stream ``x`` (see :meth:`GatedAttention.forward`)."""
+        h = self.norm(x, stream_gate, task, trusted=trusted)
+        h = self.activation(gated_linear(h, self.fc1, self.gate(task, s, trusted=trusted)))
+        return gated_linear(h, self.fc2, stream_gate)
 
     def wiring(self, stream: HATGate) -> list[Layer]:
         return [Layer(self.norm, out=stream), Layer(self.fc1, out=self.gate, inp=stream),
                 Layer(self.fc2, out=stream, inp=self.gate)]
 
 
-def run_blocks(x: Tensor, stream: Tensor, attentions: nn.ModuleList, feedforwards: nn.ModuleList, task: int,
-               s: float | Tensor | None) -> Tensor:
-    """The pre-norm residual blocks: ``x += attention(x)`` then ``x += feedforward(x)``, block by block."""
+def run_blocks(x: Tensor, stream_gate: Tensor, attentions: nn.ModuleList, feedforwards: nn.ModuleList, task: int,
+               s: float | Tensor | None, *, trusted: bool = False) -> Tensor:
+    """The pre-norm residual blocks: ``x += attention(x)`` then ``x += feedforward(x)``, block by block
+    (``trusted``: ``task`` and ``s`` were checked by the caller)."""
     for attention, feedforward in zip(attentions, feedforwards, strict=True):
-        x = x + attention(x, stream, task, s)
-        x = x + feedforward(x, stream, task, s)
+        x = x + attention(x, stream_gate, task, s, trusted=trusted)
+        x = x + feedforward(x, stream_gate, task, s, trusted=trusted)
     return x
 
 

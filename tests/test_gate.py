@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -260,3 +261,44 @@ def test_gate_values_lie_in_unit_interval_and_saturate_at_s_max() -> None:
     a = gate(0)
     assert ((a >= 0) & (a <= 1)).all()
     assert (torch.minimum(a, 1 - a) <= 1e-6).all()
+
+
+# --- checks once: a model that validated its task and scale calls its parts through the trusted path --------
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("s", [25.0, torch.tensor(25.0)])
+def test_the_trusted_gate_is_the_checked_gate(training: bool, s: float | torch.Tensor) -> None:
+    torch.manual_seed(0)
+    gate = hatnorm.HATGate(6, num_tasks=3).train(training)
+    assert torch.equal(gate(2, s, trusted=True), gate(2, s))
+
+
+# small settings of the reference architectures, with their input side
+SMALL = {"mlp": ({"in_features": 3 * 8 * 8, "hidden": (8, 8)}, 8), "alexnet": ({"size": 28, "width": 0.05}, 28),
+         "resnet18": ({"base_width": 4}, 16), "vit": ({"image_size": 8, "patch_size": 4, "dim": 8, "depth": 1,
+                                                      "heads": 2, "stem": "conv"}, 8),
+         "vit_micro": ({"image_size": 8}, 8), "vit_tiny": ({"image_size": 8, "depth": 1}, 8)}
+
+
+@pytest.mark.parametrize("arch", sorted(SMALL))
+def test_a_reference_model_checks_task_and_scale_once_and_its_parts_take_the_trusted_path(arch: str) -> None:
+    options, size = SMALL[arch]
+    model = hatnorm.build(arch, num_tasks=2, num_classes=2, norm="none", **options).train()
+    calls: list[tuple[str, object]] = []
+    parts = [(n, m) for n, m in model.named_modules()
+             if isinstance(m, hatnorm.HATGate | hatnorm.MaskedNorm | hatnorm.TaskHeads)]
+
+    def record(name: str) -> Callable[..., None]:
+        return lambda module, args, kwargs: calls.append((name, kwargs.get("trusted")))
+
+    handles = [m.register_forward_pre_hook(record(name), with_kwargs=True) for name, m in parts]
+    model(torch.randn(2, 3, size, size), task=1, s=torch.tensor(25.0))
+    for handle in handles:
+        handle.remove()
+    assert {name for name, _ in calls} == {name for name, _ in parts}
+    assert all(trusted is True for _, trusted in calls), [name for name, trusted in calls if trusted is not True]
+    with pytest.raises(ValueError, match=r"task must be in \[0, 2\), got 2"):  # still checked, at the top
+        model(torch.randn(2, 3, size, size), task=2, s=25.0)
+    with pytest.raises(ValueError, match=r"s must be a finite number > 0, got a tensor holding -1.0"):
+        model(torch.randn(2, 3, size, size), task=1, s=torch.tensor(-1.0))
