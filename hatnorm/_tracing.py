@@ -13,6 +13,7 @@ on its input's values cannot be converted into one graph.
 from __future__ import annotations
 
 import inspect
+import operator
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -78,9 +79,30 @@ def follow_in_place(gm: fx.GraphModule) -> None:
     gm.recompile()
 
 
+#: operations whose result may share memory with their first argument (a write into it reaches that argument)
+_ALIASING_METHODS = {"view", "view_as", "reshape", "flatten", "unflatten", "permute", "transpose", "swapaxes",
+                     "movedim", "squeeze", "unsqueeze", "expand", "expand_as", "narrow", "select", "split", "chunk",
+                     "unbind", "t", "diagonal", "as_strided", "contiguous", "to", "type_as", "float", "detach"}
+_ALIASING_FUNCTIONS = {operator.getitem, torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.swapaxes,
+                       torch.movedim, torch.squeeze, torch.unsqueeze, torch.narrow, torch.select, torch.split,
+                       torch.chunk, torch.unbind, torch.detach}
+
+
+def writes_state(node: fx.Node, root: nn.Module) -> bool:
+    """Whether ``node`` is an in-place operation whose write outlives its own result: into a buffer or the input
+    (a call counter's ``self.calls.add_(1)``), or into a view of another tensor (``h[:, :2].relu_()``)."""
+    if not is_in_place(node, root) or not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    written = node.args[0]
+    return written.op in ("get_attr", "placeholder") or \
+        (written.op == "call_method" and written.target in _ALIASING_METHODS) or \
+        (written.op == "call_function" and written.target in _ALIASING_FUNCTIONS)
+
+
 def eliminate_dead_code(graph: fx.Graph, root: nn.Module) -> None:
-    """fx's dead-code elimination, keeping in-place operations (a buffer counter's ``add_(1)`` has no user)."""
-    graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or is_in_place(n, root))
+    """fx's dead-code elimination, keeping in-place operations whose write outlives their result
+    (:func:`writes_state`); an in-place operation on a tensor nothing reads afterwards is dead like any other."""
+    graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or writes_state(n, root))
 
 
 class _Tracer(fx.Tracer):

@@ -35,6 +35,8 @@ class InPlace(nn.Module):
         elif self.kind == "scale":
             h.mul_(self.gamma)
             h.relu_()
+        elif self.kind == "view":
+            h[:, :3].relu_()  # writes into h through a view
         self.calls.add_(1)
         return self.fc(self.bn2(self.conv2(h)).mean((2, 3)))
 
@@ -49,7 +51,7 @@ def filled(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
-@pytest.mark.parametrize("kind", ["method", "module", "function", "scale"])
+@pytest.mark.parametrize("kind", ["method", "module", "function", "scale", "view"])
 def test_an_in_place_op_not_reassigned_is_kept(kind: str) -> None:
     original = filled(InPlace(kind))
     x = torch.randn(4, 3, 8, 8)
