@@ -173,6 +173,10 @@ def describe(results: dict[str, Any]) -> str:
     line = (f"{results['title']}; {results.get('setting', SETTING)}; preset {results['preset']}, "
             f"≤ {config['epochs']} epochs per task, {schedule}, seeds {', '.join(map(str, results['seeds']))}; "
             f"wall time {minutes:.0f} min")
+    merged = "merged_from" in results
+    if merged:
+        line += " (the merged runs' wall times added)"
     if "command" in results:
-        line += f"\n\nCommand: `{results['command']}` at commit {results['commit']} on {results['machine']}."
+        first = f"{len(results['merged_from'])} runs merged, the first by " if merged else ""
+        line += f"\n\nCommand: {first}`{results['command']}` at commit {results['commit']} on {results['machine']}."
     return line

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import subprocess
 import sys
 import tempfile
@@ -24,6 +25,8 @@ from hatnorm.stats import paired_difference, summarize
 from hatnorm.training import TrainConfig
 
 TINY = ["--tasks", "2", "--epochs", "1", "--seeds", "0"]
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "docs" / "results"
 
 
 def test_default_ablation_at_a_tiny_size(tmp_path, capsys) -> None:
@@ -376,3 +379,18 @@ def test_learning_curves_of_the_vit_configurations(tmp_path, capsys) -> None:
     with pytest.raises(SystemExit):
         curves.main(["--patch-sizes", "3", "--out", str(tmp_path)])
     assert "--patch-sizes must divide the image side 32, got 3" in capsys.readouterr().err
+
+
+def test_every_documented_table_regenerates_from_its_committed_results(capsys) -> None:
+    """docs/ablations.md holds, between ``<!-- results:<table> -->`` and ``<!-- /results -->``, exactly what
+    ``python -m ablations.report docs/results/<table>`` prints; every variant or contrast table of the page is
+    such a block, and every folder of docs/results is on the page."""
+    doc = (ROOT / "docs" / "ablations.md").read_text()
+    blocks = dict(re.findall(r"<!-- results:(\S+) -->\n(.*?)<!-- /results -->", doc, re.S))
+    folders = sorted(path.parent for path in RESULTS.glob("*/results.json"))
+    assert folders and set(blocks) == {folder.name for folder in folders}
+    for folder in folders:
+        report.main([str(folder)])
+        assert capsys.readouterr().out.strip() == blocks[folder.name].strip(), f"{folder.name} drifted from its files"
+    outside = re.sub(r"<!-- results:\S+ -->\n.*?<!-- /results -->", "", doc, flags=re.S)
+    assert not re.search(r"^\| (variant|a − b) \|", outside, re.M), "a results table no committed run regenerates"
