@@ -27,8 +27,6 @@ def test_the_page_has_one_example_per_trainer() -> None:
 @pytest.mark.parametrize("index", range(len(EXAMPLES)), ids=[f or "attach" for f in EXAMPLES])
 def test_example_keeps_task_zero(index: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                  capsys: pytest.CaptureFixture[str]) -> None:
-    if EXAMPLES[index] == "transformers":
-        pytest.importorskip("accelerate", reason="the transformers Trainer needs accelerate (pip install accelerate)")
     monkeypatch.chdir(tmp_path)  # the Trainer's output folder
     torch.manual_seed(0)
     exec(python_blocks("integrations.md")[index], {})

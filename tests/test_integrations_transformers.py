@@ -23,9 +23,6 @@ from torch.utils.data import Dataset, TensorDataset
 import hatnorm
 from hatnorm.integrations.transformers import HATTrainer
 
-# the Trainer needs accelerate, which transformers lists under its [torch] extra, not as a dependency
-pytest.importorskip("accelerate", reason="the transformers Trainer needs accelerate (pip install 'accelerate>=1.1')")
-
 
 class Items(Dataset):
     """A dataset of ``(x, y)`` pairs as the Trainer's ``{"pixel_values": x, "labels": y}`` items."""
