@@ -5,8 +5,7 @@ Each integration is a module of its own that imports its framework, so ``import 
 - :mod:`hatnorm.integrations.lightning`: a Lightning ``Callback`` and the ``LightningModule`` base it drives
   (extra ``[lightning]``);
 - :mod:`hatnorm.integrations.transformers`: a ``TrainerCallback`` and the smallest ``Trainer`` subclass that
-  adds the regulariser (extra ``[transformers]``, plus ``accelerate``, which the Trainer needs and the extra
-  does not install);
+  adds the regulariser (extra ``[transformers]``, which brings ``accelerate``, the Trainer's own need);
 - :mod:`hatnorm.integrations.avalanche`: a training plugin and a multi-task module adapter for Avalanche's
   per-sample task labels (extra ``[avalanche]``).
 
