@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
 import shlex
 import sys
@@ -244,6 +245,49 @@ def config(args: argparse.Namespace, parser_: argparse.ArgumentParser | None = N
         if parser_ is None:
             raise
         parser_.error(str(error))
+
+
+#: options that change no number of a run: where its files go, how it is driven, which seeds it covers (a merge
+#: joins seeds), and the CIFAR folder, whose files are verified against the published checksums (with
+#: ``--unverified-data`` the folder is recorded too)
+UNRECORDED = frozenset({"out", "resume", "checkpoint_every", "seeds", "command", "budget", "data_root"})
+
+
+def recorded_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Every option of ``args`` that can change a number of the run, as JSON values, by option name.
+
+    What ``results.json`` stores under ``"options"`` and what ``report --merge`` compares: the common
+    options and the ablation's own (widths, ``--c``, ``--alpha``, ``--dim``, ``--depth``, ``--heads``,
+    ``--stem``, ``--patch-size``, ``--source-tasks``, ...), as they were after the ablation resolved its
+    defaults. A file (``--weights``, ``--hf-weights``) is recorded by its SHA-256, so the same weights
+    under another path agree and other weights under the same path do not.
+    """
+    skipped = UNRECORDED - ({"data_root"} if getattr(args, "unverified_data", False) else set())
+    return {key: _recorded(value) for key, value in sorted(vars(args).items()) if key not in skipped}
+
+
+def _recorded(value: Any) -> Any:
+    if isinstance(value, Path):
+        if value.is_file():
+            return {"sha256": hashlib.sha256(value.read_bytes()).hexdigest()}
+        return str(value)
+    if isinstance(value, list | tuple):
+        return [_recorded(v) for v in value]
+    return value
+
+
+def option_differences(mine: dict[str, Any], theirs: dict[str, Any], other: str) -> list[str]:
+    """The options (recorded by :func:`recorded_options`) in which a run differs from the run ``other``, each
+    as ``--name value differs from other's value``."""
+    keys = dict.fromkeys([*theirs, *mine])
+    return [f"--{key.replace('_', '-')} {_shown(mine.get(key))} differs from {other}'s {_shown(theirs.get(key))}"
+            for key in keys if mine.get(key) != theirs.get(key)]
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, dict) and set(value) == {"sha256"}:
+        return f"(file sha256 {value['sha256'][:16]}…)"
+    return "(not given)" if value is None else " ".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 def console() -> Console:

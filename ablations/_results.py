@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ablations._cli import seeds_text
+from ablations._cli import option_differences, seeds_text
 from ablations._protocol import ALPHA, Contrast, expand, holm, paired_t_pvalue, sign_flip_pvalue
 from hatnorm.stats import Summary, paired_difference, summarize
 
@@ -114,8 +114,13 @@ def write(summary: dict[str, Any], out: Path, info: dict[str, Any]) -> None:
 def merge(runs: Sequence[dict[str, Any]], names: Sequence[str]) -> dict[str, Any]:
     """One summary over the seeds of several runs of the same ablation, variants and settings.
 
+    Runs agree when every option that changes a number does (``"options"``, see
+    :func:`ablations._cli.recorded_options`: widths, ``--c``, ``--alpha``, the ViT's sizes, the weights'
+    digests, ...), besides the preset, the training settings and the variants.
+
     Raises:
-        ValueError: the runs differ in title (other than the seeds), preset, settings or variants, or share a seed.
+        ValueError: the runs differ in title (other than the seeds), preset, settings, an option or variants,
+            or share a seed.
     """
     first = runs[0]
     by_seed: dict[int, dict[str, Any]] = {}
@@ -132,6 +137,10 @@ def merge(runs: Sequence[dict[str, Any]], names: Sequence[str]) -> dict[str, Any
                              f"ablation and sequence as {names[0]}'s {theirs!r} ({len(first.get('tasks', []))} tasks)")
         if list(results["variants"]) != list(first["variants"]):
             raise ValueError(f"{name}: variants {list(results['variants'])} differ from {names[0]}'s")
+        differences = option_differences(results.get("options") or {}, first.get("options") or {}, names[0])
+        if differences:
+            shown = "; ".join(differences[:3]) + (f"; and {len(differences) - 3} more" if len(differences) > 3 else "")
+            raise ValueError(f"{name}: {shown}. Only runs of the same options (other seeds) merge into one summary")
         for seed in results["seeds"]:
             if seed in by_seed:
                 raise ValueError(f"{name}: seed {seed} is in two of the runs; each seed must come from one")

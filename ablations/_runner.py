@@ -7,6 +7,7 @@ import argparse
 import hashlib
 import json
 import os
+import pickle
 import platform
 import re
 import subprocess
@@ -22,7 +23,7 @@ from rich.console import Console
 from torch import nn
 
 import hatnorm
-from ablations._cli import config, seeds_text
+from ablations._cli import config, recorded_options, seeds_text
 from ablations._protocol import Contrast, expand
 from ablations._report import SETTING, finish
 from ablations._results import METRICS, aggregate, write, write_seed
@@ -74,10 +75,23 @@ def as_reference(variant: Variant) -> Variant:
 
 def read_weights(path: Path, option: str = "--weights") -> dict[str, torch.Tensor]:
     """The state dict in ``path`` (a ``torch.save`` of a ``state_dict``, or of ``{"state_dict": ...}`` as
-    training scripts often write), read without running any code it might hold; errors name ``option``."""
+    training scripts often write), read without running any code it might hold; errors name ``option``.
+
+    Raises:
+        ValueError: the file is missing or unreadable, holds something other than a state dict, or is a
+            pickle that names objects beyond tensors and containers (which could run code as they load):
+            refused without running them.
+    """
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, ValueError) as error:  # missing, unreadable or not a tensor file
+    except pickle.UnpicklingError as error:
+        text = str(error)
+        if "Weights only load failed" not in text:  # not a pickle at all
+            raise ValueError(f"{option}: {path} is not a state dict torch can read ({text})") from None
+        detail = text.rsplit("WeightsUnpickler error:", 1)[-1].strip().splitlines()[0]
+        raise ValueError(f"{option}: {path} is not a plain state dict: loading it would call objects it names beyond "
+                         f"tensors and containers ({detail}), which can run code; refused without running it") from None
+    except (OSError, RuntimeError, ValueError, EOFError) as error:  # missing, unreadable or not a tensor file
         raise ValueError(f"{option}: {path} is not a state dict torch can read ({error})") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
@@ -118,6 +132,65 @@ def describe_left_out(names: Sequence[str]) -> str:
     if counters:
         parts.append(f"{len(counters)} BatchNorm step counters")
     return "; ".join(parts) or "none"
+
+
+def _check_weights(variants: Sequence[Variant], joint_norm: dict[str, str], tasks: Sequence[Task],
+                   state: dict[str, torch.Tensor], source: str) -> list[str]:
+    """Load ``state`` into a model of every variant (those it applies to: not built by ``make``) and of joint
+    training (``joint_norm``'s norm per architecture); returns what the first left out.
+
+    Raises:
+        ValueError: ``state`` does not fit one of them, naming the file and the variant.
+    """
+    counts = [t.num_classes for t in tasks]
+    models = {}
+    for variant in variants:
+        if variant.make is None:
+            for label, norm in ((variant.label, variant.norm), (f"{variant.arch} joint training",
+                                                               joint_norm.get(variant.arch))):
+                if norm is not None:
+                    models.setdefault(json.dumps([variant.arch, norm, variant.options], sort_keys=True, default=str),
+                                      (label, variant.arch, norm, variant.options))
+    left_out: list[str] | None = None
+    for label, arch, norm, options in models.values():
+        model = hatnorm.build(arch, num_tasks=len(tasks), norm=norm, num_classes=counts, **options)
+        try:
+            left = load_weights(model, state, source)
+        except ValueError as error:
+            raise ValueError(f"{error} (the model of {label})") from None
+        left_out = left if left_out is None else left_out
+    return left_out or []
+
+
+def reusable(path: Path, source: dict[str, Any], console: Console, what: str) -> bool:
+    """Whether the network saved at ``path`` was pretrained from ``source``, as the record beside it says.
+
+    ``source`` holds what the pretraining depended on (JSON values, ``"source_tasks"`` among them). A saved
+    network of another source, or without a record, is not reused, and the console says why; the caller
+    pretrains again and calls :func:`record_source`.
+    """
+    if not path.exists():
+        return False
+    record = path.with_suffix(".json")
+    made = json.loads(record.read_text()) if record.is_file() else None
+    wanted = json.loads(json.dumps(source))
+    if made == wanted:
+        console.print(f"{what}: reusing {path}")
+        return True
+    if made is None:
+        console.print(f"{what}: {path} has no record of what it was pretrained on ({record.name}): pretraining again")
+        return False
+    n = made.get("source_tasks")
+    differences = "; ".join(f"{key}: {made.get(key)!r} there, {wanted.get(key)!r} now"
+                            for key in dict.fromkeys([*made, *wanted]) if made.get(key) != wanted.get(key))
+    console.print(f"{what}: {path} was pretrained on {n} source task{'s' * (n != 1)} with other settings than this "
+                  f"run's ({differences}): pretraining again", highlight=False, soft_wrap=True)
+    return False
+
+
+def record_source(path: Path, source: dict[str, Any]) -> None:
+    """Write the record :func:`reusable` reads beside the network just saved at ``path``."""
+    path.with_suffix(".json").write_text(json.dumps(source, indent=1))
 
 
 def _random_accuracies(tasks: Sequence[Task]) -> list[float]:
@@ -215,12 +288,17 @@ def machine() -> str:
 def run_and_report(variants: Sequence[Variant], tasks_of: Callable[[int], list[Task]], args: argparse.Namespace,
                    console: Console, *, joint_norm: dict[str, str], title: str,
                    contrasts: Sequence[Contrast | tuple[str, str]] = (),
-                   parser_: argparse.ArgumentParser | None = None) -> dict[str, Any]:
+                   parser_: argparse.ArgumentParser | None = None, weights_start_every_model: bool = True
+                   ) -> dict[str, Any]:
     """:func:`run` for every seed of the options, then the tables, the files and the plots.
 
     Each seed's runs go to ``<--out>/seed_<seed>/``; ``<--out>`` gets the summary over seeds, with the setting,
-    the command, the commit, the machine and the wall time. ``contrasts`` is the ablation's declaration
+    the command, the commit, the machine, the wall time and every option that changes a number
+    (:func:`ablations._cli.recorded_options`). ``contrasts`` is the ablation's declaration
     (:class:`ablations._protocol.Contrast`), checked against the variants before anything trains.
+    ``--weights`` is checked against the model of every variant (and of joint training) before anything
+    trains; it starts every model unless ``weights_start_every_model`` is false (the variants load it
+    themselves, as the pretrained ablation's do).
     """
     labels = [v.label for v in variants]
     pairs = dict.fromkeys(f"{c.a} − {c.b}" for c in expand(contrasts, list(METRICS))
@@ -236,17 +314,18 @@ def run_and_report(variants: Sequence[Variant], tasks_of: Callable[[int], list[T
         try:
             digest = hashlib.sha256(args.weights.read_bytes()).hexdigest()[:16] if args.weights.is_file() else ""
             weights = (f"{args.weights} (sha256 {digest}…)", read_weights(args.weights))
-            left_out = load_weights(hatnorm.build(variants[0].arch, num_tasks=len(tasks_of(args.seeds[0])),
-                                                  norm=variants[0].norm,
-                                                  num_classes=[t.num_classes for t in tasks_of(args.seeds[0])],
-                                                  **variants[0].options), weights[1], str(args.weights))
+            joint = joint_norm if weights_start_every_model else {}
+            left_out = _check_weights(variants, joint, tasks_of(args.seeds[0]), weights[1], str(args.weights))
         except ValueError as error:
             if parser_ is None:
                 raise
             parser_.error(str(error))
-        console.print(f"--weights: every model starts from {args.weights} ({len(weights[1]) - len(left_out)} "
+        which = "every model starts" if weights_start_every_model else "the variants that load it start"
+        console.print(f"--weights: {which} from {args.weights} ({len(weights[1]) - len(left_out)} "
                       f"tensors; left out, not in the model: {describe_left_out(left_out)})", highlight=False,
                       soft_wrap=True)
+        if not weights_start_every_model:
+            weights = None
     started = time.perf_counter()
     by_seed = {}
     try:
@@ -262,7 +341,7 @@ def run_and_report(variants: Sequence[Variant], tasks_of: Callable[[int], list[T
                               "weights": None if args.weights is None else str(args.weights), "config": config_info,
                               "tasks": [t.name for t in tasks_of(args.seeds[0])],
                               "wall_seconds": time.perf_counter() - started, "command": getattr(args, "command", None),
-                              "commit": commit(), "machine": machine()})
+                              "commit": commit(), "machine": machine(), "options": recorded_options(args)})
     finish(summary, args.out, title, console)
     if args.preset == "smoke":
         console.print(f"This is a smoke-size run (--preset smoke, {cfg.epochs} epochs per task, "

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -63,10 +63,12 @@ def hf_config(*, channels: int, size: int, patch_size: int, dim: int, depth: int
 def pretrain_hf(config: ViTConfig, seed: int, train: TrainConfig, path: Path, console: Console,
                 *, source_tasks: int) -> Path:
     """Pretrain a transformers ViT as an ordinary classifier on the source and save its state dict to ``path``;
-    a saved one is reused."""
-    if path.exists():
-        console.print(f"{CONVERTED} pretraining, seed {seed}: reusing {path}")
+    a saved one is reused when it was pretrained the same way (sizes, source tasks, settings: the ``.json``
+    beside it)."""
+    made_from = {"config": config.to_dict(), "source_tasks": source_tasks, "train": asdict(replace(train, seed=seed))}
+    if _runner.reusable(path, made_from, console, f"{CONVERTED} pretraining, seed {seed}"):
         return path
+    path.with_suffix(".json").unlink(missing_ok=True)  # no record claims the network until the new one is saved
     models: list[ViTForImageClassification] = []
 
     def build() -> nn.Module:
@@ -80,6 +82,7 @@ def pretrain_hf(config: ViTConfig, seed: int, train: TrainConfig, path: Path, co
                   f"({len(source.train)} images, {result.epochs[0]} epochs)")
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(models[0].state_dict(), path)
+    _runner.record_source(path, made_from)
     return path
 
 

@@ -23,7 +23,7 @@ checkpoint of the same architecture (e.g. torchvision ImageNet weights, with ``-
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -64,11 +64,14 @@ def trunk_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def pretrain(arch: str, options: dict[str, Any], seed: int, config: TrainConfig, out: Path, console: Console,
              *, source_tasks: int, channels: int) -> Path:
-    """Pretrain the ordinary network on the source for ``seed`` and save its trunk; a saved one is reused."""
+    """Pretrain the ordinary network on the source for ``seed`` and save its trunk; a saved one is reused when it
+    was pretrained the same way (architecture, options, source tasks, settings: ``pretrained.json`` beside it)."""
     path = out / f"seed_{seed}" / "pretrained.pt"
-    if path.exists():
-        console.print(f"pretraining, seed {seed}: reusing {path}")
+    made_from = {"arch": arch, "options": options, "source_tasks": source_tasks, "channels": channels,
+                 "config": asdict(replace(config, seed=seed))}
+    if _runner.reusable(path, made_from, console, f"pretraining, seed {seed}"):
         return path
+    path.with_suffix(".json").unlink(missing_ok=True)  # no record claims the network until the new one is saved
     models: list[nn.Module] = []
 
     def build() -> nn.Module:
@@ -82,6 +85,7 @@ def pretrain(arch: str, options: dict[str, Any], seed: int, config: TrainConfig,
                   f"({len(source.train)} images, {result.epochs[0]} epochs)")
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(trunk_state(models[0]), path)
+    _runner.record_source(path, made_from)
     return path
 
 
@@ -144,14 +148,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     console = _cli.console()
     tasks, channels, size = _cli.load_tasks(args, p)
     options = _cli.cnn_options(args.arch, args.width, channels, size)
-    weights_arg, args.weights = args.weights, None  # the pretrained variants load it, not every model
+    weights_arg = args.weights  # the pretrained variants load it, not every model (checked by run_and_report)
     config = _cli.config(args, p)
     if weights_arg is not None:
-        try:
-            _runner.load_weights(hatnorm.build(args.arch, num_tasks=1, norm="masked_bn", num_classes=2, **options),
-                                 _runner.read_weights(weights_arg), str(weights_arg))
-        except ValueError as error:
-            p.error(str(error))
 
         def weights(seed: int) -> Path:
             return weights_arg
@@ -166,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     title = (f"Pretrained BN under HAT, {args.arch} from {source} ({args.data}, "
              f"{_cli.seeds_text(args.seeds)})")
     return _runner.run_and_report(variants, tasks, args, console, joint_norm={args.arch: JOINT_NORM}, title=title,
-                                  contrasts=contrasts(args.arch), parser_=p)
+                                  contrasts=contrasts(args.arch), parser_=p, weights_start_every_model=False)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--merge", type=Path, default=None, metavar="OUT",
                    help="join the runs (the same ablation and settings, other seeds) into one summary in OUT")
     args = p.parse_args(argv)
+    if args.merge is not None and args.merge.resolve() in {folder.resolve() for folder in args.runs}:
+        p.error(f"--merge: {args.merge} is one of the runs to merge; its results.json would be overwritten. Give "
+                "the merged summary a folder of its own")
     loaded = []
     for folder in args.runs:
         path = folder / "results.json"
