@@ -305,3 +305,25 @@ def test_a_diverging_run_stops_naming_task_and_epoch(method, norm: str, lr: floa
                                                          r"inputs: training diverged"):
         train_sequence(mlp(norm), toy_tasks(), method(), config, console=quiet(), out_dir=tmp_path)
     assert not (tmp_path / "results.json").exists()  # no accuracy is reported for a diverged task
+
+
+class _TaskBlind(torch.nn.Module):
+    """One shared classifier that ignores the task: every task's loss is on the same scale."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = torch.nn.Linear(16, 2)
+
+    def forward(self, x: torch.Tensor, task: int, s: float | None = None) -> torch.Tensor:
+        return self.fc(x)
+
+
+def test_joint_training_steps_on_the_mean_of_the_task_losses() -> None:
+    """Tasks 0..1 are one task twice (each with its own validation split): the mean of their losses is on one
+    task's scale, where their sum would be twice it."""
+    task = toy_tasks(1)[0]
+    console = quiet()
+    train_joint(_TaskBlind, [task, task], TrainConfig(epochs=1, batch_size=32, lr=0.1), console=console)
+    once, twice = (float(loss) for loss in re.findall(r"epoch 1: train loss (\S+)", console.file.getvalue()))
+    assert 0.8 < twice / once < 1.25

@@ -145,7 +145,7 @@ def fit_task(model: nn.Module, method: Method, task_ids: Sequence[int], train: S
         epoch_end: Callable[[FitState], None] | None = None) -> tuple[int, int, list[float]]:
     """Train on one or more tasks (several for joint training) with the configured schedule.
 
-    Each step takes one batch of every task in ``task_ids`` and sums their losses. Validation after every
+    Each step takes one batch of every task in ``task_ids`` and averages their losses. Validation after every
     epoch sees statistics re-estimated for the current weights (``config.recalibrate``), and so do the
     best weights it keeps and restores. ``resume`` continues from a state ``epoch_end`` was given after an
     epoch. ``classes`` gives each task's class count (its head must have at least as many outputs).
@@ -196,8 +196,9 @@ def fit_task(model: nn.Module, method: Method, task_ids: Sequence[int], train: S
                                      f"{skip_hint('TrainConfig')}")
                 skipped_now += 1
                 continue
+            # the mean of the task losses: joint training on T tasks steps at the scale of one task's loss
             task_loss = sum(_batch_loss(model, x, y, t, s, f"task {t} ({name})", k)
-                            for t, k, (x, y) in zip(task_ids, classes, batches, strict=True))
+                            for t, k, (x, y) in zip(task_ids, classes, batches, strict=True)) / len(task_ids)
             # checked before any gradient or step: the model is left as the last finite step made it
             if not math.isfinite(value := task_loss.item()):
                 raise diverged(f"task {task_ids[-1]} ({name}), epoch {epoch + 1}, batch {b + 1} of {steps_per_epoch}",
