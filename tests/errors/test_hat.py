@@ -58,7 +58,7 @@ def test_hat_step_refuses_something_that_is_not_an_optimizer() -> None:
     ({"c": -0.5}, ValueError, r"c must be a finite number ≥ 0, got -0.5"),
     ({"clamp": 0.0}, ValueError, r"clamp must be a finite number > 0, got 0.0"),
     ({"thres_cosh": -1.0}, ValueError, r"thres_cosh must be a finite number > 0, got -1.0"),
-    ({"policy": "ewc"}, ValueError, r"unknown gradient policy 'ewc'; registered: \[.*'adahat', 'hat'.*\]"),
+    ({"policy": "ewc"}, ValueError, r"unknown gradient policy 'ewc'; registered: \[.*'adahat', 'fg_adahat', 'hat'.*\]"),
     ({"policy": 3}, TypeError, r"policy must be a registered policy name or a GradientPolicy, got 3"),
 ])
 def test_hat_constructor_refuses_bad_options(kwargs, exc, match) -> None:
