@@ -123,7 +123,7 @@ def parser(prog: str, description: str, *, budget: Budget, out: str, data: str =
     p.add_argument("--optimizer", choices=OPTIMIZERS, default=budget.optimizer,
                    help="sgd (with the plateau schedule) or adamw (with warmup + cosine)")
     p.add_argument("--schedule", choices=SCHEDULES, default=argparse.SUPPRESS,
-                   help="learning-rate schedule (default: plateau for sgd, cosine for adamw)")
+                   help="learning-rate schedule (default: plateau for sgd, cosine for adamw; constant: a fixed rate)")
     p.add_argument("--lr", type=positive_float, default=argparse.SUPPRESS,
                    help="initial (cosine: peak) learning rate (default: "
                         + (f"{budget.lr:g} for {budget.optimizer}; otherwise " if budget.lr is not None else "")

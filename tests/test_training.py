@@ -240,6 +240,18 @@ def test_adamw_with_warmup_and_cosine_decays_per_batch_and_forgets_nothing() -> 
     assert lrs[2] == pytest.approx(0.0, abs=1e-12)
 
 
+def test_constant_schedule_keeps_the_rate_for_every_epoch_and_forgets_nothing() -> None:
+    # the FG-AdaHAT paper's setting: Adam at a fixed rate for exactly `epochs` epochs, whatever validation says
+    config = TrainConfig(epochs=4, batch_size=32, lr=1e-3, optimizer="adamw", schedule="constant", weight_decay=0.0,
+                         patience=1)
+    console = quiet()
+    result = train_sequence(mlp(), toy_tasks(), HATMethod(), config, console=console)
+    assert result.epochs == [4, 4]
+    assert result.accuracy[1][0] == result.accuracy[0][0] and result.loss[1][0] == result.loss[0][0]
+    lrs = [float(v) for v in re.findall(r"lr (\S+)", console.file.getvalue())]
+    assert len(lrs) == 8 and all(lr == pytest.approx(1e-3, rel=1e-9) for lr in lrs)
+
+
 @pytest.mark.parametrize(("field", "value", "message"), [
     ("epochs", 0, "epochs must be an int ≥ 1, got 0"),
     ("lr", 0.0, "lr must be a finite number > 0"),
@@ -247,7 +259,7 @@ def test_adamw_with_warmup_and_cosine_decays_per_batch_and_forgets_nothing() -> 
     ("lr_factor", 1.0, "lr_factor must be > 1"),
     ("validation_fraction", 1.0, r"validation_fraction must be in \(0, 1\)"),
     ("optimizer", "adam", "optimizer must be one of 'sgd', 'adamw', got 'adam'"),
-    ("schedule", "step", "schedule must be one of 'plateau', 'cosine', got 'step'"),
+    ("schedule", "step", "schedule must be one of 'plateau', 'cosine', 'constant', got 'step'"),
     ("warmup_epochs", -1, "warmup_epochs must be an int ≥ 0, got -1"),
 ])
 def test_config_rejects_bad_values(field: str, value: object, message: str) -> None:

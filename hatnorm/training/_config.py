@@ -8,22 +8,23 @@ from typing import Literal
 from hatnorm._checks import check_non_negative, check_positive, check_positive_int
 
 OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("plateau", "cosine")
+SCHEDULES = ("plateau", "cosine", "constant")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Training settings; the defaults are the reference schedule (Serrà et al.).
 
-    Two schedules drive the learning rate within a task. ``"plateau"`` (the reference): the rate is divided
+    Three schedules drive the learning rate within a task. ``"plateau"`` (the reference): the rate is divided
     by ``lr_factor`` after ``patience`` epochs without validation improvement, the optimizer re-created and
     the best weights restored, and training stops when it falls below ``lr_min`` or after ``epochs``.
     ``"cosine"`` (what transformer users run): a linear warmup over ``warmup_epochs`` epochs, then a cosine
     decay to 0 at the end of ``epochs``, stepped every batch (torch's ``LinearLR``, ``CosineAnnealingLR``
-    and ``SequentialLR``). Both keep the best-validation weights.
+    and ``SequentialLR``). ``"constant"`` (the FG-AdaHAT paper's Adam): ``lr`` for exactly ``epochs`` epochs.
+    All three keep the best-validation weights.
 
     Attributes:
-        epochs: most epochs per task (``"cosine"``: exactly this many).
+        epochs: most epochs per task (``"cosine"``, ``"constant"``: exactly this many).
         lr: initial (``"cosine"``: peak) learning rate.
         lr_min: ``"plateau"``: training of a task stops when the learning rate falls below it.
         lr_factor: ``"plateau"``: the learning rate is divided by it on a plateau.
@@ -33,7 +34,7 @@ class TrainConfig:
         momentum: SGD momentum (``optimizer="sgd"`` only).
         weight_decay: weight decay (L2 for SGD, decoupled for AdamW).
         optimizer: ``"sgd"`` (the reference) or ``"adamw"``.
-        schedule: ``"plateau"`` (the reference) or ``"cosine"``.
+        schedule: ``"plateau"`` (the reference), ``"cosine"`` or ``"constant"``.
         warmup_epochs: ``"cosine"``: epochs of linear warmup before the decay (< ``epochs``).
         validation_fraction: share of every task's training set held out for validation.
         seed: seeds the model, the validation split and the batch order.
@@ -62,7 +63,7 @@ class TrainConfig:
     momentum: float = 0.0
     weight_decay: float = 0.0
     optimizer: Literal["sgd", "adamw"] = "sgd"
-    schedule: Literal["plateau", "cosine"] = "plateau"
+    schedule: Literal["plateau", "cosine", "constant"] = "plateau"
     warmup_epochs: int = 0
     validation_fraction: float = 0.1
     seed: int = 0

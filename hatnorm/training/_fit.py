@@ -224,7 +224,7 @@ def fit_task(model: nn.Module, method: Method, task_ids: Sequence[int], train: S
             if improved:
                 best_loss, best_state = val_loss, copy.deepcopy(model.state_dict())
         display.epoch(name, epoch, running / max(trained, 1), val_acc, optimizer.param_groups[0]["lr"], s, skipped_now)
-        if scheduler is None:
+        if config.schedule == "plateau":
             if improved:
                 patience = config.patience
             else:
