@@ -152,6 +152,9 @@ def parser(prog: str, description: str, *, budget: Budget, out: str, data: str =
     p.add_argument("--checkpoint-every", type=positive_int, default=None, metavar="N",
                    help="also checkpoint every N epochs within a task (a checkpoint is always written after "
                         "every task)")
+    p.add_argument("--no-joint", dest="joint", action="store_false",
+                   help="train no joint baseline (on T tasks it trains T(T+1)/2 task-models, the costliest part of "
+                        "a long sequence): the forgetting ratio ρ, which needs it, is not measured (NaN)")
     return p
 
 

@@ -102,6 +102,8 @@ def plot(summary: dict[str, Any], out: Path, title: str) -> list[Path]:
             if len(r["seeds"]) > 1:
                 ax.fill_between(steps, curve["low"], curve["high"], color=line.get_color(), alpha=0.15, lw=0)
         ax.axhline(0, color="gray", lw=0.8, ls="--")
+        if all(np.isnan(r["rho_curve"]["mean"]).all() for r in results.values() if r["arch"] == arch):
+            ax.text(0.5, 0.5, "not measured: no joint baseline (--no-joint)", ha="center", transform=ax.transAxes)
         ax.set(title=f"{arch}", xlabel="tasks learned $t$", ylabel=r"forgetting ratio $\rho^{\leq t}$")
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.legend(fontsize=7)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import pickle
 import platform
@@ -18,6 +19,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from rich.console import Console
 from torch import nn
@@ -199,14 +201,16 @@ def _random_accuracies(tasks: Sequence[Task]) -> list[float]:
 
 def run(variants: Sequence[Variant], tasks: Sequence[Task], cfg: TrainConfig, out: Path, console: Console,
         *, joint_norm: dict[str, str], title: str, resume: bool = False,
-        checkpoint_every: int | None = None, weights: tuple[str, dict[str, torch.Tensor]] | None = None
-        ) -> dict[str, Any]:
+        checkpoint_every: int | None = None, weights: tuple[str, dict[str, torch.Tensor]] | None = None,
+        with_joint: bool = True) -> dict[str, Any]:
     """Train every variant, joint training per architecture, and compute the metrics, for one seed.
 
     Returns the results by variant label; also writes them (``results.json``, ``results.csv``) with
     each run's own folder under ``out``. Every run checkpoints into its folder under ``out/checkpoints``
     after every task (and every ``checkpoint_every`` epochs); ``resume`` continues from there.
     ``weights`` (a name and a state dict) starts every model, joint training's included, from them.
+    Without ``with_joint`` no joint model trains (T(T+1)/2 task trainings: the costliest part of a long
+    sequence) and ρ, which needs it, is NaN (not measured).
     """
     out.mkdir(parents=True, exist_ok=True)
     counts = [t.num_classes for t in tasks]
@@ -227,7 +231,9 @@ def run(variants: Sequence[Variant], tasks: Sequence[Task], cfg: TrainConfig, ou
     for variant in variants:
         # joint training has every gate open, so the gates' s_max does not change it
         key = json.dumps([variant.arch, {k: v for k, v in variant.options.items() if k != "s_max"}], sort_keys=True)
-        if key not in joint:
+        if not with_joint:
+            joint[key] = [[math.nan] * len(tasks) for _ in tasks], 0.0
+        elif key not in joint:
             console.print(f"[bold]{variant.arch}[/bold]: joint training on tasks 0..t for every t (A_J), "
                           f"seed {cfg.seed}")
             same_arch = sum(json.loads(k)[0] == variant.arch for k in joint)
@@ -246,11 +252,13 @@ def run(variants: Sequence[Variant], tasks: Sequence[Task], cfg: TrainConfig, ou
                   "weights": None if weights is None else weights[0]},
             checkpoint_dir=out / "checkpoints" / _slug(variant.label), checkpoint_every=checkpoint_every,
             resume=resume)
-        rho = metrics.mean_forgetting_ratio(result.accuracy, random, joint[key][0])
+        rho = (metrics.mean_forgetting_ratio(result.accuracy, random, joint[key][0]) if with_joint
+               else np.full(len(tasks), math.nan))
         results[variant.label] = {
             "arch": variant.arch, "norm": variant.norm, "method": variant.method().name,
             "parameters": sum(p.numel() for p in build(variant, variant.norm, prepared=False).parameters()),
-            "accuracy": result.accuracy, "joint": joint[key][0], "joint_seconds": joint[key][1], "random": random,
+            "accuracy": result.accuracy, "joint": joint[key][0] if with_joint else None,
+            "joint_seconds": joint[key][1], "random": random,
             "average_accuracy": metrics.average_accuracy(result.accuracy),
             "bwt": metrics.backward_transfer(result.accuracy),
             "rho": rho.tolist(), "rho_final": float(rho[-1]), "epochs": result.epochs, "seconds": sum(result.seconds),
@@ -332,7 +340,8 @@ def run_and_report(variants: Sequence[Variant], tasks_of: Callable[[int], list[T
         for seed in args.seeds:
             by_seed[seed] = run(variants, tasks_of(seed), replace(cfg, seed=seed), args.out / f"seed_{seed}",
                                 console, joint_norm=joint_norm, title=title, resume=args.resume,
-                                checkpoint_every=args.checkpoint_every, weights=weights)
+                                checkpoint_every=args.checkpoint_every, weights=weights,
+                                with_joint=getattr(args, "joint", True))
     except CheckpointError as error:  # --resume with other options than the killed run's
         sys.exit(f"--resume: {error}")
     summary = aggregate(by_seed, contrasts)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import math
+
 from ablations import policy
 
 TINY = ["--tasks", "2", "--epochs", "1", "--seeds", "0"]
@@ -24,3 +27,18 @@ def test_the_policy_ablation_runs_the_fg_adahat_papers_mlp(tmp_path) -> None:
                            "--data", "permuted_mnist", "--policies", "hat", "fg_afi"])
     assert set(results["variants"]) == {"none hat", "none fg_afi"}
     assert results["variants"]["none hat"]["runs"]["0"]["bwt"] == 0.0
+
+
+def test_without_the_joint_baseline_rho_is_not_measured_and_the_rest_is(tmp_path) -> None:
+    argv = [*TINY, "--arch", "mlp", "--hidden", "16", "12", "--norms", "none", "--data", "permuted_mnist",
+            "--policies", "hat", "fg_icu", "--optimizer", "adamw", "--schedule", "constant"]
+    results = policy.main([*argv, "--out", str(tmp_path / "no_joint"), "--no-joint"])
+    measured = policy.main([*argv, "--out", str(tmp_path / "joint")])
+    assert not (tmp_path / "no_joint" / "seed_0" / "checkpoints" / "joint_mlp").exists()
+    for label, r in results["variants"].items():
+        run, twin = r["runs"]["0"], measured["variants"][label]["runs"]["0"]
+        assert run["joint"] is None and math.isnan(run["rho_final"])
+        assert run["accuracy"] == twin["accuracy"]  # the variants train exactly as with the baseline
+    metrics = {c["metric"] for c in results["contrasts"]}
+    assert "rho_final" not in metrics and {"average_accuracy", "bwt"} <= metrics
+    assert json.loads((tmp_path / "no_joint" / "results.json").read_text())["options"]["joint"] is False
