@@ -16,7 +16,8 @@ from collections.abc import Sequence
 from ablations import _cli, _runner
 from ablations._protocol import JOINT_NORM, Contrast
 from ablations._runner import Variant
-from hatnorm import AdaHATPolicy, AdaHATReferencePolicy, FGAdaHATPolicy, GradientPolicy, list_norms
+from hatnorm import GradientPolicy, list_norms
+from hatnorm.policies import AdaHATPolicy, AdaHATReferencePolicy, FGAdaHATPolicy
 from hatnorm.training import HATMethod
 
 #: FG-AdaHAT variants: importance type, α and b_L of the paper's configs (fgadahat_<x>_*.yaml)

@@ -8,19 +8,10 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hatnorm import (
-    Flatten,
-    HATGate,
-    HATModule,
-    Layer,
-    MaskedNorm,
-    MaskSource,
-    NoNorm,
-    NormSpec,
-    TaskHeads,
-    register_architecture,
-)
+from hatnorm import HATGate, HATModule, MaskedNorm, NormSpec, TaskHeads, register_architecture
+from hatnorm.blocks import Flatten, Layer, MaskSource
 from hatnorm.checks import check_batch, check_batch_statistics, check_positive_int, check_task_and_scale
+from hatnorm.norms import NoNorm
 
 
 def _conv_out(size: int, kernel: int) -> int:

@@ -9,7 +9,8 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hatnorm import HATGate, HATModule, Layer, MaskedNorm, MaskSource, NormSpec, TaskHeads, register_architecture
+from hatnorm import HATGate, HATModule, MaskedNorm, NormSpec, TaskHeads, register_architecture
+from hatnorm.blocks import Layer, MaskSource
 from hatnorm.checks import check_batch_statistics, check_flat_batch, check_positive_int, check_task_and_scale
 
 

@@ -24,10 +24,10 @@ import hatnorm
 POLICIES: dict[str, Callable[[], str | hatnorm.GradientPolicy]] = {
     "hat": lambda: "hat",
     "adahat (task start)": lambda: "adahat",
-    "adahat (reference)": lambda: hatnorm.AdaHATReferencePolicy(),
-    "fg_adahat IG": lambda: hatnorm.FGAdaHATPolicy(),
-    "fg_adahat ICU": lambda: hatnorm.FGAdaHATPolicy(importance="input_weight_abs_sum_x_activation_abs"),
-    "fg_adahat OG": lambda: hatnorm.FGAdaHATPolicy(alpha=1e-7, importance="output_weight_gradient_abs_sum",
+    "adahat (reference)": lambda: hatnorm.policies.AdaHATReferencePolicy(),
+    "fg_adahat IG": lambda: hatnorm.policies.FGAdaHATPolicy(),
+    "fg_adahat ICU": lambda: hatnorm.policies.FGAdaHATPolicy(importance="input_weight_abs_sum_x_activation_abs"),
+    "fg_adahat OG": lambda: hatnorm.policies.FGAdaHATPolicy(alpha=1e-7, importance="output_weight_gradient_abs_sum",
                                                    base_linear=10.0),
 }
 TARGET = 1.3

@@ -120,16 +120,16 @@ def norm_layers(args: argparse.Namespace, clock: Clock, compiler: Compiler) -> l
             grad = torch.randn(*shape, generator=generator).to(args.device)
             embedding = torch.randn(channels, generator=generator).to(args.device)
             if kind == "bn":
-                ours = hatnorm.MaskedBatchNorm2d(channels, num_tasks=10).to(args.device)
+                ours = hatnorm.norms.MaskedBatchNorm2d(channels, num_tasks=10).to(args.device)
                 theirs = nn.BatchNorm2d(channels).to(args.device)
             else:
-                ours = hatnorm.MaskedLayerNorm(channels, num_tasks=10).to(args.device)
+                ours = hatnorm.norms.MaskedLayerNorm(channels, num_tasks=10).to(args.device)
                 theirs = nn.LayerNorm(channels).to(args.device)
             forward_ours = compiler(lambda x, m, ours=ours: ours(x, m, 1))
             forward_theirs = compiler(lambda x, theirs=theirs: theirs(x))
             calls: dict[object, Any] = {"theirs": partial(_forward_backward, forward_theirs, x, grad=grad)}
             for s in SCALES:  # the soft gate a task's training sees at s
-                mask = hatnorm.hat_gate(embedding, s, args.gate_floor).requires_grad_()
+                mask = hatnorm.functional.hat_gate(embedding, s, args.gate_floor).requires_grad_()
                 calls[s] = partial(_forward_backward, forward_ours, x, mask, grad=grad)
             times = clock(calls)
             name = "masked BN / nn.BatchNorm2d" if kind == "bn" else "masked LN / nn.LayerNorm"
@@ -223,7 +223,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true", help="small models and 5 repeats, to try the script")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory runs")
     p.add_argument("--plain-sigmoid", action="store_true",
-                   help="gates without the floor (hatnorm.GATE_FLOOR), as in Serrà et al.'s code, to compare")
+                   help="gates without the floor (hatnorm.functional.GATE_FLOOR), as in Serrà et al.'s code, "
+                        "to compare")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="folder for the JSON")
     p.add_argument("--doc", type=Path, default=ROOT / "docs" / "performance.md", help="Markdown file to update")
     p.add_argument("--only", nargs="+", choices=list(SECTIONS),
@@ -233,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--memory-probe", help=argparse.SUPPRESS)
     p.add_argument("--kernel-probe", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    args.gate_floor = 0.0 if args.plain_sigmoid else hatnorm.GATE_FLOOR
+    args.gate_floor = 0.0 if args.plain_sigmoid else hatnorm.functional.GATE_FLOOR
     if args.memory_probe:
         probe_memory(json.loads(args.memory_probe))
         return

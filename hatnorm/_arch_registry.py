@@ -91,14 +91,14 @@ def build(
         raise TypeError(f"reference must be a bool, got {reference!r}")
     spec = get_architecture(name)
     num_tasks = check_num_tasks(num_tasks)
-    norm_spec = get_norm(norm) if isinstance(norm, str) else norm
-    if not isinstance(norm_spec, NormSpec):
+    if isinstance(norm, str):
+        norm = get_norm(norm)
+    if not isinstance(norm, NormSpec):
         raise TypeError(f"norm must be a registered norm name or a NormSpec, got {norm!r}")
-    if not norm_spec.fits(spec.family):
-        raise ValueError(f"norm {norm_spec.name!r} does not fit architecture {name!r}; "
-                         f"allowed: {list_norms(spec.family)}")
+    if not norm.fits(spec.family):
+        raise ValueError(f"norm {norm.name!r} does not fit architecture {name!r}; allowed: {list_norms(spec.family)}")
     counts = class_counts(num_classes, num_tasks)
-    model = spec.builder(num_tasks=num_tasks, norm=norm_spec, num_classes=counts, **options)
+    model = spec.builder(num_tasks=num_tasks, norm=norm, num_classes=counts, **options)
     if reference:
         for gate in model.modules():
             if isinstance(gate, HATGate):

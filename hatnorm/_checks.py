@@ -83,26 +83,26 @@ def check_scale(s: object) -> float | Tensor:
     return check_positive(s, "s")
 
 
-def check_mask(mask: object, num_features: int, *, like: Tensor | None = None,
+def check_gate(gate: object, num_features: int, *, like: Tensor | None = None,
                device: torch.device | None = None) -> Tensor:
     """Check a layer's gate: a float tensor of shape ``[num_features]``, of a dtype and on the device that fit
     ``like`` (the norm's parameter, see :func:`check_dtype`), and on ``device`` (its input's) when given."""
-    if not isinstance(mask, Tensor):
-        raise TypeError(f"mask must be a tensor of shape [{num_features}], got {type(mask).__name__}")
-    if mask.shape != (num_features,):
-        raise ValueError(f"mask must have shape [{num_features}] (one gate value per feature), "
-                         f"got shape {list(mask.shape)}")
-    if not mask.dtype.is_floating_point:
-        raise ValueError(f"mask must be a floating-point tensor with values in [0, 1], got dtype {mask.dtype}")
-    if device is not None and mask.device != device:
-        raise ValueError(f"mask must be on the device of x, {device}, got {mask.device}")
-    check_dtype(mask, like, name="mask", mixed=True)
+    if not isinstance(gate, Tensor):
+        raise TypeError(f"gate must be a tensor of shape [{num_features}], got {type(gate).__name__}")
+    if gate.shape != (num_features,):
+        raise ValueError(f"gate must have shape [{num_features}] (one gate value per feature), "
+                         f"got shape {list(gate.shape)}")
+    if not gate.dtype.is_floating_point:
+        raise ValueError(f"gate must be a floating-point tensor with values in [0, 1], got dtype {gate.dtype}")
+    if device is not None and gate.device != device:
+        raise ValueError(f"gate must be on the device of x, {device}, got {gate.device}")
+    check_dtype(gate, like, name="gate", mixed=True)
     # read on the CPU only, where it costs no device synchronisation (and not while compiling)
-    if mask.device.type == "cpu" and not torch.compiler.is_compiling() and not _within_unit_interval(mask):
-        outside = mask[~((mask >= 0) & (mask <= 1))]
-        raise ValueError(f"mask must hold gate values in [0, 1], got {outside.numel()} outside, e.g. "
+    if gate.device.type == "cpu" and not torch.compiler.is_compiling() and not _within_unit_interval(gate):
+        outside = gate[~((gate >= 0) & (gate <= 1))]
+        raise ValueError(f"gate must hold values in [0, 1], got {outside.numel()} outside, e.g. "
                          f"{outside[:3].tolist()}")
-    return mask
+    return gate
 
 
 class Remembered:
@@ -131,26 +131,26 @@ class Remembered:
 _in_unit_interval = Remembered()
 
 
-def _within_unit_interval(mask: Tensor) -> bool:
+def _within_unit_interval(gate: Tensor) -> bool:
     """Whether every value is in [0, 1] (NaN is not): one reduction, read once per gate tensor."""
-    if _in_unit_interval.get(mask):
+    if _in_unit_interval.get(gate):
         return True
-    low, high = torch.aminmax(mask)
+    low, high = torch.aminmax(gate)
     if not (low.item() >= 0 and high.item() <= 1):
         return False
-    _in_unit_interval.remember(mask, True)
+    _in_unit_interval.remember(gate, True)
     return True
 
 
-def check_input(x: object, num_features: int, *, dims: tuple[int, ...], channel_dim: int, like: Tensor | None = None,
+def check_input(x: object, num_features: int, *, ranks: tuple[int, ...], channel_dim: int, like: Tensor | None = None,
                 name: str = "x") -> Tensor:
-    """Check a norm's input: a non-empty float tensor whose rank is in ``dims``, with ``num_features`` channels
+    """Check a norm's input: a non-empty float tensor whose rank is in ``ranks``, with ``num_features`` channels
     in ``channel_dim``, of a dtype and on the device that fit ``like`` (the norm's parameter, see
     :func:`check_dtype`)."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
-    if x.dim() not in dims:
-        allowed = " or ".join(f"{d}-D" for d in dims)
+    if x.dim() not in ranks:
+        allowed = " or ".join(f"{d}-D" for d in ranks)
         raise ValueError(f"{name} must be {allowed}, got a {x.dim()}-D tensor of shape {list(x.shape)}")
     if x.shape[channel_dim] != num_features:
         raise ValueError(f"{name} must have {num_features} features in dim {channel_dim}, "

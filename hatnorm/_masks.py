@@ -51,7 +51,7 @@ class MaskSource(ABC):
 def _check_sources(sources: tuple[object, ...], name: str) -> None:
     for source in sources:
         if not isinstance(source, MaskSource):
-            raise TypeError(f"{name} must be gates or other mask sources (hatnorm.MaskSource), "
+            raise TypeError(f"{name} must be gates or other mask sources (hatnorm.blocks.MaskSource), "
                             f"got a {type(source).__name__}")
 
 

@@ -24,7 +24,7 @@ _confirmed: set[type[MaskedNorm]] = set()
 
 def probe_input(norm: MaskedNorm, generator: torch.Generator) -> Tensor:
     """A batch of 4 for ``norm``: its smallest rank, its units in its channel dim, other sizes 3."""
-    rank = min(norm.dims)
+    rank = min(norm.input_ranks)
     shape = [4] + [3] * (rank - 1)
     shape[norm.channel_dim] = norm.num_features
     return _randn(shape, generator)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, final
 import torch
 from torch import Tensor, nn
 
-from hatnorm._checks import check_input, check_mask, check_num_tasks, check_positive_int, check_task
+from hatnorm._checks import check_gate, check_input, check_num_tasks, check_positive_int, check_task
 from hatnorm._exported import ExportedGate
 from hatnorm._masks import MaskState
 from hatnorm._norm_functional import per_channel
@@ -93,7 +93,7 @@ class MaskedNorm(nn.Module, Protected):
         self.num_features = check_positive_int(num_features, "num_features")
         self.num_tasks = check_num_tasks(num_tasks)
         #: the input ranks this norm takes (``ranks[dims]``)
-        self.dims = self._ranks_of(dims)
+        self.input_ranks = self._ranks_of(dims)
         self.channel_dim = 1 if self.layout == "channels_first" or (self.layout == "any" and dims is not None) else -1
 
     def _ranks_of(self, dims: object) -> tuple[int, ...]:
@@ -110,7 +110,7 @@ class MaskedNorm(nn.Module, Protected):
         returns gate ⊙ norm_task(x), of ``x``'s shape.
 
         Args:
-            x: the input, of a rank in :attr:`dims` with ``num_features`` units in :attr:`channel_dim`.
+            x: the input, of a rank in :attr:`input_ranks` with ``num_features`` units in :attr:`channel_dim`.
             gate: the layer's gate values, in [0, 1].
             task: the task id, in ``[0, num_tasks)``.
             trusted: the caller has checked ``x``, ``gate`` and ``task`` (a model that validated its task and
@@ -198,14 +198,14 @@ class MaskedNorm(nn.Module, Protected):
         super()._load_from_state_dict(state_dict, prefix, *args)
 
     def validate(self, x: Tensor, gate: Tensor, task: int) -> int:
-        """Check a call's input (rank :attr:`dims`, ``num_features`` units in :attr:`channel_dim`, dtype and
+        """Check a call's input (rank in :attr:`input_ranks`, ``num_features`` units in :attr:`channel_dim`, dtype and
         device of the norm's parameters), its gate and its task; returns the task as an int. Every untrusted
         :meth:`forward` starts with it, so bad calls fail with the same messages in every norm."""
         # any own parameter fixes the dtype and device x must meet; read from the dict, since a
         # parameters() generator would cost more than all the checks together
         like = next(iter(self._parameters.values()), None)
-        check_input(x, self.num_features, dims=self.dims, channel_dim=self.channel_dim, like=like)
-        check_mask(gate, self.num_features, like=like, device=x.device)
+        check_input(x, self.num_features, ranks=self.input_ranks, channel_dim=self.channel_dim, like=like)
+        check_gate(gate, self.num_features, like=like, device=x.device)
         return check_task(task, self.num_tasks)
 
     def extra_repr(self) -> str:

@@ -2,13 +2,14 @@
 
 A policy maps the masks earlier tasks left on a parameter's units to a rate in [0, 1] that
 multiplies its gradient. :class:`hatnorm.HAT` asks once per task, at task start. Policies whose rates change
-every step (AdaHAT as its authors run it, FG-AdaHAT) are :class:`hatnorm.StepPolicy` subclasses.
+every step (AdaHAT as its authors run it, FG-AdaHAT) are :class:`hatnorm.policies.StepPolicy` subclasses.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, final
 
 import torch
@@ -16,7 +17,7 @@ from torch import Tensor
 
 from hatnorm._checks import check_positive
 from hatnorm._masks import MaskState
-from hatnorm._registry import Registry, decorator
+from hatnorm._registry import Registry, check_callable
 
 
 class GradientPolicy(ABC):
@@ -54,17 +55,55 @@ class GradientPolicy(ABC):
         )
 
 
-POLICIES: Registry[Callable[..., GradientPolicy]] = Registry("gradient policy", "hatnorm.policies")
+@dataclass(frozen=True)
+class PolicySpec:
+    """A registered gradient policy: its name and what builds it.
+
+    Attributes:
+        name: the registry name.
+        factory: the class or function that builds the policy, ``factory(**options)`` → :class:`GradientPolicy`.
+    """
+
+    name: str
+    factory: Callable[..., GradientPolicy]
+
+
+POLICIES: Registry[PolicySpec] = Registry("gradient policy", "hatnorm.policies")
 
 
 def register_policy(name: str) -> Callable[[Callable[..., GradientPolicy]], Callable[..., GradientPolicy]]:
-    """Register a gradient policy class (or factory) under ``name``; a duplicate name is a ``ValueError``."""
-    return decorator(POLICIES, name)
+    """Register a gradient policy class (or factory) under ``name`` (a decorator); a duplicate name is a
+    ``ValueError``.
+
+    Args:
+        name: the registry name.
+    """
+
+    def wrap(factory: Callable[..., GradientPolicy]) -> Callable[..., GradientPolicy]:
+        check_callable(factory, POLICIES.kind)
+        POLICIES.register(name, PolicySpec(name, factory))
+        return factory
+
+    return wrap
 
 
-def get_policy(name: str, **options: Any) -> GradientPolicy:
-    """Build the gradient policy registered as ``name`` with ``options``."""
-    return POLICIES.get(name)(**options)
+def get_policy(name: str) -> PolicySpec:
+    """The gradient policy registered as ``name``; an unknown name is a ``ValueError`` listing the registered ones.
+
+    Args:
+        name: a registered policy name (see :func:`list_policies`).
+    """
+    return POLICIES.get(name)
+
+
+def create_policy(name: str, **options: Any) -> GradientPolicy:
+    """Build the gradient policy registered as ``name``.
+
+    Args:
+        name: a registered policy name (see :func:`list_policies`).
+        **options: the policy's constructor options (``alpha``, ``reference``, ...).
+    """
+    return get_policy(name).factory(**options)
 
 
 def list_policies() -> list[str]:
@@ -84,7 +123,7 @@ class HATPolicy(GradientPolicy):
 @final
 class AdaHATPolicy(GradientPolicy):
     """AdaHAT's soft protection (Wang et al., ECML-PKDD 2024, eqs. 8–9), with multipliers fixed at task start:
-    the policy ``"adahat"`` (:func:`hatnorm.get_policy`; its ``reference=True`` form follows the authors' code).
+    the policy ``"adahat"`` (:func:`hatnorm.create_policy`; its ``reference=True`` form follows the authors' code).
 
     An entry used by n earlier tasks keeps the rate r/(n + r) of its gradient, with
     r = α/(ε + sparsity); entries no task used keep their whole gradient. hatnorm fixes multipliers

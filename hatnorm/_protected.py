@@ -15,7 +15,7 @@ class Protected(ABC):
 
     Norms implement it (:class:`hatnorm.MaskedNorm`), and so can any module with per-unit parameters
     (a position embedding over the residual stream, a learned scale): wire it with
-    ``hatnorm.Layer(module, out=gate)`` and HAT asks it once per task.
+    ``hatnorm.blocks.Layer(module, out=gate)`` and HAT asks it once per task.
     """
 
     @abstractmethod

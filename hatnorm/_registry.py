@@ -8,7 +8,7 @@ its entries with the decorators when imported.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from importlib.metadata import entry_points
 from typing import Generic, TypeVar
 
@@ -74,12 +74,3 @@ def check_callable(entry: object, kind: str) -> None:
     if not callable(entry):
         raise TypeError(f"the registered {kind} must be a class or function that builds it, got {entry!r}")
 
-
-def decorator(registry: Registry[T], name: str) -> Callable[[T], T]:
-    """A decorator registering what it decorates under ``name``."""
-
-    def wrap(entry: T) -> T:
-        check_callable(entry, registry.kind)
-        return registry.register(name, entry)
-
-    return wrap

@@ -1,4 +1,4 @@
-"""The masked LayerNorm's fused CPU kernels (:class:`hatnorm.MaskedLayerNorm` on float32/float64 CPU tensors).
+"""The masked LayerNorm's fused CPU kernels (:class:`hatnorm.norms.MaskedLayerNorm` on float32/float64 CPU tensors).
 
 They need numba (``pip install 'hatnorm[fused]'``) and are loaded by the first masked-LayerNorm call that
 uses them; without numba, or inside ``with kernels(False):``, or with ``HATNORM_FUSED=0`` in the

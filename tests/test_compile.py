@@ -100,7 +100,7 @@ def test_compiled_masked_ln_gives_the_eager_outputs_and_gradients(selection: str
     masked statistics) gives the same outputs and gradients under torch.compile as eagerly, whichever features
     are selected."""
     gen = torch.Generator().manual_seed(0)
-    norm = hatnorm.MaskedLayerNorm(16, num_tasks=2)
+    norm = hatnorm.norms.MaskedLayerNorm(16, num_tasks=2)
     with torch.no_grad():
         norm.weight.normal_(generator=gen)
         norm.bias.normal_(generator=gen)

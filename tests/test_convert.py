@@ -292,9 +292,9 @@ def test_coverage_check_names_the_unprotected_layer() -> None:
     """Invariant 8: a trainable parameter neither masked nor owned by a task is refused, by name."""
     model = Gated()
     with pytest.raises(ValueError, match=r"\['fc2.weight', 'fc2.bias'\]"):
-        hatnorm.HAT(model, [hatnorm.Layer(model.fc1, out=model.gate1)])
+        hatnorm.HAT(model, [hatnorm.blocks.Layer(model.fc1, out=model.gate1)])
     model.fc2.requires_grad_(False)  # frozen parameters need no protection
-    hatnorm.HAT(model, [hatnorm.Layer(model.fc1, out=model.gate1)])
+    hatnorm.HAT(model, [hatnorm.blocks.Layer(model.fc1, out=model.gate1)])
 
 
 @pytest.mark.parametrize(("norm", "make"), [
@@ -344,7 +344,7 @@ def test_a_model_mixing_batch_and_layer_norms_converts_with_a_norm_per_kind() ->
     original = mixed_norm_model()
     converted = hatnorm.convert(original, num_tasks=2, norm={"batch": "masked_bn", "layer": "masked_ln"})
     kinds = [type(m) for m in converted.modules() if isinstance(m, hatnorm.MaskedNorm)]
-    assert kinds == [hatnorm.MaskedBatchNorm, hatnorm.MaskedLayerNorm]
+    assert kinds == [hatnorm.norms.MaskedBatchNorm, hatnorm.norms.MaskedLayerNorm]
     hatnorm.HAT(converted)  # every parameter is covered
     hatnorm.open_gates(converted)
     x = torch.randn(4, 3, 8, 8)
@@ -608,7 +608,7 @@ def test_users_register_rules_for_their_own_ops() -> None:
     # the 1×1 conv reads the conv's gate reversed: its input unit i is the conv's unit 5 − i
     mix = next(layer for layer in hat.layers if layer.module is model.body.mix)
     conv = next(layer for layer in hat.layers if layer.module is model.body.conv)
-    assert isinstance(mix.inp, hatnorm.Select) and mix.inp.source is conv.out
+    assert isinstance(mix.inp, hatnorm.blocks.Select) and mix.inp.source is conv.out
     assert mix.inp.index.tolist() == [5, 4, 3, 2, 1, 0]
     hatnorm.open_gates(model)
     with torch.no_grad():
@@ -625,35 +625,35 @@ def test_register_conversion_rule_rejects_bad_arguments() -> None:
         hatnorm.register_conversion_rule("flip", "sideways")
 
 
-class FixedUnits(hatnorm.MaskSource):
+class FixedUnits(hatnorm.blocks.MaskSource):
     """A mask source whose earlier tasks used units 0 and 2 of 4."""
 
     num_features = 4
 
-    def state(self) -> hatnorm.MaskState:
+    def state(self) -> hatnorm.blocks.MaskState:
         used = torch.tensor([1.0, 0.0, 1.0, 0.0])
-        return hatnorm.MaskState(cumulative=used, summative=used * 2)
+        return hatnorm.blocks.MaskState(cumulative=used, summative=used * 2)
 
 
 def test_select_picks_units_and_reads_padding_as_unused() -> None:
-    select = hatnorm.Select(FixedUnits(), torch.tensor([2, -1, 0, 1, 2]))
+    select = hatnorm.blocks.Select(FixedUnits(), torch.tensor([2, -1, 0, 1, 2]))
     assert select.num_features == 5
     state = select.state()
     assert state.cumulative.tolist() == [1.0, 0.0, 1.0, 0.0, 1.0]  # −1: a padded position, always 0
     assert state.summative.tolist() == [2.0, 0.0, 2.0, 0.0, 2.0]
     with pytest.raises(ValueError, match=r"index must lie in \[-1, 4\)"):
-        hatnorm.Select(FixedUnits(), torch.tensor([0, 4]))
+        hatnorm.blocks.Select(FixedUnits(), torch.tensor([0, 4]))
     with pytest.raises(ValueError, match="index must be a non-empty 1-D integer tensor"):
-        hatnorm.Select(FixedUnits(), torch.tensor([0.5]))
+        hatnorm.blocks.Select(FixedUnits(), torch.tensor([0.5]))
     with pytest.raises(TypeError, match="source must be gates or other mask sources"):
-        hatnorm.Select(3, torch.tensor([0]))
+        hatnorm.blocks.Select(3, torch.tensor([0]))
 
 
 def test_a_relative_position_bias_gets_one_copy_per_task(tmp_path) -> None:
     original = pretrained_transformers("Swin", tmp_path, embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=4,
                                        patch_size=4)
     model = hatnorm.convert(original, num_tasks=3, example_input=torch.randn(2, 3, 32, 32), norm="masked_ln")
-    tables = [m for m in model.modules() if isinstance(m, hatnorm.TaskParameter)]
+    tables = [m for m in model.modules() if isinstance(m, hatnorm.blocks.TaskParameter)]
     assert len(tables) == 2  # one per attention block
     table = original.swin.encoder.layers[0].blocks[0].attention.relative_position_bias.relative_position_bias_table
     assert tables[0].copies.shape == (3, *table.shape)

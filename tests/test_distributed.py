@@ -180,11 +180,11 @@ def test_sync_batch_norm_over_one_rank_is_selective_batch_norm(one_rank: None, s
     stats = [torch.randn(5), torch.rand(5) + 0.5]
     ours = [s.clone() for s in stats]
     reference = [s.clone() for s in stats]
-    out = hatnorm.sync_batch_norm(x, selected, weight, bias, *ours, momentum=0.3, eps=1e-5,
+    out = hatnorm.functional.sync_batch_norm(x, selected, weight, bias, *ours, momentum=0.3, eps=1e-5,
                                   process_group=dist.group.WORLD)
     grads = torch.autograd.grad(out.square().sum(), (x, weight, bias))
-    expected = hatnorm.selective_batch_norm(x, selected, weight, bias, *reference, training=True, momentum=0.3,
-                                            eps=1e-5)
+    expected = hatnorm.functional.selective_batch_norm(x, selected, weight, bias, *reference, training=True,
+                                                       momentum=0.3, eps=1e-5)
     expected_grads = torch.autograd.grad(expected.square().sum(), (x, weight, bias))
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     for g, e in zip(grads, expected_grads, strict=True):

@@ -23,15 +23,15 @@ class Net(nn.Module):
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 32)
         self.g1, self.g2 = hn.HATGate(32, num_tasks=T), hn.HATGate(32, num_tasks=T)
-        self.n1, self.n2 = hn.MaskedBatchNorm1d(32, num_tasks=T), hn.MaskedBatchNorm1d(32, num_tasks=T)
+        self.n1, self.n2 = hn.norms.MaskedBatchNorm1d(32, num_tasks=T), hn.norms.MaskedBatchNorm1d(32, num_tasks=T)
         self.heads = hn.TaskHeads(32, 2, num_tasks=T)
     def forward(self, x, task, s=None):
         h = F.relu(self.n1(self.fc1(x), self.g1(task, s), task))
         return self.heads(F.relu(self.n2(self.fc2(h), self.g2(task, s), task)), task)
 
 net = Net()
-hat = hn.HAT(net, [hn.Layer(net.fc1, out=net.g1), hn.Layer(net.n1, out=net.g1),
-                   hn.Layer(net.fc2, out=net.g2, inp=net.g1), hn.Layer(net.n2, out=net.g2)])
+hat = hn.HAT(net, [hn.blocks.Layer(net.fc1, out=net.g1), hn.blocks.Layer(net.n1, out=net.g1),
+                   hn.blocks.Layer(net.fc2, out=net.g2, inp=net.g1), hn.blocks.Layer(net.n2, out=net.g2)])
 opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
 probe, outputs = torch.randn(20, 16), []
 for task in range(2):

@@ -28,14 +28,14 @@ def gate_with(rows: list[list[float]], **options: object) -> hatnorm.HATGate:
 
 def test_hat_gate_is_the_sigmoid_of_s_times_e() -> None:
     e = torch.tensor([0.0, 1.0, -2.0, 0.25])
-    a = hatnorm.hat_gate(e, 0.5)
+    a = hatnorm.functional.hat_gate(e, 0.5)
     expected = torch.tensor([0.5, sigmoid(0.5), sigmoid(-1.0), sigmoid(0.125)])
     torch.testing.assert_close(a, expected, rtol=0, atol=1e-7)
 
 
 def test_hat_gate_accepts_a_tensor_scale_and_passes_gradients() -> None:
     e = torch.tensor([0.3, -0.7], requires_grad=True)
-    a = hatnorm.hat_gate(e, torch.tensor(2.0))
+    a = hatnorm.functional.hat_gate(e, torch.tensor(2.0))
     a.sum().backward()
     # d σ(s e)/de = s σ(s e)(1 − σ(s e))
     expected = [2.0 * sigmoid(2 * v) * (1 - sigmoid(2 * v)) for v in (0.3, -0.7)]
@@ -49,12 +49,12 @@ def _subnormals(t: torch.Tensor) -> int:
 @pytest.mark.parametrize("s", [1.0, 25.0, 100.0, 200.0, 400.0])
 def test_hat_gate_is_held_at_the_floor_and_never_subnormal(s: float) -> None:
     e = torch.linspace(-6, 6, 4001)
-    a, plain = hatnorm.hat_gate(e, s), torch.sigmoid(s * e)
-    below = plain < hatnorm.GATE_FLOOR
-    assert torch.equal(a[below], torch.full((int(below.sum()),), hatnorm.GATE_FLOOR))
+    a, plain = hatnorm.functional.hat_gate(e, s), torch.sigmoid(s * e)
+    below = plain < hatnorm.functional.GATE_FLOOR
+    assert torch.equal(a[below], torch.full((int(below.sum()),), hatnorm.functional.GATE_FLOOR))
     assert torch.equal(a[~below], plain[~below])
     assert _subnormals(a) == 0
-    assert torch.equal(hatnorm.hat_gate(e, s, floor=0), plain)
+    assert torch.equal(hatnorm.functional.hat_gate(e, s, floor=0), plain)
 
 
 @pytest.mark.parametrize("s", [1.0, 100.0, 400.0])
@@ -62,7 +62,7 @@ def test_hat_gate_keeps_the_sigmoid_gradient_below_the_floor(s: float) -> None:
     # the embedding gradient HAT's compensation rescales is σ'(s·e), also where the gate's value is 0
     e = torch.linspace(-1, 1, 2001, dtype=torch.float64, requires_grad=True)
     upstream = torch.randn(2001, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    (hatnorm.hat_gate(e, s) * upstream).sum().backward()
+    (hatnorm.functional.hat_gate(e, s) * upstream).sum().backward()
     floored = e.grad.clone()
     e.grad = None
     (torch.sigmoid(s * e) * upstream).sum().backward()
@@ -83,33 +83,33 @@ def test_gate_floor_is_an_option_of_the_module() -> None:
 @pytest.mark.parametrize("floor", [-1e-12, 0.5, math.nan, "0"])
 def test_hat_gate_refuses_a_bad_floor(floor: object) -> None:
     with pytest.raises(ValueError, match=r"floor must be a (finite )?number"):
-        hatnorm.hat_gate(torch.zeros(3), 1.0, floor=floor)
+        hatnorm.functional.hat_gate(torch.zeros(3), 1.0, floor=floor)
 
 
 # --- anneal_scale -----------------------------------------------------------------------------------------
 
 
 def test_anneal_scale_first_batch_is_one_over_s_max() -> None:
-    assert hatnorm.anneal_scale(0, 10, 400.0) == pytest.approx(1 / 400)
+    assert hatnorm.functional.anneal_scale(0, 10, 400.0) == pytest.approx(1 / 400)
 
 
 def test_anneal_scale_last_batch_is_s_max() -> None:
-    assert hatnorm.anneal_scale(9, 10, 400.0) == pytest.approx(400.0)
+    assert hatnorm.functional.anneal_scale(9, 10, 400.0) == pytest.approx(400.0)
 
 
 def test_anneal_scale_single_batch_is_s_max() -> None:
-    assert hatnorm.anneal_scale(0, 1, 400.0) == 400.0
+    assert hatnorm.functional.anneal_scale(0, 1, 400.0) == 400.0
 
 
 def test_anneal_scale_middle_batch_by_hand() -> None:
     # b = 3 of B = 5 (0-based batch 2): 1/400 + (400 − 1/400)·2/4 = 0.0025 + 199.99875
-    assert hatnorm.anneal_scale(2, 5, 400.0) == pytest.approx(200.00125, rel=1e-12)
+    assert hatnorm.functional.anneal_scale(2, 5, 400.0) == pytest.approx(200.00125, rel=1e-12)
     # b = 2 of B = 4 with s_max = 10: 0.1 + 9.9·1/3 = 3.4
-    assert hatnorm.anneal_scale(1, 4, 10.0) == pytest.approx(3.4, rel=1e-12)
+    assert hatnorm.functional.anneal_scale(1, 4, 10.0) == pytest.approx(3.4, rel=1e-12)
 
 
 def test_anneal_scale_increases_over_the_epoch() -> None:
-    scales = [hatnorm.anneal_scale(b, 7, 50.0) for b in range(7)]
+    scales = [hatnorm.functional.anneal_scale(b, 7, 50.0) for b in range(7)]
     assert scales == sorted(scales)
     assert len(set(scales)) == 7
 
@@ -124,7 +124,7 @@ def test_compensation_factor_by_hand() -> None:
     # numbers: 200·(cosh 1 + 1)/(cosh 0.5 + 1) = 239.053...; at e = 0 the factor is s_max/s = 200
     assert expected[0] == pytest.approx(239.0534, abs=1e-4)
     assert expected[2] == 200.0
-    factor = hatnorm.compensation_factor(e, s, s_max)
+    factor = hatnorm.functional.compensation_factor(e, s, s_max)
     torch.testing.assert_close(factor, torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=0)
 
 
@@ -132,7 +132,7 @@ def test_compensation_clamps_s_times_e_at_50() -> None:
     # s·e = ±100 is clamped to ±50: factor = (400/100)·(cosh 50 + 1)/(cosh 1 + 1); unclamped cosh(100)
     # overflows float32 to inf.
     e = torch.tensor([1.0, -1.0])
-    factor = hatnorm.compensation_factor(e, 100.0, 400.0)
+    factor = hatnorm.functional.compensation_factor(e, 100.0, 400.0)
     expected = 4.0 * (math.cosh(50.0) + 1) / (math.cosh(1.0) + 1)
     assert torch.isfinite(factor).all()
     torch.testing.assert_close(factor, torch.full((2,), expected), rtol=1e-5, atol=0)
@@ -141,7 +141,7 @@ def test_compensation_clamps_s_times_e_at_50() -> None:
 
 def test_compensation_clamp_threshold_is_an_option() -> None:
     e = torch.tensor([1.0])
-    factor = hatnorm.compensation_factor(e, 10.0, 400.0, thres_cosh=3.0)
+    factor = hatnorm.functional.compensation_factor(e, 10.0, 400.0, thres_cosh=3.0)
     expected = 40.0 * (math.cosh(3.0) + 1) / (math.cosh(1.0) + 1)
     torch.testing.assert_close(factor, torch.tensor([expected]), rtol=1e-6, atol=0)
 
@@ -154,8 +154,8 @@ def test_compensate_multiplies_the_gradient_by_the_factor() -> None:
         g * s_max / s * (math.cosh(max(-50.0, min(50.0, s * v))) + 1) / (math.cosh(v) + 1)
         for g, v in zip((1.5, -2.0, 0.1), (0.5, -0.25, 3.0), strict=True)
     ]
-    torch.testing.assert_close(hatnorm.compensate(grad, e, s, s_max), torch.tensor(expected, dtype=torch.float64),
-                               rtol=1e-12, atol=0)
+    torch.testing.assert_close(hatnorm.functional.compensate(grad, e, s, s_max),
+                               torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=0)
 
 
 # --- HATGate ----------------------------------------------------------------------------------------------

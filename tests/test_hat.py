@@ -45,16 +45,16 @@ class Net(nn.Module):
         super().__init__()
         gate = functools.partial(hatnorm.HATGate, num_tasks=T, s_max=S_MAX, binarize=binarize)
         self.conv1 = nn.Conv2d(2, 4, 3, padding=1)
-        self.bn1 = hatnorm.MaskedBatchNorm2d(4, num_tasks=T)
+        self.bn1 = hatnorm.norms.MaskedBatchNorm2d(4, num_tasks=T)
         self.g1 = gate(4)
         self.conv2 = nn.Conv2d(4, 4, 3, padding=1, groups=2)
-        self.bn2 = hatnorm.TaskBatchNorm2d(4, num_tasks=T)
+        self.bn2 = hatnorm.norms.TaskBatchNorm2d(4, num_tasks=T)
         self.g2 = gate(4)
         self.conv3 = nn.Conv2d(4, 3, 3, stride=2, padding=1)
-        self.n3 = hatnorm.NoNorm(3, num_tasks=T)
+        self.n3 = hatnorm.norms.NoNorm(3, num_tasks=T)
         self.g3 = gate(3)
         self.fc1 = nn.Linear(3 * 2 * 2, 5)
-        self.n4 = hatnorm.MaskedLayerNorm(5, num_tasks=T)
+        self.n4 = hatnorm.norms.MaskedLayerNorm(5, num_tasks=T)
         self.g4 = gate(5)
         self.fc2 = nn.Linear(5, 4)
         self.g5 = gate(4)
@@ -68,16 +68,16 @@ class Net(nn.Module):
         h5 = act(self.fc2(h4) * self.g5(task, s))
         return self.heads(h5, task)
 
-    def layers(self) -> list[hatnorm.Layer]:
-        L = hatnorm.Layer
+    def layers(self) -> list[hatnorm.blocks.Layer]:
+        L = hatnorm.blocks.Layer
         return [
             L(self.conv1, out=self.g1),
             L(self.bn1, out=self.g1),
             L(self.conv2, out=self.g2, inp=self.g1),
             L(self.bn2, out=self.g2),
-            L(self.conv3, out=self.g3, inp=hatnorm.Residual(self.g1, self.g2)),
+            L(self.conv3, out=self.g3, inp=hatnorm.blocks.Residual(self.g1, self.g2)),
             L(self.n3, out=self.g3),
-            L(self.fc1, out=self.g4, inp=hatnorm.Flatten(self.g3, 2 * 2)),
+            L(self.fc1, out=self.g4, inp=hatnorm.blocks.Flatten(self.g3, 2 * 2)),
             L(self.n4, out=self.g4),
             L(self.fc2, out=self.g5, inp=self.g4),
         ]
@@ -286,7 +286,7 @@ def test_floored_gates_give_serras_gradients(s: float) -> None:
     # at these scales many gates are far below the floor, yet every compensated embedding gradient and
     # every weight gradient agrees
     grads = []
-    for floor in (0.0, hatnorm.GATE_FLOOR):
+    for floor in (0.0, hatnorm.functional.GATE_FLOOR):
         torch.manual_seed(0)
         model = hatnorm.build("alexnet", num_tasks=2, norm="masked_bn", num_classes=4, width=0.25)
         for gate in model.modules():
@@ -300,7 +300,7 @@ def test_floored_gates_give_serras_gradients(s: float) -> None:
         hat.protect(s)
         grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
     plain, floored = grads
-    below = sum(int((torch.sigmoid(s * g.embedding[1]) < hatnorm.GATE_FLOOR).sum()) for g in hat.gates)
+    below = sum(int((torch.sigmoid(s * g.embedding[1]) < hatnorm.functional.GATE_FLOOR).sum()) for g in hat.gates)
     assert below > 10
     assert plain.keys() == floored.keys()
     for name in plain:
@@ -429,7 +429,8 @@ def test_reference_mode_refuses_binarizing_gates_and_build_makes_soft_ones() -> 
     hat.begin_task(0)
     hat.end_task()
     cumulative = model.gates[0].cumulative
-    assert torch.equal(cumulative, hatnorm.hat_gate(model.gates[0].embedding[0].detach(), S_MAX))  # soft: σ(s_max·e)
+    # soft: σ(s_max·e)
+    assert torch.equal(cumulative, hatnorm.functional.hat_gate(model.gates[0].embedding[0].detach(), S_MAX))
     with pytest.raises(TypeError, match="reference must be a bool, got 'yes'"):
         hatnorm.build("mlp", num_tasks=2, norm="masked_bn", num_classes=2, in_features=4, reference="yes")
 
@@ -444,8 +445,8 @@ class TwoGates(nn.Module):
         self.g1 = hatnorm.HATGate(3, num_tasks=T, binarize=binarize)
         self.g2 = hatnorm.HATGate(2, num_tasks=T, binarize=binarize)
 
-    def layers(self) -> list[hatnorm.Layer]:
-        return [hatnorm.Layer(self.fc1, out=self.g1), hatnorm.Layer(self.fc2, out=self.g2, inp=self.g1)]
+    def layers(self) -> list[hatnorm.blocks.Layer]:
+        return [hatnorm.blocks.Layer(self.fc1, out=self.g1), hatnorm.blocks.Layer(self.fc2, out=self.g2, inp=self.g1)]
 
 
 def test_regularizer_on_the_first_task_is_the_mean_gate() -> None:
@@ -505,16 +506,16 @@ class AdaNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(3, 4), nn.Linear(4, 2)
-        self.n1 = hatnorm.MaskedBatchNorm1d(4, num_tasks=T)
+        self.n1 = hatnorm.norms.MaskedBatchNorm1d(4, num_tasks=T)
         self.g1 = hatnorm.HATGate(4, num_tasks=T)
         self.g2 = hatnorm.HATGate(2, num_tasks=T)
 
-    def layers(self) -> list[hatnorm.Layer]:
-        return [hatnorm.Layer(self.fc1, out=self.g1), hatnorm.Layer(self.n1, out=self.g1),
-                hatnorm.Layer(self.fc2, out=self.g2, inp=self.g1)]
+    def layers(self) -> list[hatnorm.blocks.Layer]:
+        return [hatnorm.blocks.Layer(self.fc1, out=self.g1), hatnorm.blocks.Layer(self.n1, out=self.g1),
+                hatnorm.blocks.Layer(self.fc2, out=self.g2, inp=self.g1)]
 
 
-@pytest.mark.parametrize("policy", [hatnorm.AdaHATPolicy(alpha=0.1, epsilon=0.1), "adahat"])
+@pytest.mark.parametrize("policy", [hatnorm.policies.AdaHATPolicy(alpha=0.1, epsilon=0.1), "adahat"])
 def test_adahat_rate_by_hand(policy) -> None:
     net = AdaNet()
     hat = hatnorm.HAT(net, net.layers(), policy=policy)
@@ -538,7 +539,7 @@ def test_adahat_rate_by_hand(policy) -> None:
 
 def test_adahat_options_change_the_rate() -> None:
     net = AdaNet()
-    hat = hatnorm.HAT(net, net.layers(), policy=hatnorm.get_policy("adahat", alpha=0.5, epsilon=0.25))
+    hat = hatnorm.HAT(net, net.layers(), policy=hatnorm.create_policy("adahat", alpha=0.5, epsilon=0.25))
     learn(hat, 0, {"g1": [1.0, 1.0, -1.0, -1.0], "g2": [1.0, -1.0]})
     hat.begin_task(1)
     # g1 free = 1/2 → r = 0.5/0.75 = 2/3; n = 1 → (2/3)/(5/3) = 2/5

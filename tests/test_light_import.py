@@ -82,7 +82,7 @@ def test_without_any_extra_the_masked_layer_norm_runs_on_aten_and_agrees_with_th
 import torch
 import hatnorm
 gen = torch.Generator().manual_seed(0)
-norm = hatnorm.MaskedLayerNorm(96, num_tasks=2)
+norm = hatnorm.norms.MaskedLayerNorm(96, num_tasks=2)
 with torch.no_grad():
     norm.weight.normal_(generator=gen)
     norm.bias.normal_(generator=gen)
@@ -101,7 +101,7 @@ print(hatnorm.fused.available(), [m for m in {list(EXTRAS)!r} if sys.modules.get
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["False", "[]"]
     aten = torch.load(saved)
-    norm = hatnorm.MaskedLayerNorm(96, num_tasks=2)
+    norm = hatnorm.norms.MaskedLayerNorm(96, num_tasks=2)
     norm.load_state_dict(aten["state"])
     x, gate = aten["x"].clone().requires_grad_(), aten["gate"].clone().requires_grad_()
     assert _fused.available() and _fused.applies(x, gate, norm.weight, norm.bias)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import hatnorm
-from hatnorm import MaskState
+from hatnorm.blocks import MaskState
 
 T = 3
 C = 6
@@ -49,9 +49,9 @@ def snapshot(module: nn.Module) -> dict[str, Tensor]:
 
 
 BN_INPUTS = {
-    "1d_NC": (hatnorm.MaskedBatchNorm1d, (16, C)),
-    "1d_NCL": (hatnorm.MaskedBatchNorm1d, (8, C, 5)),
-    "2d": (hatnorm.MaskedBatchNorm2d, (8, C, 3, 4)),
+    "1d_NC": (hatnorm.norms.MaskedBatchNorm1d, (16, C)),
+    "1d_NCL": (hatnorm.norms.MaskedBatchNorm1d, (8, C, 5)),
+    "2d": (hatnorm.norms.MaskedBatchNorm2d, (8, C, 3, 4)),
 }
 
 
@@ -89,7 +89,7 @@ def test_masked_bn_moves_only_selected_statistics_of_its_task(cls, shape) -> Non
 
 
 def test_masked_bn_statistics_equal_nn_batchnorm_on_the_selected_units() -> None:
-    norm = randomize(hatnorm.MaskedBatchNorm2d(C, num_tasks=T)).train()
+    norm = randomize(hatnorm.norms.MaskedBatchNorm2d(C, num_tasks=T)).train()
     reference = nn.BatchNorm2d(int(SELECTED.sum()))
     with torch.no_grad():
         reference.running_mean.copy_(norm.running_mean[2, SELECTED])
@@ -118,13 +118,13 @@ def test_masked_bn_evaluation_uses_the_task_running_statistics(cls, shape) -> No
 
 
 def test_masked_bn_binary_mask_gives_exact_zeros_on_unselected_units() -> None:
-    norm = randomize(hatnorm.MaskedBatchNorm2d(C, num_tasks=T)).eval()
+    norm = randomize(hatnorm.norms.MaskedBatchNorm2d(C, num_tasks=T)).eval()
     out = norm(torch.randn(4, C, 2, 2), SELECTED.float(), 0)
     assert torch.equal(out[:, ~SELECTED], torch.zeros(4, 3, 2, 2))
 
 
 def test_masked_bn_with_open_gates_is_nn_batchnorm() -> None:
-    norm = randomize(hatnorm.MaskedBatchNorm2d(C, num_tasks=T))
+    norm = randomize(hatnorm.norms.MaskedBatchNorm2d(C, num_tasks=T))
     reference = nn.BatchNorm2d(C)
     with torch.no_grad():
         reference.weight.copy_(norm.weight)
@@ -139,7 +139,7 @@ def test_masked_bn_with_open_gates_is_nn_batchnorm() -> None:
 
 
 def test_masked_bn_gradient_reaches_gamma_beta_and_the_mask() -> None:
-    norm = randomize(hatnorm.MaskedBatchNorm2d(C, num_tasks=T)).train()
+    norm = randomize(hatnorm.norms.MaskedBatchNorm2d(C, num_tasks=T)).train()
     mask = SOFT.clone().requires_grad_(True)
     x = torch.randn(8, C, 3, 3)
     (norm(x, mask, 0) * torch.randn(8, C, 3, 3)).sum().backward()
@@ -153,9 +153,9 @@ def test_masked_bn_gradient_reaches_gamma_beta_and_the_mask() -> None:
 
 
 TASK_BN_INPUTS = {
-    "1d_NC": (hatnorm.TaskBatchNorm1d, (16, C)),
-    "1d_NCL": (hatnorm.TaskBatchNorm1d, (8, C, 5)),
-    "2d": (hatnorm.TaskBatchNorm2d, (8, C, 3, 4)),
+    "1d_NC": (hatnorm.norms.TaskBatchNorm1d, (16, C)),
+    "1d_NCL": (hatnorm.norms.TaskBatchNorm1d, (8, C, 5)),
+    "2d": (hatnorm.norms.TaskBatchNorm2d, (8, C, 3, 4)),
 }
 
 
@@ -193,9 +193,9 @@ def test_task_bn_evaluation_uses_the_task_bn(cls, shape) -> None:
 # --- shared BatchNorm and BN after the gate (baselines) ---------------------------------------------------
 
 
-@pytest.mark.parametrize(("cls", "shape"), [(hatnorm.SharedBatchNorm1d, (16, C)),
-                                            (hatnorm.SharedBatchNorm1d, (8, C, 5)),
-                                            (hatnorm.SharedBatchNorm2d, (8, C, 3, 4))])
+@pytest.mark.parametrize(("cls", "shape"), [(hatnorm.norms.SharedBatchNorm1d, (16, C)),
+                                            (hatnorm.norms.SharedBatchNorm1d, (8, C, 5)),
+                                            (hatnorm.norms.SharedBatchNorm2d, (8, C, 3, 4))])
 def test_shared_bn_is_mask_times_one_batch_norm_for_all_tasks(cls, shape) -> None:
     norm = randomize(cls(C, num_tasks=T)).train()
     before = snapshot(norm)
@@ -215,8 +215,8 @@ def test_shared_bn_is_mask_times_one_batch_norm_for_all_tasks(cls, shape) -> Non
     torch.testing.assert_close(norm(x, SOFT, 1), expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize(("cls", "shape"), [(hatnorm.PostGateBatchNorm1d, (16, C)),
-                                            (hatnorm.PostGateBatchNorm2d, (8, C, 3, 4))])
+@pytest.mark.parametrize(("cls", "shape"), [(hatnorm.norms.PostGateBatchNorm1d, (16, C)),
+                                            (hatnorm.norms.PostGateBatchNorm2d, (8, C, 3, 4))])
 def test_post_gate_bn_normalises_the_gated_input(cls, shape) -> None:
     norm = randomize(cls(C, num_tasks=T)).train()
     before = snapshot(norm)
@@ -242,7 +242,7 @@ def test_post_gate_bn_normalises_the_gated_input(cls, shape) -> None:
 
 @pytest.mark.parametrize("shape", [(4, C), (4, C, 5), (4, C, 3, 2), (2, C, 2, 2, 2)])
 def test_no_norm_is_the_pure_gate(shape) -> None:
-    norm = hatnorm.NoNorm(C, num_tasks=T)
+    norm = hatnorm.norms.NoNorm(C, num_tasks=T)
     x = torch.randn(shape)
     assert torch.equal(norm(x, SOFT, 2), x * per_channel(SOFT, x))
     assert list(norm.parameters()) == []
@@ -250,7 +250,7 @@ def test_no_norm_is_the_pure_gate(shape) -> None:
 
 @pytest.mark.parametrize("shape", [(4, C), (4, 5, C), (2, 3, 2, C)])
 def test_no_norm_features_last_gates_the_last_dim(shape) -> None:
-    norm = hatnorm.NoNorm(C, num_tasks=T, channel_dim=-1)
+    norm = hatnorm.norms.NoNorm(C, num_tasks=T, channel_dim=-1)
     x = torch.randn(shape)
     assert torch.equal(norm(x, SOFT, 0), x * SOFT)
 
@@ -263,7 +263,7 @@ LN_SHAPES = [(5, C), (3, 4, C), (2, 3, 2, C)]
 
 @pytest.mark.parametrize("shape", LN_SHAPES)
 def test_masked_ln_with_a_binary_mask_is_layer_norm_over_the_selected_slice(shape) -> None:
-    norm = randomize(hatnorm.MaskedLayerNorm(C, num_tasks=T))
+    norm = randomize(hatnorm.norms.MaskedLayerNorm(C, num_tasks=T))
     x = torch.randn(shape) * 3 + 2
     out = norm(x, SELECTED.float(), 0)
     w, b = norm.weight.detach(), norm.bias.detach()
@@ -274,7 +274,7 @@ def test_masked_ln_with_a_binary_mask_is_layer_norm_over_the_selected_slice(shap
 
 @pytest.mark.parametrize("shape", LN_SHAPES)
 def test_masked_ln_with_a_soft_mask_uses_the_selected_statistics(shape) -> None:
-    norm = randomize(hatnorm.MaskedLayerNorm(C, num_tasks=T))
+    norm = randomize(hatnorm.norms.MaskedLayerNorm(C, num_tasks=T))
     x = torch.randn(shape) * 3 + 2
     out = norm(x, SOFT, 1)
     # μ, σ² over the selected features only (biased), by slicing
@@ -285,7 +285,7 @@ def test_masked_ln_with_a_soft_mask_uses_the_selected_statistics(shape) -> None:
 
 
 def test_masked_ln_ignores_unselected_features() -> None:
-    norm = randomize(hatnorm.MaskedLayerNorm(C, num_tasks=T))
+    norm = randomize(hatnorm.norms.MaskedLayerNorm(C, num_tasks=T))
     x = torch.randn(4, C)
     y = x.clone()
     y[:, ~SELECTED] = torch.randn(4, 3) * 100
@@ -293,7 +293,7 @@ def test_masked_ln_ignores_unselected_features() -> None:
 
 
 def test_masked_ln_with_all_ones_is_layer_norm() -> None:
-    norm = randomize(hatnorm.MaskedLayerNorm(C, num_tasks=T))
+    norm = randomize(hatnorm.norms.MaskedLayerNorm(C, num_tasks=T))
     x = torch.randn(3, 4, C)
     expected = F.layer_norm(x, (C,), norm.weight, norm.bias, EPS)
     torch.testing.assert_close(norm(x, torch.ones(C), 2), expected, rtol=1e-5, atol=1e-6)
@@ -301,7 +301,7 @@ def test_masked_ln_with_all_ones_is_layer_norm() -> None:
 
 @pytest.mark.parametrize("mask", [torch.zeros(C), torch.full((C,), 0.3)], ids=["zeros", "soft_none_selected"])
 def test_masked_ln_with_no_selected_feature_gives_zeros_and_no_nan(mask) -> None:
-    norm = randomize(hatnorm.MaskedLayerNorm(C, num_tasks=T))
+    norm = randomize(hatnorm.norms.MaskedLayerNorm(C, num_tasks=T))
     x = torch.randn(4, C, requires_grad=True)
     mask = mask.clone().requires_grad_(True)
     out = norm(x, mask, 0)
@@ -316,7 +316,7 @@ def test_masked_ln_with_no_selected_feature_gives_zeros_and_no_nan(mask) -> None
 
 @pytest.mark.parametrize("shape", LN_SHAPES)
 def test_shared_ln_is_mask_times_layer_norm(shape) -> None:
-    norm = randomize(hatnorm.SharedLayerNorm(C, num_tasks=T))
+    norm = randomize(hatnorm.norms.SharedLayerNorm(C, num_tasks=T))
     x = torch.randn(shape) * 2 - 1
     mean, var = x.mean(-1, keepdim=True), x.var(-1, unbiased=False, keepdim=True)
     expected = SOFT * (norm.weight.detach() * (x - mean) / (var + EPS).sqrt() + norm.bias.detach())
@@ -326,7 +326,7 @@ def test_shared_ln_is_mask_times_layer_norm(shape) -> None:
 
 @pytest.mark.parametrize("shape", LN_SHAPES)
 def test_task_ln_uses_the_task_affine(shape) -> None:
-    norm = randomize(hatnorm.TaskLayerNorm(C, num_tasks=T))
+    norm = randomize(hatnorm.norms.TaskLayerNorm(C, num_tasks=T))
     x = torch.randn(shape) * 2 - 1
     mean, var = x.mean(-1, keepdim=True), x.var(-1, unbiased=False, keepdim=True)
     for t in range(T):
@@ -341,14 +341,15 @@ def test_task_ln_uses_the_task_affine(shape) -> None:
 
 
 PREVIOUS = MaskState(cumulative=torch.tensor([1.0, 0.0, 0.5, 0.25, 1.0, 0.0]), summative=torch.zeros(C))
-SHARED = [hatnorm.MaskedBatchNorm1d, hatnorm.MaskedBatchNorm2d, hatnorm.SharedBatchNorm1d, hatnorm.SharedBatchNorm2d,
-          hatnorm.PostGateBatchNorm1d, hatnorm.PostGateBatchNorm2d, hatnorm.MaskedLayerNorm, hatnorm.SharedLayerNorm]
-PER_TASK = [hatnorm.TaskBatchNorm1d, hatnorm.TaskBatchNorm2d, hatnorm.TaskLayerNorm]
+SHARED = [hatnorm.norms.MaskedBatchNorm1d, hatnorm.norms.MaskedBatchNorm2d, hatnorm.norms.SharedBatchNorm1d,
+          hatnorm.norms.SharedBatchNorm2d, hatnorm.norms.PostGateBatchNorm1d, hatnorm.norms.PostGateBatchNorm2d,
+          hatnorm.norms.MaskedLayerNorm, hatnorm.norms.SharedLayerNorm]
+PER_TASK = [hatnorm.norms.TaskBatchNorm1d, hatnorm.norms.TaskBatchNorm2d, hatnorm.norms.TaskLayerNorm]
 
 
 @pytest.mark.parametrize("cls", SHARED, ids=lambda c: c.__name__)
 def test_shared_affine_is_protected_like_a_bias(cls) -> None:
-    mults = cls(C, num_tasks=T).gradient_multipliers(PREVIOUS, 1, hatnorm.HATPolicy())
+    mults = cls(C, num_tasks=T).gradient_multipliers(PREVIOUS, 1, hatnorm.policies.HATPolicy())
     assert set(mults) == {"weight", "bias"}
     for m in mults.values():
         assert torch.equal(m, torch.tensor([0.0, 1.0, 0.5, 0.75, 0.0, 1.0]))
@@ -356,7 +357,7 @@ def test_shared_affine_is_protected_like_a_bias(cls) -> None:
 
 @pytest.mark.parametrize("cls", PER_TASK, ids=lambda c: c.__name__)
 def test_per_task_affine_is_owned_by_its_task(cls) -> None:
-    mults = cls(C, num_tasks=T).gradient_multipliers(PREVIOUS, 2, hatnorm.HATPolicy())
+    mults = cls(C, num_tasks=T).gradient_multipliers(PREVIOUS, 2, hatnorm.policies.HATPolicy())
     own = torch.zeros(T, C)
     own[2] = 1
     assert set(mults) == {"weight", "bias"}
@@ -364,28 +365,28 @@ def test_per_task_affine_is_owned_by_its_task(cls) -> None:
 
 
 def test_no_norm_has_nothing_to_protect() -> None:
-    assert hatnorm.NoNorm(C, num_tasks=T).gradient_multipliers(PREVIOUS, 1, hatnorm.HATPolicy()) == {}
+    assert hatnorm.norms.NoNorm(C, num_tasks=T).gradient_multipliers(PREVIOUS, 1, hatnorm.policies.HATPolicy()) == {}
 
 
 # --- the norm registry ------------------------------------------------------------------------------------
 
 
 BUILDS = [
-    ("masked_bn", 1, hatnorm.MaskedBatchNorm1d),
-    ("masked_bn", 2, hatnorm.MaskedBatchNorm2d),
-    ("task_bn", 1, hatnorm.TaskBatchNorm1d),
-    ("task_bn", 2, hatnorm.TaskBatchNorm2d),
-    ("shared_bn", 1, hatnorm.SharedBatchNorm1d),
-    ("shared_bn", 2, hatnorm.SharedBatchNorm2d),
-    ("post_gate_bn", 1, hatnorm.PostGateBatchNorm1d),
-    ("post_gate_bn", 2, hatnorm.PostGateBatchNorm2d),
-    ("masked_ln", None, hatnorm.MaskedLayerNorm),
-    ("masked_ln", 1, hatnorm.MaskedLayerNorm),
-    ("shared_ln", None, hatnorm.SharedLayerNorm),
-    ("task_ln", None, hatnorm.TaskLayerNorm),
-    ("none", None, hatnorm.NoNorm),
-    ("none", 1, hatnorm.NoNorm),
-    ("none", 2, hatnorm.NoNorm),
+    ("masked_bn", 1, hatnorm.norms.MaskedBatchNorm1d),
+    ("masked_bn", 2, hatnorm.norms.MaskedBatchNorm2d),
+    ("task_bn", 1, hatnorm.norms.TaskBatchNorm1d),
+    ("task_bn", 2, hatnorm.norms.TaskBatchNorm2d),
+    ("shared_bn", 1, hatnorm.norms.SharedBatchNorm1d),
+    ("shared_bn", 2, hatnorm.norms.SharedBatchNorm2d),
+    ("post_gate_bn", 1, hatnorm.norms.PostGateBatchNorm1d),
+    ("post_gate_bn", 2, hatnorm.norms.PostGateBatchNorm2d),
+    ("masked_ln", None, hatnorm.norms.MaskedLayerNorm),
+    ("masked_ln", 1, hatnorm.norms.MaskedLayerNorm),
+    ("shared_ln", None, hatnorm.norms.SharedLayerNorm),
+    ("task_ln", None, hatnorm.norms.TaskLayerNorm),
+    ("none", None, hatnorm.norms.NoNorm),
+    ("none", 1, hatnorm.norms.NoNorm),
+    ("none", 2, hatnorm.norms.NoNorm),
 ]
 
 
@@ -428,7 +429,7 @@ def test_a_norm_declares_its_layout_once_and_its_instances_follow_it(name) -> No
     cls = hatnorm.get_norm(name).norm_class
     for dims, ranks in cls.ranks.items():
         norm = hatnorm.get_norm(name).layer(num_tasks=T, dims=dims)(C)
-        assert norm.dims == ranks
+        assert norm.input_ranks == ranks
         channels_last = cls.layout == "channels_last" or (cls.layout == "any" and dims is None)
         assert norm.channel_dim == (-1 if channels_last else 1)
 
@@ -436,8 +437,8 @@ def test_a_norm_declares_its_layout_once_and_its_instances_follow_it(name) -> No
 @pytest.mark.parametrize("name", hatnorm.list_norms())
 def test_default_multipliers_follow_the_parameter_shapes(name) -> None:
     norm = hatnorm.get_norm(name).layer(num_tasks=T, dims=next(iter(hatnorm.get_norm(name).norm_class.ranks)))(C)
-    previous = hatnorm.MaskState(cumulative=torch.tensor([1.0, 0, 1, 0, 0.5, 0]), summative=torch.ones(C))
-    multipliers = norm.gradient_multipliers(previous, 1, hatnorm.HATPolicy())
+    previous = hatnorm.blocks.MaskState(cumulative=torch.tensor([1.0, 0, 1, 0, 0.5, 0]), summative=torch.ones(C))
+    multipliers = norm.gradient_multipliers(previous, 1, hatnorm.policies.HATPolicy())
     assert set(multipliers) == {n for n, _ in norm.named_parameters()}
     for pname, p in norm.named_parameters():
         if p.shape == (C,):  # shared by every task: protected like a bias, 1 − a^{<t}
@@ -489,7 +490,7 @@ def test_every_registered_norm_builds_and_runs_forward_and_backward(name) -> Non
 def test_masked_ln_follows_a_gate_written_in_place_between_calls() -> None:
     """The selection a gate tensor gives is computed once while the tensor is unchanged (the pre-norms of a
     transformer read one); after an in-place write the norm uses the new selection."""
-    norm = randomize(hatnorm.MaskedLayerNorm(C, num_tasks=T))
+    norm = randomize(hatnorm.norms.MaskedLayerNorm(C, num_tasks=T))
     x = torch.randn(3, 4, C) * 3 + 2
     mask = SOFT.clone()
     first = norm(x, mask, 0)
@@ -518,7 +519,7 @@ def test_fused_masked_ln_agrees_with_the_aten_version(dtype: torch.dtype, select
 
     gen = torch.Generator().manual_seed(0)
     channels = 96
-    norm = hatnorm.MaskedLayerNorm(channels, num_tasks=2).to(dtype)
+    norm = hatnorm.norms.MaskedLayerNorm(channels, num_tasks=2).to(dtype)
     with torch.no_grad():
         norm.weight.normal_(generator=gen)
         norm.bias.normal_(generator=gen)
@@ -546,7 +547,7 @@ def test_fused_masked_ln_agrees_with_the_aten_version(dtype: torch.dtype, select
 def test_fused_masked_ln_reads_a_strided_input() -> None:
     """A channel LayerNorm over NCHW hands the kernels a moved (non-contiguous) view."""
     gen = torch.Generator().manual_seed(1)
-    norm = hatnorm.MaskedChannelLayerNorm(16, num_tasks=2)
+    norm = hatnorm.norms.MaskedChannelLayerNorm(16, num_tasks=2)
     x = torch.randn(3, 16, 5, 7, generator=gen)
     mask = torch.rand(16, generator=gen)
     dy = torch.randn(x.shape, generator=gen)

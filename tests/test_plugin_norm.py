@@ -58,7 +58,7 @@ def test_convert_swaps_the_modules_the_plugin_replaces() -> None:
                 m.running_var.uniform_(0.5, 2.0)
     converted = hatnorm.convert(original, num_tasks=2, norm=PLUGIN)
     norms = [m for m in converted.modules() if isinstance(m, hatnorm.get_norm(PLUGIN).norm_class)]
-    assert len(norms) == 20 and all(n.dims == (4,) for n in norms)
+    assert len(norms) == 20 and all(n.input_ranks == (4,) for n in norms)
     first = converted.get_submodule("body.layer1.0.bn1.norm")
     for t in range(2):  # the pretrained statistics in every task slot, options read from the module
         assert torch.equal(first.running_mean[t], original.layer1[0].bn1.running_mean)
@@ -114,7 +114,7 @@ class SharedStatisticsBatchNorm(hatnorm.MaskedNorm):
         self.register_buffer("running_var", torch.ones(num_features))
 
     def normalize(self, x: torch.Tensor, gate: torch.Tensor, task: int) -> torch.Tensor:
-        return hatnorm.selective_batch_norm(x, None, gate, None, self.running_mean, self.running_var,
+        return hatnorm.functional.selective_batch_norm(x, None, gate, None, self.running_mean, self.running_var,
                                             training=self.training, momentum=0.1, eps=1e-5)
 
 

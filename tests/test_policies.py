@@ -10,7 +10,8 @@ from torch import nn
 from toys import toy_tasks
 
 import hatnorm
-from hatnorm import HAT, AdaHATPolicy, AdaHATReferencePolicy, FGAdaHATPolicy
+from hatnorm import HAT
+from hatnorm.policies import AdaHATPolicy, AdaHATReferencePolicy, FGAdaHATPolicy
 from hatnorm.training import HATMethod, TrainConfig, train_sequence
 
 ARCHITECTURES = {
@@ -90,7 +91,7 @@ def test_the_adahat_default_is_unchanged() -> None:
 
 @pytest.mark.parametrize("policy", [
     lambda norms: FGAdaHATPolicy(alpha=1e-3, importance="activation_abs", norms=norms),
-    lambda norms: hatnorm.get_policy("adahat", reference=True, norms=norms),
+    lambda norms: hatnorm.create_policy("adahat", reference=True, norms=norms),
 ], ids=["fg_adahat", "adahat_reference"])
 def test_gamma_beta_follow_their_gate_or_stay_free(policy) -> None:
     """``norms=True``: γ_i, β_i of a masked norm get the rate of the bias of unit i of its gate;
@@ -163,8 +164,8 @@ def test_soft_policies_train_with_the_trainer() -> None:
     (lambda: FGAdaHATPolicy(summing="exponential_decrease"), "exponential_rate"),
     (lambda: FGAdaHATPolicy(summing="log_decrease", log_base=2.0, reference_decrease=True), "no reference form"),
     (lambda: FGAdaHATPolicy(norms=1), "norms must be a bool"),
-    (lambda: hatnorm.get_policy("adahat", reference=True, mode="adahat_fast"), "mode must be one of"),
-    (lambda: hatnorm.get_policy("adahat", mode="adahat_no_sum"), "reference=True only"),
+    (lambda: hatnorm.create_policy("adahat", reference=True, mode="adahat_fast"), "mode must be one of"),
+    (lambda: hatnorm.create_policy("adahat", mode="adahat_no_sum"), "reference=True only"),
 ])
 def test_bad_policy_arguments_are_named(make, match: str) -> None:
     with pytest.raises((ValueError, TypeError), match=match):

@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 
 import hatnorm
-from hatnorm import HAT, FGAdaHATPolicy
+from hatnorm import HAT
 from hatnorm._attribution import AttributionImportance
+from hatnorm.policies import FGAdaHATPolicy
 
 pytest.importorskip("captum")
 
@@ -20,7 +21,7 @@ def mlp() -> torch.nn.Module:
     return hatnorm.build("mlp", num_tasks=2, norm="masked_bn", num_classes=3, in_features=8, hidden=[12, 12])
 
 
-@pytest.mark.parametrize("kind", sorted(hatnorm.ATTRIBUTION_TYPES))
+@pytest.mark.parametrize("kind", sorted(hatnorm.policies.ATTRIBUTION_TYPES))
 def test_every_attribution_type_trains(kind: str) -> None:
     model = mlp()
     hat = HAT(model, policy=FGAdaHATPolicy(alpha=1e-3, importance=kind))

@@ -7,8 +7,8 @@ import pytest
 from test_checkpoint import Interrupted, console, mlp
 from toys import toy_tasks
 
-from hatnorm import AdaHATReferencePolicy
 from hatnorm.checkpoint import load_checkpoint
+from hatnorm.policies import AdaHATReferencePolicy
 from hatnorm.training import HATMethod, TrainConfig, train_sequence
 
 

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import hatnorm
-from hatnorm import HAT, Flatten, HATGate, HATModule, Layer, TaskHeads
+from hatnorm import HAT, HATGate, HATModule, TaskHeads
+from hatnorm.blocks import Flatten, Layer
 
 TASKS, STEPS, BATCH, CLASSES = 3, 3, 6, 3
 CLOSE = {"rtol": 1e-9, "atol": 1e-13}
@@ -120,7 +121,7 @@ def run(model_name: str, policy: object, expected_rates: object, fg: ref.FGOptio
             raw = [(m.weight.grad.clone(), m.bias.grad.clone()) for m in layers]
             raw_e = [g.embedding.grad[task].clone() for g in gates]
             rates = expected_rates(s, soft, cumulative, summative, t, state, weights)
-            if isinstance(hat.policy, hatnorm.StepPolicy):
+            if isinstance(hat.policy, hatnorm.policies.StepPolicy):
                 got = hat.policy.rates(s)
                 for m, (rw, rb) in zip(layers, rates, strict=True):
                     torch.testing.assert_close(got[m.weight].expand_as(m.weight), rw, **CLOSE)
@@ -164,7 +165,7 @@ def test_hat_matches_the_reference(model_name: str) -> None:
     run(model_name, "hat", lambda s, soft, cum, summ, t, st, w: ref.hat_rates(cum, stack, w))
 
 
-@pytest.mark.parametrize("mode", hatnorm.ADAHAT_MODES)
+@pytest.mark.parametrize("mode", hatnorm.policies.ADAHAT_MODES)
 @pytest.mark.parametrize("model_name", list(MODELS))
 def test_adahat_reference_form_matches_the_reference(model_name: str, mode: str) -> None:
     stack = MODELS[model_name]()[2]
@@ -172,7 +173,7 @@ def test_adahat_reference_form_matches_the_reference(model_name: str, mode: str)
     def expected(s, soft, cum, summ, t, st, w):
         return ref.adahat_rates(mode, 1e-6, 0.1, ref.network_sparsity(soft, cum), summ, t, stack, w)
 
-    run(model_name, hatnorm.get_policy("adahat", reference=True, mode=mode), expected)
+    run(model_name, hatnorm.create_policy("adahat", reference=True, mode=mode), expected)
 
 
 def _fg_case(model_name: str, o: ref.FGOptions, **options: object) -> None:
@@ -181,7 +182,7 @@ def _fg_case(model_name: str, o: ref.FGOptions, **options: object) -> None:
     def expected(s, soft, cum, summ, t, st, w):
         return ref.fg_rates(o, st.summed, cum, summ, ref.network_sparsity(soft, cum), t, stack, w)
 
-    policy = hatnorm.FGAdaHATPolicy(alpha=o.alpha, importance=o.kind, summing=o.summing, scheduler=o.scheduler,
+    policy = hatnorm.policies.FGAdaHATPolicy(alpha=o.alpha, importance=o.kind, summing=o.summing, scheduler=o.scheduler,
                                     aggregation=o.agg, base_importance=o.b_i, base_sparsity=o.b_r,
                                     base_linear=o.b_l, filter_by_cumulative_mask=o.filter_by_cumulative_mask,
                                     filter_unmasked_importance=o.filter_unmasked_importance,
@@ -194,7 +195,7 @@ def _fg_case(model_name: str, o: ref.FGOptions, **options: object) -> None:
 BASE = {"alpha": 1e-2, "b_i": 1e-2}
 
 
-@pytest.mark.parametrize("kind", sorted(hatnorm.IMPORTANCE_TYPES))
+@pytest.mark.parametrize("kind", sorted(hatnorm.policies.IMPORTANCE_TYPES))
 @pytest.mark.parametrize("model_name", list(MODELS))
 def test_fg_adahat_importance_types_match_the_reference(model_name: str, kind: str) -> None:
     _fg_case(model_name, ref.FGOptions(kind=kind, **BASE))
@@ -204,8 +205,8 @@ DECREASE_OPTIONS = {"linear_step": 0.5, "exponential_rate": 1.5, "log_base": 3.0
 
 
 @pytest.mark.parametrize(("summing", "reference_decrease"),
-                         [(s, False) for s in hatnorm.SUMMING_STRATEGIES]
-                         + [(s, True) for s in hatnorm.SUMMING_STRATEGIES
+                         [(s, False) for s in hatnorm.policies.SUMMING_STRATEGIES]
+                         + [(s, True) for s in hatnorm.policies.SUMMING_STRATEGIES
                             if s.endswith("_decrease") and s != "log_decrease"])
 @pytest.mark.parametrize("model_name", list(MODELS))
 def test_fg_adahat_summing_strategies_match_the_reference(model_name: str, summing: str,
@@ -218,7 +219,7 @@ def test_fg_adahat_summing_strategies_match_the_reference(model_name: str, summi
     _fg_case(model_name, o, **options)
 
 
-@pytest.mark.parametrize("scheduler", hatnorm.SCHEDULERS)
+@pytest.mark.parametrize("scheduler", hatnorm.policies.SCHEDULERS)
 @pytest.mark.parametrize("aggregation", ["min", "max", "mean"])
 @pytest.mark.parametrize("model_name", list(MODELS))
 def test_fg_adahat_schedulers_and_aggregations_match_the_reference(model_name: str, scheduler: str,

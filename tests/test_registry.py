@@ -90,12 +90,12 @@ def test_register_get_list_norm() -> None:
     assert "test_scaled_none" in hatnorm.list_norms("batch")
     assert "test_scaled_none" not in hatnorm.list_norms("layer")
     norm = spec.layer(num_tasks=2)(3)
-    assert isinstance(norm, ScaledNone) and (norm.dims, norm.channel_dim) == ((4,), 1)
+    assert isinstance(norm, ScaledNone) and (norm.input_ranks, norm.channel_dim) == ((4,), 1)
 
 
 def test_the_registry_stores_classes_only() -> None:
     def builder(num_features: int, *, num_tasks: int, dims: int | None = 2) -> hatnorm.MaskedNorm:
-        return hatnorm.NoNorm(num_features, num_tasks=num_tasks)
+        return hatnorm.norms.NoNorm(num_features, num_tasks=num_tasks)
 
     with pytest.raises(TypeError, match=r"^the registered norm must be a MaskedNorm subclass \(the registry stores "
                                         r"classes\), got <function"):
@@ -106,14 +106,14 @@ def test_the_registry_stores_classes_only() -> None:
 def test_a_family_given_at_registration_must_be_the_class_s_own() -> None:
     with pytest.raises(ValueError, match=r"^family: MaskedLayerNorm declares layout 'channels_last', family 'layer'; "
                                          r"got 'batch'$"):
-        hatnorm.register_norm("test_wrong_family", family="batch")(hatnorm.MaskedLayerNorm)
+        hatnorm.register_norm("test_wrong_family", family="batch")(hatnorm.norms.MaskedLayerNorm)
     assert "test_wrong_family" not in hatnorm.list_norms()
 
 
 def test_duplicate_norm_name() -> None:
     with pytest.raises(ValueError, match=r"the norm name 'masked_bn' is already registered"):
-        hatnorm.register_norm("masked_bn", family="batch")(hatnorm.MaskedBatchNorm2d)
-    assert hatnorm.get_norm("masked_bn").layer(num_tasks=2, dims=2)(4).__class__ is hatnorm.MaskedBatchNorm2d
+        hatnorm.register_norm("masked_bn", family="batch")(hatnorm.norms.MaskedBatchNorm2d)
+    assert hatnorm.get_norm("masked_bn").layer(num_tasks=2, dims=2)(4).__class__ is hatnorm.norms.MaskedBatchNorm2d
 
 
 def test_unknown_norm_name_lists_the_registered_ones() -> None:
@@ -148,10 +148,14 @@ def test_register_get_list_policy() -> None:
             return self.factor * (1 - cumulative)
 
     assert {"hat", "adahat", "test_quarter"} <= set(hatnorm.list_policies())
-    policy = hatnorm.get_policy("test_quarter", factor=0.5)
+    policy = hatnorm.create_policy("test_quarter", factor=0.5)
     assert isinstance(policy, Quarter) and policy.factor == 0.5
-    assert isinstance(hatnorm.get_policy("hat"), hatnorm.HATPolicy)
-    assert isinstance(hatnorm.get_policy("adahat"), hatnorm.AdaHATPolicy)
+    assert isinstance(hatnorm.create_policy("hat"), hatnorm.policies.HATPolicy)
+    assert isinstance(hatnorm.create_policy("adahat"), hatnorm.policies.AdaHATPolicy)
+    # get_policy returns the registered spec, as get_norm and get_architecture do; create_policy builds
+    spec = hatnorm.get_policy("test_quarter")
+    assert isinstance(spec, hatnorm.PolicySpec) and spec.name == "test_quarter" and spec.factory is Quarter
+    assert hatnorm.get_policy("hat").factory is hatnorm.policies.HATPolicy
 
     # HAT takes the registered name and protects with it
     net = TinyNet(num_tasks=2, norm=hatnorm.get_norm("masked_bn"), num_classes=[2, 2])
@@ -166,13 +170,14 @@ def test_register_get_list_policy() -> None:
 
 def test_duplicate_policy_name() -> None:
     with pytest.raises(ValueError, match=r"the gradient policy name 'hat' is already registered"):
-        hatnorm.register_policy("hat")(hatnorm.AdaHATPolicy)
-    assert isinstance(hatnorm.get_policy("hat"), hatnorm.HATPolicy)
+        hatnorm.register_policy("hat")(hatnorm.policies.AdaHATPolicy)
+    assert hatnorm.get_policy("hat").factory is hatnorm.policies.HATPolicy
 
 
 def test_unknown_policy_name_lists_the_registered_ones() -> None:
-    with pytest.raises(ValueError, match=r"unknown gradient policy 'ewc'; registered: \[.*'adahat', .*'hat'.*\]"):
-        hatnorm.get_policy("ewc")
+    for get in (hatnorm.get_policy, hatnorm.create_policy):
+        with pytest.raises(ValueError, match=r"unknown gradient policy 'ewc'; registered: \[.*'adahat', .*'hat'.*\]"):
+            get("ewc")
     net = TinyNet(num_tasks=2, norm=hatnorm.get_norm("masked_bn"), num_classes=[2, 2])
     with pytest.raises(ValueError, match=r"unknown gradient policy 'ewc'; registered: \[.*'adahat', .*'hat'.*\]"):
         hatnorm.HAT(net, policy="ewc")
@@ -194,8 +199,8 @@ class TinyNet(hatnorm.HATModule):
     def forward(self, x: Tensor, task: int, s: float | None = None) -> Tensor:
         return self.heads(F.relu(self.norm(self.fc(x), self.gate(task, s), task)), task)
 
-    def hat_layers(self) -> list[hatnorm.Layer]:
-        return [hatnorm.Layer(self.fc, out=self.gate), hatnorm.Layer(self.norm, out=self.gate)]
+    def hat_layers(self) -> list[hatnorm.blocks.Layer]:
+        return [hatnorm.blocks.Layer(self.fc, out=self.gate), hatnorm.blocks.Layer(self.norm, out=self.gate)]
 
 
 @pytest.fixture
@@ -225,7 +230,7 @@ def test_build_resolves_the_norm_once_and_passes_one_count_per_task(tiny_arch) -
     assert call["norm"] is hatnorm.get_norm("task_bn")
     assert call["num_classes"] == [2, 3, 4]
     assert call["width"] == 5
-    assert isinstance(model.norm, hatnorm.TaskBatchNorm1d)
+    assert isinstance(model.norm, hatnorm.norms.TaskBatchNorm1d)
     model.train()
     assert model(torch.randn(4, 3), task=2, s=1.0).shape == (4, 4)
 
@@ -233,13 +238,13 @@ def test_build_resolves_the_norm_once_and_passes_one_count_per_task(tiny_arch) -
 def test_build_repeats_an_int_class_count_and_defaults_to_masked_bn(tiny_arch) -> None:
     model = hatnorm.build("test_tiny", num_tasks=2, num_classes=7)
     assert tiny_arch[0]["num_classes"] == [7, 7]
-    assert isinstance(model.norm, hatnorm.MaskedBatchNorm1d)
+    assert isinstance(model.norm, hatnorm.norms.MaskedBatchNorm1d)
     hatnorm.HAT(model)  # a HATModule lists its own wiring
 
 
 def test_build_takes_a_norm_spec(tiny_arch) -> None:
     model = hatnorm.build("test_tiny", num_tasks=2, norm=hatnorm.get_norm("shared_bn"), num_classes=2)
-    assert isinstance(model.norm, hatnorm.SharedBatchNorm1d)
+    assert isinstance(model.norm, hatnorm.norms.SharedBatchNorm1d)
 
 
 def test_build_rejects_a_norm_that_does_not_fit_the_family(tiny_arch) -> None:
@@ -320,7 +325,7 @@ def test_entry_point_plugin_registers_on_first_use(monkeypatch: pytest.MonkeyPat
     assert asked == [PLUGIN_GROUP]
     assert PLUGIN_MODULE in sys.modules
 
-    policy = hatnorm.get_policy("fake_plugin_policy")
+    policy = hatnorm.create_policy("fake_plugin_policy")
     assert "fake_plugin_policy" in policies
     assert asked == [PLUGIN_GROUP]  # plugins are loaded once
     cumulative = torch.tensor([1.0, 0.0, 0.5])
@@ -335,4 +340,4 @@ def test_unknown_name_triggers_plugin_loading_before_failing(monkeypatch: pytest
     monkeypatch.setattr(hatnorm._registry, "entry_points",
                         lambda *, group: [EntryPoint(name="fake", value=PLUGIN_MODULE, group=group)])
     with pytest.raises(ValueError, match=r"unknown gradient policy 'nope'; registered: \['fake_plugin_policy'\]"):
-        hatnorm.get_policy("nope")
+        hatnorm.create_policy("nope")

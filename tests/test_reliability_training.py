@@ -78,13 +78,13 @@ def test_a_last_batch_too_small_to_share_is_dropped_on_every_rank(two_ranks: Pat
 
 def test_resume_with_other_policy_options_is_refused(tmp_path: Path) -> None:
     tasks = toy_tasks(1, samples=64)
-    train_sequence(mlp(tasks=1), tasks, HATMethod(policy=hatnorm.AdaHATPolicy(alpha=0.1)), CONFIG, console=quiet(),
-                   checkpoint_dir=tmp_path)
+    train_sequence(mlp(tasks=1), tasks, HATMethod(policy=hatnorm.policies.AdaHATPolicy(alpha=0.1)), CONFIG,
+                   console=quiet(), checkpoint_dir=tmp_path)
     with pytest.raises(CheckpointError, match=r"method\.policy\.alpha: 0\.1 in the checkpoint, 50\.0 in this run"):
-        train_sequence(mlp(tasks=1), tasks, HATMethod(policy=hatnorm.AdaHATPolicy(alpha=50.0)), CONFIG,
+        train_sequence(mlp(tasks=1), tasks, HATMethod(policy=hatnorm.policies.AdaHATPolicy(alpha=50.0)), CONFIG,
                        console=quiet(), checkpoint_dir=tmp_path, resume=True)
     # the same options resume (the finished run's results come back)
-    again = train_sequence(mlp(tasks=1), tasks, HATMethod(policy=hatnorm.AdaHATPolicy(alpha=0.1)), CONFIG,
+    again = train_sequence(mlp(tasks=1), tasks, HATMethod(policy=hatnorm.policies.AdaHATPolicy(alpha=0.1)), CONFIG,
                            console=quiet(), checkpoint_dir=tmp_path, resume=True)
     assert len(again.accuracy) == 1
 

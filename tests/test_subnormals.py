@@ -40,7 +40,7 @@ class SubnormalCounter(TorchDispatchMode):
         return out
 
 
-def subnormals_in_steps(arch: str, norm: str, options: dict, floor: float = hatnorm.GATE_FLOOR) -> float:
+def subnormals_in_steps(arch: str, norm: str, options: dict, floor: float = hatnorm.functional.GATE_FLOOR) -> float:
     """The fraction of subnormal values over task-1 steps at s = 25, 100 and 400, after task 0 (SGD, momentum)."""
     torch.manual_seed(0)
     model = hatnorm.build(arch, num_tasks=2, norm=norm, num_classes=10, **options)

@@ -84,7 +84,7 @@ class Net(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(3, C), nn.Linear(C, 4)
-        self.n1 = hatnorm.MaskedBatchNorm1d(C, num_tasks=T)
+        self.n1 = hatnorm.norms.MaskedBatchNorm1d(C, num_tasks=T)
         self.g1, self.g2 = hatnorm.HATGate(C, num_tasks=T), hatnorm.HATGate(4, num_tasks=T)
         self.heads = hatnorm.TaskHeads(4, 2, num_tasks=T)
 
@@ -92,9 +92,9 @@ class Net(nn.Module):
         h = F.relu(self.n1(self.fc1(x), self.g1(task, s), task))
         return self.heads(F.relu(self.fc2(h) * self.g2(task, s)), task)
 
-    def layers(self) -> list[hatnorm.Layer]:
-        return [hatnorm.Layer(self.fc1, out=self.g1), hatnorm.Layer(self.n1, out=self.g1),
-                hatnorm.Layer(self.fc2, out=self.g2, inp=self.g1)]
+    def layers(self) -> list[hatnorm.blocks.Layer]:
+        return [hatnorm.blocks.Layer(self.fc1, out=self.g1), hatnorm.blocks.Layer(self.n1, out=self.g1),
+                hatnorm.blocks.Layer(self.fc2, out=self.g2, inp=self.g1)]
 
 
 def make_hat() -> tuple[Net, hatnorm.HAT]:

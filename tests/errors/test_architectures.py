@@ -124,16 +124,17 @@ def test_a_batch_of_one_is_fine_where_every_norm_sees_more_than_one_value() -> N
 
 def test_mask_sources_refuse_what_is_not_a_mask_source() -> None:
     gate = hatnorm.HATGate(C, num_tasks=T)
-    for make, name in [(lambda: hatnorm.Residual(gate, "g"), "paths"), (lambda: hatnorm.Flatten(3, 4), "channels"),
-                       (lambda: hatnorm.Concat(gate, None), "parts")]:
-        with pytest.raises(TypeError, match=rf"^{name} must be gates or other mask sources \(hatnorm.MaskSource\), "
-                                            r"got a (str|int|NoneType)$"):
+    for make, name in [(lambda: hatnorm.blocks.Residual(gate, "g"), "paths"),
+                       (lambda: hatnorm.blocks.Flatten(3, 4), "channels"),
+                       (lambda: hatnorm.blocks.Concat(gate, None), "parts")]:
+        with pytest.raises(TypeError, match=rf"^{name} must be gates or other mask sources "
+                                            r"\(hatnorm.blocks.MaskSource\), got a (str|int|NoneType)$"):
             make()
 
 
 def test_token_embedding_refuses_patches_of_the_wrong_shape() -> None:
-    tokens = hatnorm.TokenEmbedding(4, 8)
+    tokens = hatnorm.blocks.TokenEmbedding(4, 8)
     with refused(tokens, ValueError, r"^patches must have shape \[N, 4, 8\] with N ≥ 1, got \[2, 5, 8\]$"):
         tokens(torch.randn(2, 5, 8))
     with pytest.raises(ValueError, match=r"^num_patches must be an int ≥ 1, got 0$"):
-        hatnorm.TokenEmbedding(0, 8)
+        hatnorm.blocks.TokenEmbedding(0, 8)

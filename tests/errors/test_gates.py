@@ -88,25 +88,25 @@ def test_gate_constructor_refuses_bad_options(args, kwargs, exc, match) -> None:
 ])
 def test_anneal_scale_refuses_bad_input(batch, num_batches, s_max, exc, match) -> None:
     with pytest.raises(exc, match=match):
-        hatnorm.anneal_scale(batch, num_batches, s_max)
+        hatnorm.functional.anneal_scale(batch, num_batches, s_max)
 
 
 
 @pytest.mark.parametrize(("call", "exc", "match"), [
-    (lambda: hatnorm.hat_gate(torch.zeros(3), 0.0), ValueError, r"^s must be a finite number > 0, got 0.0$"),
-    (lambda: hatnorm.hat_gate([0.0], 1.0), TypeError, r"^e must be a floating-point tensor, got list$"),
-    (lambda: hatnorm.hat_gate(torch.zeros(3, dtype=torch.long), 1.0), TypeError,
+    (lambda: hatnorm.functional.hat_gate(torch.zeros(3), 0.0), ValueError, r"^s must be a finite number > 0, got 0.0$"),
+    (lambda: hatnorm.functional.hat_gate([0.0], 1.0), TypeError, r"^e must be a floating-point tensor, got list$"),
+    (lambda: hatnorm.functional.hat_gate(torch.zeros(3, dtype=torch.long), 1.0), TypeError,
      r"^e must be a floating-point tensor, got dtype torch.int64$"),
-    (lambda: hatnorm.compensation_factor(torch.zeros(3), 1.0, -400.0), ValueError,
+    (lambda: hatnorm.functional.compensation_factor(torch.zeros(3), 1.0, -400.0), ValueError,
      r"^s_max must be a finite number > 0, got -400.0$"),
-    (lambda: hatnorm.compensate(torch.zeros(2), torch.zeros(3), 1.0, 400.0), ValueError,
+    (lambda: hatnorm.functional.compensate(torch.zeros(2), torch.zeros(3), 1.0, 400.0), ValueError,
      r"^grad must have the shape of e, \[3\], got \[2\]$"),
     # a CPU tensor scale is read (free there): 0 would make the embeddings NaN, −400 would invert the gates
-    (lambda: hatnorm.hat_gate(torch.zeros(3), torch.tensor(0.0)), ValueError,
+    (lambda: hatnorm.functional.hat_gate(torch.zeros(3), torch.tensor(0.0)), ValueError,
      r"^s must be a finite number > 0, got a tensor holding 0.0$"),
-    (lambda: hatnorm.compensation_factor(torch.zeros(3), torch.tensor(-400.0), 400.0), ValueError,
+    (lambda: hatnorm.functional.compensation_factor(torch.zeros(3), torch.tensor(-400.0), 400.0), ValueError,
      r"^s must be a finite number > 0, got a tensor holding -400.0$"),
-    (lambda: hatnorm.hat_gate(torch.zeros(3), torch.tensor(float("nan"))), ValueError,
+    (lambda: hatnorm.functional.hat_gate(torch.zeros(3), torch.tensor(float("nan"))), ValueError,
      r"^s must be a finite number > 0, got a tensor holding nan$"),
 ])
 def test_gate_functions_refuse_bad_input(call, exc, match) -> None:

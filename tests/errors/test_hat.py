@@ -72,11 +72,11 @@ def test_hat_constructor_refuses_bad_wiring() -> None:
     with pytest.raises(ValueError, match=r"layers must be given unless model is a HATModule"):
         hatnorm.HAT(net)
     with pytest.raises(ValueError, match=r"layers\[0\].out has 4 units but the layer has 6 outputs"):
-        hatnorm.HAT(net, [hatnorm.Layer(net.fc1, out=net.g2), *net.layers()[1:]])
+        hatnorm.HAT(net, [hatnorm.blocks.Layer(net.fc1, out=net.g2), *net.layers()[1:]])
     with pytest.raises(ValueError, match=r"layers\[2\].inp has 4 units but the layer reads 6 input features"):
-        hatnorm.HAT(net, [*net.layers()[:2], hatnorm.Layer(net.fc2, out=net.g2, inp=net.g2)])
+        hatnorm.HAT(net, [*net.layers()[:2], hatnorm.blocks.Layer(net.fc2, out=net.g2, inp=net.g2)])
     with pytest.raises(ValueError, match=r"layers\[0\].module must be a submodule of model"):
-        hatnorm.HAT(net, [hatnorm.Layer(nn.Linear(3, C), out=net.g1), *net.layers()])
+        hatnorm.HAT(net, [hatnorm.blocks.Layer(nn.Linear(3, C), out=net.g1), *net.layers()])
     with pytest.raises(ValueError, match=r"model must contain at least one HATGate, found none"):
         hatnorm.HAT(nn.Linear(2, 2), [])
     with pytest.raises(ValueError, match=r"model: trainable parameters neither protected by a mask nor owned by "
@@ -162,7 +162,7 @@ def test_hat_calls_out_of_order_change_nothing() -> None:
 
 def test_hat_constructor_refuses_layers_that_are_not_a_sequence() -> None:
     net = Net()
-    with refused(net, TypeError, r"^layers must be a sequence of hatnorm.Layer, got int$"):
+    with refused(net, TypeError, r"^layers must be a sequence of hatnorm.blocks.Layer, got int$"):
         hatnorm.HAT(net, 5)
 
 

@@ -25,15 +25,15 @@ def test_unknown_registry_name(get, kind) -> None:
 
 
 @pytest.mark.parametrize(("register", "name", "kind"), [
-    (lambda name: hatnorm.register_norm(name, family="batch")(hatnorm.MaskedBatchNorm2d), "masked_bn", "norm"),
-    (lambda name: hatnorm.register_policy(name)(hatnorm.HATPolicy), "adahat", "gradient policy"),
+    (lambda name: hatnorm.register_norm(name, family="batch")(hatnorm.norms.MaskedBatchNorm2d), "masked_bn", "norm"),
+    (lambda name: hatnorm.register_policy(name)(hatnorm.policies.HATPolicy), "adahat", "gradient policy"),
 ])
 def test_duplicate_registry_name_changes_nothing(register, name, kind) -> None:
-    before = hatnorm.get_norm(name) if kind == "norm" else hatnorm.get_policy(name).__class__
+    before = hatnorm.get_norm(name) if kind == "norm" else hatnorm.get_policy(name)
     message = rf"name: the {kind} name '{name}' is already registered; pick a name not in \["
     with pytest.raises(ValueError, match=message):
         register(name)
-    after = hatnorm.get_norm(name) if kind == "norm" else hatnorm.get_policy(name).__class__
+    after = hatnorm.get_norm(name) if kind == "norm" else hatnorm.get_policy(name)
     assert after is before
 
 
@@ -110,7 +110,7 @@ def test_registering_something_that_cannot_build_changes_nothing(register, kind)
 
 
 @pytest.mark.parametrize(("call", "match"), [
-    (lambda: hatnorm.register_norm("", family="batch")(hatnorm.MaskedBatchNorm2d), r"^name must be a non-empty "
+    (lambda: hatnorm.register_norm("", family="batch")(hatnorm.norms.MaskedBatchNorm2d), r"^name must be a non-empty "
                                                                                     r"string, got ''$"),
     (lambda: hatnorm.register_norm("x", family="conv"), r"^family must be one of \['batch', 'layer', 'any'\], got "
                                                         r"'conv'$"),

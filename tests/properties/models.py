@@ -44,11 +44,11 @@ class GatedNet(hatnorm.HATModule):
             return x
         return self.heads(x.mean((2, 3)) if x.dim() == 4 else x, task)
 
-    def hat_layers(self) -> list[hatnorm.Layer]:
+    def hat_layers(self) -> list[hatnorm.blocks.Layer]:
         wiring = []
         previous = None  # the first layer reads data
         for layer, norm, gate in zip(self.layers, self.norms, self.gates, strict=True):
-            wiring += [hatnorm.Layer(layer, out=gate, inp=previous), hatnorm.Layer(norm, out=gate)]
+            wiring += [hatnorm.blocks.Layer(layer, out=gate, inp=previous), hatnorm.blocks.Layer(norm, out=gate)]
             previous = gate
         return wiring
 

@@ -44,9 +44,9 @@ from .strategies import (
     task_setups,
 )
 
-MASKED_BN = {1: hatnorm.MaskedBatchNorm1d, 2: hatnorm.MaskedBatchNorm2d}
+MASKED_BN = {1: hatnorm.norms.MaskedBatchNorm1d, 2: hatnorm.norms.MaskedBatchNorm2d}
 TORCH_BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d}
-TASK_BN = {1: hatnorm.TaskBatchNorm1d, 2: hatnorm.TaskBatchNorm2d}
+TASK_BN = {1: hatnorm.norms.TaskBatchNorm1d, 2: hatnorm.norms.TaskBatchNorm2d}
 
 
 def train_step(model: nn.Module, hat: hatnorm.HAT, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor,
@@ -137,8 +137,8 @@ def ln_tolerance(dtype: torch.dtype) -> float:
     return 1e-6 if dtype == torch.float64 else 1e-5
 
 
-def masked_ln(channels: int, dtype: torch.dtype, gen: torch.Generator, eps: float) -> hatnorm.MaskedLayerNorm:
-    norm = hatnorm.MaskedLayerNorm(channels, num_tasks=1, eps=eps).to(dtype)
+def masked_ln(channels: int, dtype: torch.dtype, gen: torch.Generator, eps: float) -> hatnorm.norms.MaskedLayerNorm:
+    norm = hatnorm.norms.MaskedLayerNorm(channels, num_tasks=1, eps=eps).to(dtype)
     with torch.no_grad():
         norm.weight.copy_(randn([channels], gen, dtype))
         norm.bias.copy_(randn([channels], gen, dtype))
@@ -401,7 +401,7 @@ def test_gates_lie_in_unit_interval(e, s, dtype):
     gate = hatnorm.HATGate(len(e), num_tasks=1, binarize=False).to(dtype)
     with torch.no_grad():
         gate.embedding[0] = e
-    for a in (hatnorm.hat_gate(e, s), gate.train()(0, s), gate.eval()(0)):
+    for a in (hatnorm.functional.hat_gate(e, s), gate.train()(0, s), gate.eval()(0)):
         assert a.dtype == dtype
         assert ((a >= 0) & (a <= 1)).all()
 
@@ -413,5 +413,5 @@ def test_gates_at_s_max_are_saturated_away_from_zero_embedding(e, dtype):
     with torch.no_grad():
         gate.embedding[0] = e
     target = (e > 0).to(dtype)
-    for a in (hatnorm.hat_gate(e, S_MAX), gate.train()(0, S_MAX), gate.eval()(0)):
+    for a in (hatnorm.functional.hat_gate(e, S_MAX), gate.train()(0, S_MAX), gate.eval()(0)):
         torch.testing.assert_close(a, target, rtol=0, atol=1e-6)

@@ -101,7 +101,7 @@ def test_norm_forward_refuses_malformed_input(name, dims, data, training, spoil)
     bad_floats = (torch.float64,) if has_parameters else ()
     x, mask, task = torch.randn(shape), torch.rand(C), 1
     if "x" in spoil:
-        bad_x = malformed_tensors(shape, fixed={channel: C}, ranks=norm.dims, bad_floats=bad_floats,
+        bad_x = malformed_tensors(shape, fixed={channel: C}, ranks=norm.input_ranks, bad_floats=bad_floats,
                                   other_device=has_parameters)
         if training and norm.batch_statistics:  # one value per channel: no batch statistics
             bad_x = st.one_of(bad_x, st.just(torch.randn(1, C, *[1] * (len(shape) - 2))))
@@ -142,14 +142,14 @@ def test_gate_refuses_a_malformed_scale_in_training(s) -> None:
 
 @given(e=st.one_of(junk, st.just(torch.zeros(3, dtype=torch.long))), s=st.one_of(st.just(1.0), bad_scales()))
 def test_gate_functions_refuse_malformed_input(e, s) -> None:
-    assert_refused(lambda: hatnorm.hat_gate(e, s))
-    assert_refused(lambda: hatnorm.compensation_factor(e, s, 400.0))
+    assert_refused(lambda: hatnorm.functional.hat_gate(e, s))
+    assert_refused(lambda: hatnorm.functional.compensation_factor(e, s, 400.0))
 
 
 @given(batch=st.one_of(st.integers(min_value=10), st.integers(max_value=-1), junk, st.floats()),
        num_batches=st.one_of(st.just(10), non_positive, junk), s_max=st.one_of(st.just(400.0), non_positive, junk))
 def test_anneal_scale_refuses_malformed_input(batch, num_batches, s_max) -> None:
-    assert_refused(lambda: hatnorm.anneal_scale(batch, num_batches, s_max))
+    assert_refused(lambda: hatnorm.functional.anneal_scale(batch, num_batches, s_max))
 
 
 # --- HAT -------------------------------------------------------------------------------------------------------
@@ -272,11 +272,11 @@ def test_build_refuses_malformed_arguments(data, spoil) -> None:
 @given(name=unknown_names.filter(lambda n: not isinstance(n, str) or n not in hatnorm.list_norms() + hatnorm.
                                  list_architectures() + hatnorm.list_policies()))
 def test_registries_refuse_unknown_names(name) -> None:
-    for get in (hatnorm.get_norm, hatnorm.get_architecture, hatnorm.get_policy):
+    for get in (hatnorm.get_norm, hatnorm.get_architecture, hatnorm.get_policy, hatnorm.create_policy):
         assert_refused(lambda get=get: get(name))
 
 
-@given(name=st.sampled_from(hatnorm.list_norms()), builder=st.one_of(st.just(hatnorm.MaskedBatchNorm2d), junk))
+@given(name=st.sampled_from(hatnorm.list_norms()), builder=st.one_of(st.just(hatnorm.norms.MaskedBatchNorm2d), junk))
 def test_registering_a_taken_name_or_a_non_builder_changes_nothing(name, builder) -> None:
     before = {n: hatnorm.get_norm(n) for n in hatnorm.list_norms()}
     assert_refused(lambda: hatnorm.register_norm(name, family="batch")(builder))

@@ -83,7 +83,8 @@ def test_masked_gn_selected_outputs_ignore_unselected_channels(sizes, dims, dtyp
     shape = data.draw(bn_shapes(dims, channels), label="shape")
     mask = data.draw(gates(channels, dtype), label="mask")
     gen = generator(seed)
-    norm = with_random_affine(hatnorm.MaskedGroupNorm(channels, num_tasks=1, num_groups=groups, eps=eps), gen, dtype)
+    norm = hatnorm.norms.MaskedGroupNorm(channels, num_tasks=1, num_groups=groups, eps=eps)
+    norm = with_random_affine(norm, gen, dtype)
     x = randn(shape, gen, dtype, spread, offset)
     assert_selected_outputs_ignore_unselected(norm, x, mask, gen, far)
 
@@ -95,7 +96,8 @@ def test_masked_gn_with_every_channel_selected_is_group_norm(sizes, dims, dtype,
     shape = data.draw(bn_shapes(dims, channels), label="shape")
     mask = data.draw(gates(channels, dtype, selection="all"), label="mask")
     gen = generator(seed)
-    norm = with_random_affine(hatnorm.MaskedGroupNorm(channels, num_tasks=1, num_groups=groups, eps=eps), gen, dtype)
+    norm = hatnorm.norms.MaskedGroupNorm(channels, num_tasks=1, num_groups=groups, eps=eps)
+    norm = with_random_affine(norm, gen, dtype)
     x = randn(shape, gen, dtype, spread, offset)
 
     # the reference in float64: float32 F.group_norm of a group of one value is off by ~1e-5 (its rounded
@@ -113,7 +115,7 @@ def test_masked_gn_unselected_channels_pass_a_gradient_to_their_gates(sizes, dty
     channels, groups = sizes
     mask = data.draw(gates(channels, dtype, selection="none"), label="mask").clamp_min(0.25).requires_grad_()
     gen = generator(seed)
-    norm = with_random_affine(hatnorm.MaskedGroupNorm(channels, num_tasks=1, num_groups=groups), gen, dtype)
+    norm = with_random_affine(hatnorm.norms.MaskedGroupNorm(channels, num_tasks=1, num_groups=groups), gen, dtype)
     x = randn((4, channels, 3, 3), gen, dtype)
 
     out = norm(x, mask, 0)
@@ -132,7 +134,7 @@ def test_masked_channel_ln_selected_outputs_ignore_unselected_channels(channels,
     shape = data.draw(bn_shapes(dims, channels), label="shape")
     mask = data.draw(gates(channels, dtype), label="mask")
     gen = generator(seed)
-    norm = with_random_affine(hatnorm.MaskedChannelLayerNorm(channels, num_tasks=1, eps=eps), gen, dtype)
+    norm = with_random_affine(hatnorm.norms.MaskedChannelLayerNorm(channels, num_tasks=1, eps=eps), gen, dtype)
     x = randn(shape, gen, dtype, spread, offset)
     assert_selected_outputs_ignore_unselected(norm, x, mask, gen, far)
 
@@ -144,7 +146,7 @@ def test_masked_channel_ln_with_every_channel_selected_is_layer_norm_over_channe
     shape = data.draw(bn_shapes(dims, channels), label="shape")
     mask = data.draw(gates(channels, dtype, selection="all"), label="mask")
     gen = generator(seed)
-    norm = with_random_affine(hatnorm.MaskedChannelLayerNorm(channels, num_tasks=1, eps=eps), gen, dtype)
+    norm = with_random_affine(hatnorm.norms.MaskedChannelLayerNorm(channels, num_tasks=1, eps=eps), gen, dtype)
     x = randn(shape, gen, dtype, spread, offset)
 
     channels_last = F.layer_norm(x.movedim(1, -1), (channels,), norm.weight * mask, norm.bias * mask, eps)
@@ -163,7 +165,7 @@ def test_masked_rms_selected_outputs_ignore_unselected_features(channels, dtype,
     shape = data.draw(ln_shapes(channels), label="shape")
     mask = data.draw(gates(channels, dtype), label="mask")
     gen = generator(seed)
-    norm = with_random_affine(hatnorm.MaskedRMSNorm(channels, num_tasks=1, eps=eps), gen, dtype)
+    norm = with_random_affine(hatnorm.norms.MaskedRMSNorm(channels, num_tasks=1, eps=eps), gen, dtype)
     x = randn(shape, gen, dtype, spread, offset)
     assert_selected_outputs_ignore_unselected(norm, x, mask, gen, far)
 
@@ -173,7 +175,7 @@ def test_masked_rms_with_every_feature_selected_is_rms_norm(channels, dtype, eps
     shape = data.draw(ln_shapes(channels), label="shape")
     mask = data.draw(gates(channels, dtype, selection="all"), label="mask")
     gen = generator(seed)
-    norm = with_random_affine(hatnorm.MaskedRMSNorm(channels, num_tasks=1, eps=eps), gen, dtype)
+    norm = with_random_affine(hatnorm.norms.MaskedRMSNorm(channels, num_tasks=1, eps=eps), gen, dtype)
     x = randn(shape, gen, dtype, spread, offset)
 
     tol = tolerance(dtype)
@@ -187,7 +189,7 @@ def test_masked_rms_with_no_feature_selected_gives_zeros_and_finite_gradients(ch
     shape = data.draw(ln_shapes(channels), label="shape")
     mask = data.draw(gates(channels, dtype, selection="none"), label="mask").requires_grad_()
     gen = generator(seed)
-    norm = with_random_affine(hatnorm.MaskedRMSNorm(channels, num_tasks=1, eps=eps), gen, dtype)
+    norm = with_random_affine(hatnorm.norms.MaskedRMSNorm(channels, num_tasks=1, eps=eps), gen, dtype)
     x = randn(shape, gen, dtype, spread, offset).requires_grad_()
 
     out = norm(x, mask, 0)

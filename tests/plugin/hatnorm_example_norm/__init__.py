@@ -2,8 +2,8 @@
 
 Registered as ``"example_task_affine_bn"`` when hatnorm loads the ``hatnorm.norms`` entry points. It is
 written against hatnorm's public API only (the :class:`hatnorm.MaskedNorm` protocol,
-:func:`hatnorm.masked_batch_norm`, :class:`hatnorm.ExportedBatchNorm`), and hatnorm's tests check that
-it trains without forgetting, exports, recalibrates and synchronises across processes like a built-in
+:func:`hatnorm.functional.masked_batch_norm`, :class:`hatnorm.exported.ExportedBatchNorm`), and hatnorm's tests check
+that it trains without forgetting, exports, recalibrates and synchronises across processes like a built-in
 norm: the proof that the protocol is the one extension point.
 
 Per task t: running statistics ``[T, C]`` moved only on the units task t selects (masked BN), and its own
@@ -53,8 +53,9 @@ class TaskAffineBatchNorm(hatnorm.MaskedNorm):
         self.process_group: ProcessGroup | None = None
 
     def normalize(self, x: Tensor, gate: Tensor, task: int) -> Tensor:
-        return hatnorm.masked_batch_norm(x, gate, self.weight[task], self.bias[task], self.running_mean[task],
-                                         self.running_var[task], training=self.training, momentum=self.momentum,
+        return hatnorm.functional.masked_batch_norm(x, gate, self.weight[task], self.bias[task],
+                                                    self.running_mean[task], self.running_var[task],
+                                                    training=self.training, momentum=self.momentum,
                                          eps=self.eps, process_group=self.process_group)
 
     @classmethod
@@ -68,7 +69,7 @@ class TaskAffineBatchNorm(hatnorm.MaskedNorm):
         def kept(t: Tensor) -> Tensor:
             return t.detach()[task, keep]
 
-        return hatnorm.ExportedBatchNorm(kept(self.weight) * gate, kept(self.bias) * gate,
+        return hatnorm.exported.ExportedBatchNorm(kept(self.weight) * gate, kept(self.bias) * gate,
                                          kept(self.running_mean).clone(), kept(self.running_var).clone(), self.eps)
 
     def running_statistics(self) -> list[Tensor]:

@@ -1,0 +1,50 @@
+"""The task-aware norms, as modules: each a :class:`hatnorm.MaskedNorm` registered under a name
+(:func:`hatnorm.list_norms`; ``hatnorm.get_norm("masked_bn").norm_class`` is :class:`MaskedBatchNorm`).
+
+:class:`NoNorm` stands where a model takes no norm; the ``Task*``, ``Shared*`` and ``PostGate*`` norms are the
+baselines the masked norms are compared with.
+"""
+
+from hatnorm._norms import (
+    MaskedBatchNorm,
+    MaskedBatchNorm1d,
+    MaskedBatchNorm2d,
+    MaskedChannelLayerNorm,
+    MaskedGroupNorm,
+    MaskedLayerNorm,
+    MaskedRMSNorm,
+    NoNorm,
+    PostGateBatchNorm,
+    PostGateBatchNorm1d,
+    PostGateBatchNorm2d,
+    SharedBatchNorm,
+    SharedBatchNorm1d,
+    SharedBatchNorm2d,
+    SharedLayerNorm,
+    TaskBatchNorm,
+    TaskBatchNorm1d,
+    TaskBatchNorm2d,
+    TaskLayerNorm,
+)
+
+__all__ = [
+    "MaskedBatchNorm",
+    "MaskedBatchNorm1d",
+    "MaskedBatchNorm2d",
+    "MaskedChannelLayerNorm",
+    "MaskedGroupNorm",
+    "MaskedLayerNorm",
+    "MaskedRMSNorm",
+    "NoNorm",
+    "PostGateBatchNorm",
+    "PostGateBatchNorm1d",
+    "PostGateBatchNorm2d",
+    "SharedBatchNorm",
+    "SharedBatchNorm1d",
+    "SharedBatchNorm2d",
+    "SharedLayerNorm",
+    "TaskBatchNorm",
+    "TaskBatchNorm1d",
+    "TaskBatchNorm2d",
+    "TaskLayerNorm",
+]
