@@ -15,17 +15,8 @@ from typing import Any, Literal
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hatnorm import (
-    HATGate,
-    HATModule,
-    Layer,
-    MaskedNorm,
-    MaskSource,
-    NormSpec,
-    Residual,
-    TaskHeads,
-    register_architecture,
-)
+from hatnorm import HATGate, HATModule, MaskedNorm, NormSpec, TaskHeads, register_architecture
+from hatnorm.blocks import Layer, MaskSource, Residual
 from hatnorm.checks import check_batch, check_batch_statistics, check_positive_int, check_task_and_scale
 
 
@@ -174,4 +165,18 @@ class ResNet(HATModule):
 def resnet18(*, num_tasks: int, norm: NormSpec, num_classes: list[int], **options: Any) -> ResNet:
     """ResNet-18 (BasicBlock × [2, 2, 2, 2]); options: ``stem``, ``base_width``, ``in_channels``, ``s_max``."""
     return ResNet([2, 2, 2, 2], num_classes, num_tasks=num_tasks, norm_layer=norm.layer(num_tasks=num_tasks, dims=2),
+                  **options)
+
+
+@register_architecture("resnet10", family="batch")
+def resnet10(*, num_tasks: int, norm: NormSpec, num_classes: list[int], **options: Any) -> ResNet:
+    """ResNet-10 (BasicBlock × [1, 1, 1, 1]), ResNet-18's stages with one block each; options as ``resnet18``."""
+    return ResNet([1, 1, 1, 1], num_classes, num_tasks=num_tasks, norm_layer=norm.layer(num_tasks=num_tasks, dims=2),
+                  **options)
+
+
+@register_architecture("resnet34", family="batch")
+def resnet34(*, num_tasks: int, norm: NormSpec, num_classes: list[int], **options: Any) -> ResNet:
+    """ResNet-34 (BasicBlock × [3, 4, 6, 3], torchvision's ``resnet34`` names); options as ``resnet18``."""
+    return ResNet([3, 4, 6, 3], num_classes, num_tasks=num_tasks, norm_layer=norm.layer(num_tasks=num_tasks, dims=2),
                   **options)

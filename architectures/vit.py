@@ -1,7 +1,15 @@
 """Small vision transformers under HAT, written with einops.
 
-The blocks are hatnorm's gated transformer blocks (``hatnorm.GatedAttention``, ``hatnorm.GatedFeedForward``):
-one gate on the residual stream, gates on the q, k, v features and on the MLP hidden units.
+The blocks are hatnorm's gated transformer blocks (``hatnorm.blocks.GatedAttention``,
+``hatnorm.blocks.GatedFeedForward``): one gate on the residual stream, gates on the q, k, v features and on the MLP
+hidden units.
+
+Two placements of the LayerNorms. Pre-norm (the default, ``vit_micro``): every norm reads the gated residual
+stream, whose unselected units are 0 for every task, so no norm's statistics can change with later tasks.
+Post-norm (``norm_position="post"``, ``vit_post``; the original Transformer's and BERT's): each block adds its
+*ungated* update to the stream and the norm reads that sum, x ← a ⊙ LN(x + f(x)); the sum's units a task does
+not select come from weights later tasks train, so a norm whose statistics read every unit (shared or
+per-task LN) drifts, while masked LN reads only the task's units.
 """
 
 from __future__ import annotations
@@ -9,28 +17,24 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
+import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from hatnorm import (
+from hatnorm import HATGate, HATModule, MaskedNorm, NormSpec, TaskHeads, register_architecture
+from hatnorm.blocks import (
     GatedAttention,
     GatedFeedForward,
-    HATGate,
-    HATModule,
     Layer,
-    MaskedNorm,
     MaskSource,
-    NoNorm,
-    NormSpec,
-    TaskHeads,
     TokenEmbedding,
     blocks_wiring,
-    gated_linear,
-    register_architecture,
     run_blocks,
 )
 from hatnorm.checks import check_batch, check_task_and_scale
+from hatnorm.functional import gated_linear
+from hatnorm.norms import NoNorm
 
 
 class ViT(HATModule):
@@ -53,6 +57,9 @@ class ViT(HATModule):
             convolutions, each but the last gated (no norm) with a ReLU, down to the same tokens
             (``patch_size`` a power of 2), the small-image practice of Xiao et al. 2021 ("Early convolutions
             help transformers see better") [``"patch"``].
+        norm_position: ``"pre"``: ``x ← x + f(LN(x))`` with a final LN before the head, every norm reading the
+            gated stream; ``"post"``: ``x ← a ⊙ LN(x + f(x))`` with f's update not gated before the norm (the
+            blocks' own pre-norms are the identity) and no final LN [``"pre"``].
     """
 
     def __init__(
@@ -71,6 +78,7 @@ class ViT(HATModule):
         in_channels: int = 3,
         s_max: float = 400.0,
         stem: Literal["patch", "conv"] = "patch",
+        norm_position: Literal["pre", "post"] = "pre",
     ) -> None:
         super().__init__()
         for name, value in (("image_size", image_size), ("patch_size", patch_size), ("dim", dim), ("depth", depth),
@@ -82,6 +90,8 @@ class ViT(HATModule):
             raise ValueError(f"patch_size must divide image_size {image_size}, got {patch_size}")
         if stem not in ("patch", "conv"):
             raise ValueError(f"stem must be 'patch' or 'conv', got {stem!r}")
+        if norm_position not in ("pre", "post"):
+            raise ValueError(f"norm_position must be 'pre' or 'post', got {norm_position!r}")
         if stem == "conv" and (patch_size < 2 or patch_size & (patch_size - 1)):
             raise ValueError(f"stem='conv' halves the image once per convolution: patch_size must be a power of 2 "
                              f"≥ 2, got {patch_size}")
@@ -101,13 +111,20 @@ class ViT(HATModule):
             self.stem_norms = nn.ModuleList(NoNorm(w, num_tasks=num_tasks) for w in widths[:-1])
         self.tokens = TokenEmbedding(num_patches, dim)
         self.gate_stream = HATGate(dim, num_tasks=num_tasks, s_max=s_max)
+        self.norm_position = norm_position
+        # post-norm: the blocks read the stream as it is (their pre-norm is the pure gate), the norms follow
+        block_norm = norm_layer if norm_position == "pre" else _identity_norm(num_tasks)
         self.attentions = nn.ModuleList(
-            GatedAttention(dim, heads=heads, dim_head=dim_head, num_tasks=num_tasks, norm_layer=norm_layer, s_max=s_max)
+            GatedAttention(dim, heads=heads, dim_head=dim_head, num_tasks=num_tasks, norm_layer=block_norm,
+                           s_max=s_max)
             for _ in range(depth))
         self.feedforwards = nn.ModuleList(
-            GatedFeedForward(dim, mlp_dim, num_tasks=num_tasks, norm_layer=norm_layer, s_max=s_max)
+            GatedFeedForward(dim, mlp_dim, num_tasks=num_tasks, norm_layer=block_norm, s_max=s_max)
             for _ in range(depth))
-        self.norm = norm_layer(dim)
+        if norm_position == "pre":
+            self.norm = norm_layer(dim)
+        else:  # after each block's attention and MLP
+            self.post_norms = nn.ModuleList(norm_layer(dim) for _ in range(2 * depth))
         self.heads = TaskHeads(dim, num_classes, num_tasks=num_tasks)
         self.num_tasks = self.heads.num_tasks
 
@@ -120,8 +137,15 @@ class ViT(HATModule):
         # checked once here: the gates, norms and heads below take the trusted path
         stream_gate = self.gate_stream(task, s, trusted=True)
         x = self.tokens(self._embed(img, stream_gate, task, s), stream_gate, trusted=True)
-        x = run_blocks(x, stream_gate, self.attentions, self.feedforwards, task, s, trusted=True)
-        return self.heads(self.norm(x, stream_gate, task, trusted=True)[:, 0], task, trusted=True)
+        if self.norm_position == "pre":
+            x = run_blocks(x, stream_gate, self.attentions, self.feedforwards, task, s, trusted=True)
+            return self.heads(self.norm(x, stream_gate, task, trusted=True)[:, 0], task, trusted=True)
+        # every block's update ungated (an all-ones gate for its output), then the norm gates the sum
+        ungated = torch.ones_like(stream_gate)
+        blocks = [block for pair in zip(self.attentions, self.feedforwards, strict=True) for block in pair]
+        for block, norm in zip(blocks, self.post_norms, strict=True):
+            x = norm(x + block(x, ungated, task, s, trusted=True), stream_gate, task, trusted=True)
+        return self.heads(x[:, 0], task, trusted=True)
 
     def _embed(self, img: Tensor, stream_gate: Tensor, task: int, s: float | Tensor | None) -> Tensor:
         """The gated patch embeddings ``[N, n, D]`` (``task`` and ``s`` checked by :meth:`forward`)."""
@@ -143,11 +167,22 @@ class ViT(HATModule):
             layers = [Layer(conv, out=gate, inp=previous)
                       for conv, gate, previous in zip(self.stem_convs, [*gates, stream], [None, *gates], strict=True)]
             layers += [Layer(norm, out=gate) for norm, gate in zip(self.stem_norms, gates, strict=True)]
-        layers += [Layer(self.tokens, out=stream), Layer(self.norm, out=stream)]
+        layers.append(Layer(self.tokens, out=stream))
+        norms = [self.norm] if self.norm_position == "pre" else list(self.post_norms)
+        layers += [Layer(norm, out=stream) for norm in norms]
         return layers + blocks_wiring(stream, self.attentions, self.feedforwards)
 
     def head_units(self) -> MaskSource:
         return self.gate_stream
+
+
+def _identity_norm(num_tasks: int) -> Callable[[int], MaskedNorm]:
+    """The pure gate over the last dim: a post-norm block's input is the stream as it is (already gated)."""
+
+    def norm_layer(num_features: int) -> MaskedNorm:
+        return NoNorm(num_features, num_tasks=num_tasks, dims=None)
+
+    return norm_layer
 
 
 def _vit(num_tasks: int, norm: NormSpec, num_classes: list[int], **options: Any) -> ViT:
@@ -167,6 +202,14 @@ def vit_micro(*, num_tasks: int, norm: NormSpec, num_classes: list[int], **optio
     """32×32 inputs, patch 4, dim 64, depth 4, 4 heads, MLP 128: small enough for CPU tests."""
     return _vit(num_tasks, norm, num_classes, **({"image_size": 32, "patch_size": 4, "dim": 64, "depth": 4,
                                                    "heads": 4, "mlp_dim": 128} | options))
+
+
+@register_architecture("vit_post", family="layer")
+def vit_post(*, num_tasks: int, norm: NormSpec, num_classes: list[int], **options: Any) -> ViT:
+    """``vit_micro`` with post-norm blocks (``norm_position="post"``): each norm reads the ungated residual sum,
+    where a norm whose statistics read every unit can drift."""
+    return _vit(num_tasks, norm, num_classes, **({"image_size": 32, "patch_size": 4, "dim": 64, "depth": 4,
+                                                   "heads": 4, "mlp_dim": 128, "norm_position": "post"} | options))
 
 
 @register_architecture("vit_tiny", family="layer")

@@ -7,6 +7,7 @@ import math
 from typing import TYPE_CHECKING, Any, ClassVar, final
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hatnorm._checks import check_non_negative, check_positive, check_positive_int
@@ -297,3 +298,123 @@ class MaskedChannelLayerNorm(MaskedNorm):
             return ExportedGate(torch.zeros_like(gate), self.channel_dim)
         return ExportedLayerNorm(self.weight.detach()[keep] * gate, self.bias.detach()[keep] * gate, self.eps,
                                  None if bool(selected.all()) else selected, channel_dim=1)
+
+
+class _AllChannelsNormBase(MaskedNorm):
+    """The baselines of the masked channel norms: statistics over every channel, the ones other tasks use (and
+    may change) included, so an earlier task's outputs can drift; γ/β shared (protected like a bias) or one row
+    per task (``per_task_affine``). Output a ⊙ (γ·x̂ + β). Export keeps every channel (the statistics read
+    them all)."""
+
+    layout = "channels_first"
+    ranks = CHANNELS_FIRST_RANKS
+    prunable = False
+    #: γ, β one row per task (``[T, C]``), or shared by all tasks (``[C]``)
+    per_task_affine: ClassVar[bool] = False
+
+    def __init__(self, num_features: int, *, num_tasks: int, eps: float, dims: int | None) -> None:
+        super().__init__(num_features, num_tasks=num_tasks, dims=dims)
+        self.eps = check_positive(eps, "eps")
+        shape = (num_tasks, num_features) if self.per_task_affine else (num_features,)
+        self.weight = nn.Parameter(torch.ones(shape))
+        self.bias = nn.Parameter(torch.zeros(shape))
+
+    def affine(self, task: int) -> tuple[Tensor, Tensor]:
+        """Task ``task``'s γ and β ``[C]``."""
+        if self.per_task_affine:
+            return self.weight[task], self.bias[task]
+        return self.weight, self.bias
+
+
+class _ChannelLayerNormBase(_AllChannelsNormBase):
+    """LayerNorm over the channels of ``[N, C, *]`` at every position, statistics over every channel.
+
+    Args:
+        num_features: number of channels C.
+        num_tasks: number of tasks T.
+        eps: added to the variance [1e-6, as :class:`MaskedChannelLayerNorm`].
+        dims: the input layout: 1 (``[N, C]``, ``[N, C, L]``), 2 (``[N, C, H, W]``) or ``None`` (any) [None].
+    """
+
+    def __init__(self, num_features: int, *, num_tasks: int, eps: float = 1e-6, dims: int | None = None) -> None:
+        super().__init__(num_features, num_tasks=num_tasks, eps=eps, dims=dims)
+
+    def normalize(self, x: Tensor, gate: Tensor, task: int) -> Tensor:
+        weight, bias = self.affine(task)
+        return F.layer_norm(x.movedim(1, -1), (self.num_features,), weight * gate, bias * gate,
+                            self.eps).movedim(-1, 1)
+
+    def export(self, task: int, gate: Tensor, keep: Tensor) -> nn.Module:
+        weight, bias = self.affine(task)
+        return ExportedLayerNorm(weight.detach()[keep] * gate, bias.detach()[keep] * gate, self.eps, channel_dim=1)
+
+
+@final
+class SharedChannelLayerNorm(_ChannelLayerNormBase):
+    """Shared channel LayerNorm baseline over ``[N, C, *]``: a ⊙ LN(x) over every channel at each position,
+    γ/β shared and protected like a bias. Its statistics read channels later tasks may change, so it drifts.
+
+    Args: as :class:`_ChannelLayerNormBase`.
+    """
+
+
+@final
+class TaskChannelLayerNorm(_ChannelLayerNormBase):
+    """Per-task channel LayerNorm over ``[N, C, *]``: a ⊙ LN_t(x) over every channel, task t's own γ_t, β_t.
+    Its statistics read channels later tasks may change, so it drifts too.
+
+    Args: as :class:`_ChannelLayerNormBase`.
+    """
+
+    per_task_affine = True
+
+
+class _GroupNormBase(_AllChannelsNormBase):
+    """GroupNorm over ``[N, C, *]``: per sample and group of C / G channels, statistics over every channel of the
+    group.
+
+    Args:
+        num_features: number of channels C.
+        num_tasks: number of tasks T.
+        num_groups: groups G, dividing C (default: the largest divisor of C that is at most 32).
+        eps: added to the variance [1e-5].
+        dims: the input layout: 1 (``[N, C]``, ``[N, C, L]``), 2 (``[N, C, H, W]``) or ``None`` (any) [None].
+    """
+
+    def __init__(self, num_features: int, *, num_tasks: int, num_groups: int | None = None, eps: float = 1e-5,
+                 dims: int | None = None) -> None:
+        super().__init__(num_features, num_tasks=num_tasks, eps=eps, dims=dims)
+        self.num_groups = _groups(self.num_features, num_groups)
+
+    def normalize(self, x: Tensor, gate: Tensor, task: int) -> Tensor:
+        weight, bias = self.affine(task)
+        return F.group_norm(x, self.num_groups, weight * gate, bias * gate, self.eps)
+
+    def export(self, task: int, gate: Tensor, keep: Tensor) -> nn.Module:
+        weight, bias = self.affine(task)
+        # γ, β folded with the gate, and every channel read (a mask of ones)
+        return ExportedGroupNorm(weight.detach()[keep] * gate, bias.detach()[keep] * gate, torch.ones_like(gate),
+                                 self.num_groups, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, num_groups={self.num_groups}"
+
+
+@final
+class SharedGroupNorm(_GroupNormBase):
+    """Shared GroupNorm baseline over ``[N, C, *]``: a ⊙ GN(x), statistics over every channel of a group,
+    γ/β shared and protected like a bias. Its statistics read channels later tasks may change, so it drifts.
+
+    Args: as :class:`_GroupNormBase`.
+    """
+
+
+@final
+class TaskGroupNorm(_GroupNormBase):
+    """Per-task GroupNorm over ``[N, C, *]``: a ⊙ GN_t(x) over every channel of a group, task t's own γ_t, β_t.
+    Its statistics read channels later tasks may change, so it drifts too.
+
+    Args: as :class:`_GroupNormBase`.
+    """
+
+    per_task_affine = True

@@ -14,7 +14,11 @@ from hatnorm._norm_batch import (
     MaskedGroupNorm,
     PostGateBatchNorm,
     SharedBatchNorm,
+    SharedChannelLayerNorm,
+    SharedGroupNorm,
     TaskBatchNorm,
+    TaskChannelLayerNorm,
+    TaskGroupNorm,
 )
 from hatnorm._norm_contract import check_declarations
 from hatnorm._norm_layer import MaskedLayerNorm, MaskedRMSNorm, SharedLayerNorm, TaskLayerNorm
@@ -149,7 +153,9 @@ def list_norms(family: Family | None = None) -> list[str]:
 
 for _name, _cls in (("masked_bn", MaskedBatchNorm), ("task_bn", TaskBatchNorm), ("shared_bn", SharedBatchNorm),
                     ("post_gate_bn", PostGateBatchNorm), ("masked_gn", MaskedGroupNorm),
-                    ("masked_cln", MaskedChannelLayerNorm), ("masked_ln", MaskedLayerNorm),
+                    ("masked_cln", MaskedChannelLayerNorm), ("shared_gn", SharedGroupNorm), ("task_gn", TaskGroupNorm),
+                    ("shared_cln", SharedChannelLayerNorm), ("task_cln", TaskChannelLayerNorm),
+                    ("masked_ln", MaskedLayerNorm),
                     ("shared_ln", SharedLayerNorm), ("task_ln", TaskLayerNorm), ("masked_rms", MaskedRMSNorm),
                     ("none", NoNorm)):
     register_norm(_name)(_cls)

@@ -13,8 +13,11 @@ OPTIONS = {
     "mlp": ({"in_features": 3 * 32 * 32, "hidden": (64, 32)}, 32),
     "alexnet": ({"width": 0.25, "in_channels": 3}, 32),
     "resnet18": ({"base_width": 8, "in_channels": 3}, 32),
+    "resnet10": ({"base_width": 4, "in_channels": 3}, 32),
+    "resnet34": ({"base_width": 4, "in_channels": 3}, 32),
     "vit": ({"image_size": 16, "patch_size": 4, "dim": 32, "depth": 2, "heads": 2}, 16),
     "vit_micro": ({"depth": 2}, 32),
+    "vit_post": ({"depth": 2, "image_size": 16}, 16),
     "vit_tiny": ({"depth": 1, "image_size": 16}, 16),
     "vit-conv-stem": ({"image_size": 16, "patch_size": 4, "dim": 32, "depth": 2, "heads": 2, "stem": "conv"}, 16),
 }
