@@ -5,6 +5,7 @@
 baselines the masked norms are compared with.
 """
 
+from hatnorm._norm_batch import SharedChannelLayerNorm, SharedGroupNorm, TaskChannelLayerNorm, TaskGroupNorm
 from hatnorm._norms import (
     MaskedBatchNorm,
     MaskedBatchNorm1d,
@@ -42,9 +43,13 @@ __all__ = [
     "SharedBatchNorm",
     "SharedBatchNorm1d",
     "SharedBatchNorm2d",
+    "SharedChannelLayerNorm",
+    "SharedGroupNorm",
     "SharedLayerNorm",
     "TaskBatchNorm",
     "TaskBatchNorm1d",
     "TaskBatchNorm2d",
+    "TaskChannelLayerNorm",
+    "TaskGroupNorm",
     "TaskLayerNorm",
 ]

@@ -110,3 +110,11 @@ def test_every_public_name_is_documented_in_docs_api_and_every_class_and_functio
                                                             for s in NAMESPACES]]
                     for n in names if not own_docstring(getattr(sys.modules[where], n))]
     assert undocumented == []
+
+
+def test_every_built_in_norm_and_policy_class_is_public_in_its_namespace() -> None:
+    norms = {hatnorm.get_norm(n).norm_class for n in hatnorm.list_norms()}
+    policies = {hatnorm.get_policy(n).factory for n in hatnorm.list_policies()}
+    built_in = [c for c in norms | policies if c.__module__.startswith("hatnorm.") and inspect.isclass(c)]
+    public = [getattr(space, n) for space in (hatnorm.norms, hatnorm.policies) for n in space.__all__]
+    assert sorted(c.__name__ for c in built_in if not any(c is p for p in public)) == []
