@@ -16,7 +16,7 @@ from typing import Any
 from rich.console import Console
 
 from hatnorm.data import Task, cifar_sequence, permuted_mnist, rotated_mnist, split_mnist
-from hatnorm.training import OPTIMIZERS, SCHEDULES, TrainConfig
+from hatnorm.training import OPTIMIZERS, SCHEDULES, SHARDINGS, TrainConfig
 
 DATASETS = ("split_mnist", "permuted_mnist", "rotated_mnist", "cifar")
 
@@ -134,6 +134,9 @@ def parser(prog: str, description: str, *, budget: Budget, out: str, data: str =
     p.add_argument("--warmup-epochs", type=non_negative_int, default=argparse.SUPPRESS,
                    help="cosine schedule: epochs of linear warmup (default: 1 for the cosine schedule)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="batch size (≥ 2)")
+    p.add_argument("--sharding", choices=SHARDINGS, default="ddp",
+                   help="under torchrun: ddp (every rank holds the whole model) or fsdp (PyTorch FSDP2: every rank "
+                        "holds a slice of every parameter); no effect in one process")
     p.add_argument("--reference", action="store_true",
                    help="HAT as Serrà et al.'s code runs it rather than the paper: soft cumulative masks, the scale "
                         "annealed over the sample index, every task's embeddings clamped (docs/concepts.md)")
@@ -243,7 +246,7 @@ def config(args: argparse.Namespace, parser_: argparse.ArgumentParser | None = N
         settings["warmup_epochs"] = min(settings["warmup_epochs"], settings["epochs"] - 1) if cosine else 0
     try:
         return TrainConfig(batch_size=args.batch_size, momentum=args.momentum, optimizer=args.optimizer,
-                           seed=args.seeds[0], **settings)
+                           seed=args.seeds[0], sharding=args.sharding, **settings)
     except ValueError as error:
         if parser_ is None:
             raise
@@ -251,9 +254,10 @@ def config(args: argparse.Namespace, parser_: argparse.ArgumentParser | None = N
 
 
 #: options that change no number of a run: where its files go, how it is driven, which seeds it covers (a merge
-#: joins seeds), and the CIFAR folder, whose files are verified against the published checksums (with
-#: ``--unverified-data`` the folder is recorded too)
-UNRECORDED = frozenset({"out", "resume", "checkpoint_every", "seeds", "command", "budget", "data_root"})
+#: joins seeds), the CIFAR folder, whose files are verified against the published checksums (with
+#: ``--unverified-data`` the folder is recorded too), and how ranks share the model under torchrun (DDP or
+#: FSDP2: the same run up to the order of a sum, as the number of ranks, which is not recorded either)
+UNRECORDED = frozenset({"out", "resume", "checkpoint_every", "seeds", "command", "budget", "data_root", "sharding"})
 
 
 def recorded_options(args: argparse.Namespace) -> dict[str, Any]:

@@ -41,8 +41,9 @@ from hatnorm._gate import HATGate, anneal_scale, compensation_factor, hat_gate
 from hatnorm._heads import TaskHeads
 from hatnorm._masks import MaskSource, MaskState
 from hatnorm._norms import MaskedNorm
-from hatnorm._policies import GradientPolicy, get_policy
+from hatnorm._policies import GradientPolicy, create_policy
 from hatnorm._protected import Protected
+from hatnorm._shards import gathered, is_sharded, local, local_part, reshard, whole
 from hatnorm._step_policy import StepPolicy, Wiring
 
 
@@ -56,8 +57,8 @@ class Layer:
             :class:`~hatnorm.Protected` module (which reports its own multipliers).
         out: the units of the module's output: the gate that follows it.
         inp: the units of a weighted layer's input: the gate before it, or a
-            :class:`~hatnorm.Residual`, :class:`~hatnorm.Flatten` or :class:`~hatnorm.Concat` of gates;
-            ``None`` when the input is data (only the output side protects the layer). Unused for
+            :class:`~hatnorm.blocks.Residual`, :class:`~hatnorm.blocks.Flatten` or :class:`~hatnorm.blocks.Concat` of
+            gates; ``None`` when the input is data (only the output side protects the layer). Unused for
             norms and other :class:`~hatnorm.Protected` modules.
     """
 
@@ -97,7 +98,7 @@ def _weight_rate(policy: GradientPolicy, weight: Tensor, out: MaskState, inp: Ma
             summative=inp.summative.view(groups, -1).repeat_interleave(per_group, 0),
         )
     rate = policy.weight_rate(out, inp)
-    return rate.reshape(*rate.shape, *([1] * (weight.dim() - 2))).expand_as(weight)
+    return rate.reshape(*rate.shape, *([1] * (weight.dim() - 2))).expand(weight.shape)
 
 
 def _moves_only_by_gradient(optimizer: torch.optim.Optimizer) -> bool:
@@ -120,12 +121,14 @@ class HAT:
     Args:
         model: the network; its forward takes ``task=`` and, while training, ``s=``. A
             ``DistributedDataParallel`` wrapper is unwrapped: HAT works on (and ``HAT.model`` is) the
-            inner module, whose gradients DDP has already averaged when :meth:`protect` runs.
+            inner module, whose gradients DDP has already averaged when :meth:`protect` runs. A model
+            sharded with FSDP2 (:func:`hatnorm.distributed.fully_shard`, before this call) is protected
+            on each rank's shards (docs/reliability.md, "FSDP2").
         layers: the wiring of every weighted layer and norm; omitted when ``model`` is a
             :class:`HATModule`.
         c: the capacity-regulariser weight [0.75].
         policy: a registered gradient-policy name (``"hat"``, ``"adahat"``, ``"fg_adahat"``) or a
-            :class:`GradientPolicy` [``"hat"``]. A :class:`~hatnorm.StepPolicy` (FG-AdaHAT, AdaHAT's reference
+            :class:`GradientPolicy` [``"hat"``]. A :class:`~hatnorm.policies.StepPolicy` (FG-AdaHAT, AdaHAT's reference
             form) adjusts gradients at every :meth:`protect` and reads every :meth:`step`; it serves one HAT.
         clamp: embeddings are clamped to [−clamp, clamp] after every step [6].
         thres_cosh: the clamp of s·e in the compensation [50].
@@ -154,18 +157,19 @@ class HAT:
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if isinstance(model, nn.parallel.DistributedDataParallel):
             model = model.module
+        reshard(model)  # a model sharded with fully_shard: its sharded parameters, the ones the optimizer steps
         if layers is None:
             if not isinstance(model, HATModule):
                 raise ValueError("layers must be given unless model is a HATModule (which lists its own), "
                                  f"got layers=None for a {type(model).__name__}")
             layers = model.hat_layers()
         if not isinstance(layers, Sequence) or isinstance(layers, str):
-            raise TypeError(f"layers must be a sequence of hatnorm.Layer, got {type(layers).__name__}")
+            raise TypeError(f"layers must be a sequence of hatnorm.blocks.Layer, got {type(layers).__name__}")
         self.c = check_non_negative(c, "c")
         self.clamp = check_positive(clamp, "clamp")
         self.thres_cosh = check_positive(thres_cosh, "thres_cosh")
         if isinstance(policy, str):
-            policy = get_policy(policy)
+            policy = create_policy(policy)
         elif not isinstance(policy, GradientPolicy):
             raise TypeError(f"policy must be a registered policy name or a GradientPolicy, got {policy!r}")
         self.policy = policy
@@ -206,7 +210,7 @@ class HAT:
     def _check_layer(self, i: int, layer: Layer) -> Layer:
         where = f"layers[{i}]"
         if not isinstance(layer, Layer):
-            raise TypeError(f"{where} must be a hatnorm.Layer, got {type(layer).__name__}")
+            raise TypeError(f"{where} must be a hatnorm.blocks.Layer, got {type(layer).__name__}")
         module, out, inp = layer.module, layer.out, layer.inp
         if not any(m is module for m in self.model.modules()):
             raise ValueError(f"{where}.module must be a submodule of model, got a {type(module).__name__} "
@@ -269,7 +273,7 @@ class HAT:
         loose = [n for n, p in self.model.named_parameters() if p.requires_grad and id(p) not in covered]
         if loose:
             raise ValueError(f"model: trainable parameters neither protected by a mask nor owned by one task: "
-                             f"{loose}; wire their modules in layers (hatnorm.Layer) or freeze them")
+                             f"{loose}; wire their modules in layers (hatnorm.blocks.Layer) or freeze them")
 
     def _reset_task_state(self) -> None:
         # parameters with multipliers other than 0 and 1, and theirs
@@ -284,6 +288,7 @@ class HAT:
         self._free: list[Tensor] = []
         self._free_total = 1.0
         self._free_flat: Tensor | None = None
+        self._rows: list[Tensor | None] = []
         # each gate's masks as begin_task read them: (version, values) of cumulative, then of summative
         self._masks: list[tuple[int, Tensor, int, Tensor]] = []
 
@@ -300,14 +305,20 @@ class HAT:
         if task in self.learned_tasks:
             raise ValueError(f"task must be a task not learned yet, got {task}; learned: {self.learned_tasks}")
         merged: dict[int, tuple[nn.Parameter, Tensor]] = {}
-        with torch.no_grad():
+        # a model sharded with fully_shard computes its multipliers over its whole parameters; they are then cut to
+        # the local shards of the sharded parameters of the same names, which the optimizer steps
+        with gathered(self.model), torch.no_grad():
+            names = {id(p): n for n, p in self.model.named_parameters(remove_duplicate=False)}
             for p, mult in self._multipliers(task):
-                mult = mult.to(device=p.device, dtype=p.dtype).expand_as(p)
+                mult = mult.to(device=p.device, dtype=p.dtype).expand(p.shape)
                 if id(p) in merged:  # a module used twice keeps the stricter multiplier
                     mult = torch.minimum(merged[id(p)][1], mult)
                 merged[id(p)] = (p, mult.contiguous())
+        params = dict(self.model.named_parameters(remove_duplicate=False))
         self._reset_task_state()
-        for p, mult in merged.values():
+        for key, (_, mult) in merged.items():
+            p = params[names[key]]
+            mult = local_part(mult, p)  # a parameter sharded by FSDP2: the entries of its local shard
             if bool((mult == 1).all()):
                 continue
             drop = mult == 0
@@ -327,11 +338,19 @@ class HAT:
         # gates of one device and dtype are computed as one tensor (a few ops per step instead of a few per gate)
         together = len({(g.embedding.device, g.embedding.dtype) for g in self.gates}) == 1
         self._free_flat = torch.cat(self._free) if together else None
+        # the entries of a sharded embedding's local shard that are the task's row
+        own = torch.zeros(self.num_tasks, 1, dtype=torch.bool)
+        own[task] = True
+        self._rows = [local_part(own.to(g.embedding.device), g.embedding) if is_sharded(g.embedding) else None
+                      for g in self.gates]
         self._masks = [(g.cumulative._version, g.cumulative.clone(), g.summative._version, g.summative.clone())
                        for g in self.gates]
         self.task = task
         if isinstance(self.policy, StepPolicy):
-            self.policy.begin_task(task, len(self.learned_tasks) + 1)
+            with gathered(self.model):
+                names = {id(p): n for n, p in self.model.named_parameters(remove_duplicate=False)}
+                self.policy.begin_task(task, len(self.learned_tasks) + 1)
+            self.policy.shard({key: params[name] for key, name in names.items()})
 
     def _active(self, what: str) -> int:
         if self.task is None:
@@ -349,10 +368,10 @@ class HAT:
         s = check_scale(s)
         floors = {g.floor for g in self.gates}
         if self._free_flat is not None and len(floors) == 1:
-            used = (hat_gate(torch.cat([g.embedding[task] for g in self.gates]), s, floors.pop()) *
+            used = (hat_gate(torch.cat([whole(g.embedding)[task] for g in self.gates]), s, floors.pop()) *
                     self._free_flat).sum()
         else:
-            gates = (hat_gate(g.embedding[task], s, g.floor) for g in self.gates)
+            gates = (hat_gate(whole(g.embedding)[task], s, g.floor) for g in self.gates)
             used = sum((a * free).sum() for a, free in zip(gates, self._free, strict=True))
         return used / self._free_total
 
@@ -381,7 +400,12 @@ class HAT:
         task = self._active("protect")
         s = check_scale(s)
         self._check_masks_unchanged(task)
-        gates = [g for g in self.gates if g.embedding.grad is not None]
+        gates = [g for g in self.gates if g.embedding.grad is not None and not is_sharded(g.embedding)]
+        for g, rows in zip(self.gates, self._rows, strict=True):
+            if rows is not None and g.embedding.grad is not None:  # sharded: the task's entries of the local shard
+                e = local(g.embedding)
+                local(g.embedding.grad).mul_(torch.where(
+                    rows, compensation_factor(e, s, self.s_max, self.thres_cosh), torch.ones((), dtype=e.dtype)))
         if gates and self._free_flat is not None:
             factor = compensation_factor(torch.cat([g.embedding[task] for g in gates]), s, self.s_max, self.thres_cosh)
             torch._foreach_mul_([g.embedding.grad[task] for g in gates],
@@ -389,14 +413,14 @@ class HAT:
         else:
             for g in gates:
                 g.embedding.grad[task] *= compensation_factor(g.embedding[task], s, self.s_max, self.thres_cosh)
-        pairs = [(p.grad, m) for p, m in zip(self._params, self._mults, strict=True) if p.grad is not None]
+        pairs = [(local(p.grad), m) for p, m in zip(self._params, self._mults, strict=True) if p.grad is not None]
         if pairs:
             grads, mults = map(list, zip(*pairs, strict=True))
             torch._foreach_mul_(grads, mults)
         for i in self._filled:
             grad = self._frozen[i].grad
             if grad is not None:
-                grad.masked_fill_(self._drop[i], 0)
+                local(grad).masked_fill_(self._drop[i], 0)
         if isinstance(self.policy, StepPolicy):
             self.policy.adjust(s)
 
@@ -484,8 +508,8 @@ class HAT:
         self._restore = bool(self._frozen) and not _moves_only_by_gradient(optimizer)
         if self._restore:
             if not self._snapshots:
-                self._snapshots = [torch.empty_like(p) for p in self._frozen]
-            torch._foreach_copy_(self._snapshots, [p.detach() for p in self._frozen])
+                self._snapshots = [torch.empty_like(local(p)) for p in self._frozen]
+            torch._foreach_copy_(self._snapshots, [local(p).detach() for p in self._frozen])
 
     @torch.no_grad()
     def _after_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -493,11 +517,19 @@ class HAT:
         task = self._active("optimizer.step() on an optimizer attached to HAT")
         if self._restore:
             for p, drop, before in zip(self._frozen, self._drop, self._snapshots, strict=True):
-                p.copy_(torch.where(drop, before, p))
+                shard = local(p)
+                shard.copy_(torch.where(drop, before, shard))
         # Serrà et al.'s code clamps every task's embedding
-        rows = [g.embedding if self.reference else g.embedding[task] for g in self.gates]
-        torch._foreach_clamp_min_(rows, -self.clamp)
-        torch._foreach_clamp_max_(rows, self.clamp)
+        plain = [g.embedding if self.reference else g.embedding[task]
+                 for g, rows in zip(self.gates, self._rows, strict=True) if rows is None]
+        if plain:
+            torch._foreach_clamp_min_(plain, -self.clamp)
+            torch._foreach_clamp_max_(plain, self.clamp)
+        for g, rows in zip(self.gates, self._rows, strict=True):
+            if rows is not None:  # sharded: the task's entries of the local shard (every entry with reference=True)
+                e = local(g.embedding)
+                e.copy_(e.clamp(-self.clamp, self.clamp) if self.reference else
+                        torch.where(rows, e.clamp(-self.clamp, self.clamp), e))
         if isinstance(self.policy, StepPolicy):
             self.policy.after_step()
 
@@ -505,27 +537,31 @@ class HAT:
         """Finish the active task: fold its masks into every gate's cumulative mask (binarized by default)
         and run the norms' end-of-task hooks."""
         task = self._active("end_task")
-        for g in self.gates:
-            g.consolidate(task)
+        # a model sharded with fully_shard: the masks (and a step policy's per-unit state) read whole embeddings
+        with gathered(self.model):
+            for g in self.gates:
+                g.consolidate(task)
+            if isinstance(self.policy, StepPolicy):
+                self.policy.end_task(task)
         for layer in self.layers:
             if isinstance(layer.module, MaskedNorm):
                 layer.module.end_task(task)
-        if isinstance(self.policy, StepPolicy):
-            self.policy.end_task(task)
         self.learned_tasks.append(task)
         self.task = None
         self._reset_task_state()
 
     def gradient_multipliers(self) -> dict[str, Tensor]:
         """The multipliers of the active task by parameter name; parameters left out keep their raw gradient, except
-        those a :class:`~hatnorm.StepPolicy` governs, whose rates change every step (``hat.policy.rates(s)``)."""
+        those a :class:`~hatnorm.policies.StepPolicy` governs, whose rates change every step
+        (``hat.policy.rates(s)``). For a parameter sharded by ``fully_shard``, the multipliers of this rank's
+        local shard."""
         self._active("gradient_multipliers")
         filled = {self._names[id(self._frozen[i])]: (~self._drop[i]).to(self._frozen[i].dtype) for i in self._filled}
         return {self._names[id(p)]: m for p, m in zip(self._params, self._mults, strict=True)} | filled
 
     def state_dict(self) -> dict[str, Any]:
         """What the model's own ``state_dict`` leaves out: the learned tasks and the active task (or ``None``), and
-        a :class:`~hatnorm.StepPolicy`'s state under ``"policy"``."""
+        a :class:`~hatnorm.policies.StepPolicy`'s state under ``"policy"``."""
         state: dict[str, Any] = {"learned_tasks": list(self.learned_tasks), "task": self.task}
         if isinstance(self.policy, StepPolicy):
             state["policy"] = self.policy.state_dict()

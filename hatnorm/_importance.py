@@ -21,6 +21,7 @@ from hatnorm._gate import HATGate
 from hatnorm._heads import TaskHeads
 from hatnorm._masks import MaskSource
 from hatnorm._protected import Protected
+from hatnorm._shards import whole
 from hatnorm._unit_maps import scatter
 
 #: the quantities a type reads: per-unit sums over input weights (``in_*``) or output weights (``out_*``) of
@@ -58,9 +59,9 @@ TYPES: dict[str, tuple[tuple[str, ...], Callable[[Quantities], Tensor]]] = {
 
 #: what an ``in_*``/``out_*`` quantity reads of a weight
 _READS: dict[str, Callable[[nn.Parameter], Tensor | None]] = {
-    "abs": lambda w: w.detach().abs(),
-    "grad_abs": lambda w: None if w.grad is None else w.grad.abs(),
-    "grad_square": lambda w: None if w.grad is None else w.grad.square(),
+    "abs": lambda w: whole(w).detach().abs(),
+    "grad_abs": lambda w: None if w.grad is None else whole(w.grad).abs(),
+    "grad_square": lambda w: None if w.grad is None else whole(w.grad).square(),
 }
 
 

@@ -1,9 +1,9 @@
 """AdaHAT as its authors' code runs it, and FG-AdaHAT: soft protection with per-step network sparsity.
 
-Both keep a = α/(c_l·Î + α) of every governed gradient entry (:class:`hatnorm.SoftRatePolicy`). AdaHAT's Î is
+Both keep a = α/(c_l·Î + α) of every governed gradient entry (:class:`hatnorm.policies.SoftRatePolicy`). AdaHAT's Î is
 the number of earlier tasks that used the entry (the summative mask, min over its two units) and
 c_l = ε + R_l. FG-AdaHAT's Î is a learned importance: every step, every gate unit gets an importance (weights,
-gradients, activations: :data:`hatnorm.IMPORTANCE_TYPES`), min–max normalised over the gate and multiplied by
+gradients, activations: :data:`hatnorm.policies.IMPORTANCE_TYPES`), min–max normalised over the gate and multiplied by
 the step's soft gate; a task's importance is the mean over its steps plus b_I; the importances of the learned
 tasks are summed by a strategy, and c_l follows a scheduler. See docs/concepts.md, "Gradient policies", for
 every difference from the reference code (CLArena).
@@ -22,6 +22,7 @@ from hatnorm._checks import check_non_negative, check_positive
 from hatnorm._gate import HATGate, hat_gate
 from hatnorm._importance import TYPES, UnitImportance, normalize
 from hatnorm._policies import AdaHATPolicy, GradientPolicy, register_policy
+from hatnorm._shards import whole
 from hatnorm._step_policy import Factor, SoftRatePolicy, Wiring
 
 ADAHAT_MODES = ("adahat", "adahat_no_sum", "adahat_no_reg")
@@ -62,8 +63,9 @@ class AdaHATReferencePolicy(SoftRatePolicy):
 @register_policy("adahat")
 def adahat(alpha: float | None = None, epsilon: float = 0.1, *, reference: bool = False, mode: str = "adahat",
            norms: bool = True) -> GradientPolicy:
-    """AdaHAT: hatnorm's task-start form (:class:`hatnorm.AdaHATPolicy`, α = 0.1), or with ``reference=True`` the
-    form of the authors' code (:class:`hatnorm.AdaHATReferencePolicy`, α = 1e-6, per-step sparsity, ``mode``).
+    """AdaHAT: hatnorm's task-start form (:class:`hatnorm.policies.AdaHATPolicy`, α = 0.1), or with
+    ``reference=True`` the form of the authors' code (:class:`hatnorm.policies.AdaHATReferencePolicy`, α = 1e-6,
+    per-step sparsity, ``mode``).
 
     Args:
         alpha: α [0.1; 1e-6 with ``reference=True``].
@@ -130,8 +132,8 @@ class FGAdaHATPolicy(SoftRatePolicy):
 
     Args:
         alpha: α [1.5e-7].
-        importance: the per-step importance type, a key of :data:`hatnorm.IMPORTANCE_TYPES`, or of
-            :data:`hatnorm.ATTRIBUTION_TYPES` (computed with Captum, the ``captum`` extra)
+        importance: the per-step importance type, a key of :data:`hatnorm.policies.IMPORTANCE_TYPES`, or of
+            :data:`hatnorm.policies.ATTRIBUTION_TYPES` (computed with Captum, the ``captum`` extra)
             [``"input_weight_gradient_abs_sum"``].
         summing: how the importances of the learned tasks are summed: ``add_latest``, ``add_all``,
             ``add_average`` or a ``*_decrease`` strategy [``"add_all"``].
@@ -220,7 +222,8 @@ class FGAdaHATPolicy(SoftRatePolicy):
     def wire(self, wiring: Wiring) -> None:
         super().wire(wiring)
         if not self.summed:
-            self.summed = [torch.zeros_like(g.embedding[0].detach()) for g in wiring.gates]
+            self.summed = [torch.zeros(g.num_features, dtype=g.embedding.dtype, device=g.embedding.device)
+                           for g in wiring.gates]
         self._units = (AttributionImportance(self.importance, wiring.model, wiring.layers, wiring.gates)
                        if self.importance in ATTRIBUTIONS
                        else UnitImportance(self.importance, wiring.layers, wiring.gates, wiring.heads))
@@ -252,7 +255,7 @@ class FGAdaHATPolicy(SoftRatePolicy):
     def soft_gates(self, s: float | Tensor) -> list[Tensor]:
         """This step's soft gate σ(s·e) of every gate, for the active task."""
         with torch.no_grad():
-            return [hat_gate(g.embedding[self.task], s, g.floor) for g in self.wiring.gates]
+            return [hat_gate(whole(g.embedding)[self.task], s, g.floor) for g in self.wiring.gates]
 
     def adjust(self, s: float | Tensor) -> None:
         super().adjust(s)

@@ -31,6 +31,7 @@ from hatnorm._masks import MaskSource, MaskState
 from hatnorm._norms import MaskedNorm
 from hatnorm._policies import GradientPolicy
 from hatnorm._protected import Protected
+from hatnorm._shards import local, local_part, whole
 from hatnorm._unit_maps import gates_of, gather
 
 #: how the importances of a weight's output unit i and input unit j combine into the weight's
@@ -51,7 +52,7 @@ class Wiring:
 
     Attributes:
         model: the protected model.
-        layers: every wired module with the mask sources of its output and input units (as ``hatnorm.Layer``).
+        layers: every wired module with the mask sources of its output and input units (as ``hatnorm.blocks.Layer``).
         gates: every gate of the model, in module order.
         heads: the task heads whose input units the model names (``HATModule.head_units``), with those units.
     """
@@ -99,16 +100,27 @@ class StepPolicy(GradientPolicy):
             position: the task's place in the sequence, 1 for the first task trained.
         """
 
+    def shard(self, params: dict[int, nn.Parameter]) -> None:
+        """Point the state :meth:`begin_task` built at the parameters the optimizer steps (called by
+        ``HAT.begin_task``).
+
+        Under ``fully_shard``, :meth:`begin_task` runs with the model's parameters gathered whole; ``params`` maps
+        the ``id`` of each whole parameter to the sharded parameter of the same name (to itself in a model nobody
+        sharded). A policy that keeps per-entry state cuts it to the local shard (``hatnorm._shards.local_part``);
+        one that keeps none does nothing, the default.
+        """
+
     @abstractmethod
     def rates(self, s: float | Tensor) -> dict[nn.Parameter, Tensor]:
-        """The rate of every governed parameter at this step's scale ``s``, each broadcastable to the parameter."""
+        """The rate of every governed parameter at this step's scale ``s``, each broadcastable to the parameter
+        (to its local shard for a parameter sharded by ``fully_shard``)."""
 
     @torch.no_grad()
     def adjust(self, s: float | Tensor) -> None:
         """Multiply the gradients of the governed parameters by their rates (called by ``HAT.protect``)."""
         for p, rate in self.rates(s).items():
             if p.grad is not None:
-                p.grad.mul_(rate)
+                local(p.grad).mul_(rate)
 
     def after_step(self) -> None:
         """Called by ``HAT.step`` after ``optimizer.step()``."""
@@ -216,6 +228,11 @@ class SoftRatePolicy(StepPolicy):
             self._entries = entries
             self._free_units = {e.layer: float(sum(self._free[i].sum() for i in e.layer)) for e in entries}
 
+    def shard(self, params: dict[int, nn.Parameter]) -> None:
+        with torch.no_grad():
+            self._entries = [_Entry(params[id(e.param)], local_part(e.importance, params[id(e.param)]), e.layer)
+                             for e in self._entries]
+
     def _layer_importance(self, module: nn.Module, out: MaskSource, inp: MaskSource | None,
                           factors: list[Factor]) -> list[tuple[nn.Parameter, Tensor]]:
         outs = [gather(out, values) + offset for values, _, offset in factors]
@@ -249,7 +266,7 @@ class SoftRatePolicy(StepPolicy):
         s = check_scale(s)
         gates = self.wiring.gates
         with torch.no_grad():
-            used = [(hat_gate(g.embedding[self.task], s, g.floor) * free).sum() for g, free in zip(
+            used = [(hat_gate(whole(g.embedding)[self.task], s, g.floor) * free).sum() for g, free in zip(
                 gates, self._free, strict=True)]
         found = {}
         for layer, free in self._free_units.items():

@@ -49,6 +49,8 @@ from safetensors.torch import load as deserialize
 from safetensors.torch import save as serialize
 from torch import Tensor, nn
 
+from hatnorm._shards import whole_state
+
 FORMAT = "hatnorm-checkpoint"
 VERSION = 3  # 2: the index records the tensor file's SHA-256; 3: and its own
 #: the commit point of a checkpoint folder
@@ -267,9 +269,10 @@ def state_sha256(model: nn.Module) -> str:
     """The SHA-256 of ``model``'s state (every entry's name, dtype, shape and values), as hex.
 
     In a run's identity it records the weights the run started from: pretrained weights from another
-    file, or another initialisation, give another digest.
+    file, or another initialisation, give another digest. A model sharded by FSDP2 is gathered whole first
+    (a collective: every rank calls it).
     """
-    return _sha256(model.state_dict())
+    return _sha256(whole_state(model.state_dict()))
 
 
 def _sha256(tensors: Mapping[str, Tensor]) -> str:

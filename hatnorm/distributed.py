@@ -1,4 +1,5 @@
-"""Multi-process training under ``torchrun``: batch statistics synchronised across ranks, and DDP set up for HAT.
+"""Multi-process training under ``torchrun``: batch statistics synchronised across ranks, and DDP or FSDP2 set up
+for HAT.
 
 Each rank runs the same script on its share of every batch::
 
@@ -14,11 +15,32 @@ multiplies the averaged gradients and :meth:`hatnorm.HAT.step` restores frozen e
 every rank, so the ranks stay in step without further communication. Loops that cannot use DDP call
 :func:`average_gradients` after ``backward`` instead (as :mod:`hatnorm.training` does). Everything here
 does nothing in a single process.
+
+Sharded data parallelism (PyTorch FSDP2) instead of DDP: :func:`fully_shard` in place of :func:`wrap`, the rest
+of the loop unchanged::
+
+    model = hatnorm.distributed.fully_shard(model)  # convert_sync + torch.distributed.fsdp.fully_shard
+    hat = hatnorm.HAT(model)                        # multipliers cut to each rank's shards
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ...
+    out = model(hatnorm.distributed.shard(x), task=task, s=s)
+
+Each rank then holds a slice of every parameter (dim 0, as ``torch.chunk`` cuts it) and of its gradient,
+which FSDP2 averages over the ranks during ``backward``. :class:`hatnorm.HAT` computes its multipliers over
+whole parameters from masks every rank holds whole, keeps the slice of its rank, and multiplies, restores
+and clamps the local shards alone: HAT adds no communication to a step. :func:`save_sharded` and
+:func:`load_sharded` checkpoint such a run with ``torch.distributed.checkpoint``, HAT's state included.
 """
 
 from __future__ import annotations
 
 import inspect
+import io
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -26,10 +48,13 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from hatnorm._hat import HAT
 from hatnorm._norms import MaskedNorm
+from hatnorm._shards import is_sharded
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
+    from torch.distributed.device_mesh import DeviceMesh
 
 # No buffer broadcast before every forward: synchronised norms keep their statistics equal on every rank.
 # torch ≥ 2.15 calls this forward_sync_buffers=False (buffers are still made equal once, at wrapping);
@@ -126,6 +151,151 @@ def wrap(model: nn.Module, process_group: ProcessGroup | None = None, **ddp_opti
     return DistributedDataParallel(model, process_group=process_group, **options)
 
 
+def fully_shard(model: nn.Module, mesh: DeviceMesh | None = None, *, units: Sequence[nn.Module] = (),
+                **fsdp_options: Any) -> nn.Module:
+    """:func:`convert_sync` the model and shard it with PyTorch FSDP2 (``torch.distributed.fsdp.fully_shard``).
+
+    Every parameter of ``model`` becomes a ``DTensor`` of which each rank holds one slice; gradients are
+    averaged over the ranks during ``backward``, as DDP does. Each module of ``units`` is sharded on its own
+    first (its parameters are gathered only around its forward: transformer blocks, say); ``model`` takes
+    every other parameter, the gates' embeddings included unless a unit holds them. Every module, the
+    root included, gives its gathered parameters back after its forward (``reshard_after_forward=True``; FSDP2
+    keeps the root's gathered by default), so outside a forward the model's parameters are always the
+    sharded ones: build :class:`hatnorm.HAT` and the optimizer after this call, at any time.
+    ``torch.distributed.fsdp`` is imported here, on first use. A single process gets ``model`` back unchanged.
+
+    Args:
+        model: the HAT model, already on its device; sharded in place.
+        mesh: the 1-D device mesh to shard over; ``None``: every rank, on the device type of ``model``'s
+            parameters (``init_device_mesh("cpu", (world,))`` on the CPU, with gloo).
+        units: submodules of ``model`` to shard on their own, innermost first.
+        **fsdp_options: further ``fully_shard`` arguments (``reshard_after_forward``, ``mp_policy``, ...).
+
+    Returns:
+        ``model``, now also a ``torch.distributed.fsdp.FSDPModule``.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``, or ``units`` is not a sequence of its submodules.
+        ValueError: ``mesh`` is not 1-D.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(units, Sequence) or not all(isinstance(u, nn.Module) for u in units):
+        raise TypeError(f"units must be a sequence of submodules of model, got {units!r}")
+    if any(not any(u is m for m in model.modules()) or u is model for u in units):
+        raise TypeError("units must be a sequence of submodules of model (model itself excluded), got a module "
+                        "that is not one")
+    if mesh is not None and mesh.ndim != 1:
+        raise ValueError(f"mesh must be a 1-D device mesh, got one of shape {tuple(mesh.shape)}")
+    group = None if mesh is None else mesh.get_group()
+    if not is_distributed(group):
+        return model
+    # seconds to import: on first use
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard as shard_module
+
+    convert_sync(model, group)
+    if mesh is None:
+        device = next(model.parameters()).device
+        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    # the root too gives its parameters back after every forward (FSDP2 keeps a root's gathered by default): the
+    # model's parameters outside a forward are then always the sharded ones, which the optimizer must step
+    options = {"reshard_after_forward": True} | fsdp_options
+    for unit in units:
+        shard_module(unit, mesh=mesh, **options)
+    shard_module(model, mesh=mesh, **options)
+    return model
+
+
+def save_sharded(directory: str | os.PathLike[str], model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                 hat: HAT | None = None) -> None:
+    """Checkpoint a run with ``torch.distributed.checkpoint``: each rank writes its shards, once, in parallel.
+
+    Every rank calls it. The folder receives the model's state (parameters, the gates' masks, the norms'
+    statistics), the optimizer's (its moments, sharded as the parameters are) and ``hat.state_dict()`` (the
+    learned tasks, the active task, a step policy's per-unit state). :func:`load_sharded` reads it back,
+    on the same number of ranks or another (torch.distributed.checkpoint reshards on load). A model
+    nobody sharded is saved the same way, by one process.
+
+    Args:
+        directory: the checkpoint folder (created if missing; a checkpoint already there is overwritten).
+        model: the model, sharded by :func:`fully_shard` or not.
+        optimizer: the optimizer of ``model``'s parameters, or ``None``.
+        hat: the :class:`hatnorm.HAT` training ``model``, or ``None``.
+    """
+    import torch.distributed.checkpoint as dcp  # seconds to import: on first use
+
+    with _single_process_quietly():
+        dcp.save(_checkpoint_state(model, optimizer, hat), checkpoint_id=os.fspath(directory), no_dist=_one_process())
+
+
+def load_sharded(directory: str | os.PathLike[str], model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                 hat: HAT | None = None) -> None:
+    """Resume what :func:`save_sharded` wrote: the model's state, then the optimizer's, then HAT's.
+
+    Every rank calls it, with the model sharded as it will train (:func:`fully_shard`), the optimizer
+    built over its parameters, and ``hat`` built over it: training then goes on as if never interrupted
+    (an active task is begun again from the loaded masks, see :meth:`hatnorm.HAT.load_state_dict`).
+
+    Args:
+        directory: the folder :func:`save_sharded` wrote.
+        model: the model to load into, sharded as when saved or otherwise.
+        optimizer: the optimizer to load into; ``None`` when none was saved or none is wanted.
+        hat: the :class:`hatnorm.HAT` to load into; ``None`` when none was saved or none is wanted.
+
+    Raises:
+        FileNotFoundError: ``directory`` holds no checkpoint.
+    """
+    import torch.distributed.checkpoint as dcp  # seconds to import: on first use
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    if not (Path(directory) / ".metadata").is_file():
+        raise FileNotFoundError(f"directory must be a folder save_sharded wrote, got {os.fspath(directory)!r}, "
+                                "which holds no .metadata")
+    state = _checkpoint_state(model, optimizer, hat)
+    optimizer_state = state.pop("optimizer", None)
+    with _single_process_quietly():
+        dcp.load(state, checkpoint_id=os.fspath(directory), no_dist=_one_process())
+        set_model_state_dict(model, state["model"])
+        if optimizer is not None:
+            # an optimizer keeps no state for a parameter it never stepped (another task's head): the fresh
+            # optimizer's template holds every parameter, the checkpoint those it had stepped
+            dcp.load({"optimizer": optimizer_state}, checkpoint_id=os.fspath(directory), no_dist=_one_process(),
+                     planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
+            set_optimizer_state_dict(model, optimizer, optimizer_state)
+    if hat is not None:
+        hat.load_state_dict(torch.load(io.BytesIO(state["hat"]), weights_only=True))
+
+
+@contextmanager
+def _single_process_quietly() -> Iterator[None]:
+    """torch.distributed.checkpoint warns that it works in one process when no process group is initialised,
+    which :func:`save_sharded` and :func:`load_sharded` mean to do then; its other warnings stay."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def _one_process() -> bool:
+    """Whether torch.distributed.checkpoint works in this process alone: no process group is initialised."""
+    return not (dist.is_available() and dist.is_initialized())
+
+
+def _checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, hat: HAT | None) -> dict[str, Any]:
+    """What :func:`save_sharded` writes and :func:`load_sharded` fills in: HAT's state as the bytes of one
+    ``torch.save`` (its lists grow with the tasks learned, so they cannot serve as the template of a load)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    state: dict[str, Any] = {"model": get_model_state_dict(model)}
+    if optimizer is not None:
+        state["optimizer"] = get_optimizer_state_dict(model, optimizer)
+    if hat is not None:
+        buffer = io.BytesIO()
+        torch.save(hat.state_dict(), buffer)
+        state["hat"] = buffer.getvalue()
+    return state
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The module inside a ``DistributedDataParallel`` wrapper, or ``model`` itself."""
     if not isinstance(model, nn.Module):
@@ -187,14 +357,15 @@ def average_gradients(model: nn.Module, process_group: ProcessGroup | None = Non
 
     For loops that do not wrap the model in ``DistributedDataParallel`` (such as
     :func:`hatnorm.training.train_sequence`, whose joint training runs several forwards per step). Call
-    it after ``backward`` and before :meth:`hatnorm.HAT.protect`. Parameters without a gradient are left
+    it after ``backward`` and before :meth:`hatnorm.HAT.protect`. Parameters without a gradient, and those
+    :func:`fully_shard` sharded (whose gradients FSDP2 averaged during ``backward``), are left
     alone; every rank must have gradients for the same parameters, as ranks running the same task do.
     Nothing happens in a single process.
     """
     group = _group(process_group)
     if group is None:
         return
-    grads = [p.grad for p in unwrap(model).parameters() if p.grad is not None]
+    grads = [p.grad for p in unwrap(model).parameters() if p.grad is not None and not is_sharded(p.grad)]
     for work in [dist.all_reduce(g, group=group, async_op=True) for g in grads]:
         work.wait()
     if grads:

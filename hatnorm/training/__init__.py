@@ -14,7 +14,7 @@ task's epoch loop and schedule), ``_display`` (progress), ``_sequence`` (whole s
 checkpoints).
 """
 
-from hatnorm.training._config import OPTIMIZERS, SCHEDULES, TrainConfig
+from hatnorm.training._config import OPTIMIZERS, SCHEDULES, SHARDINGS, TrainConfig
 from hatnorm.training._evaluation import evaluate, precise_statistics, recalibrate_norms
 from hatnorm.training._fit import split_validation
 from hatnorm.training._methods import EWC, METHODS, FineTune, HATMethod, Method
@@ -25,6 +25,7 @@ __all__ = [
     "METHODS",
     "OPTIMIZERS",
     "SCHEDULES",
+    "SHARDINGS",
     "FineTune",
     "HATMethod",
     "Method",

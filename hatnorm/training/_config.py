@@ -9,6 +9,8 @@ from hatnorm._checks import check_non_negative, check_positive, check_positive_i
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("plateau", "cosine", "constant")
+#: how the ranks of a run under torchrun share the model
+SHARDINGS = ("ddp", "fsdp")
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,11 @@ class TrainConfig:
             :attr:`SequenceResult.skipped` and the log lines; validation and test leave out the samples
             with NaN or inf inputs). A NaN or inf loss on finite inputs (a
             diverged run) always raises a FloatingPointError naming the task and epoch.
+        sharding: under ``torchrun``, how the ranks share the model: ``"ddp"``, every rank holds all of it and
+            the gradients are averaged after ``backward`` (:func:`hatnorm.distributed.average_gradients`), or
+            ``"fsdp"``, every rank holds a slice of every parameter, of its gradient and of the optimizer's
+            moments (PyTorch FSDP2, :func:`hatnorm.distributed.fully_shard`); checkpoints hold the whole state
+            either way. The same run up to the order of a sum; nothing changes in one process.
     """
 
     epochs: int = 200
@@ -69,6 +76,7 @@ class TrainConfig:
     seed: int = 0
     recalibrate: bool = True
     nonfinite: Literal["raise", "skip"] = "raise"
+    sharding: Literal["ddp", "fsdp"] = "ddp"
 
     def __post_init__(self) -> None:
         check_positive_int(self.epochs, "epochs")
@@ -102,3 +110,5 @@ class TrainConfig:
             raise ValueError(f"seed must be an int, got {self.seed!r}")
         if self.nonfinite not in ("raise", "skip"):
             raise ValueError(f"nonfinite must be 'raise' or 'skip', got {self.nonfinite!r}")
+        if self.sharding not in SHARDINGS:
+            raise ValueError(f"sharding must be one of {', '.join(map(repr, SHARDINGS))}, got {self.sharding!r}")

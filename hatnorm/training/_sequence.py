@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from hatnorm._checks import check_positive_int
+from hatnorm._shards import shard_optimizer_state, shard_state, whole_state
 from hatnorm.checkpoint import (
     Checkpoint,
     describe_model,
@@ -30,12 +31,12 @@ from hatnorm.checkpoint import (
     state_sha256,
 )
 from hatnorm.data import Task, fingerprint
-from hatnorm.distributed import is_main_process
+from hatnorm.distributed import fully_shard, is_main_process
 from hatnorm.training._config import TrainConfig
 from hatnorm.training._display import Console, Display
 from hatnorm.training._evaluation import evaluate
 from hatnorm.training._fit import FitState, check_trainable, fit_task, split_validation
-from hatnorm.training._methods import FineTune, Method
+from hatnorm.training._methods import FineTune, HATMethod, Method
 
 
 @dataclass
@@ -93,8 +94,29 @@ class _Checkpoints:
         return self.every is not None and epoch % self.every == 0
 
     def save(self, state: dict[str, Any]) -> None:
+        state = whole_state(state)  # sharding="fsdp": every rank gathers its shards, rank 0 writes the whole state
         if is_main_process():  # under torchrun the ranks are equal: rank 0 writes for all
             save_checkpoint(self.directory, state, identity=self.identity)
+
+
+def _check_sharding(config: TrainConfig, method: Method) -> None:
+    """Refuse ``sharding="fsdp"`` with a method other than HAT or fine-tuning (EWC reads whole parameters)."""
+    if config.sharding == "fsdp" and not (isinstance(method, HATMethod) or type(method) is FineTune):
+        raise ValueError(f"config.sharding='fsdp' trains HAT and fine-tuning (methods 'hat', 'sgd'), got method "
+                         f"{method.name!r}; use sharding='ddp' for it")
+
+
+def _placed(model: nn.Module, config: TrainConfig) -> nn.Module:
+    """The model as the ranks train it: sharded by FSDP2 with ``sharding="fsdp"`` (under torchrun), else itself."""
+    return fully_shard(model) if config.sharding == "fsdp" else model
+
+
+def _sharded_fit(fit: FitState, model: nn.Module) -> FitState:
+    """A checkpoint's mid-task state, its whole tensors cut as ``model``'s parameters are (``sharding="fsdp"``)."""
+    fit.best_state = shard_state(fit.best_state, model.state_dict())
+    # the optimizer's parameters, in the order make_optimizer gives them
+    fit.optimizer = shard_optimizer_state(fit.optimizer, [p for p in model.parameters() if p.requires_grad])
+    return fit
 
 
 def _holding(checkpoints: _Checkpoints | None) -> AbstractContextManager[None]:
@@ -126,7 +148,8 @@ def _method_identity(method: Method) -> dict[str, Any]:
 
 def _identity(run: str, model: nn.Module, tasks: Sequence[Task], method: dict[str, Any], config: TrainConfig,
               info: dict[str, Any] | None) -> dict[str, Any]:
-    """What a checkpoint must agree on to be resumed; ``nonfinite`` may change (skipping after an error).
+    """What a checkpoint must agree on to be resumed; ``nonfinite`` may change (skipping after an error), and
+    ``sharding`` (its checkpoints hold the whole state either way).
 
     ``model`` is the run's model as built, before anything is loaded into it: its state's digest records the
     weights the run started from (pretrained ones included).
@@ -139,7 +162,7 @@ def _identity(run: str, model: nn.Module, tasks: Sequence[Task], method: dict[st
                            "train_sha256": fingerprint(t.train), "test_sha256": fingerprint(t.test)}
                   for i, t in enumerate(tasks)},
         "method": method,
-        "config": {k: v for k, v in asdict(config).items() if k != "nonfinite"},
+        "config": {k: v for k, v in asdict(config).items() if k not in ("nonfinite", "sharding")},
         "initial_sha256": state_sha256(model),
     } | describe_model(model)
 
@@ -191,7 +214,10 @@ def train_sequence(
 
     Under ``torchrun`` (an initialised process group), every rank makes this same call: each trains on
     its share of every batch with synchronised norms and averaged gradients, the ranks stay equal, and
-    rank 0 alone logs and writes files (see :mod:`hatnorm.distributed`).
+    rank 0 alone logs and writes files (see :mod:`hatnorm.distributed`). With ``config.sharding="fsdp"``
+    each rank holds a slice of the model (PyTorch FSDP2, :func:`hatnorm.distributed.fully_shard`, applied to
+    the built model before the method sees it); every checkpoint gathers the whole state for rank 0 to write,
+    and a resumed run cuts it to the ranks' slices again.
 
     Args:
         build_model: makes the model (called once, after seeding); its forward is ``model(x, task=, s=)``.
@@ -212,13 +238,15 @@ def train_sequence(
     Raises:
         ValueError: no tasks, bad checkpoint options, a task whose training split holds fewer than 2
             samples (per rank under ``torchrun``; before any training), a head with fewer outputs than its
-            task has classes, or an input batch holding NaN or inf (with ``config.nonfinite="raise"``).
+            task has classes, or an input batch holding NaN or inf (with ``config.nonfinite="raise"``), or
+            ``config.sharding="fsdp"`` with a method other than HAT or fine-tuning (before any training).
         hatnorm.checkpoint.CheckpointError: the checkpoint to resume is from a different run (another
             architecture, norm, task count, method, config, ...) or damaged; nothing is loaded.
     """
     if not tasks:
         raise ValueError("tasks must hold at least one task, got none")
     check_trainable([(task.name, len(task.train)) for task in tasks], config)
+    _check_sharding(config, method)
     checkpoints = _checkpoints(checkpoint_dir, checkpoint_every, resume)
     _check_writable(out_dir, "out_dir")
     _check_writable(checkpoint_dir, "checkpoint_dir")
@@ -226,7 +254,7 @@ def train_sequence(
         console = console or Console(quiet=not is_main_process())
         method_identity = _method_identity(method)
         torch.manual_seed(config.seed)
-        model = build_model()
+        model = _placed(build_model(), config)
         method.setup(model)
         splits = [split_validation(task.train, config.validation_fraction, config.seed + t)
                   for t, task in enumerate(tasks)]
@@ -236,12 +264,13 @@ def train_sequence(
         if checkpoints is not None:
             saved = checkpoints.start(_identity("sequence", model, tasks, method_identity, config, info))
             if saved is not None:
-                model.load_state_dict(saved.state["model"])
+                model.load_state_dict(shard_state(saved.state["model"], model.state_dict()))
                 method.load_state_dict(saved.state["method"])
                 result = SequenceResult(**saved.state["result"])
                 # a checkpoint written before the learning curves were kept: those tasks have none
                 result.validation += [[] for _ in range(len(result.accuracy) - len(result.validation))]
-                fit_state = None if saved.state["fit"] is None else FitState.from_state_dict(saved.state["fit"])
+                if saved.state["fit"] is not None:
+                    fit_state = _sharded_fit(FitState.from_state_dict(saved.state["fit"]), model)
                 elapsed = saved.state["elapsed"]
                 set_rng_state(saved.state["rng"])
                 done = len(result.accuracy)
@@ -348,11 +377,12 @@ def train_joint(
         with Display(console, title) as display:
             for t in range(len(matrix), len(tasks)):
                 torch.manual_seed(config.seed)
-                model = build_model()
+                model = _placed(build_model(), config)
                 method = FineTune()
                 method.setup(model)
                 if fit_state is not None:
-                    model.load_state_dict(model_state)
+                    model.load_state_dict(shard_state(model_state, model.state_dict()))
+                    fit_state = _sharded_fit(fit_state, model)
                     set_rng_state(rng)
                 splits = [split_validation(task.train, config.validation_fraction, config.seed + k)
                           for k, task in enumerate(tasks[: t + 1])]
