@@ -269,8 +269,10 @@ class HAT:
                       tuple(self.gates), heads)
 
     def _check_coverage(self) -> None:
-        covered = {id(p) for p, _ in self._multipliers(0)}
-        loose = [n for n, p in self.model.named_parameters() if p.requires_grad and id(p) not in covered]
+        # a model sharded with fully_shard: its modules compute multipliers over whole parameters
+        with gathered(self.model), torch.no_grad():
+            covered = {id(p) for p, _ in self._multipliers(0)}
+            loose = [n for n, p in self.model.named_parameters() if p.requires_grad and id(p) not in covered]
         if loose:
             raise ValueError(f"model: trainable parameters neither protected by a mask nor owned by one task: "
                              f"{loose}; wire their modules in layers (hatnorm.blocks.Layer) or freeze them")

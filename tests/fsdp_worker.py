@@ -3,13 +3,13 @@
 Launched by ``torchrun`` (``python -m torch.distributed.run --nproc_per_node=2 fsdp_worker.py OUT``), every
 rank shards the model with :func:`hatnorm.distributed.fully_shard` on a CPU device mesh (gloo), trains on
 its half of each batch and writes what it ends with to ``OUT/<run>.rank<r>.pt``: once for each optimizer
-(AdamW, SGD with momentum and weight decay) and sharding plan (the whole model as one unit, or every
-residual block its own unit as well), and once interrupted in task 1, checkpointed with
-:func:`hatnorm.distributed.save_sharded` and resumed into a fresh model, optimizer and HAT; then
-:func:`hatnorm.training.train_sequence` with ``sharding="fsdp"`` runs, and runs again resuming its finished
-checkpoint (``OUT/trainer.rank<r>.pt``, ``OUT/trainer-resumed.rank<r>.pt``; rank 0 writes the trainer's files
-to ``OUT/trainer``). Imported, :func:`run` and :func:`run_trainer` train the same models in one process on
-the whole batches.
+(AdamW, SGD with momentum and weight decay), sharding plan (the whole model as one unit, or every
+residual block its own unit as well) and gradient policy (HAT, FG-AdaHAT), and once interrupted in task 1,
+checkpointed with :func:`hatnorm.distributed.save_sharded` and resumed into a fresh model, optimizer and HAT.
+Then :func:`hatnorm.training.train_sequence` with ``sharding="fsdp"`` runs (``OUT/trainer.rank<r>.pt``;
+rank 0 writes its files to ``OUT/trainer``), and runs again, interrupted in the middle of task 1 and resumed
+from its last checkpoint (``OUT/trainer-resumed.rank<r>.pt``). Imported, :func:`run` and :func:`run_trainer`
+train the same models in one process on the whole batches.
 
 The model runs in float64, as in ``distributed_worker.py``: the ranks' gradients are averaged in another
 order than one process sums them, and in float64 that rounding stays far below the tolerance.
@@ -123,14 +123,32 @@ def run_resumed(folder: Path, optimizer_name: str = "adamw", stop: int = 2) -> d
     return {f"state.{k}": v for k, v in whole_state(model.state_dict()).items()}
 
 
-def run_trainer(out_dir: Path, *, resume: bool = False) -> dict[str, Any]:
+#: the training forward an interrupted trainer run stops at: task 1's epoch 2 (9 steps an epoch, 3 epochs a task)
+STOP_AT = 3 * 9 + 9 + 4
+
+
+class Interrupted(Exception):
+    """Raised by every rank at the same training forward, standing in for a killed run."""
+
+
+def run_trainer(out_dir: Path, *, resume: bool = False, stop_at: int | None = None) -> dict[str, Any]:
     """``train_sequence`` with HAT, masked BN and ``sharding="fsdp"``, checkpointing every epoch into
-    ``out_dir/checkpoints``; returns its results and the final model state, whole."""
+    ``out_dir/checkpoints``; returns its results and the final model state, whole. With ``stop_at``, every rank
+    raises :class:`Interrupted` at that training forward, before the forward's first collective."""
     models: list[nn.Module] = []
+    forwards = 0
+
+    def interrupt(module: nn.Module, args: tuple[Any, ...]) -> None:
+        nonlocal forwards
+        if module.training and torch.is_grad_enabled():
+            forwards += 1
+            if forwards == stop_at:
+                raise Interrupted
 
     def build_mlp() -> nn.Module:
         models.append(hatnorm.build("mlp", num_tasks=TASKS, norm="masked_bn", num_classes=2, in_features=16,
                                     hidden=(32, 32)).double())
+        models[-1].register_forward_pre_hook(interrupt)  # before fully_shard's hooks: no rank has begun a collective
         return models[-1]
 
     config = TrainConfig(epochs=3, batch_size=32, lr=0.1, momentum=0.5, sharding="fsdp")
@@ -149,7 +167,10 @@ def main(out: Path) -> None:
             torch.save(run(optimizer_name, plan, policy), out / f"{optimizer_name}-{plan}-{policy}.rank{rank}.pt")
         torch.save(run_resumed(out / "checkpoint"), out / f"resumed.rank{rank}.pt")
         torch.save(run_trainer(out / "trainer"), out / f"trainer.rank{rank}.pt")
-        torch.save(run_trainer(out / "trainer", resume=True), out / f"trainer-resumed.rank{rank}.pt")
+        try:
+            run_trainer(out / "trainer-cut", stop_at=STOP_AT)
+        except Interrupted:
+            torch.save(run_trainer(out / "trainer-cut", resume=True), out / f"trainer-resumed.rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
