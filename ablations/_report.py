@@ -14,14 +14,14 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from ablations._results import METRICS
+from ablations._results import LABELS
 
 
 def cell(s: dict[str, Any], metric: str) -> str:
     """A metric's summary as the tables print it: mean ± 95% CI half-width (the mean alone for one seed)."""
     if math.isnan(s["mean"]):
         return "n/a"
-    mean = f"{s['mean']:.4f}" if metric == "average_accuracy" else f"{s['mean']:+.4f}"
+    mean = f"{s['mean']:.4f}" if metric in ("average_accuracy", "newest_accuracy") else f"{s['mean']:+.4f}"
     return mean if s["n"] == 1 else f"{mean} ± {(s['high'] - s['low']) / 2:.4f}"
 
 
@@ -31,15 +31,33 @@ def parameters(variant: dict[str, Any]) -> str:
     return "n/a" if count is None else f"{count:,}"
 
 
+def metrics_of(summary: dict[str, Any]) -> list[str]:
+    """The metrics a table reports, in column order: those its variants' summaries hold."""
+    held = next(iter(summary["variants"].values()))["summary"]
+    return [m for m in LABELS if m in held]
+
+
+def forgetting_seeds(variant: dict[str, Any]) -> str:
+    """On how many of the variant's seeds it forgets (BWT < 0), as ``k/n``."""
+    runs = variant["runs"].values()
+    return f"{sum(run['bwt'] < 0 for run in runs)}/{len(runs)}"
+
+
+#: the column of :func:`forgetting_seeds`
+FORGETS = "BWT < 0 on"
+
+
 def table(summary: dict[str, Any], title: str) -> Table:
-    """The ablation's table: one row per variant, each metric as mean ± 95% CI half-width over the seeds."""
+    """The ablation's table: one row per variant, each metric as mean ± 95% CI half-width over the seeds, and on
+    how many seeds the variant forgets."""
     n = len(summary["seeds"])
+    metrics = metrics_of(summary)
     t = Table(title=title, caption=f"mean ± 95% CI half-width over {n} seeds" if n > 1 else "one seed: no interval")
-    for column in ("variant", "parameters", *METRICS.values(), "epochs/task", "time (s)"):
+    for column in ("variant", "parameters", *(LABELS[m] for m in metrics), FORGETS, "epochs/task", "time (s)"):
         t.add_column(column, justify="left" if column == "variant" else "right")
     for label, r in summary["variants"].items():
-        t.add_row(label, parameters(r), *(cell(r["summary"][m], m) for m in METRICS), f"{r['epochs_mean']:.1f}",
-                  f"{r['seconds']:.0f}")
+        t.add_row(label, parameters(r), *(cell(r["summary"][m], m) for m in metrics), forgetting_seeds(r),
+                  f"{r['epochs_mean']:.1f}", f"{r['seconds']:.0f}")
     return t
 
 
@@ -69,7 +87,7 @@ def contrast_cells(c: dict[str, Any]) -> tuple[str, ...]:
         finding = "one seed"
     else:
         finding = "**yes**" if c["finding"] else "no"
-    return (f"{c['a']} − {c['b']}", METRICS[c["metric"]], "primary" if primary else "exploratory",
+    return (f"{c['a']} − {c['b']}", LABELS[c["metric"]], "primary" if primary else "exploratory",
             f"{d['mean']:+.4f}", interval, _p(c.get("p_t", math.nan)), _p(c.get("p_holm")),
             _p(c.get("p_sign_flip", math.nan)), finding)
 
@@ -147,14 +165,18 @@ def finish(summary: dict[str, Any], out: Path, title: str, console: Console) -> 
 
 
 def variants_table(results: dict[str, Any]) -> str:
-    """One row per variant: each metric as mean ± 95% CI half-width, epochs per task, the joint minimum."""
-    lines = [f"| variant | parameters | {' | '.join(METRICS.values())} | epochs/task | min A_J |",
-             "|---|" + "---:|" * (len(METRICS) + 3)]
+    """One row per variant: each metric as mean ± 95% CI half-width, on how many seeds it forgets, epochs per
+    task, the joint minimum."""
+    metrics = metrics_of(results)
+    lines = [f"| variant | parameters | {' | '.join(LABELS[m] for m in metrics)} | {FORGETS} | epochs/task | min A_J |",
+             "|---|" + "---:|" * (len(metrics) + 4)]
     for label, r in results["variants"].items():
-        joints = [r_["joint"][-1] for r_ in r["runs"].values()]
-        lowest = min(a for row in joints for a in row if a == a)
-        cells = [cell(r["summary"][m], m) for m in METRICS]
-        lines.append(f"| {label} | {parameters(r)} | {' | '.join(cells)} | {r['epochs_mean']:.1f} | {lowest:.3f} |")
+        # a run without joint training (--no-joint) has no A_J
+        joints = [a for run in r["runs"].values() if run.get("joint") for a in run["joint"][-1] if a == a]
+        lowest = f"{min(joints):.3f}" if joints else "n/a"
+        cells = [cell(r["summary"][m], m) for m in metrics]
+        lines.append(f"| {label} | {parameters(r)} | {' | '.join(cells)} | {forgetting_seeds(r)} | "
+                     f"{r['epochs_mean']:.1f} | {lowest} |")
     return "\n".join(lines)
 
 

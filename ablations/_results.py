@@ -19,6 +19,24 @@ from hatnorm.stats import Summary, paired_difference, summarize
 
 #: the metrics every table, file and contrast reports
 METRICS = {"average_accuracy": "avg acc", "bwt": "BWT", "rho_final": "ρ^{≤T}"}
+#: metrics read from a run's accuracy matrix, reported by a table that declares a contrast on one of them:
+#: the mean over t of A[t][t], each task's accuracy right after it is learned (plasticity)
+DERIVED = {"newest_accuracy": "newest acc"}
+#: every metric's name in tables
+LABELS = METRICS | DERIVED
+
+
+def table_metrics(contrasts: Sequence[Contrast | tuple[str, str]]) -> list[str]:
+    """The metrics of a table: ``METRICS``, then each of ``DERIVED`` that one of ``contrasts`` declares."""
+    named = {c.metric for c in contrasts if isinstance(c, Contrast)}
+    return [*METRICS, *(m for m in DERIVED if m in named)]
+
+
+def metric(run: dict[str, Any], name: str) -> float:
+    """One run's value of a metric of ``METRICS`` (stored) or ``DERIVED`` (from its accuracy matrix)."""
+    if name == "newest_accuracy":
+        return float(np.mean(np.diag(np.asarray(run["accuracy"], dtype=float))))
+    return run[name]
 
 
 def write_seed(results: dict[str, Any], out: Path, info: dict[str, Any]) -> None:
@@ -51,6 +69,7 @@ def aggregate(by_seed: dict[int, dict[str, Any]], contrasts: Sequence[Contrast |
     """
     seeds = list(by_seed)
     labels = list(by_seed[seeds[0]])
+    metrics = table_metrics(contrasts)
     variants: dict[str, Any] = {}
     for label in labels:
         runs = [by_seed[seed][label] for seed in seeds]
@@ -60,19 +79,19 @@ def aggregate(by_seed: dict[int, dict[str, Any]], contrasts: Sequence[Contrast |
         variants[label] = {
             "arch": first["arch"], "norm": first["norm"], "method": first["method"], "seeds": seeds,
             "parameters": first.get("parameters"),
-            "summary": {m: _summary([r[m] for r in runs]).to_dict() for m in METRICS},
+            "summary": {m: _summary([metric(r, m) for r in runs]).to_dict() for m in metrics},
             "rho_curve": {k: [getattr(c, k) for c in curve] for k in ("mean", "low", "high")},
             "accuracy_mean": np.mean([r["accuracy"] for r in runs], axis=0).tolist(),
             "epochs_mean": float(np.mean([np.mean(r["epochs"]) for r in runs])),
             "seconds": float(np.sum([r["seconds"] for r in runs])),
             "runs": {str(seed): r for seed, r in zip(seeds, runs, strict=True)},
         }
-    declared = expand(contrasts, list(METRICS))
+    declared = expand(contrasts, metrics)
     paired = []
     for c in declared:
         if c.a not in variants or c.b not in variants:
             continue
-        values = [[by_seed[seed][label][c.metric] for seed in seeds] for label in (c.a, c.b)]
+        values = [[metric(by_seed[seed][label], c.metric) for seed in seeds] for label in (c.a, c.b)]
         if any(math.isnan(v) for side in values for v in side):
             continue
         differences = [x - y for x, y in zip(*values, strict=True)]
@@ -90,13 +109,14 @@ def write(summary: dict[str, Any], out: Path, info: dict[str, Any]) -> None:
     """The run's ``results.json`` (everything, every seed), ``results.csv`` (one row per variant, mean, std and
     95% CI of every metric) and ``contrasts.csv`` (the paired contrasts)."""
     (out / "results.json").write_text(json.dumps(info | summary, indent=2))
+    metrics = [m for m in LABELS if m in next(iter(summary["variants"].values()))["summary"]]
     with (out / "results.csv").open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["variant", "arch", "norm", "method", "seeds",
-                         *(f"{m}_{k}" for m in METRICS for k in ("mean", "std", "ci_low", "ci_high")),
+                         *(f"{m}_{k}" for m in metrics for k in ("mean", "std", "ci_low", "ci_high")),
                          "epochs_per_task", "seconds"])
         for label, r in summary["variants"].items():
-            cells = [f"{r['summary'][m][k]:.6f}" for m in METRICS for k in ("mean", "std", "low", "high")]
+            cells = [f"{r['summary'][m][k]:.6f}" for m in metrics for k in ("mean", "std", "low", "high")]
             writer.writerow([label, r["arch"], r["norm"], r["method"], len(r["seeds"]), *cells,
                              f"{r['epochs_mean']:.2f}", f"{r['seconds']:.1f}"])
     with (out / "contrasts.csv").open("w", newline="") as f:

@@ -28,7 +28,7 @@ import hatnorm
 from ablations._cli import config, recorded_options, seeds_text
 from ablations._protocol import Contrast, expand
 from ablations._report import SETTING, finish
-from ablations._results import METRICS, aggregate, write, write_seed
+from ablations._results import aggregate, table_metrics, write, write_seed
 from hatnorm import metrics
 from hatnorm.checkpoint import CheckpointError
 from hatnorm.data import Task
@@ -309,7 +309,7 @@ def run_and_report(variants: Sequence[Variant], tasks_of: Callable[[int], list[T
     themselves, as the pretrained ablation's do).
     """
     labels = [v.label for v in variants]
-    pairs = dict.fromkeys(f"{c.a} − {c.b}" for c in expand(contrasts, list(METRICS))
+    pairs = dict.fromkeys(f"{c.a} − {c.b}" for c in expand(contrasts, table_metrics(contrasts))
                           if c.a not in labels or c.b not in labels)
     unknown = list(pairs)
     if unknown:

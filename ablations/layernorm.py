@@ -1,7 +1,14 @@
-"""Ablation 2: which LayerNorm keeps old tasks intact under HAT, on a small ViT.
+"""Ablation 2: which LayerNorm keeps old tasks intact under HAT, on a small ViT, pre-norm and post-norm.
 
-Variants: HAT with shared LN, per-task LN, masked LN and no norm, against SGD fine-tuning (the
-ungated ViT with shared LN) and joint training; and a transformers ``ViTForImageClassification``
+In the pre-norm ViT (``--positions pre``) every LN reads the gated residual stream, whose unselected units are 0
+for every task: no LN can drift, and BWT = 0 for shared, per-task and masked LN by construction (only
+plasticity differs). In the post-norm ViT (``--positions post``, the architecture's ``norm_position="post"``)
+each LN reads the ungated residual sum x + f(x), whose unselected units come from weights later tasks train:
+there shared and per-task LN can drift and masked LN cannot. Both run at every HAT c (``--c``, default 0.1 and
+0.75: a smaller c leaves more units open to later tasks).
+
+Variants, per position and c: HAT with shared LN, per-task LN, masked LN (and no norm on request), against SGD
+fine-tuning (the ungated ViT with shared LN) and joint training; and a transformers ``ViTForImageClassification``
 of the same size, loaded from a saved state dict and converted by ``hatnorm.convert`` (its
 LayerNorms become masked LN), as a user with pretrained weights would. Unless ``--hf-weights``
 gives a state dict, that model is first pretrained as an ordinary classifier on a disjoint source
@@ -11,7 +18,7 @@ The default sequence is Rotated-MNIST (10 tasks): digits keep their spatial stru
 ViT's convolutional stem and patches rely on (on Permuted-MNIST a ViT stays below 0.9).
 
     python -m ablations.layernorm
-    python -m ablations.layernorm --preset converged --seeds 0 1 2
+    python -m ablations.layernorm --preset converged --seeds 0 1 2 3 4 --no-converted
     python -m ablations.layernorm --arch vit_tiny --data cifar --data-root DATA --epochs 200 --no-converted
 """
 
@@ -21,6 +28,7 @@ import argparse
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from rich.console import Console
@@ -35,6 +43,10 @@ from ablations.pretrained import source_task
 from hatnorm.training import FineTune, HATMethod, TrainConfig, train_sequence
 
 NORMS = ("shared_ln", "task_ln", "masked_ln", "none")
+#: where the LayerNorms sit: reading the gated stream (pre) or the ungated residual sum (post)
+POSITIONS = ("pre", "post")
+#: the LNs over every unit, which masked LN is contrasted with (primary, post-norm)
+BASELINES = ("shared_ln", "task_ln")
 LABELS = {"shared_ln": "shared LN", "task_ln": "per-task LN", "masked_ln": "masked LN", "none": "no norm"}
 #: the name of the converted transformers model in tables (and its joint training)
 CONVERTED = "transformers ViT"
@@ -104,14 +116,19 @@ def main(argv: Sequence[str] | None = None) -> dict:
                     budget=_cli.Budget(smoke=4, converged=20, optimizer="adamw", lr=2e-3), out="runs/layernorm",
                     data="rotated_mnist")
     p.add_argument("--arch", choices=("vit_micro", "vit_tiny", "vit"), default="vit_micro", help="the ViT")
-    p.add_argument("--norms", nargs="+", choices=NORMS, default=list(NORMS), help="norm variants under HAT")
+    p.add_argument("--norms", nargs="+", choices=NORMS, default=["shared_ln", "task_ln", "masked_ln"],
+                   help="norm variants under HAT")
+    p.add_argument("--positions", nargs="+", choices=POSITIONS, default=list(POSITIONS),
+                   help="pre-norm (every LN reads the gated stream) and post-norm (each LN reads the ungated "
+                        "residual sum, where an LN over every unit can drift)")
     p.add_argument("--dim", type=_cli.positive_int, default=64, help="width of the residual stream")
     p.add_argument("--depth", type=_cli.positive_int, default=2, help="number of blocks")
     p.add_argument("--heads", type=_cli.positive_int, default=4, help="attention heads")
     p.add_argument("--patch-size", type=_cli.positive_int, default=8, help="patch side (divides 32)")
     p.add_argument("--stem", choices=("patch", "conv"), default="conv",
                    help="token embedding: ViT's patchify layer, or a convolutional stem (stride-2 3×3 convolutions)")
-    p.add_argument("--c", type=_cli.non_negative_float, default=0.75, help="HAT capacity-regulariser weight")
+    p.add_argument("--c", type=_cli.non_negative_float, nargs="+", default=[0.1, 0.75],
+                   help="HAT capacity-regulariser weights (the converted variant takes 0.75 if given, else the first)")
     p.add_argument("--converted", action=argparse.BooleanOptionalAction, default=True,
                    help=f"also run the {CONVERTED} variant: a transformers ViTForImageClassification of the same "
                         "sizes (patch stem), loaded from a state dict and converted with masked LN")
@@ -131,14 +148,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     tasks, channels, size = _cli.load_tasks(args, p)
     options = {"in_channels": channels, "image_size": size, "patch_size": args.patch_size, "dim": args.dim,
                "depth": args.depth, "heads": args.heads, "mlp_dim": 2 * args.dim, "stem": args.stem}
+    for name, values in (("--c", args.c), ("--positions", args.positions), ("--norms", args.norms)):
+        if len(set(values)) != len(values):
+            p.error(f"{name} must not repeat a value, got {' '.join(map(str, values))}")
     arch = args.arch
-    variants = [Variant(f"{arch} HAT {LABELS[n]}", arch, n, lambda: HATMethod(c=args.c), options) for n in args.norms]
-    variants.append(Variant(f"{arch} SGD", arch, "shared_ln", FineTune, options))
-    masked = f"{arch} HAT masked LN"
-    # primary: masked LN against shared and per-task LN on average accuracy; the rest exploratory
-    contrasts = [Contrast(masked, f"{arch} HAT {LABELS[n]}", primary=n in ("shared_ln", "task_ln"))
-                 for n in args.norms if n != "masked_ln"] if "masked_ln" in args.norms else []
-    contrasts.append(Contrast(masked, f"{arch} SGD"))
+    variants, contrasts = table(arch, options, args.positions, args.norms, args.c)
+    converted_c = 0.75 if 0.75 in args.c else args.c[0]
     if args.converted:
         config = hf_config(channels=channels, size=size, patch_size=args.patch_size, dim=args.dim,
                            depth=args.depth, heads=args.heads)
@@ -157,13 +172,50 @@ def main(argv: Sequence[str] | None = None) -> dict:
                                source_tasks=args.source_tasks)
 
         label = f"{CONVERTED} HAT masked LN (converted)"
-        variants.append(Variant(label, CONVERTED, "masked_ln", lambda: HATMethod(c=args.c),
+        variants.append(Variant(label, CONVERTED, "masked_ln", lambda: HATMethod(c=converted_c),
                                 {"patch_size": args.patch_size, "dim": args.dim, "depth": args.depth,
                                  "heads": args.heads}, make=converted(config, weights)))
-        contrasts.append((label, f"{arch} HAT masked LN"))
+        if "pre" in args.positions and "masked_ln" in args.norms:
+            contrasts.append((label, hat_label(arch, "pre", "masked_ln", converted_c, args.c)))
     title = f"LayerNorm under HAT ({args.data}, {len(tasks(args.seeds[0]))} tasks, {_cli.seeds_text(args.seeds)})"
     return _runner.run_and_report(variants, tasks, args, console, title=title, contrasts=contrasts, parser_=p,
                                   joint_norm={arch: "shared_ln", CONVERTED: "shared_ln"})
+
+
+def hat_label(arch: str, position: str, norm: str, c: float, cs: Sequence[float]) -> str:
+    """A HAT variant's label: the pre-norm ViT is ``arch``, the post-norm one ``arch post-norm``; c is named when
+    the table has several."""
+    return f"{arch}{' post-norm' if position == 'post' else ''} HAT {LABELS[norm]}" + (
+        f" c={c:g}" if len(cs) > 1 else "")
+
+
+def table(arch: str, options: dict[str, Any], positions: Sequence[str], norms: Sequence[str], cs: Sequence[float]
+          ) -> tuple[list[Variant], list[Contrast]]:
+    """The variants (per position: HAT with every norm at every c, then SGD) and the declared contrasts.
+
+    Primary, in the post-norm ViT at each c: masked − shared LN and masked − per-task LN on BWT (the LN over
+    every unit can drift there). Exploratory: the same pairs in the pre-norm ViT on average accuracy (BWT is 0
+    there by construction), masked LN post − pre, and masked LN against SGD.
+    """
+    variants, contrasts = [], []
+    for position in positions:
+        placed = options | {"norm_position": position}
+        variants += [Variant(hat_label(arch, position, n, c, cs), arch, n, lambda c=c: HATMethod(c=c), placed)
+                     for c in cs for n in norms]
+        sgd = f"{arch}{' post-norm' if position == 'post' else ''} SGD"
+        variants.append(Variant(sgd, arch, "shared_ln", FineTune, placed))
+        if "masked_ln" not in norms:
+            continue
+        for c in cs:
+            masked = hat_label(arch, position, "masked_ln", c, cs)
+            contrasts += [Contrast(masked, hat_label(arch, position, n, c, cs), "bwt" if position == "post"
+                                   else "average_accuracy", primary=position == "post" and n in BASELINES)
+                          for n in norms if n != "masked_ln"]
+            contrasts.append(Contrast(masked, sgd))
+    if set(POSITIONS) <= set(positions) and "masked_ln" in norms:
+        contrasts += [Contrast(hat_label(arch, "post", "masked_ln", c, cs), hat_label(arch, "pre", "masked_ln", c, cs))
+                      for c in cs]
+    return variants, contrasts
 
 
 if __name__ == "__main__":

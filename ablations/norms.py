@@ -16,20 +16,27 @@ from collections.abc import Sequence
 from ablations import _cli, _runner
 from ablations._protocol import JOINT_NORM, Contrast
 from ablations._runner import Variant
-from hatnorm.training import FineTune, HATMethod
+from hatnorm.training import EWC, FineTune, HATMethod
 
 NORMS = ("none", "shared_bn", "masked_bn", "task_bn", "post_gate_bn")
 LABELS = {"none": "no norm", "shared_bn": "shared BN", "masked_bn": "masked BN", "task_bn": "per-task BN",
           "post_gate_bn": "BN after gate"}
 ARCHS = ("resnet18", "alexnet")
+#: the baselines without HAT, on the ungated network with shared BN: SGD fine-tuning and EWC
+BASELINES = ("sgd", "ewc")
 
 
-def variants(archs: Sequence[str], norms: Sequence[str], options: dict[str, dict], c: float) -> list[Variant]:
-    """HAT with every norm, then SGD fine-tuning, for each architecture."""
+def variants(archs: Sequence[str], norms: Sequence[str], options: dict[str, dict], c: float,
+             baselines: Sequence[str] = ("sgd",), ewc_lambda: float = 100.0) -> list[Variant]:
+    """HAT with every norm, then the baselines (SGD fine-tuning, EWC with penalty ``ewc_lambda``), for each
+    architecture."""
     out = []
     for arch in archs:
         out += [Variant(f"{arch} HAT {LABELS[n]}", arch, n, lambda: HATMethod(c=c), options[arch]) for n in norms]
-        out.append(Variant(f"{arch} SGD", arch, "shared_bn", FineTune, options[arch]))
+        if "sgd" in baselines:
+            out.append(Variant(f"{arch} SGD", arch, "shared_bn", FineTune, options[arch]))
+        if "ewc" in baselines:
+            out.append(Variant(f"{arch} EWC", arch, "shared_bn", lambda: EWC(lam=ewc_lambda), options[arch]))
     return out
 
 
@@ -39,19 +46,22 @@ PRIMARY = (("masked BN", "shared BN", "bwt"), ("masked BN", "BN after gate", "bw
            ("masked BN", "per-task BN", "average_accuracy"))
 
 
-def contrasts(archs: Sequence[str], norms: Sequence[str]) -> list[Contrast]:
+def contrasts(archs: Sequence[str], norms: Sequence[str], baselines: Sequence[str] = ("sgd",)) -> list[Contrast]:
     """The paired comparisons of the ablation, per architecture: ``PRIMARY`` and masked BN against SGD on
-    average accuracy (where the run has both sides), then the exploratory ones."""
+    average accuracy (where the run has both sides), then the exploratory ones (masked BN against EWC among
+    them)."""
     run = {LABELS[n] for n in norms}
     out = []
     for arch in archs:
         primary = [(a, b, m) for a, b, m in PRIMARY if a in run and b in run]
         out += [Contrast(f"{arch} HAT {a}", f"{arch} HAT {b}", m, primary=True) for a, b, m in primary]
-        if "masked BN" in run:
+        if "masked BN" in run and "sgd" in baselines:
             out.append(Contrast(f"{arch} HAT masked BN", f"{arch} SGD", "average_accuracy", primary=True))
+        if "masked BN" in run and "ewc" in baselines:
+            out.append(Contrast(f"{arch} HAT masked BN", f"{arch} EWC"))
         if {"per-task BN", "shared BN"} <= run:
             out.append(Contrast(f"{arch} HAT per-task BN", f"{arch} HAT shared BN"))
-        if "per-task BN" in run:
+        if "per-task BN" in run and "sgd" in baselines:
             out.append(Contrast(f"{arch} HAT per-task BN", f"{arch} SGD"))
     return out
 
@@ -69,6 +79,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--alexnet-width", type=_cli.positive_float, default=0.125,
                    help="AlexNet width multiplier (1 is Serrà's)")
     p.add_argument("--c", type=_cli.non_negative_float, default=0.75, help="HAT capacity-regulariser weight")
+    p.add_argument("--baselines", nargs="+", choices=BASELINES, default=["sgd"],
+                   help="methods without HAT on the ungated network with shared BN: SGD fine-tuning, EWC")
+    p.add_argument("--ewc-lambda", type=_cli.non_negative_float, default=100.0, help="EWC's penalty weight λ")
     p.add_argument("--full", action="store_true",
                    help="reference settings: 200 epochs, ResNet-18 width 64, AlexNet width 1")
     args = p.parse_args(argv)
@@ -83,9 +96,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
     options = {"resnet18": {"base_width": args.resnet_width, "in_channels": channels, "stem": args.resnet_stem},
                "alexnet": {"width": args.alexnet_width, "in_channels": channels, "size": size}}
     title = f"Norms under HAT ({args.data}, {len(tasks(args.seeds[0]))} tasks, {_cli.seeds_text(args.seeds)})"
-    return _runner.run_and_report(variants(args.archs, args.norms, options, args.c), tasks, args,
-                                  console, joint_norm={"resnet18": JOINT_NORM, "alexnet": JOINT_NORM}, title=title,
-                                  contrasts=contrasts(args.archs, args.norms), parser_=p)
+    table = variants(args.archs, args.norms, options, args.c, args.baselines, args.ewc_lambda)
+    declared = contrasts(args.archs, args.norms, args.baselines)
+    # the variants name the baselines, and λ changes a number only where EWC runs: a run without EWC records the
+    # options runs made before these options existed did, so their seeds still merge
+    if "ewc" not in args.baselines:
+        del args.ewc_lambda
+    del args.baselines
+    return _runner.run_and_report(table, tasks, args, console, joint_norm=dict.fromkeys(ARCHS, JOINT_NORM),
+                                  title=title, contrasts=declared, parser_=p)
 
 
 if __name__ == "__main__":

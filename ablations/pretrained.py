@@ -1,27 +1,37 @@
-"""Ablation 5: how to start HAT from pretrained weights: BatchNorm copied per task, reset, or frozen.
+"""Ablation 5: how to start HAT from pretrained BatchNorm: statistics kept or re-estimated, γ/β copied or reset.
 
-A network is first pretrained, as an ordinary network (gates open, shared BatchNorm, one head), on a
-source sequence disjoint from the target: Permuted-MNIST tasks, whose pixels are shuffled, pooled into
-one 10-class problem. Its state dict (without gates and heads, as a torchvision checkpoint would be) is
-saved per seed, and the target sequence is learned under HAT from:
+A network is first pretrained, as an ordinary network (gates open, shared BatchNorm, one head), on a source
+that transfers to the target. The default source (``--source rotated``) is the target's own training digits
+(the embedded MNIST's training split, never its test images), all 10 classes, each copy rotated by an angle
+drawn from [45°, 315°) per source task, pooled into one 10-class problem: the same strokes in other poses,
+whose pixel statistics differ from the upright target's. ``--source permuted`` pools Permuted-MNIST tasks
+instead (the earlier design; it transfers nothing measurable to upright digits). The source network's state
+dict (without gates and heads, as a torchvision checkpoint would be) is saved per seed, and the target
+sequence is learned under HAT from:
 
 - random initialisation (no pretraining);
-- the pretrained weights with BN γ, β and running statistics copied into every task slot (what
-  ``hatnorm.convert`` and loading a plain state dict do);
-- the pretrained weights with BN reset (statistics 0/1, γ = 1, β = 0);
-- the pretrained weights with BN frozen at its pretrained values (normalising with the pretrained
-  statistics in training too, γ and β fixed: the PackNet / Piggyback practice),
+- the pretrained weights, every BatchNorm's state copied into every task slot, crossed as
+  **statistics** × **γ/β**: the statistics *re-estimated* (training normalises with batch statistics and the
+  running ones are re-estimated on the target by precise BN, what ``hatnorm.convert`` and training do by
+  default) or *kept* (the copied source statistics normalise in training and at test and never move), and
+  γ/β *copied* or *reset* (γ = 1, β = 0; trained either way);
+- the pretrained weights with BN frozen (statistics kept and γ, β fixed: the PackNet / Piggyback practice),
 
-each with masked BN and with per-task BN. ``--weights PATH`` replaces the pretraining by your own
-checkpoint of the same architecture (e.g. torchvision ImageNet weights, with ``--data cifar``).
+each with masked BN and with per-task BN. Two SGD fine-tuning runs (the ungated network with shared BN) from
+random initialisation and from the source (statistics re-estimated, γ/β copied) check that the source
+transfers: their difference in the newest task's accuracy A[t][t] is the transfer margin. ``--weights PATH``
+replaces the pretraining by your own checkpoint of the same architecture (e.g. torchvision ImageNet weights,
+with ``--data cifar``).
 
     python -m ablations.pretrained
-    python -m ablations.pretrained --preset converged --seeds 0 1 2
-    python -m ablations.pretrained --data cifar --data-root DATA --resnet-width 64 --weights resnet18.pth
+    python -m ablations.pretrained --preset converged --seeds 0 1 2 3 4
+    python -m ablations.pretrained --data cifar --data-root DATA --width 64 --resnet-stem imagenet \\
+        --weights resnet18.pth
 """
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
 from functools import partial
@@ -37,22 +47,49 @@ import hatnorm
 from ablations import _cli, _runner
 from ablations._protocol import JOINT_NORM, Contrast
 from ablations._runner import Variant
-from hatnorm.data import Task, permuted_mnist
+from hatnorm.data import Task, permuted_mnist, rotate, split_mnist
 from hatnorm.training import FineTune, HATMethod, TrainConfig, train_sequence
 
 NORMS = ("masked_bn", "task_bn")
 LABELS = {"masked_bn": "masked BN", "task_bn": "per-task BN"}
-STARTS = ("random init", "BN copied", "BN reset", "BN frozen")
-#: the source's permutation seeds are offset so they never meet a target Permuted-MNIST sequence's
+#: the control: what loading a plain checkpoint and training with precise BN do
+CONTROL = "stats re-estimated, γβ copied"
+STARTS = ("random init", CONTROL, "stats re-estimated, γβ reset", "stats kept, γβ copied", "stats kept, γβ reset",
+          "BN frozen")
+SOURCES = ("rotated", "permuted")
+#: the source's seeds are offset so they never meet a target sequence's (permutations, rotation angles)
 SOURCE_SEED_OFFSET = 10_000
+#: the rotated source's angles are drawn from this range, away from the upright target
+SOURCE_ANGLES = (45.0, 315.0)
 
 
-def source_task(seed: int, tasks: int, channels: int) -> Task:
-    """``tasks`` Permuted-MNIST tasks of ``seed`` pooled into one 10-class task (train and test)."""
-    parts = permuted_mnist(num_tasks=tasks, seed=SOURCE_SEED_OFFSET + seed, channels=channels)
-    train = [torch.cat([t.train.tensors[i] for t in parts]) for i in (0, 1)]
-    test = [torch.cat([t.test.tensors[i] for t in parts]) for i in (0, 1)]
-    return Task("source", tuple(range(10)), TensorDataset(*train), TensorDataset(*test))
+def source_task(seed: int, tasks: int, channels: int, kind: str = "permuted") -> Task:
+    """The pretraining source of ``seed``: ``tasks`` copies of the embedded digits pooled into one 10-class task.
+
+    ``"rotated"``: the training digits (the split every MNIST sequence here shares; never a test image in the
+    training set) rotated by one angle per copy drawn from ``SOURCE_ANGLES``; its test set is the test digits
+    under the same angles. ``"permuted"``: Permuted-MNIST tasks of their own permutations.
+    """
+    if kind not in SOURCES:
+        raise ValueError(f"kind must be one of {list(SOURCES)}, got {kind!r}")
+    if kind == "permuted":
+        parts = permuted_mnist(num_tasks=tasks, seed=SOURCE_SEED_OFFSET + seed, channels=channels)
+        train = [torch.cat([t.train.tensors[i] for t in parts]) for i in (0, 1)]
+        test = [torch.cat([t.test.tensors[i] for t in parts]) for i in (0, 1)]
+        return Task("source", tuple(range(10)), TensorDataset(*train), TensorDataset(*test))
+    digits = split_mnist(num_tasks=5, channels=channels)
+    # Split-MNIST's labels are 0/1 within a pair: back to the digit
+    upright = [(torch.cat([t.train.tensors[0] for t in digits]), torch.cat([t.test.tensors[0] for t in digits])),
+               (torch.cat([t.train.tensors[1] + t.classes[0] for t in digits]),
+                torch.cat([t.test.tensors[1] + t.classes[0] for t in digits]))]
+    low, high = SOURCE_ANGLES
+    generator = torch.Generator().manual_seed(SOURCE_SEED_OFFSET + seed)
+    angles = (low + torch.rand(tasks, generator=generator, dtype=torch.float64) * (high - low)).tolist()
+    background = float(upright[0][0].min())  # the padding's value in normalised space
+    parts = {split: ([rotate(upright[0][split], a, fill=background) for a in angles], upright[1][split])
+             for split in (0, 1)}
+    train, test = (TensorDataset(torch.cat(images), labels.repeat(tasks)) for images, labels in parts.values())
+    return Task("source", tuple(range(10)), train, test)
 
 
 def trunk_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -63,12 +100,13 @@ def trunk_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def pretrain(arch: str, options: dict[str, Any], seed: int, config: TrainConfig, out: Path, console: Console,
-             *, source_tasks: int, channels: int) -> Path:
+             *, source_tasks: int, channels: int, source: str = "permuted") -> Path:
     """Pretrain the ordinary network on the source for ``seed`` and save its trunk; a saved one is reused when it
-    was pretrained the same way (architecture, options, source tasks, settings: ``pretrained.json`` beside it)."""
+    was pretrained the same way (architecture, options, source and its tasks, settings: ``pretrained.json``
+    beside it)."""
     path = out / f"seed_{seed}" / "pretrained.pt"
-    made_from = {"arch": arch, "options": options, "source_tasks": source_tasks, "channels": channels,
-                 "config": asdict(replace(config, seed=seed))}
+    made_from = {"arch": arch, "options": options, "source": source, "source_tasks": source_tasks,
+                 "channels": channels, "config": asdict(replace(config, seed=seed))}
     if _runner.reusable(path, made_from, console, f"pretraining, seed {seed}"):
         return path
     path.with_suffix(".json").unlink(missing_ok=True)  # no record claims the network until the new one is saved
@@ -78,11 +116,11 @@ def pretrain(arch: str, options: dict[str, Any], seed: int, config: TrainConfig,
         models.append(hatnorm.build(arch, num_tasks=1, norm="shared_bn", num_classes=10, **options))
         return models[-1]
 
-    source = source_task(seed, source_tasks, channels)
-    result = train_sequence(build, [source], FineTune(), replace(config, seed=seed), console=console,
+    data = source_task(seed, source_tasks, channels, source)
+    result = train_sequence(build, [data], FineTune(), replace(config, seed=seed), console=console,
                             title=f"{arch} pretraining s{seed}")
     console.print(f"pretraining, seed {seed}: source test accuracy {result.accuracy[0][0]:.4f} "
-                  f"({len(source.train)} images, {result.epochs[0]} epochs)")
+                  f"({len(data.train)} images, {result.epochs[0]} epochs)")
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(trunk_state(models[0]), path)
     _runner.record_source(path, made_from)
@@ -94,41 +132,83 @@ def batch_norms(model: nn.Module) -> list[hatnorm.MaskedNorm]:
 
 
 @torch.no_grad()
-def reset_norms(model: nn.Module) -> None:
-    """Every batch norm back to its initial state: statistics 0 and 1, γ = 1, β = 0, in every task slot."""
+def reset_affine(model: nn.Module) -> None:
+    """Every batch norm's γ back to 1 and β to 0, in every task slot (the statistics are left as they are)."""
     for norm in batch_norms(model):
-        norm.running_mean.zero_()
-        norm.running_var.fill_(1.0)
         norm.weight.fill_(1.0)
         norm.bias.zero_()
 
 
+def keep_statistics(model: nn.Module) -> None:
+    """Every batch norm normalises with its running statistics in training too, and they never move (precise BN's
+    re-estimation included); γ and β still train (:meth:`~hatnorm.MaskedNorm.freeze` without fixing them)."""
+    for norm in batch_norms(model):
+        norm.frozen = True
+
+
 def start(how: str, weights: Callable[[int], Path]) -> Callable[[nn.Module, int], None] | None:
-    """What a variant does to its fresh model before training."""
+    """What a variant starting ``how`` (one of ``STARTS``) does to its fresh model before training.
+
+    Raises:
+        ValueError: ``how`` is not one of ``STARTS``.
+    """
+    if how not in STARTS:
+        raise ValueError(f"how must be one of {list(STARTS)}, got {how!r}")
     if how == "random init":
         return None
 
     def prepare(model: nn.Module, seed: int) -> None:
         path = weights(seed)
         _runner.load_weights(model, _runner.read_weights(path), str(path))
-        if how == "BN reset":
-            reset_norms(model)
-        elif how == "BN frozen":
+        if how == "BN frozen":
             for norm in batch_norms(model):
                 norm.freeze()
+            return
+        if how.endswith("γβ reset"):
+            reset_affine(model)
+        if how.startswith("stats kept"):
+            keep_statistics(model)
 
     return prepare
 
 
-def contrasts(arch: str) -> list[Contrast]:
-    """Each start against copying BN per task, per norm (primary, average accuracy), and the two norms with BN
-    copied (exploratory)."""
-    pairs = []
-    for norm in NORMS:
-        copied = f"{arch} {LABELS[norm]}, BN copied"
-        pairs += [Contrast(copied, f"{arch} {LABELS[norm]}, {how}", primary=True) for how in STARTS
-                  if how != "BN copied"]
-    return [*pairs, Contrast(f"{arch} masked BN, BN copied", f"{arch} per-task BN, BN copied")]
+def label(arch: str, norm: str, how: str) -> str:
+    """A variant's label: HAT with ``norm`` started ``how``."""
+    return f"{arch} {LABELS[norm]}, {how}"
+
+
+#: the transfer check: SGD fine-tuning of the ungated network from random initialisation and from the source
+SGD_STARTS = ("random init", CONTROL)
+
+
+def sgd_label(arch: str, how: str) -> str:
+    return f"{arch} SGD, {how}"
+
+
+def contrasts(arch: str, norms: Sequence[str] = NORMS, starts: Sequence[str] = STARTS,
+              transfer: bool = True) -> list[Contrast]:
+    """The paired comparisons, where the run has both sides.
+
+    Primary, per norm on average accuracy: the control (statistics re-estimated, γ/β copied) against statistics
+    kept (the statistics question), against γ/β reset (the γ/β question) and against random initialisation
+    (does pretraining help HAT); and the transfer margin on the newest task's accuracy A[t][t] (each task right
+    after fine-tuning on it, which SGD's forgetting of earlier tasks does not enter): SGD from the source − SGD
+    from random initialisation (does the source transfer at all). Exploratory: the control against the other
+    starts, and the two norms.
+    """
+    primary_others = ("stats kept, γβ copied", "stats re-estimated, γβ reset", "random init")
+    out = []
+    if transfer:
+        out.append(Contrast(sgd_label(arch, CONTROL), sgd_label(arch, "random init"), "newest_accuracy",
+                            primary=True))
+    if CONTROL not in starts:
+        return out
+    for norm in norms:
+        out += [Contrast(label(arch, norm, CONTROL), label(arch, norm, how), primary=how in primary_others)
+                for how in starts if how != CONTROL]
+    if set(NORMS) <= set(norms):
+        out.append(Contrast(label(arch, "masked_bn", CONTROL), label(arch, "task_bn", CONTROL)))
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -138,8 +218,19 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--width", type=_cli.positive_float, default=None,
                    help="ResNet-18 base width (rounded), or AlexNet width multiplier (default: 4 for resnet18, "
                         "0.125 for alexnet)")
+    p.add_argument("--source", choices=SOURCES, default="rotated",
+                   help="pretraining source: the training digits rotated away from upright (transfers), or "
+                        "Permuted-MNIST tasks (transfers nothing measurable to upright digits)")
     p.add_argument("--source-tasks", type=_cli.positive_int, default=2,
-                   help="Permuted-MNIST tasks pooled into the pretraining source (4,000 images each)")
+                   help="rotated copies (or Permuted-MNIST tasks) pooled into the pretraining source (4,000 images "
+                        "each)")
+    p.add_argument("--norms", nargs="+", choices=NORMS, default=list(NORMS), help="norms under HAT")
+    p.add_argument("--starts", nargs="+", choices=STARTS, default=list(STARTS), help="how HAT's models start")
+    p.add_argument("--transfer-check", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run SGD fine-tuning from random initialisation and from the source (the transfer "
+                        "margin)")
+    p.add_argument("--resnet-stem", choices=("cifar", "imagenet"), default="cifar",
+                   help="ResNet-18 stem (imagenet: torchvision's 7×7 conv + max-pool, what ImageNet checkpoints hold)")
     p.add_argument("--c", type=_cli.non_negative_float, default=0.75, help="HAT capacity-regulariser weight")
     args = p.parse_args(argv)
     if args.width is None:
@@ -148,6 +239,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     console = _cli.console()
     tasks, channels, size = _cli.load_tasks(args, p)
     options = _cli.cnn_options(args.arch, args.width, channels, size)
+    if args.arch == "resnet18":
+        options["stem"] = args.resnet_stem
     weights_arg = args.weights  # the pretrained variants load it, not every model (checked by run_and_report)
     config = _cli.config(args, p)
     if weights_arg is not None:
@@ -156,16 +249,21 @@ def main(argv: Sequence[str] | None = None) -> dict:
             return weights_arg
     else:
         weights = partial(pretrain, args.arch, options, config=config, out=args.out, console=console,
-                          source_tasks=args.source_tasks, channels=channels)
+                          source_tasks=args.source_tasks, channels=channels, source=args.source)
         for seed in args.seeds:  # before any variant: every seed's source network is ready
             weights(seed)
-    variants = [Variant(f"{args.arch} {LABELS[norm]}, {how}", args.arch, norm, lambda: HATMethod(c=args.c), options,
-                        prepare=start(how, weights)) for norm in NORMS for how in STARTS]
-    source = weights_arg if weights_arg is not None else f"{args.source_tasks} Permuted-MNIST tasks"
+    variants = [Variant(label(args.arch, norm, how), args.arch, norm, lambda: HATMethod(c=args.c), options,
+                        prepare=start(how, weights)) for norm in args.norms for how in args.starts]
+    if args.transfer_check:
+        variants += [Variant(sgd_label(args.arch, how), args.arch, "shared_bn", FineTune, options,
+                             prepare=start(how, weights)) for how in SGD_STARTS]
+    kind = "rotated copies of the digits" if args.source == "rotated" else "Permuted-MNIST tasks"
+    source = weights_arg if weights_arg is not None else f"{args.source_tasks} {kind}"
     title = (f"Pretrained BN under HAT, {args.arch} from {source} ({args.data}, "
              f"{_cli.seeds_text(args.seeds)})")
     return _runner.run_and_report(variants, tasks, args, console, joint_norm={args.arch: JOINT_NORM}, title=title,
-                                  contrasts=contrasts(args.arch), parser_=p, weights_start_every_model=False)
+                                  contrasts=contrasts(args.arch, args.norms, args.starts, args.transfer_check),
+                                  parser_=p, weights_start_every_model=False)
 
 
 if __name__ == "__main__":

@@ -89,3 +89,24 @@ def test_a_contrast_of_a_run_made_before_the_protocol_reads_as_exploratory() -> 
            "difference": {"mean": 0.1, "std": 0.01, "low": 0.05, "high": 0.15, "n": 3, "confidence": 0.95}}
     assert contrast_cells(old) == ("x − y", "BWT", "exploratory", "+0.1000", "[+0.0500, +0.1500]", "n/a", "—", "n/a",
                                    "exploratory")
+
+
+def test_a_metric_of_the_accuracy_matrix_is_reported_where_a_table_declares_it() -> None:
+    """A[t][t] (each task right after it is learned) is read from the accuracy matrix; a table whose contrasts
+    name it reports it, every other table keeps its metrics."""
+    def run(diagonal: tuple[float, float], bwt: float) -> dict[str, object]:
+        first, second = diagonal
+        return run_of(0.0, bwt) | {"accuracy": [[first, math.nan], [first + bwt, second]]}
+
+    by_seed = {s: {"sgd": run((0.95, 0.97 + 0.01 * s), -0.2), "hat": run((0.90, 0.93 - 0.01 * s), 0.0)}
+               for s in range(3)}
+    declared = [Contrast("sgd", "hat", "newest_accuracy", primary=True)]
+    summary = aggregate(by_seed, declared)
+    assert summary["variants"]["sgd"]["summary"]["newest_accuracy"]["mean"] == pytest.approx((0.95 + 0.98) / 2)
+    gap = next(c for c in summary["contrasts"] if c["metric"] == "newest_accuracy")
+    # seed s: (0.95 + 0.97 + 0.01 s) / 2 − (0.90 + 0.93 − 0.01 s) / 2 = 0.045 + 0.01 s, mean over s = 0, 1, 2
+    assert gap["primary"] and gap["difference"]["mean"] == pytest.approx(0.055)
+    assert contrast_cells(gap)[1] == "newest acc"
+    plain = aggregate(by_seed, [Contrast("sgd", "hat", primary=True)])
+    assert set(plain["variants"]["sgd"]["summary"]) == set(METRICS)
+    assert {c["metric"] for c in plain["contrasts"]} == set(METRICS)

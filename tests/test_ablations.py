@@ -19,7 +19,20 @@ from transformers import ViTForImageClassification
 
 import hatnorm
 from ablations import __main__ as cli
-from ablations import _cli, _runner, curves, layernorm, norms, policy, pretrained, report, sweep
+from ablations import (
+    _cli,
+    _runner,
+    channelnorm,
+    cifar,
+    curves,
+    depth,
+    layernorm,
+    norms,
+    policy,
+    pretrained,
+    report,
+    sweep,
+)
 from ablations._protocol import holm, paired_t_pvalue, sign_flip_pvalue
 from hatnorm.stats import paired_difference, summarize
 from hatnorm.training import TrainConfig
@@ -156,7 +169,8 @@ def test_presets_and_optimizers_resolve_to_the_training_settings() -> None:
 
 @pytest.mark.parametrize("module", [layernorm, sweep, policy])
 def test_other_ablations_run(module, tmp_path) -> None:
-    extra = {layernorm: ["--dim", "8", "--depth", "1", "--norms", "masked_ln", "--stem", "conv", "--source-tasks", "1"],
+    extra = {layernorm: ["--dim", "8", "--depth", "1", "--norms", "masked_ln", "--stem", "conv", "--source-tasks", "1",
+                         "--c", "0.75"],
              sweep: ["--width", "0.05", "--s-max", "100", "--c", "0.5"],
              policy: ["--width", "0.05", "--norms", "masked_bn"]}[module]
     results = module.main([*TINY, "--out", str(tmp_path), *extra])
@@ -187,33 +201,73 @@ def test_the_pretrained_ablation_starts_from_a_source_network(tmp_path, capsys) 
                                "--source-tasks", "1"])
     out = capsys.readouterr().out
     assert "pretraining, seed 0: source test accuracy" in out and "Pretrained BN under HAT" in out
+    assert "from 1 rotated copies of the digits" in out
     saved = torch.load(tmp_path / "seed_0" / "pretrained.pt", weights_only=True)
     assert "convs.0.weight" in saved and "norms.0.running_mean" in saved
     assert not any(k.startswith(("gates.", "heads.")) for k in saved)  # what an ordinary checkpoint holds
-    assert len(results["variants"]) == 2 * 4
-    for r in results["variants"].values():
-        assert r["runs"]["0"]["bwt"] == 0.0  # HAT's hard policy with a task-aware norm, any start
+    # every start with both norms, and the transfer check's two SGD runs
+    assert len(results["variants"]) == 2 * len(pretrained.STARTS) + 2
+    for label, r in results["variants"].items():
+        if " SGD, " not in label:
+            assert r["runs"]["0"]["bwt"] == 0.0  # HAT's hard policy with a task-aware norm, any start
+    primaries = {(c["a"], c["b"]) for c in results["contrasts"] if c["primary"]}
+    control = "alexnet masked BN, stats re-estimated, γβ copied"
+    assert primaries >= {("alexnet SGD, stats re-estimated, γβ copied", "alexnet SGD, random init"),
+                         (control, "alexnet masked BN, stats kept, γβ copied"),
+                         (control, "alexnet masked BN, stats re-estimated, γβ reset"),
+                         (control, "alexnet masked BN, random init")}
     # a second run reuses the seed's source network
     pretrained.main([*TINY, "--out", str(tmp_path), "--arch", "alexnet", "--width", "0.05", "--source-tasks", "1",
                      "--resume"])
     assert "pretraining, seed 0: reusing" in capsys.readouterr().out
 
 
-def test_frozen_and_reset_starts_do_what_they_say() -> None:
-    model = hatnorm.build("alexnet", num_tasks=2, norm="masked_bn", num_classes=2, width=0.05, in_channels=1)
-    state = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in pretrained.trunk_state(model).items()}
-    state = {k: v.abs() if "running_var" in k else v for k, v in state.items()}
-    pretrained.start("BN frozen", lambda seed: _saved(state))(model, 0)
-    norm = model.norms[0]
-    assert norm.frozen and not norm.weight.requires_grad
-    assert torch.equal(norm.running_mean[1], state["norms.0.running_mean"][1])
-    model.train()
-    before = norm.running_mean.clone()
-    model(torch.randn(4, 1, 32, 32), task=0, s=400.0)
-    assert torch.equal(norm.running_mean, before)  # frozen statistics never move
-    pretrained.start("BN reset", lambda seed: _saved(state))(model, 0)
-    assert torch.equal(norm.running_var, torch.ones_like(norm.running_var)) and torch.equal(
-        norm.weight, torch.ones_like(norm.weight))
+def test_every_start_does_what_it_says() -> None:
+    def fresh(norm: str = "masked_bn") -> torch.nn.Module:
+        return hatnorm.build("alexnet", num_tasks=2, norm=norm, num_classes=2, width=0.05, in_channels=1)
+
+    # an ordinary network's checkpoint: one BatchNorm state per layer
+    source = pretrained.trunk_state(fresh("shared_bn"))
+    state = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in source.items()}
+    state = {k: v.abs() + 0.5 if "running_var" in k else v for k, v in state.items()}
+    path = _saved(state)
+    for how in pretrained.STARTS[1:]:
+        model = fresh()
+        pretrained.start(how, lambda seed: path)(model, 0)
+        norm = model.norms[0]
+        for t in range(2):  # the source's statistics in every task slot
+            assert torch.equal(norm.running_var[t], state["norms.0.running_var"]), how
+        reset = how.endswith("γβ reset")
+        assert torch.equal(norm.weight, torch.ones_like(norm.weight) if reset else state["norms.0.weight"]), how
+        assert norm.frozen == (how.startswith("stats kept") or how == "BN frozen"), how
+        assert norm.weight.requires_grad == (how != "BN frozen"), how
+        hatnorm.open_gates(model)  # every unit selected: a masked BN whose statistics follow the batch moves them all
+        model.train()
+        before = norm.running_mean.clone()
+        out = model(torch.randn(4, 1, 32, 32), task=0, s=400.0)
+        # kept statistics never move in training; re-estimated ones follow the batches
+        assert torch.equal(norm.running_mean, before) == norm.frozen, how
+        out.sum().backward()
+        assert (norm.weight.grad is not None) == (how != "BN frozen"), how
+    assert pretrained.start("random init", lambda seed: path) is None
+    with pytest.raises(ValueError, match=r"how must be one of \['random init', .*\], got 'BN copied'"):
+        pretrained.start("BN copied", lambda seed: path)
+
+
+def test_the_rotated_source_is_the_training_digits_in_other_poses() -> None:
+    """The default source: every training digit of the embedded MNIST (never a test image) once per copy, rotated
+    away from upright, with its digit as the label."""
+    train = [t.train for t in hatnorm.data.split_mnist(num_tasks=5)]
+    labels = torch.cat([d.tensors[1] + 2 * k for k, d in enumerate(train)])
+    images = torch.cat([d.tensors[0] for d in train])
+    source = pretrained.source_task(0, 2, 1, "rotated")
+    assert len(source.train) == 2 * len(images) and source.num_classes == 10
+    assert torch.equal(source.train.tensors[1], labels.repeat(2))
+    copies = source.train.tensors[0].split(len(images))
+    assert not torch.equal(copies[0], copies[1]) and not torch.equal(copies[0], images)
+    # the same seed, the same angles; another seed, others
+    assert torch.equal(pretrained.source_task(0, 2, 1, "rotated").train.tensors[0], source.train.tensors[0])
+    assert not torch.equal(pretrained.source_task(1, 2, 1, "rotated").train.tensors[0], source.train.tensors[0])
 
 
 def _saved(state: dict) -> Path:
@@ -269,7 +323,8 @@ def test_the_layernorm_ablation_converts_a_transformers_vit_from_a_saved_state_d
                 m.bias.normal_(0, 0.1)
     path = tmp_path / "vit.pt"
     torch.save(hf.state_dict(), path)
-    tiny = [*TINY, "--dim", "8", "--depth", "1", "--heads", "2", "--norms", "masked_ln"]
+    tiny = [*TINY, "--dim", "8", "--depth", "1", "--heads", "2", "--norms", "masked_ln", "--positions", "pre", "--c",
+            "0.75"]
     results = layernorm.main([*tiny, "--hf-weights", str(path), "--out", str(tmp_path / "out")])
     label = "transformers ViT HAT masked LN (converted)"
     assert results["variants"][label]["runs"]["0"]["bwt"] == 0.0  # converted with masked LN: nothing forgotten
@@ -292,6 +347,92 @@ def test_the_layernorm_ablation_converts_a_transformers_vit_from_a_saved_state_d
     assert exit_.value.code == 2
     assert f"--hf-weights: {path} does not fit a ViTForImageClassification of the ablation's sizes" in \
         capsys.readouterr().err
+
+
+def test_the_layernorm_ablation_puts_the_norm_before_and_after_each_block(tmp_path) -> None:
+    results = layernorm.main([*TINY, "--dim", "8", "--depth", "1", "--heads", "2", "--norms", "shared_ln", "masked_ln",
+                              "--no-converted", "--out", str(tmp_path)])
+    variants = results["variants"]
+    assert list(variants) == [
+        "vit_micro HAT shared LN c=0.1", "vit_micro HAT masked LN c=0.1", "vit_micro HAT shared LN c=0.75",
+        "vit_micro HAT masked LN c=0.75", "vit_micro SGD", "vit_micro post-norm HAT shared LN c=0.1",
+        "vit_micro post-norm HAT masked LN c=0.1", "vit_micro post-norm HAT shared LN c=0.75",
+        "vit_micro post-norm HAT masked LN c=0.75", "vit_micro post-norm SGD"]
+    for label, r in variants.items():
+        if "masked LN" in label or ("SGD" not in label and "post-norm" not in label):
+            assert r["runs"]["0"]["bwt"] == 0.0, label  # masked LN anywhere, and every pre-norm LN, by construction
+    saved = json.loads((tmp_path / "seed_0" / "vit_micro_post_norm_hat_masked_ln_c_0_1" / "results.json").read_text())
+    assert saved["options"]["norm_position"] == "post"
+    primaries = {(c["a"], c["b"], c["metric"]) for c in results["contrasts"] if c["primary"]}
+    assert primaries == {(f"vit_micro post-norm HAT masked LN c={c}", f"vit_micro post-norm HAT shared LN c={c}", "bwt")
+                         for c in ("0.1", "0.75")}
+
+
+def test_the_channel_norm_ablation_contrasts_masked_and_every_channel_forms(tmp_path) -> None:
+    results = channelnorm.main([*TINY, "--archs", "alexnet", "--alexnet-width", "0.05", "--norms", "masked_cln",
+                                "shared_cln", "task_gn", "masked_gn", "--out", str(tmp_path)])
+    variants = results["variants"]
+    assert list(variants) == ["alexnet HAT masked CLN", "alexnet HAT shared CLN", "alexnet HAT per-task GN",
+                              "alexnet HAT masked GN", "alexnet SGD"]
+    assert variants["alexnet SGD"]["norm"] == "shared_cln"
+    for label in ("alexnet HAT masked CLN", "alexnet HAT masked GN"):
+        assert variants[label]["runs"]["0"]["bwt"] == 0.0
+    primaries = {(c["a"], c["b"], c["metric"]) for c in results["contrasts"] if c["primary"]}
+    assert primaries == {("alexnet HAT masked CLN", "alexnet HAT shared CLN", "bwt"),
+                         ("alexnet HAT masked GN", "alexnet HAT per-task GN", "bwt")}
+
+
+def test_the_depth_ablation_measures_the_newest_task_gap(tmp_path, capsys) -> None:
+    results = depth.main([*TINY, "--depths", "10", "34", "--c", "0.75", "--width", "2", "--no-joint", "--out",
+                          str(tmp_path)])
+    assert list(results["variants"]) == ["resnet10 HAT c=0.75", "resnet10 SGD", "resnet34 HAT c=0.75", "resnet34 SGD"]
+    for r in results["variants"].values():
+        A = r["runs"]["0"]["accuracy"]
+        assert r["summary"]["newest_accuracy"]["mean"] == pytest.approx((A[0][0] + A[1][1]) / 2)
+    gaps = [(c["a"], c["b"], c["metric"]) for c in results["contrasts"] if c["primary"]]
+    assert gaps == [("resnet10 SGD", "resnet10 HAT c=0.75", "newest_accuracy"),
+                    ("resnet34 SGD", "resnet34 HAT c=0.75", "newest_accuracy")]
+    assert results["variants"]["resnet34 SGD"]["parameters"] > results["variants"]["resnet10 SGD"]["parameters"]
+    assert "newest acc" in capsys.readouterr().out
+    assert "newest_accuracy_mean" in (tmp_path / "results.csv").read_text().splitlines()[0]
+    report.main([str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert "| variant | parameters | avg acc | BWT | ρ^{≤T} | newest acc | BWT < 0 on | epochs/task | min A_J |" \
+        in printed
+    rows = [line for line in printed.splitlines() if line.startswith("| resnet")]
+    assert len(rows) == 4
+    for row in rows:  # no joint training: neither ρ nor A_J
+        cells = row.split(" | ")
+        assert cells[4] == "n/a" and row.endswith("| n/a |")
+
+
+def test_the_cifar_program_runs_every_part_end_to_end(tmp_path, capsys) -> None:
+    """The natural-image program on the small fake CIFAR folder: every BN variant, SGD, EWC and joint training
+    from random initialisation, and from an ImageNet-style ResNet-18 checkpoint (here one of base width 8)."""
+    source = hatnorm.build("resnet18", num_tasks=1, norm="shared_bn", num_classes=10, base_width=8, stem="imagenet")
+    weights = _saved(pretrained.trunk_state(source))
+    write_fake_cifar(tmp_path / "data", train_per_class=6, test_per_class=2)
+    argv = ["--data-root", str(tmp_path / "data"), "--unverified-data", "--tasks", "2", "--epochs", "1",
+            "--batch-size", "8", "--seeds", "0", "--resnet-width", "8", "--alexnet-width", "0.05", "--out",
+            str(tmp_path / "out")]
+    cifar.main([*argv, "--dry-run"])
+    assert "the ImageNet parts (norms_imagenet, pretrained) are skipped" in capsys.readouterr().out
+    done = cifar.main([*argv, "--weights", str(weights)])
+    out = capsys.readouterr().out
+    assert list(done) == ["norms", "norms_imagenet", "pretrained"]
+    assert f"[norms] python -m ablations.norms --data cifar --data-root {tmp_path / 'data'}" in out
+    for arch in ("resnet18", "alexnet"):
+        assert {f"{arch} HAT {n}" for n in norms.LABELS.values()} | {f"{arch} SGD", f"{arch} EWC"} == {
+            label for label in done["norms"]["variants"] if label.startswith(arch)}
+    assert set(done["norms_imagenet"]["variants"]) == {label for label in done["norms"]["variants"]
+                                                      if label.startswith("resnet18")}
+    assert f"--weights: every model starts from {weights}" in out
+    for name in done:
+        saved = json.loads((tmp_path / "out" / name / "results.json").read_text())
+        assert saved["tasks"][0].startswith("cifar10") and saved["seeds"] == [0]
+    # an interrupted program continues: every finished run is read back
+    cifar.main([*argv, "--weights", str(weights), "--resume"])
+    assert "source test accuracy" not in capsys.readouterr().out
 
 
 def _hat_guarantees_no_forgetting(label: str) -> bool:
