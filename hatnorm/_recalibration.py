@@ -6,16 +6,18 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from hatnorm._inputs import Inputs, call, finite_samples, map_inputs, split_batch
 from hatnorm._norms import MaskedNorm
 from hatnorm.distributed import shard
 
 
-def finite(x: Tensor) -> bool:
-    """Whether every input value is finite (integer inputs, such as token ids, always are)."""
-    return bool(torch.isfinite(x).all())
+def finite(x: Inputs) -> bool:
+    """Whether every input value is finite (integer inputs, such as token ids, always are); ``x`` one tensor or
+    tensors by name."""
+    return bool(finite_samples(x).all())
 
 
 def skip_hint(what: str) -> str:
@@ -35,7 +37,8 @@ def recalibrate_norms(model: nn.Module, parts: Sequence[tuple[int, Dataset]], ba
 
     Args:
         model: the network; its forward takes ``task=``.
-        parts: ``(task, data)`` pairs, ``data`` a dataset of ``(x, y)`` pairs.
+        parts: ``(task, data)`` pairs, ``data`` a dataset of ``(x, y)`` pairs or of dicts of named tensors (the
+            model's inputs by name, and ``labels``).
         batch_size: the batch size of the passes (a part larger than one batch drops its last, smaller batch).
         nonfinite: what a batch whose inputs hold NaN or inf does: ``"raise"`` a ValueError, or ``"skip"``:
             it is left out.
@@ -53,7 +56,8 @@ def recalibrate_norms(model: nn.Module, parts: Sequence[tuple[int, Dataset]], ba
         for m in norms:
             m.train()
         for task, data in parts:
-            for b, (x, _) in enumerate(DataLoader(data, batch_size=batch_size, drop_last=len(data) > batch_size)):
+            for b, batch in enumerate(DataLoader(data, batch_size=batch_size, drop_last=len(data) > batch_size)):
+                x, _ = split_batch(batch)
                 if not finite(x):
                     if nonfinite == "skip":
                         continue
@@ -62,7 +66,7 @@ def recalibrate_norms(model: nn.Module, parts: Sequence[tuple[int, Dataset]], ba
                     key = (i, m.statistics_slot(task))
                     seen[key] = seen.get(key, 0) + 1
                     m.momentum = 1.0 / seen[key]
-                model(shard(x), task=task)
+                call(model, map_inputs(shard, x), task=task)
     finally:
         for m, momentum in zip(norms, momenta, strict=True):
             m.momentum = momentum

@@ -104,14 +104,16 @@ class GatedAttention(nn.Module):
         self.to_out = nn.Linear(inner, dim)
 
     def forward(self, x: Tensor, stream_gate: Tensor, task: int, s: float | Tensor | None, *,
-                trusted: bool = False) -> Tensor:
+                trusted: bool = False, attn_mask: Tensor | None = None) -> Tensor:
         """The gated update ``[N, n, D]`` for the stream ``x``, given the stream's gate values ``stream_gate``;
-        ``trusted``: ``task`` and ``s`` were checked by the caller (see :meth:`hatnorm.HATGate.forward`)."""
+        ``trusted``: ``task`` and ``s`` were checked by the caller (see :meth:`hatnorm.HATGate.forward`).
+        ``attn_mask``: which keys each query attends to, ``F.scaled_dot_product_attention``'s (a bool
+        ``[N, 1, n, n]`` for padding and causal masks; every query must attend to some key)."""
         h = self.norm(x, stream_gate, task, trusted=trusted)
         q, k, v = (rearrange(gated_linear(h, proj, gate(task, s, trusted=trusted)), "b n (h d) -> b h n d",
                              h=self.heads)
                    for proj, gate in ((self.to_q, self.gate_q), (self.to_k, self.gate_k), (self.to_v, self.gate_v)))
-        out = rearrange(F.scaled_dot_product_attention(q, k, v), "b h n d -> b n (h d)")
+        out = rearrange(F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask), "b h n d -> b n (h d)")
         return gated_linear(out, self.to_out, stream_gate)
 
     def wiring(self, stream: HATGate) -> list[Layer]:
@@ -159,11 +161,11 @@ class GatedFeedForward(nn.Module):
 
 
 def run_blocks(x: Tensor, stream_gate: Tensor, attentions: nn.ModuleList, feedforwards: nn.ModuleList, task: int,
-               s: float | Tensor | None, *, trusted: bool = False) -> Tensor:
+               s: float | Tensor | None, *, trusted: bool = False, attn_mask: Tensor | None = None) -> Tensor:
     """The pre-norm residual blocks: ``x += attention(x)`` then ``x += feedforward(x)``, block by block
-    (``trusted``: ``task`` and ``s`` were checked by the caller)."""
+    (``trusted``: ``task`` and ``s`` were checked by the caller; ``attn_mask``: see :meth:`GatedAttention.forward`)."""
     for attention, feedforward in zip(attentions, feedforwards, strict=True):
-        x = x + attention(x, stream_gate, task, s, trusted=trusted)
+        x = x + attention(x, stream_gate, task, s, trusted=trusted, attn_mask=attn_mask)
         x = x + feedforward(x, stream_gate, task, s, trusted=trusted)
     return x
 

@@ -33,9 +33,49 @@ MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 SPLIT_SEED = 0
 
 
+#: the label of a position that takes no loss and no part in the accuracy (``F.cross_entropy``'s ``ignore_index``)
+IGNORE_INDEX = -100
+
+
+class NamedTensorDataset(TensorDataset):
+    """A :class:`~torch.utils.data.TensorDataset` whose samples are dicts of named tensors.
+
+    ``NamedTensorDataset(input_ids=ids, attention_mask=mask, labels=labels)[i]`` is
+    ``{"input_ids": ids[i], "attention_mask": mask[i], "labels": labels[i]}``, and a ``DataLoader`` batches
+    such samples into dicts: the inputs of a language model as keyword arguments, beside its ``labels``. The
+    trainer passes every entry but ``labels`` to the model by name (``model(input_ids=..., attention_mask=...,
+    task=t)``). ``tensors`` holds them in the order given; ``labels`` must come last.
+
+    Args:
+        tensors: name → tensor, all with the same first dimension (the samples); ``labels`` last.
+    """
+
+    def __init__(self, **tensors: Tensor) -> None:
+        if not tensors or list(tensors)[-1] != "labels":
+            raise ValueError(f"tensors must name the model's inputs and then labels, last; got the names "
+                             f"{list(tensors)}")
+        for name, tensor in tensors.items():
+            if not isinstance(tensor, Tensor):
+                raise TypeError(f"tensors[{name!r}] must be a tensor, got {type(tensor).__name__}")
+        sizes = {name: len(tensor) for name, tensor in tensors.items()}
+        if len(set(sizes.values())) != 1:
+            raise ValueError(f"tensors must hold the same number of samples each, got {sizes}")
+        super().__init__(*tensors.values())
+        self.names = tuple(tensors)
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:  # type: ignore[override]
+        return {name: tensor[index] for name, tensor in zip(self.names, self.tensors, strict=True)}
+
+
 @dataclass(frozen=True)
 class Task:
     """One task of a sequence.
+
+    Labels ``[N]`` are class labels. Labels ``[N, L]`` (with a :class:`NamedTensorDataset` whose ``input_ids``
+    are ``[N, L]``) are next-token targets in the convention of transformers' causal language models:
+    ``labels[n, i]`` is the token the logits at position ``i − 1`` must predict, :data:`IGNORE_INDEX` where no
+    loss is taken (the prompt, the padding); a sample is answered right when every target token is the
+    argmax (exact match of the greedy answer). Their ``classes`` are the vocabulary's token ids.
 
     Attributes:
         name: a readable name (``"mnist-0/1"``).
@@ -55,16 +95,31 @@ class Task:
             if not isinstance(data, TensorDataset) or not data.tensors:
                 continue
             labels = data.tensors[-1]
+            tokens = labels.dim() == 2
             bad = (labels < 0) | (labels >= self.num_classes)
+            if tokens:
+                bad &= labels != IGNORE_INDEX
             if bool(bad.any()):
                 where = int(bad.nonzero()[0, 0])
+                allowed = f" or {IGNORE_INDEX} (no target)" if tokens else ""
                 raise ValueError(f"Task {self.name!r}: {split} labels must be local to the task, in "
-                                 f"[0, {self.num_classes}) for its classes {list(self.classes)}; got "
-                                 f"{int(labels[where])} at sample {where}")
+                                 f"[0, {self.num_classes}){allowed} for its classes {_shown(self.classes)}; got "
+                                 f"{int(labels[bad][0])} at sample {where}")
+            empty = (labels == IGNORE_INDEX).all(1) if tokens else None
+            if empty is not None and bool(empty.any()):
+                raise ValueError(f"Task {self.name!r}: every {split} sample needs at least one target token, but "
+                                 f"sample {int(empty.nonzero()[0, 0])} holds only {IGNORE_INDEX}")
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+
+def _shown(classes: tuple[int, ...]) -> str:
+    """The classes as a message shows them: all of a few, the range of many consecutive ones."""
+    if len(classes) > 20 and classes == tuple(range(classes[0], classes[0] + len(classes))):
+        return f"{classes[0]}..{classes[-1]}"
+    return str(list(classes))
 
 
 def fingerprint(data: Dataset) -> str:
@@ -81,6 +136,8 @@ def fingerprint(data: Dataset) -> str:
         digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
         digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
 
+    if isinstance(data, NamedTensorDataset):
+        digest.update(repr(data.names).encode())
     if isinstance(data, TensorDataset):
         for tensor in data.tensors:
             add(tensor)

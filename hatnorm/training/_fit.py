@@ -10,15 +10,23 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler, SequentialLR
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from hatnorm._inputs import Inputs, call, map_inputs, split_batch
 from hatnorm.distributed import average_gradients, convert_sync, shard, share_weight, world_size
 from hatnorm.training._config import TrainConfig
 from hatnorm.training._display import Display
-from hatnorm.training._evaluation import diverged, evaluate, finite, precise_statistics, skip_hint
+from hatnorm.training._evaluation import (
+    cross_entropy,
+    diverged,
+    evaluate,
+    finite,
+    logits_of,
+    precise_statistics,
+    skip_hint,
+)
 from hatnorm.training._methods import Method
 
 #: the fewest samples a rank trains on in one step: batch statistics need two
@@ -117,26 +125,18 @@ class FitState:
         return cls(**state | {"optimizer": optimizer})
 
 
-def _logits(output: object, model: nn.Module) -> Tensor:
-    """The training forward's logits; a model that returns more (auxiliary classifiers' logits) is refused."""
-    if not isinstance(output, Tensor):
-        raise TypeError(f"model must return a logits tensor in training, got {type(output).__name__} from "
-                        f"{type(model).__name__} (a model with auxiliary classifiers): train it with a loop of your "
-                        "own that combines their losses, or build it without them (e.g. aux_logits=False)")
-    return output
-
-
-def _batch_loss(model: nn.Module, x: Tensor, y: Tensor, task: int, s: float, where: str, classes: int) -> Tensor:
+def _batch_loss(model: nn.Module, x: Inputs, y: Tensor, task: int, s: float, where: str, classes: int) -> Tensor:
     """This rank's part of the batch's mean loss: its share's mean loss weighted by :func:`share_weight`.
 
     A head with fewer outputs than the task has classes is refused, naming the task.
     """
-    logits = _logits(model(shard(x), task=task, s=s), model)
-    if logits.dim() > 1 and logits.shape[1] < classes:
-        raise ValueError(f"{where}: the model's head gives {logits.shape[1]} outputs, but the task has {classes} "
+    logits = logits_of(call(model, map_inputs(shard, x), task=task, s=s), model)
+    outputs = logits.shape[-1 if y.dim() == 2 else 1] if logits.dim() > 1 else None
+    if outputs is not None and outputs < classes:
+        raise ValueError(f"{where}: the model's head gives {outputs} outputs, but the task has {classes} "
                          f"classes (labels up to {classes - 1}): build the model with num_classes ≥ {classes} for "
                          "this task (a list gives every task its own)")
-    return F.cross_entropy(logits, shard(y)) * share_weight(len(y))
+    return cross_entropy(logits, shard(y)) * share_weight(len(y))
 
 
 def fit_task(model: nn.Module, method: Method, task_ids: Sequence[int], train: Sequence[Dataset],
@@ -187,7 +187,8 @@ def fit_task(model: nn.Module, method: Method, task_ids: Sequence[int], train: S
         model.train()
         loaders = [_batches(d, config.batch_size, seed * 1000 + epoch) for d in train]
         running, trained, skipped_now = 0.0, 0, 0
-        for b, batches in enumerate(zip(*loaders, strict=False)):
+        for b, raw in enumerate(zip(*loaders, strict=False)):
+            batches = [split_batch(batch) for batch in raw]
             s = method.scale(b, steps_per_epoch)
             bad = [t for t, (x, _) in zip(task_ids, batches, strict=True) if not finite(x)]
             if bad:

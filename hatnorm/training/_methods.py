@@ -7,15 +7,15 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from hatnorm._checks import check_non_negative, check_positive_int
 from hatnorm._gate import HATGate
 from hatnorm._hat import HAT
+from hatnorm._inputs import call, split_batch
 from hatnorm._policies import GradientPolicy
-from hatnorm.training._evaluation import finite
+from hatnorm.training._evaluation import cross_entropy, finite, logits_of
 
 
 class Method(ABC):
@@ -169,13 +169,14 @@ class EWC(FineTune):
         model.eval()
         loader = DataLoader(data, batch_size=32, shuffle=False)
         seen = 0
-        for i, (x, y) in enumerate(loader):
+        for i, batch in enumerate(loader):
+            x, y = split_batch(batch)
             if i == self.fisher_batches:
                 break
             if not finite(x):  # only reached with TrainConfig(nonfinite="skip"): training raised otherwise
                 continue
             model.zero_grad()
-            F.cross_entropy(model(x, task=task), y, reduction="sum").backward()
+            cross_entropy(logits_of(call(model, x, task=task), model), y, "sum").backward()
             for n, p in named.items():
                 if p.grad is not None:
                     fisher[n] += p.grad.square()
