@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from hatnorm._convert_params import TaskModule, TaskParameter
+from hatnorm._convert.params import TaskModule, TaskParameter
 from hatnorm._gate import HATGate
 from hatnorm._hat import Layer
 from hatnorm._masks import MaskSource, Select

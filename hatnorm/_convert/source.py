@@ -9,7 +9,7 @@ import torch
 from torch import fx
 
 _TORCH = Path(torch.__file__).parent
-_TRACING = Path(__file__).with_name("_tracing.py")
+_TRACING = Path(__file__).with_name("tracing.py")
 
 
 def where(node: fx.Node) -> str:
@@ -18,12 +18,19 @@ def where(node: fx.Node) -> str:
     target = node.target
     op = target if isinstance(target, str) else getattr(target, "__name__", repr(target))
     stack = node.meta.get("nn_module_stack") or {}
-    path, owner = next(reversed(stack.items()), ("", None))
+    key, owner = next(reversed(stack.items()), ("", None))
+    path = module_path(key)
     owner_name = owner[1].__name__ if isinstance(owner, tuple) and isinstance(owner[1], type) else None
     module = (f"module {path!r} ({owner_name})" if path and owner_name else f"module {path!r}" if path
               else "the model's own forward")
     frames = model_frames(node)
     return f"{module}{source_line(frames[-1]) if frames else ''}: operation {op}"
+
+
+def module_path(key: str) -> str:
+    """The module path of a key of a node's ``nn_module_stack``: ``torch.fx`` names the second call of a module
+    ``path@1``, the third ``path@2``."""
+    return re.sub(r"@\d+$", "", key)
 
 
 def model_frames(node: fx.Node) -> list[tuple[str, str, str]]:
@@ -42,7 +49,8 @@ def call_site(gm: fx.GraphModule, name: str) -> str:
     """The source line that calls the module at path ``name`` in the traced forward (``aux1 = self.aux1(x)``)."""
     call = re.compile(rf"\bself\.{re.escape(name.rpartition('.')[2])}\(")
     for node in gm.graph.nodes:
-        if name in (node.meta.get("nn_module_stack") or {}) or (node.op == "call_module" and node.target == name):
+        paths = {module_path(key) for key in node.meta.get("nn_module_stack") or {}}
+        if name in paths or (node.op == "call_module" and node.target == name):
             frames = model_frames(node)
             calls = [f for f in frames if call.search(f[2])]
             return source_line(calls[-1] if calls else frames[-1]) if frames else ""

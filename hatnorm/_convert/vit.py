@@ -13,7 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from hatnorm._checks import check_batch, check_task, check_training_scale
-from hatnorm._conversion_error import ConversionError
+from hatnorm._convert.error import ConversionError
+from hatnorm._convert.probes import unitwise_failure
 from hatnorm._gate import HATGate
 from hatnorm._hat import HATModule, Layer
 from hatnorm._heads import TaskHeads
@@ -21,7 +22,6 @@ from hatnorm._masks import MaskSource
 from hatnorm._norm_registry import NormSpec
 from hatnorm._norms import MaskedNorm
 from hatnorm._transformer import GatedAttention, GatedFeedForward, TokenEmbedding, blocks_wiring, run_blocks
-from hatnorm._units import unitwise_failure
 
 
 def is_transformers_vit(module: nn.Module) -> bool:

@@ -23,8 +23,8 @@ from torch import Tensor, fx, nn
 from torch.fx import _symbolic_trace
 from torch.fx.proxy import Attribute
 
-from hatnorm._convert_windows import is_window_attention
-from hatnorm._units import user_module_classes
+from hatnorm._convert.table import OPS
+from hatnorm._convert.windows import is_window_attention
 
 
 def is_drop_path(module: nn.Module) -> bool:
@@ -40,7 +40,7 @@ def is_drop_path(module: nn.Module) -> bool:
 
 def is_transformers_activation(module: nn.Module) -> bool:
     """An activation module of ``transformers.activations`` (``ACT2FN``'s own classes): kept as a call, and judged by
-    what it does on a probe (:func:`hatnorm._units.unitwise_failure`)."""
+    what it does on a probe (:func:`hatnorm._convert.probes.unitwise_failure`)."""
     return type(module).__module__ == "transformers.activations"
 
 
@@ -124,7 +124,7 @@ class _Tracer(fx.Tracer):
         return super().getattr(attr, attr_val, parameter_proxy_cache)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, user_module_classes()) or is_drop_path(m) or is_transformers_activation(m) or \
+        return isinstance(m, OPS.module_classes()) or is_drop_path(m) or is_transformers_activation(m) or \
             is_window_attention(m) or super().is_leaf_module(m, module_qualified_name)
 
 

@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from hatnorm._conversion_error import ConversionError
-from hatnorm._node_source import call_site
-from hatnorm._tracing import eliminate_dead_code, trace
+from hatnorm._convert.error import ConversionError
+from hatnorm._convert.source import call_site, module_path
+from hatnorm._convert.tracing import eliminate_dead_code, trace
 
 
 @dataclass
@@ -50,7 +50,7 @@ def used_modules(gm: fx.GraphModule) -> set[str]:
     """The paths of the modules a traced forward runs (called as leaves, or inlined into its nodes)."""
     used = set()
     for node in gm.graph.nodes:
-        used.update(node.meta.get("nn_module_stack") or {})
+        used.update(module_path(key) for key in node.meta.get("nn_module_stack") or {})
         if node.op == "call_module":
             used.add(node.target)
     return used

@@ -1,0 +1,158 @@
+"""Handlers of attention: ``nn.MultiheadAttention`` and torchvision's shifted-window attention (replaced by gated
+modules), ``F.scaled_dot_product_attention``, and attention written out (``q @ kᵀ`` gives scores that mix tokens,
+not features; scaled, masked, softmaxed and dropped out they stay scores; ``scores @ v`` has v's units)."""
+
+from __future__ import annotations
+
+from torch import fx
+
+from hatnorm._convert.error import ConversionError
+from hatnorm._convert.runtime import GatedMultiheadAttention
+from hatnorm._convert.state import WalkState
+from hatnorm._convert.table import Handler
+from hatnorm._convert.units import Units
+from hatnorm._convert.values import Derived, Scale, Scores, tensor_args
+from hatnorm._convert.windows import GatedShiftedWindowAttention
+
+
+def _attention(state: WalkState, node: fx.Node, where: str) -> None:
+    """Self-attention becomes :class:`GatedMultiheadAttention`, its output units those of a new gate."""
+    module = state.module(node)
+    state.resolve(node, where)
+    inputs = list(node.args[:3]) + [node.kwargs[k] for k in ("query", "key", "value") if k in node.kwargs]
+    masks = [k for k in ("key_padding_mask", "attn_mask") if node.kwargs.get(k) is not None]
+    if len(inputs) != 3 or len(set(inputs)) != 1 or masks or len(node.args) > 3:
+        raise ConversionError(f"{where}: only self-attention without masks (query, key and value one tensor) "
+                              "is supported")
+    if module.bias_k is not None or module.add_zero_attn or not module._qkv_same_embed_dim:
+        raise ConversionError(f"{where}: attention with extra key/value biases, zero attention or other key and "
+                              "value sizes is not supported")
+    x = inputs[0]
+    inp = state.read(x, -1, module.embed_dim, where)
+    rank = state.rank(x)
+    gated = GatedMultiheadAttention(module, num_tasks=state.num_tasks, s_max=state.s_max)
+    state.gm.delete_submodule(node.target)
+    state.gm.add_submodule(node.target, gated)
+    node.args, node.kwargs = (x, x, x, state.task, state.s), {}
+    state.layers += gated.wiring(inp)
+    state.units[node] = (Units.of_gate(gated.gate_out, rank, -1), None)
+
+
+def _window_attention(state: WalkState, node: fx.Node, where: str) -> None:
+    """torchvision's Swin window attention becomes :class:`GatedShiftedWindowAttention`."""
+    module = state.module(node)
+    state.resolve(node, where)
+    x = node.args[0]
+    inp = state.read(x, -1, module.qkv.in_features, where)
+    rank = state.rank(x)
+    gated = GatedShiftedWindowAttention(module, num_tasks=state.num_tasks, s_max=state.s_max)
+    state.gm.delete_submodule(node.target)
+    state.gm.add_submodule(node.target, gated)
+    node.args, node.kwargs = (x, state.task, state.s), {}
+    state.layers += gated.wiring(inp)
+    state.units[node] = Units.of_gate(gated.gate_out, rank, -1)
+
+
+def _attention_function(state: WalkState, node: fx.Node, where: str) -> None:
+    """``F.scaled_dot_product_attention(q, k, v)``: mixes tokens only, so the output has v's units (a closed q or
+    k feature is 0 in every score, a closed v feature 0 in every output)."""
+    state.resolve(node, where)
+    q, k, v = (state.gated(a, where) for a in node.args[:3])
+    if v is None or q is None or k is None:
+        raise ConversionError(f"{where}: attention over raw data")
+    mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+    bias = state.units.get(mask) if isinstance(mask, fx.Node) else None
+    if isinstance(bias, Derived):
+        state.per_task(bias.params, v.source)
+    elif bias is not None:
+        raise ConversionError(f"{where}: an attention mask computed from gated units")
+    state.units[node] = Units(v.source, v.index)
+
+
+def _matmul(state: WalkState, node: fx.Node, where: str) -> None:
+    """``q @ kᵀ`` gives scores (tokens × tokens); ``scores @ v`` has v's units."""
+    state.resolve(node, where)
+    a, b = (state.units.get(x) for x in node.args[:2])
+    if isinstance(a, Units) and isinstance(b, Units):
+        state.units[node] = Scores()
+    elif isinstance(a, Scores) and isinstance(b, Units):
+        state.per_task(a.params, b.source)
+        state.units[node] = Units(b.source, b.index)
+    else:
+        raise ConversionError(f"{where}: a matrix product is supported as attention (q @ kᵀ, then scores @ v)")
+
+
+def _einsum(state: WalkState, node: fx.Node, where: str) -> None:
+    """An einsum that is attention's ``q @ kᵀ`` (``…id,…jd->…ij``: scores) or ``scores @ v`` (``…ij,…jd->…id``:
+    v's units), as MaxViT writes them."""
+    state.resolve(node, where)
+    equation, *operands = node.args
+    if len(operands) == 1 and isinstance(operands[0], list | tuple):
+        operands = list(operands[0])
+    form = _attention_einsum(equation) if isinstance(equation, str) and len(operands) == 2 else None
+    a, b = (state.units.get(x) for x in operands) if len(operands) == 2 else (None, None)
+    if form == "scores" and isinstance(a, Units) and isinstance(b, Units):
+        state.units[node] = Scores()
+    elif form == "values" and isinstance(a, Scores) and isinstance(b, Units) and (
+            b.index.dim() < 2 or b.index.shape[-2] == 1):
+        state.per_task(a.params, b.source)
+        state.units[node] = Units(b.source, b.index)
+    else:
+        raise ConversionError(f"{where}: an einsum is supported as attention ('...id,...jd->...ij' on q and k, "
+                              f"then '...ij,...jd->...id' on the scores and v), got {equation!r}")
+
+
+def _attention_einsum(equation: str) -> str | None:
+    """``"scores"`` for an einsum equation that is ``q @ kᵀ`` over shared leading dims, ``"values"`` for
+    ``scores @ v``, else ``None``."""
+    operands, arrow, out = equation.replace(" ", "").partition("->")
+    parts = operands.split(",")
+    if not arrow or len(parts) != 2 or "." in equation or len({len(parts[0]), len(parts[1]), len(out)}) != 1 or \
+            len(out) < 2 or len(set(out)) != len(out):
+        return None
+    a, b = parts
+    if not a[:-2] == b[:-2] == out[:-2]:
+        return None
+    if a[-1] == b[-1] and a[-2] != b[-2] and out[-2:] == a[-2] + b[-2] and a[-1] not in out:
+        return "scores"
+    if a[-1] == b[-2] and out[-2] == a[-2] and out[-1] == b[-1] and a[-1] not in out and a[-2] != b[-1]:
+        return "values"
+    return None
+
+
+
+def pass_scores(state: WalkState, node: fx.Node, where: str, handler: Handler | None) -> None:
+    """Attention scores through an op whose handler keeps them scores (scaling, a mask or a bias of raw data or a
+    position bias, softmax, dropout, moves): still scores, biased by the parameters of any position bias."""
+    state.resolve(node, where)
+    tensors = [a for a in tensor_args(node) if a in state.units or a in state.pending]
+    others = [state.units.get(t) for t in tensors if not isinstance(state.units.get(t), Scores)]
+    if handler is None or handler.scores != "keeps" or any(o is not None and not isinstance(o, Derived)
+                                                           for o in others):
+        raise ConversionError(f"{where}: attention scores may only be scaled, masked, biased by data or a "
+                              "position bias, softmaxed or dropped out before they weigh the values")
+    params = [p for t in tensors if isinstance(state.units.get(t), Scores | Derived) for p in state.units[t].params]
+    state.units[node] = Scores(tuple(dict.fromkeys(params)))
+
+
+def _softmax(state: WalkState, node: fx.Node, where: str) -> None:
+    """A softmax of gated units (a selective kernel's weights over its paths): it mixes the units along its dim and
+    gives f(0) ≠ 0, so, like a sigmoid, its output may only scale a gated tensor."""
+    state.resolve(node, where)
+    state.units[node] = Scale(state.gated(node.args[0], where))
+
+
+def _scores_only(state: WalkState, node: fx.Node, where: str) -> None:
+    raise ConversionError(f"{where}: a masked fill is supported on attention scores (q @ kᵀ) only")
+
+
+ATTENTION_MODULE = Handler("multi-head attention", _attention)
+WINDOW_ATTENTION = Handler("shifted-window attention", _window_attention)
+ATTENTION_FUNCTION = Handler("scaled dot-product attention", _attention_function)
+#: ``q @ kᵀ`` and ``scores @ v``, as products or einsums
+MATMUL = Handler("matmul", _matmul, scores="takes")
+EINSUM = Handler("einsum", _einsum, scores="takes")
+#: a softmax: attention scores stay scores; of gated units, a scale
+SOFTMAX = Handler("softmax", _softmax, scores="keeps")
+#: a masked fill: on attention scores only
+SCORES_ONLY = Handler("masked fill", _scores_only, scores="keeps")

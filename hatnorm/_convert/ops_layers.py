@@ -1,0 +1,243 @@
+"""Handlers of the layers: torch norms (modules, or functional norms on a module's parameters) become a
+task-aware norm and its gate; Linear and convolutions (modules, or functional on a module's own weights) find
+their input units and await a norm or a gate of their own; the layer that gives the model's output becomes one
+head per task."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from hatnorm._convert.error import ConversionError
+from hatnorm._convert.norms import make_norm, norm_modules, num_features
+from hatnorm._convert.ops_elementwise import ADD, DIVIDE, PASSES, POOL, PRODUCT, UNITWISE
+from hatnorm._convert.runtime import GatedNorm, Heads
+from hatnorm._convert.source import where as where_of
+from hatnorm._convert.state import WalkState, free_name
+from hatnorm._convert.table import OPS, Handler
+from hatnorm._convert.train_graph import is_structure
+from hatnorm._convert.units import Units
+from hatnorm._convert.values import tensor_args
+from hatnorm._hat import Layer
+from hatnorm._heads import TaskHeads
+
+#: functional norms on a module's parameters → their channel dim
+FUNCTIONAL_NORMS = {F.batch_norm: 1, F.layer_norm: -1, F.group_norm: 1, F.rms_norm: -1}
+#: functional layers on a module's own weight → the torch layer they compute
+FUNCTIONAL_LAYERS = {F.linear: nn.Linear, F.conv1d: nn.Conv1d, F.conv2d: nn.Conv2d, F.conv3d: nn.Conv3d}
+
+
+def replace_norm(state: WalkState, node: fx.Node, module: nn.Module, dim: int, where: str) -> fx.Node:
+    """Replace a torch norm (called as a module, or functionally on ``module``'s parameters) by the task-aware
+    norm and its gate; a weighted layer that only feeds it takes the gate as its output units."""
+    source = node.args[0]
+    rank = state.rank(source)
+    if rank is None and dim == 1:
+        if not isinstance(module, nn.BatchNorm2d):
+            raise ConversionError(f"{where}: a channels-first norm reads a tensor of unknown rank; pass "
+                                  "example_input")
+        rank = 4
+    norm = make_norm(module, state.norms.for_module(module, where), state.num_tasks, where)
+    gate = state.new_gate(num_features(module))
+    if source in state.pending and len(source.users) == 1:
+        weighted, inp = state.pending.pop(source)
+        state.layers.append(Layer(weighted, out=gate, inp=inp))
+    else:
+        state.resolve(node, where)
+        state.gated(node.args[0], where)
+    source = node.args[0]
+    gated = GatedNorm(norm, gate)
+    if node.op == "call_module":
+        state.gm.delete_submodule(node.target)
+        state.gm.add_submodule(node.target, gated)
+        node.args, node.kwargs = (source, state.task, state.s), {}
+        new = node
+    else:
+        name = free_name(state.gm, f"{node.name}_norm")
+        state.gm.add_submodule(name, gated)
+        with state.gm.graph.inserting_after(node):
+            new = state.gm.graph.call_module(name, (source, state.task, state.s))
+        node.replace_all_uses_with(new)
+        state.same_shape(new, node)
+        state.gm.graph.erase_node(node)
+    state.layers.append(Layer(gated.norm, out=gate))
+    state.units[new] = Units.of_gate(gate, rank, dim)
+    return new
+
+
+def _functional_layer(state: WalkState, node: fx.Node, where: str) -> None:
+    """``F.linear``/``F.conv*d`` on the parameters of a ``nn.Linear``/``nn.Conv*d`` subclass (timm's ``Linear``):
+    the call becomes the layer itself, a torch layer holding the same parameters."""
+    weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+    owner = weight.target.rpartition(".")[0] if isinstance(weight, fx.Node) and weight.op == "get_attr" else None
+    module = state.traced.get_submodule(owner) if owner is not None else None
+    kind = FUNCTIONAL_LAYERS[node.target]
+    if not isinstance(module, kind):
+        raise ConversionError(f"{where}: a functional layer is converted when it reads the weight of a "
+                              f"{kind.__name__} (subclass) as it is")
+    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    if (bias is None) != (module.bias is None) or (bias is not None and (
+            not isinstance(bias, fx.Node) or bias.op != "get_attr" or bias.target != f"{owner}.bias")):
+        raise ConversionError(f"{where}: a functional layer is converted when it reads its module's own bias")
+    if kind is nn.Linear:
+        layer = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+    else:
+        if any(a is not None for a in node.args[3:]) and tuple(node.args[3:]) != (
+                module.stride, module.padding, module.dilation, module.groups)[:len(node.args) - 3]:
+            raise ConversionError(f"{where}: a functional convolution is converted when it uses its module's "
+                                  "stride, padding, dilation and groups")
+        layer = type(module).__mro__[next(i for i, c in enumerate(type(module).__mro__) if c.__module__ ==
+                                          "torch.nn.modules.conv")](
+            module.in_channels, module.out_channels, module.kernel_size, stride=module.stride,
+            padding=module.padding, dilation=module.dilation, groups=module.groups, bias=module.bias is not None)
+    layer.weight, layer.bias = module.weight, module.bias  # the same parameters: nothing is copied
+    name = free_name(state.gm, owner.replace(".", "_") + "_layer")
+    state.gm.add_submodule(name, layer)
+    del state.gm.get_submodule(owner)._parameters["weight"]
+    if module.bias is not None:
+        del state.gm.get_submodule(owner)._parameters["bias"]
+    with state.gm.graph.inserting_after(node):
+        new = state.gm.graph.call_module(name, (node.args[0],))
+    node.replace_all_uses_with(new)
+    state.same_shape(new, node)
+    state.gm.graph.erase_node(node)
+    for attribute in [a for a in (weight, bias) if isinstance(a, fx.Node) and not a.users]:
+        state.units.pop(attribute, None)
+        state.gm.graph.erase_node(attribute)
+    layer_where = f"module {name!r} ({type(layer).__name__})"
+    handler = OPS.lookup(layer)
+    handler.apply(state, new, layer_where)
+
+
+def _functional_norm(state: WalkState, node: fx.Node, where: str) -> None:
+    """``F.batch_norm``/``F.layer_norm``/``F.group_norm``/``F.rms_norm`` on a module's parameters (timm's
+    ``BatchNormAct2d``, torchvision's ``LayerNorm2d``): the module becomes the task-aware norm."""
+    names = {F.batch_norm: ("input", "running_mean", "running_var", "weight", "bias"),
+             F.layer_norm: ("input", "normalized_shape", "weight", "bias"),
+             F.group_norm: ("input", "num_groups", "weight", "bias"),
+             F.rms_norm: ("input", "normalized_shape", "weight")}[node.target]
+    bound = dict(zip(names, node.args, strict=False)) | {k: v for k, v in node.kwargs.items() if k in names}
+    attributes = [bound[n] for n in names[1:] if isinstance(bound.get(n), fx.Node)]
+    if not attributes or any(a.op != "get_attr" for a in attributes):
+        raise ConversionError(f"{where}: a functional norm is converted when it reads a module's own parameters")
+    owners = {a.target.rpartition(".")[0] for a in attributes}
+    module = state.traced.get_submodule(owners.pop()) if len(owners) == 1 else None
+    if module is None or not isinstance(module, norm_modules()):
+        raise ConversionError(f"{where}: a functional norm is converted when it reads the parameters of a torch "
+                              "norm module (a BatchNorm, LayerNorm, GroupNorm or RMSNorm subclass)")
+    dim = FUNCTIONAL_NORMS[node.target]
+    if node.target is F.layer_norm and len(module.normalized_shape) != 1:
+        raise ConversionError(f"{where}: only a LayerNorm over the last dim is supported")
+    state.consumed.update(a.target for a in attributes)
+    for attribute in attributes:
+        state.units.pop(attribute, None)
+    node.args, node.kwargs = (bound["input"],), {}
+    replace_norm(state, node, module, dim, where)
+
+
+def _weighted(state: WalkState, node: fx.Node, where: str) -> None:
+    module = state.module(node)
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        raise ConversionError(f"{where}: transposed convolutions are not supported")
+    state.resolve(node, where)
+    source = node.args[0]
+    if isinstance(module, nn.Linear):
+        units = state.read(source, -1, module.in_features, where)
+    else:
+        units = state.read(source, 1, module.in_channels, where)
+    output = output_of(state, node) if isinstance(module, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d) else None
+    if output is not None:
+        _classifier(state, node, module, where)
+        if state.logits is None or output is state.logits:  # the heads export prunes by these units
+            state.head_units = units
+        return
+    state.pending[node] = (module, units)
+
+
+def output_of(state: WalkState, node: fx.Node) -> fx.Node | None:
+    """The output ``node`` gives (itself, or the last node before the output), when it is one of the model's
+    outputs as it is or through ops that keep each class apart only (identities, flattens, unit-wise
+    activations, dropout and pooling: a convolutional classifier's ReLU and global pool); else ``None``."""
+    while True:
+        users = list(node.users)
+        if len(users) == 1 and (users[0].op == "output" or (
+                is_structure(users[0]) and [u.op for u in users[0].users] == ["output"])):
+            return node
+        if len(users) != 1:
+            return None
+        user = users[0]
+        op = state.module(user) if user.op == "call_module" else user.target
+        handler = OPS.lookup(op) if user.op in ("call_module", "call_method", "call_function") else None
+        passes = handler is not None and (op in (torch.flatten, "flatten") or isinstance(op, nn.Flatten) or
+                                          handler in (UNITWISE, POOL, PASSES)) and user.args[0] is node
+        if not passes and not _combines_classifiers(state, user, node, handler):
+            return None
+        node = user
+
+
+def _combines_classifiers(state: WalkState, user: fx.Node, node: fx.Node, handler: Handler | None) -> bool:
+    """Whether ``user`` averages classifiers (RepViT's and LeViT's ``(head(x) + head_dist(x)) / 2``): a sum of
+    ``node`` and other classifiers' outputs, or ``node`` scaled by a number."""
+    others = [a for a in tensor_args(user) if a is not node]
+    if handler in (PRODUCT, DIVIDE):
+        return not others and user.args[0] is node
+    return handler is ADD and bool(others) and all(
+        a.op == "call_module" and isinstance(state.module(a), nn.Linear | nn.modules.conv._ConvNd | Heads)
+        for a in others)
+
+
+def _classifier(state: WalkState, node: fx.Node, module: nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d,
+                where: str) -> None:
+    if isinstance(module, nn.Linear):
+        counts = state.num_classes or [module.out_features] * state.num_tasks
+        heads = TaskHeads(module.in_features, counts, num_tasks=state.num_tasks, bias=module.bias is not None)
+    else:
+        if module.groups != 1:
+            raise ConversionError(f"{where}: a convolutional classifier must have groups=1, got "
+                                  f"groups={module.groups}")
+        counts = state.num_classes or [module.out_channels] * state.num_tasks
+        heads = TaskHeads(module.in_channels, counts, num_tasks=state.num_tasks, conv=module)
+    heads = heads.to(device=module.weight.device, dtype=module.weight.dtype)
+    if state.num_classes is None:
+        # every task starts from the model's own head, so open gates reproduce the original outputs
+        for head in heads.heads:
+            head.load_state_dict(module.state_dict())
+    state.gm.delete_submodule(node.target)
+    state.gm.add_submodule(node.target, Heads(heads))
+    node.args = (node.args[0], state.task)
+
+
+def output(state: WalkState, node: fx.Node) -> None:
+    """The graph's output: a transformers output object gives its logits; the heads must be there."""
+    result = node.args[0]
+    if isinstance(result, Mapping) and isinstance(result.get("logits"), fx.Node):
+        node.args = (result["logits"],)  # a transformers output object: the converted model returns its logits
+    for source in [a for a in node.all_input_nodes if a in state.pending]:
+        state.gate_weighted(source)
+    if not any(isinstance(m, Heads) for m in state.gm.modules()):
+        result = node.args[0]
+        if isinstance(result, fx.Node) and result.op == "call_module":
+            where = f"module {result.target!r} ({type(state.gm.get_submodule(result.target)).__name__})"
+        else:
+            where = where_of(result) if isinstance(result, fx.Node) else "module"
+        raise ConversionError(f"{where}: gives the model's output, which must come from a final nn.Linear or "
+                              "convolution (the classifier, which becomes one head per task), followed only by "
+                              "flattens, unit-wise activations, dropout or pooling")
+
+
+def _norm_module(state: WalkState, node: fx.Node, where: str) -> None:
+    module = state.module(node)
+    replace_norm(state, node, module, -1 if isinstance(module, nn.LayerNorm | nn.RMSNorm) else 1, where)
+
+
+#: a torch norm module (or one a registered norm replaces)
+NORM = Handler("norm", _norm_module)
+#: ``F.batch_norm``/``F.layer_norm``/``F.group_norm``/``F.rms_norm`` on a norm module's parameters
+FUNCTIONAL_NORM = Handler("functional norm", _functional_norm, first=True)
+#: a Linear or convolution module
+WEIGHTED = Handler("weighted", _weighted)
+#: ``F.linear``/``F.conv*d`` on a Linear's or convolution's own parameters
+FUNCTIONAL_LAYER = Handler("functional layer", _functional_layer, first=True)

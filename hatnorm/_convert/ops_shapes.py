@@ -1,0 +1,257 @@
+"""Handlers of the ops that move values or change a tensor's shape: permutes, reshapes, flattens, splits, slices,
+shuffles and rolls (replayed on the units' index), zero padding, concatenations and reductions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
+
+from hatnorm._convert.error import ConversionError
+from hatnorm._convert.state import WalkState
+from hatnorm._convert.table import Handler
+from hatnorm._convert.units import Units, expand
+from hatnorm._convert.values import Derived, Flat, GatheredByData, Scale, Ungated, residual
+from hatnorm._masks import Concat, MaskSource
+
+#: moves that need no shapes; flattens, which a Linear can read without them
+SIZE_FREE = {torch.permute, torch.transpose, torch.swapaxes, torch.movedim, torch.unsqueeze, "permute",
+             "transpose", "swapaxes", "movedim", "unsqueeze"}
+FLATTENS = {torch.flatten, torch.reshape, "flatten", "view", "reshape"}
+#: the most branches a reduction joins over a dim the units vary in (a split-attention radix, selective-kernel paths)
+MAX_JOINED = 8
+
+
+def moved_units(state: WalkState, node: fx.Node, source: fx.Node, where: str, call: nn.Module | None = None) -> Any:
+    """An op that only moves values: replay it on the index of the units (and of any parameter's entries)."""
+    units = state.units.get(source)
+    if units is None:
+        return None
+    if isinstance(units, Flat):
+        raise ConversionError(f"{where}: moves a flattened map; pass example_input so convert can follow it")
+    if isinstance(units, tuple):
+        raise ConversionError(f"{where}: reads a tuple of tensors")
+    target = node.target
+    if state.recorder is None:
+        if target in FLATTENS or isinstance(call, nn.Flatten):
+            inner = units.units if isinstance(units, Scale) else units
+            if isinstance(units, Ungated) or (inner is not None and inner.unit_dim() not in (None, 1)):
+                raise ConversionError(f"{where}: flattens a tensor whose units are not in dim 1; pass "
+                                      "example_input")
+            return Flat(inner) if not isinstance(units, Scale) else units
+        if target not in SIZE_FREE:
+            state.value(node, where)  # raises: this op needs the example's shapes
+    shape = state.shape(source)
+
+    def replay(index: Tensor) -> Any:
+        def argument(a: fx.Node) -> Any:
+            if a is source:
+                return index
+            if isinstance(units, Ungated) and units.units is None and state.units.get(a, 0) is None:
+                raise GatheredByData
+            if a in state.units or a in state.pending:
+                raise ConversionError(f"{where}: indexes or shapes a tensor by another tensor, which convert "
+                                      "cannot follow")
+            return state.value(a, where)
+
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), argument)
+        if call is not None:
+            return call(index)
+        if node.op == "call_method":
+            return getattr(args[0], target)(*args[1:], **kwargs)
+        return target(*args, **kwargs)
+
+    def wrap(moved: Any, make: Any) -> Any:
+        if isinstance(moved, Tensor):
+            return make(moved)
+        if isinstance(moved, tuple | list) and all(isinstance(m, Tensor) for m in moved):
+            return tuple(make(m) for m in moved)
+        raise ConversionError(f"{where}: does not give a tensor")
+
+    if isinstance(units, Scale):
+        if units.units is None:
+            return units
+        inner = units.units
+        return wrap(replay(expand(inner.index, shape)), lambda m: Scale(Units(inner.source, m)))
+    if isinstance(units, Ungated):
+        moved_units = None if units.units is None else replay(expand(units.units.index, shape))
+        try:
+            moved_params = [(t, replay(expand(e, shape))) for t, e in units.params]
+        except GatheredByData:  # a parameter gathered by an index buffer (a relative position bias)
+            return Derived(tuple(t for t, _ in units.params))
+        if isinstance(moved_units, tuple) or any(isinstance(e, tuple | list) for _, e in moved_params):
+            raise ConversionError(f"{where}: splits a tensor holding a parameter's values")
+        return Ungated(None if moved_units is None else Units(units.units.source, moved_units),
+                        tuple(moved_params))
+    return wrap(replay(expand(units.index, shape)), lambda m: Units(units.source, m))
+
+
+def _pad(state: WalkState, node: fx.Node, where: str) -> None:
+    """Zero padding (constant mode, value 0): padded positions are always 0 (index −1)."""
+    state.resolve(node, where)
+    mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
+    value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value", None)
+    if mode != "constant" or value not in (None, 0, 0.0):
+        raise ConversionError(f"{where}: only zero padding keeps a closed unit at 0, got mode={mode!r}, "
+                              f"value={value!r}")
+    units = state.gated(node.args[0], where)
+    if units is None:
+        state.units[node] = None
+        return
+    pad = node.args[1] if len(node.args) > 1 else node.kwargs["pad"]
+    pad = fx.node.map_arg(pad, lambda a: state.value(a, where))
+    index = expand(units.index, state.shape(node.args[0]))
+    if state.recorder is None:
+        state.value(node, where)
+    state.units[node] = Units(units.source, F.pad(index, list(pad), value=-1))
+
+
+def _cat(state: WalkState, node: fx.Node, where: str) -> None:
+    """A concatenation: joins the parts' units (a Concat of their sources) and parameter entries."""
+    state.resolve(node, where, ungated=True)
+    inputs = list(node.args[0]) if node.args else list(node.kwargs["tensors"])
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    parts = [state.units.get(a) for a in inputs]
+    if any(isinstance(p, Scale | Flat | tuple) for p in parts):
+        raise ConversionError(f"{where}: concatenates a flattened map, a scale or a tuple")
+    if all(p is None for p in parts):
+        state.units[node] = None
+        return
+    if any(p is None for p in parts):
+        raise ConversionError(f"{where}: concatenates raw data with gated tensors")
+    shapes = [state.shape(a) for a in inputs]
+    rank = next((len(s) for s in shapes if s is not None), None)
+    if rank is None:
+        rank = next((p.rank for p in parts if isinstance(p, Units) and p.rank is not None), None)
+    if isinstance(dim, fx.Node):
+        dim = state.value(dim, where)
+    if dim < 0:
+        if rank is None:
+            raise ConversionError(f"{where}: concatenates along dim {dim} of a tensor of unknown rank; pass "
+                                  "example_input")
+        dim %= rank
+    pieces = [p if isinstance(p, Ungated) else Ungated(p, ()) for p in parts]
+    with_units = [p.units for p in pieces if p.units is not None]
+    offsets: dict[int, int] = {}
+    joined: list[MaskSource] = []
+    for u in with_units:
+        if id(u.source) not in offsets:
+            offsets[id(u.source)] = sum(s.num_features for s in joined)
+            joined.append(u.source)
+    source = joined[0] if len(joined) == 1 else Concat(*joined) if joined else None
+
+    def size(i: int, index: Tensor | None) -> int:
+        if shapes[i] is not None:
+            return shapes[i][dim]
+        if index is not None and index.dim() > dim and index.shape[dim] > 1:
+            return index.shape[dim]
+        raise ConversionError(f"{where}: concatenates along dim {dim}, where a part's size is known only from "
+                              "shapes; pass example_input")
+
+    def column(i: int, index: Tensor | None, offset: int) -> Tensor:
+        n = size(i, index)
+        if index is None:
+            return torch.full([n if d == dim else 1 for d in range(max(rank or 0, dim + 1))], -1)
+        index = torch.where(index >= 0, index + offset, index)
+        return index.expand(*index.shape[:dim], n, *index.shape[dim + 1:]) if index.shape[dim] == 1 else index
+
+    def joined_index(parts_index: list[Tensor | None], offsets_of: list[int]) -> Tensor:
+        columns = [column(i, ix, off) for i, (ix, off) in enumerate(zip(parts_index, offsets_of, strict=True))]
+        ranks = max(c.dim() for c in columns)
+        columns = [c.view(*([1] * (ranks - c.dim())), *c.shape) if c.dim() < ranks else c for c in columns]
+        sizes = [max(c.shape[d] for c in columns) if d != dim else None for d in range(ranks)]
+        columns = [c.expand(*[c.shape[d] if d == dim else sizes[d] for d in range(ranks)]) for c in columns]
+        return torch.cat(columns, dim)
+
+    unit_index = None
+    if with_units:
+        unit_index = Units(source, joined_index(
+            [p.units.index if p.units is not None else None for p in pieces],
+            [offsets[id(p.units.source)] if p.units is not None else 0 for p in pieces]))
+    targets = list(dict.fromkeys(t for p in pieces for t, _ in p.params))
+    params = tuple((t, joined_index([dict(p.params).get(t) for p in pieces], [0] * len(pieces))) for t in targets)
+    state.units[node] = unit_index if not params else Ungated(unit_index, params)
+
+
+def _reduce(state: WalkState, node: fx.Node, where: str) -> None:
+    """A mean, sum or max keeps the units over dims they do not vary in (a global average pool) and joins them over
+    dims they vary in (:func:`_union`)."""
+    state.resolve(node, where)
+    units = state.gated(node.args[0], where)
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    dims = (dims,) if isinstance(dims, int) else dims
+    if units is None:
+        state.units[node] = None
+        return
+    rank = units.rank
+    if not isinstance(dims, tuple | list) or not dims or not all(isinstance(d, int) for d in dims) or (
+            rank is None and any(d >= 0 for d in dims)):
+        raise ConversionError(f"{where}: only a mean over dims the units do not vary in (spatial dims, tokens) "
+                              f"keeps the units, got dim={dims!r}")
+    dims = sorted(d % rank if rank is not None else d for d in dims)
+    varying = [d for d in dims if units.index.shape[d] != 1]
+    kept = [d for d in range(units.index.dim()) if d not in dims and units.index.shape[d] != 1]
+    if varying and (rank is None or not kept or any(units.index.shape[d] > MAX_JOINED for d in varying)):
+        raise ConversionError(f"{where}: only a mean over dims the units do not vary in (spatial dims, tokens) "
+                              f"keeps the units, got dim={list(dims)} (it would mix units); over branches (a dim "
+                              f"the units vary in beside the one they keep, at most {MAX_JOINED} long) it joins them")
+    for d in varying:
+        units = _union(units, d)
+    index = units.index if keepdim else units.index.squeeze(tuple(dims))
+    state.units[node] = Units(units.source, index)
+
+
+def _union(units: Units, dim: int) -> Units:
+    """The units of a sum, mean or max over ``dim``: where the units vary along it (the branches of a split-attention
+    or selective-kernel block, stacked or split along it), each value left depends on the unit of every slice and is
+    0 when all of them are closed, as in a residual add of the slices."""
+    slices = [Units(units.source, part) for part in units.index.split(1, dim)]
+    joined = slices[0]
+    for part in slices[1:]:
+        joined = residual(joined, part)
+    return joined
+
+
+def _stack(state: WalkState, node: fx.Node, where: str) -> None:
+    """``torch.stack``: the graph says it as what it is, a concatenation of the parts each unsqueezed at ``dim``
+    (the same values), which the walk then follows."""
+    inputs = list(node.args[0]) if node.args else list(node.kwargs["tensors"])
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    graph = state.gm.graph
+    parts = []
+    with graph.inserting_before(node):
+        for tensor in inputs:
+            part = graph.call_function(torch.unsqueeze, (tensor, dim))
+            part.meta = dict(node.meta)  # messages name the stack's source line
+            shape = state.shape(tensor)
+            if shape is not None and isinstance(dim, int):
+                state.recorder.shapes[part] = torch.empty(shape, device="meta").unsqueeze(dim).shape
+            _moves(state, part, where)
+            parts.append(part)
+        joined = graph.call_function(torch.cat, (parts, dim))
+    joined.meta = dict(node.meta)
+    state.same_shape(joined, node)
+    node.replace_all_uses_with(joined)
+    graph.erase_node(node)
+    _cat(state, joined, where)
+
+
+def _moves(state: WalkState, node: fx.Node, where: str) -> None:
+    state.resolve(node, where, ungated=True)
+    call = state.module(node) if node.op == "call_module" else None
+    state.units[node] = moved_units(state, node, node.args[0], where, call=call)
+
+
+#: an op that only moves, copies or drops values: the units move the same way
+MOVES = Handler("moves", _moves, scores="keeps")
+#: zero padding: padded positions are always 0
+PAD = Handler("pad", _pad)
+#: a concatenation: joins the parts' units
+CAT = Handler("cat", _cat)
+#: a stack: a concatenation of the parts unsqueezed
+STACK = Handler("stack", _stack)
+#: a mean, sum or max over dims the units do not vary in
+REDUCE = Handler("reduce", _reduce)

@@ -1,0 +1,92 @@
+"""Every model ``convert`` cannot take is refused with a ``ConversionError`` that names the module and the source
+line where it stops; nothing fails inside the conversion with another error."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from torch import nn
+
+import hatnorm
+
+#: ``file.py:123 `code```: a source line as conversion messages show it
+LINE = re.compile(r"\w+\.py:\d+ `[^`]+`")
+
+
+class Cumulative(nn.Module):
+    """Mixes channels along dim 1 (no rule follows units through a cumulative sum)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.cumsum(1)
+
+
+class RunningSum(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.mix = Cumulative()
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.mix(self.conv(x)).mean((2, 3)))
+
+
+class TalkingHeads(nn.Module):
+    """Attention whose scores a Linear mixes across heads (CaiT's, EfficientFormerV2's talking heads): the scores
+    mix tokens, so no gate's units reach that Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+        self.mix = nn.Linear(2, 2)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).unflatten(-1, (3, 2, 4)).permute(2, 0, 3, 1, 4)
+        scores = (q @ k.transpose(-2, -1)).softmax(-1)
+        scores = self.mix(scores.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.head((scores @ v).transpose(1, 2).flatten(2).mean(1))
+
+
+class SoftplusBlock(nn.Module):
+    """A module that no rule covers (softplus(0) ≠ 0), called from the model's own forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.act = nn.Softplus()
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.conv(x))
+        return self.head(h.mean((2, 3)))
+
+
+def timm_model(name: str, **options) -> nn.Module:
+    return pytest.importorskip("timm").create_model(name, pretrained=False, **options)
+
+
+#: name → (the model, its input size, the module the message must name)
+MODELS = {
+    "running_sum": (RunningSum, 16, "mix"),
+    "talking_heads": (TalkingHeads, None, "mix"),
+    "softplus": (SoftplusBlock, 16, "act"),
+    "timm_cait": (lambda: timm_model("cait_xxs24_224", num_classes=4, img_size=32, patch_size=8, depth=1,
+                                     depth_token_only=1), 32, "proj_l"),
+    "timm_efficientformerv2": (lambda: timm_model("efficientformerv2_s0", num_classes=4), 224, "talking_head1"),
+}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_an_unconvertible_model_is_refused_naming_its_module_and_source_line(name: str) -> None:
+    build, size, module = MODELS[name]
+    torch.manual_seed(0)
+    model = build().eval()
+    example = torch.randn(2, 5, 8) if size is None else torch.randn(2, 3, size, size)
+    with pytest.raises(hatnorm.ConversionError) as refused:
+        hatnorm.convert(model, num_tasks=2, norm={"batch": "masked_bn", "layer": "masked_ln"}, example_input=example)
+    message = str(refused.value)
+    assert LINE.search(message), f"no source line in: {message}"
+    assert re.search(rf"module '[\w.]*{module}'", message), f"module {module!r} not named in: {message}"
