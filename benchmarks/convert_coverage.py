@@ -1,5 +1,6 @@
-"""Which models ``hatnorm.convert`` takes: every torchvision classification builder, the timm families and the
-transformers image classifiers, each tried as a user would bring it.
+"""Which models ``hatnorm.convert`` takes: every torchvision classification builder, one builder of every timm
+model family (each module of ``timm.models`` that registers classifiers; its smallest builder, by parameters) and
+every transformers ``*ForImageClassification`` class (a small config), each tried as a user would bring it.
 
 For every model: random weights with filled BatchNorm statistics (non-trivial γ, β and running statistics),
 saved as a state dict and loaded into a fresh instance; then three checks, each only if the previous passed:
@@ -13,6 +14,7 @@ saved as a state dict and loaded into a fresh instance; then three checks, each 
 
     python benchmarks/convert_coverage.py                          # everything (long: tens of minutes)
     python benchmarks/convert_coverage.py --sources torchvision --only resnet18 mobilenet_v3_small
+    python benchmarks/convert_coverage.py --sources timm --only sknet hrnet      # timm families (or builders)
     python benchmarks/convert_coverage.py --markdown               # also write the table into the docs
     python benchmarks/convert_coverage.py --model mypackage.models:build_net --size 32   # your own model
 
@@ -26,6 +28,7 @@ Results go to ``benchmarks/results/convert_coverage.json`` and, with ``--markdow
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import importlib.util
 import io
@@ -58,17 +61,12 @@ BEGIN, END = "<!-- coverage:begin -->", "<!-- coverage:end -->"
 #: the norm for each kind of torch norm the models hold
 NORM = {"batch": "masked_bn", "layer": "masked_ln", "group": "masked_gn", "rms": "masked_rms"}
 CLASSES = 10
-#: timm families the issue names, one or two representative builders each
-TIMM = ["resnet18", "resnet50", "efficientnet_b0", "mobilenetv3_small_100", "mobilenetv3_large_100",
-        "regnetx_002", "regnety_002", "densenet121", "convnext_atto", "vit_tiny_patch16_224",
-        "deit_tiny_patch16_224", "swin_tiny_patch4_window7_224"]
-#: transformers image classifiers, built from small configs; the models with a drop-path module of their own keep
-#: their config's default drop-path rate (what a pretrained checkpoint carries)
-TRANSFORMERS = ["ViTForImageClassification", "DeiTForImageClassification", "ConvNextForImageClassification",
-                "ResNetForImageClassification", "SwinForImageClassification", "Swinv2ForImageClassification",
-                "BeitForImageClassification", "Data2VecVisionForImageClassification", "Dinov2ForImageClassification",
-                "ConvNextV2ForImageClassification", "FocalNetForImageClassification",
-                "SegformerForImageClassification"]
+#: transformers image classifiers whose small config is written out here (the rest shrink their default config)
+TRANSFORMERS_CONFIGS = ["ViTForImageClassification", "DeiTForImageClassification", "ConvNextForImageClassification",
+                        "ResNetForImageClassification", "SwinForImageClassification", "Swinv2ForImageClassification",
+                        "BeitForImageClassification", "Data2VecVisionForImageClassification",
+                        "Dinov2ForImageClassification", "ConvNextV2ForImageClassification",
+                        "FocalNetForImageClassification", "SegformerForImageClassification"]
 
 
 @dataclass
@@ -126,7 +124,7 @@ def logits(output: object) -> torch.Tensor:
     return output.logits if hasattr(output, "logits") else output  # transformers' output objects
 
 
-def torchvision_models() -> list[tuple[str, Callable[[], nn.Module], int]]:
+def torchvision_models(only: list[str] | None = None) -> list[tuple[str, Callable[[], nn.Module], int]]:
     import torchvision
 
     models = []
@@ -137,47 +135,125 @@ def torchvision_models() -> list[tuple[str, Callable[[], nn.Module], int]]:
             size, options = 112, {"image_size": 112}
         models.append((name, lambda name=name, options=options: torchvision.models.get_model(
             name, weights=None, num_classes=CLASSES, **options), size))
-    return models
+    return [model for model in models if not only or model[0] in only]
 
 
-def timm_models() -> list[tuple[str, Callable[[], nn.Module], int]]:
+def timm_families(only: list[str] | None = None) -> dict[str, str]:
+    """Every timm model family (a module of ``timm.models`` that registers classifiers) → its smallest builder (the
+    fewest parameters, counted on the meta device); with ``only``, the families named there (or holding a builder
+    named there)."""
     import timm
 
-    return [(name, lambda name=name: timm.create_model(name, pretrained=False, num_classes=CLASSES),
-             224 if "224" in name else 64) for name in TIMM]
+    families = {}
+    for family in timm.list_modules():
+        names = timm.list_models(module=family)
+        if not names or (only and family not in only and not set(names) & set(only)):
+            continue
+        sizes = {}
+        for name in names:
+            try:
+                with torch.device("meta"):
+                    sizes[name] = sum(p.numel() for p in timm.create_model(name, pretrained=False).parameters())
+            except Exception:  # a builder that cannot be built with its defaults is not the family's smallest
+                continue
+        if sizes:
+            families[family] = min(sizes, key=lambda name: (sizes[name], name))
+    return families
 
 
-def transformers_models() -> list[tuple[str, Callable[[], nn.Module], int]]:
+def timm_models(only: list[str] | None = None) -> list[tuple[str, Callable[[], nn.Module], int | None]]:
+    """One builder per timm family, named ``family/builder``; its input size is found when it is checked."""
+    return [(f"{family}/{name}", lambda name=name: timm_builder(name), None)
+            for family, name in timm_families(only).items()]
+
+
+def timm_builder(name: str) -> nn.Module:
+    import timm
+
+    return timm.create_model(name, pretrained=False, num_classes=CLASSES)
+
+
+def timm_size(name: str) -> int:
+    """The input size the builder was made for (its pretrained config's), 224 when it names none."""
+    import timm
+
+    config = timm.get_pretrained_cfg(name)
+    return int(config.input_size[-1]) if config is not None and config.input_size else 224
+
+
+def transformers_classes() -> list[str]:
+    import transformers
+
+    return sorted(name for name in dir(transformers) if name.endswith("ForImageClassification")
+                  and not name.startswith(("Auto", "TF", "Flax")))
+
+
+def small_config(name: str) -> object:
+    """A small config for the transformers image classifier ``name``: written out for the models of
+    :data:`TRANSFORMERS_CONFIGS`, else the default config with its sizes shrunk (fewer, narrower layers; 32×32
+    images), or the default config itself when the shrunk one does not build."""
     import transformers
 
     small = {"num_labels": CLASSES, "image_size": 32}
     encoder = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128, **small}
-    configs = {
-        "ViTForImageClassification": transformers.ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                                             intermediate_size=128, patch_size=4, **small),
-        "DeiTForImageClassification": transformers.DeiTConfig(hidden_size=64, num_hidden_layers=2,
-                                                               num_attention_heads=4, intermediate_size=128,
-                                                               patch_size=4, **small),
-        "ConvNextForImageClassification": transformers.ConvNextConfig(hidden_sizes=[16, 32, 64, 128],
-                                                                      depths=[1, 1, 1, 1], **small),
-        "ResNetForImageClassification": transformers.ResNetConfig(hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1],
-                                                                  embedding_size=16, **small),
-        "SwinForImageClassification": transformers.SwinConfig(embed_dim=16, depths=[1, 1], num_heads=[2, 2],
-                                                              window_size=4, patch_size=4, **small),
-        "Swinv2ForImageClassification": transformers.Swinv2Config(embed_dim=16, depths=[2, 2], num_heads=[2, 2],
-                                                                  window_size=4, patch_size=4, **small),
-        "BeitForImageClassification": transformers.BeitConfig(patch_size=4, **encoder),
-        "Data2VecVisionForImageClassification": transformers.Data2VecVisionConfig(patch_size=4, **encoder),
-        "Dinov2ForImageClassification": transformers.Dinov2Config(patch_size=4, **encoder),
-        "ConvNextV2ForImageClassification": transformers.ConvNextV2Config(hidden_sizes=[16, 32, 64, 128],
-                                                                          depths=[1, 1, 1, 1], **small),
-        "FocalNetForImageClassification": transformers.FocalNetConfig(embed_dim=16, depths=[1, 1], patch_size=4,
-                                                                      **small),
-        "SegformerForImageClassification": transformers.SegformerConfig(
+    written = {
+        "ViTForImageClassification": lambda: transformers.ViTConfig(patch_size=4, **encoder),
+        "DeiTForImageClassification": lambda: transformers.DeiTConfig(patch_size=4, **encoder),
+        "ConvNextForImageClassification": lambda: transformers.ConvNextConfig(hidden_sizes=[16, 32, 64, 128],
+                                                                              depths=[1, 1, 1, 1], **small),
+        "ResNetForImageClassification": lambda: transformers.ResNetConfig(hidden_sizes=[16, 32, 64, 128],
+                                                                          depths=[1, 1, 1, 1], embedding_size=16,
+                                                                          **small),
+        "SwinForImageClassification": lambda: transformers.SwinConfig(embed_dim=16, depths=[1, 1], num_heads=[2, 2],
+                                                                      window_size=4, patch_size=4, **small),
+        "Swinv2ForImageClassification": lambda: transformers.Swinv2Config(embed_dim=16, depths=[2, 2],
+                                                                          num_heads=[2, 2], window_size=4,
+                                                                          patch_size=4, **small),
+        "BeitForImageClassification": lambda: transformers.BeitConfig(patch_size=4, **encoder),
+        "Data2VecVisionForImageClassification": lambda: transformers.Data2VecVisionConfig(patch_size=4, **encoder),
+        "Dinov2ForImageClassification": lambda: transformers.Dinov2Config(patch_size=4, **encoder),
+        "ConvNextV2ForImageClassification": lambda: transformers.ConvNextV2Config(hidden_sizes=[16, 32, 64, 128],
+                                                                                  depths=[1, 1, 1, 1], **small),
+        "FocalNetForImageClassification": lambda: transformers.FocalNetConfig(embed_dim=16, depths=[1, 1],
+                                                                              patch_size=4, **small),
+        "SegformerForImageClassification": lambda: transformers.SegformerConfig(
             num_encoder_blocks=2, depths=[2, 2], sr_ratios=[2, 1], hidden_sizes=[16, 32], num_attention_heads=[1, 2],
             patch_sizes=[7, 3], strides=[4, 2], mlp_ratios=[2, 2], **small),
     }
-    return [(name, lambda name=name: getattr(transformers, name)(configs[name]), 32) for name in TRANSFORMERS]
+    if name in written:
+        return written[name]()
+    classifier = getattr(transformers, name)
+    config = classifier.config_class(num_labels=CLASSES)
+    shrunk = copy.deepcopy(config)
+    for key, value in {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128,
+                       "image_size": 32, "embed_dim": 16, "embedding_size": 16}.items():
+        if isinstance(getattr(shrunk, key, None), int):
+            setattr(shrunk, key, value)
+    for key in ("depths", "num_layers", "layers"):
+        if isinstance(getattr(shrunk, key, None), list):
+            setattr(shrunk, key, [1] * len(getattr(shrunk, key)))
+    try:
+        with torch.device("meta"):
+            classifier(shrunk)
+    except Exception:  # the shrunk sizes break one of the model's own constraints
+        return config
+    return shrunk
+
+
+def transformers_models(only: list[str] | None = None) -> list[tuple[str, Callable[[], nn.Module], int | None]]:
+    return [(name, lambda name=name: transformers_builder(name), None) for name in transformers_classes()
+            if not only or name in only]
+
+
+def transformers_builder(name: str) -> nn.Module:
+    import transformers
+
+    return getattr(transformers, name)(small_config(name))
+
+
+def transformers_size(name: str) -> int:
+    size = getattr(small_config(name), "image_size", 224)
+    return int(size[-1] if isinstance(size, list | tuple) else size)
 
 
 SOURCES = {"torchvision": torchvision_models, "timm": timm_models, "transformers": transformers_models}
@@ -273,8 +349,13 @@ def check_in_child(source: str, name: str, size: int | None, steps: int, timeout
     own (``source`` ``"own"``, ``name`` its ``--model`` spec) at ``size`` pixels."""
     if source == "own":
         make = builder(name)
+    elif source == "timm":
+        builder_name = name.partition("/")[2]
+        make, size = (lambda: timm_builder(builder_name)), timm_size(builder_name)
+    elif source == "transformers":
+        make, size = (lambda: transformers_builder(name)), transformers_size(name)
     else:
-        make, size = {n: (m, s) for n, m, s in SOURCES[source]()}[name]
+        make, size = {n: (m, s) for n, m, s in torchvision_models([name])}[name]
     try:
         with time_limit(timeout):
             result = check(make, size, steps)
@@ -353,11 +434,11 @@ def main(argv: list[str] | None = None) -> list[Row]:
     jobs = []  # (source, the model's name, the input size of a model of one's own)
     for source in args.sources:
         try:
-            candidates = SOURCES[source]()
+            candidates = SOURCES[source](args.only)
         except ImportError as error:
             console.print(f"[yellow]{source}: not installed ({error}); skipped[/yellow]")
             continue
-        jobs += [(source, name, None) for name, _, _ in candidates if not args.only or name in args.only]
+        jobs += [(source, name, None) for name, _, _ in candidates]
     jobs += [("own", spec, args.size) for spec in args.model]
     for source, name, size in jobs:
         started = time.perf_counter()
