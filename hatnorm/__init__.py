@@ -50,7 +50,8 @@ from hatnorm.distributed import convert_sync
 __version__ = "0.1.0"
 
 #: the public submodules that ``import hatnorm`` does not load: each loads on first use as an attribute
-_SUBMODULES = ("checkpoint", "checks", "data", "distributed", "fused", "integrations", "metrics", "stats", "training")
+_SUBMODULES = ("checkpoint", "checks", "data", "distributed", "fused", "integrations", "metrics", "stats",
+               "text_tasks", "training")
 
 
 def __getattr__(name: str) -> _ModuleType:

@@ -28,7 +28,8 @@ TOP_LEVEL = [
 ]
 NAMESPACES = ("blocks", "exported", "functional", "norms", "policies")
 #: the public submodules that load on first use (``hatnorm._SUBMODULES``)
-LAZY = ("checkpoint", "checks", "data", "distributed", "fused", "integrations", "metrics", "stats", "training")
+LAZY = ("checkpoint", "checks", "data", "distributed", "fused", "integrations", "metrics", "stats", "text_tasks",
+        "training")
 
 
 def section(title: str) -> str:

@@ -12,12 +12,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 #: hatnorm's layers, lowest first; a module may import modules of its own layer and of the layers below it.
 #: Each names the modules (with the packages under them) it holds; the core is every other module of
-#: hatnorm/: the package itself, the private modules, ``checks``, ``fused`` and ``distributed`` (the
+#: hatnorm/: the package itself, the private modules, the conversion package ``hatnorm._convert`` (its op table,
+#: walk, handlers and runtime modules), ``checks``, ``fused`` and ``distributed`` (the
 #: norms' multi-process synchronisation, which the core's recalibration and ``convert_sync`` use).
 #: ``import hatnorm`` loads the core alone (tests/test_light_import.py).
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("core", ()),
-    ("experiment support", ("hatnorm.checkpoint", "hatnorm.data", "hatnorm.metrics", "hatnorm.stats")),
+    ("experiment support", ("hatnorm.checkpoint", "hatnorm.data", "hatnorm.metrics", "hatnorm.stats",
+                            "hatnorm.text_tasks")),
     ("trainer", ("hatnorm.training",)),
     ("integrations", ("hatnorm.integrations",)),
 )

@@ -24,7 +24,7 @@ HEAVY = ("rich", "safetensors", "numba", "scipy", "matplotlib", "mlxtend")
 EXTRAS = ("numba", "rich", "mlxtend", "matplotlib", "scipy")
 #: hatnorm's modules beyond the core (tests/test_layout.py's layers), and the numba kernels
 NOT_CORE = ("hatnorm.training", "hatnorm.data", "hatnorm.stats", "hatnorm.checkpoint", "hatnorm.metrics",
-            "hatnorm.integrations", "hatnorm._fused_kernels")
+            "hatnorm.integrations", "hatnorm._fused_kernels", "hatnorm.text_tasks")
 
 
 def run_python(code: str, *, blocked: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
