@@ -12,14 +12,7 @@
             hat.step(optimizer)     # optimizer.step(), then frozen entries restored, embeddings clamped
         hat.end_task()
 
-Optimizer safety. Scaling gradients is not enough to freeze a parameter: SGD's momentum and weight
-decay, and Adam's moments, move entries whose gradient is zero. :meth:`HAT.step` therefore restores,
-after ``optimizer.step()``, every entry whose multiplier is exactly 0 to its value before the step
-(a ``torch.where`` with a mask fixed for the task). Restoring is exact for every optimizer, needs no
-knowledge of the optimizer's update rule, and touches only parameters that have protected entries;
-masking the update instead would need one implementation per optimizer. Plain SGD (no momentum, no
-weight decay) moves no entry whose gradient is 0, so with it the restore, and its copy of the frozen
-parameters, is skipped.
+Optimizer safety (:meth:`HAT.step`, :meth:`HAT.attach`): see :mod:`hatnorm._hat_optimizer`.
 
 Cost. Multipliers are fixed at task start; binary ones (HAT's, with binarized masks) are kept as bool
 tensors, one byte per parameter, and also serve as the restore mask.
@@ -38,6 +31,7 @@ from torch.utils.hooks import RemovableHandle
 
 from hatnorm._checks import check_non_negative, check_positive, check_scale, check_task, check_task_loss
 from hatnorm._gate import HATGate, anneal_scale, compensation_factor, hat_gate
+from hatnorm._hat_optimizer import OptimizerSafety
 from hatnorm._heads import TaskHeads
 from hatnorm._masks import MaskSource, MaskState
 from hatnorm._norms import MaskedNorm
@@ -101,21 +95,7 @@ def _weight_rate(policy: GradientPolicy, weight: Tensor, out: MaskState, inp: Ma
     return rate.reshape(*rate.shape, *([1] * (weight.dim() - 2))).expand(weight.shape)
 
 
-def _moves_only_by_gradient(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether ``optimizer.step()`` leaves every entry with a zero gradient exactly as it is: plain SGD."""
-    return type(optimizer) is torch.optim.SGD and all(
-        group["momentum"] == 0 and group["weight_decay"] == 0 for group in optimizer.param_groups)
-
-
-def _check_optimizer(optimizer: object, why: str) -> None:
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    if isinstance(optimizer, torch.optim.LBFGS):
-        raise TypeError("optimizer must be one whose step() needs no closure (SGD, Adam, AdamW, ...), got LBFGS, "
-                        f"which re-evaluates the loss inside step(); {why}")
-
-
-class HAT:
+class HAT(OptimizerSafety):
     """Hard Attention to the Task (Serrà et al. 2018) over a model with :class:`HATGate` gates.
 
     Args:
@@ -445,95 +425,6 @@ class HAT:
                     "Load the model's state first, then hat.load_state_dict(...), which begins the active task "
                     "again from the loaded masks")
             self._masks[i] = (gate.cumulative._version, cumulative, gate.summative._version, summative)
-
-    def step(self, optimizer: torch.optim.Optimizer) -> None:
-        """``optimizer.step()``, then restore every entry with multiplier 0 and clamp the active embeddings
-        (every embedding with ``reference=True``). On an optimizer :meth:`attach` gave to this HAT, only
-        ``optimizer.step()``: its hooks do the rest.
-
-        See the module docstring for why restoring is needed for momentum, weight decay and Adam.
-        """
-        self._active("step")
-        _check_optimizer(optimizer, "HAT.step calls optimizer.step() once")
-        if any(o is optimizer for o, _ in self._attached):
-            optimizer.step()
-            return
-        self._before_step(optimizer)
-        optimizer.step()
-        self._after_step(optimizer)
-
-    def attach(self, optimizer: torch.optim.Optimizer) -> None:
-        """Give every ``optimizer.step()`` HAT's optimizer safety, for trainers that step the optimizer
-        themselves (Lightning, the transformers ``Trainer``, Avalanche).
-
-        PyTorch's step hooks do what :meth:`step` does around the step: the pre-hook takes the snapshot of
-        the parameters with frozen entries, the post-hook restores those entries and clamps the embeddings.
-        A step that does not happen (a gradient scaler's overflow skips ``optimizer.step()``) runs neither.
-        Protection stays the caller's: :meth:`protect` once per optimizer step, after the last
-        ``backward`` of a gradient-accumulation cycle and before any gradient clipping (Serrà et al.'s
-        order); docs/integrations.md says where each trainer calls it.
-
-        Args:
-            optimizer: a ``torch.optim.Optimizer`` whose ``step()`` needs no closure, not attached yet.
-
-        Raises:
-            TypeError: ``optimizer`` is not an optimizer, or is LBFGS.
-            ValueError: ``optimizer`` is already attached to this HAT.
-        """
-        _check_optimizer(optimizer, "a step hook runs once around it")
-        if any(o is optimizer for o, _ in self._attached):
-            raise ValueError(f"optimizer must not be attached already, got a {type(optimizer).__name__} this HAT "
-                             "is attached to; detach(optimizer) first")
-        handles = (optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._before_step(opt)),
-                   optimizer.register_step_post_hook(lambda opt, args, kwargs: self._after_step(opt)))
-        self._attached.append((optimizer, handles))
-
-    def detach(self, optimizer: torch.optim.Optimizer) -> None:
-        """Remove the hooks :meth:`attach` registered: ``optimizer.step()`` is a plain step again.
-
-        Raises:
-            ValueError: ``optimizer`` is not attached to this HAT.
-        """
-        for i, (attached, handles) in enumerate(self._attached):
-            if attached is optimizer:
-                for handle in handles:
-                    handle.remove()
-                del self._attached[i]
-                return
-        raise ValueError(f"optimizer must be one attached to this HAT, got a {type(optimizer).__name__} that is not "
-                         f"({len(self._attached)} attached)")
-
-    @torch.no_grad()
-    def _before_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Snapshot the parameters with frozen entries, unless ``optimizer`` moves no entry without a gradient."""
-        self._active("optimizer.step() on an optimizer attached to HAT")
-        self._restore = bool(self._frozen) and not _moves_only_by_gradient(optimizer)
-        if self._restore:
-            if not self._snapshots:
-                self._snapshots = [torch.empty_like(local(p)) for p in self._frozen]
-            torch._foreach_copy_(self._snapshots, [local(p).detach() for p in self._frozen])
-
-    @torch.no_grad()
-    def _after_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Restore the frozen entries the step moved and clamp the embeddings."""
-        task = self._active("optimizer.step() on an optimizer attached to HAT")
-        if self._restore:
-            for p, drop, before in zip(self._frozen, self._drop, self._snapshots, strict=True):
-                shard = local(p)
-                shard.copy_(torch.where(drop, before, shard))
-        # Serrà et al.'s code clamps every task's embedding
-        plain = [g.embedding if self.reference else g.embedding[task]
-                 for g, rows in zip(self.gates, self._rows, strict=True) if rows is None]
-        if plain:
-            torch._foreach_clamp_min_(plain, -self.clamp)
-            torch._foreach_clamp_max_(plain, self.clamp)
-        for g, rows in zip(self.gates, self._rows, strict=True):
-            if rows is not None:  # sharded: the task's entries of the local shard (every entry with reference=True)
-                e = local(g.embedding)
-                e.copy_(e.clamp(-self.clamp, self.clamp) if self.reference else
-                        torch.where(rows, e.clamp(-self.clamp, self.clamp), e))
-        if isinstance(self.policy, StepPolicy):
-            self.policy.after_step()
 
     def end_task(self) -> None:
         """Finish the active task: fold its masks into every gate's cumulative mask (binarized by default)
