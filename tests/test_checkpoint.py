@@ -389,7 +389,7 @@ def test_checkpoint_options_are_checked_before_anything_runs(tmp_path) -> None:
 
 
 LAYERNORM = ["--tasks", "2", "--epochs", "1", "--seeds", "0", "--dim", "8", "--depth", "1", "--patch-size", "8",
-             "--norms", "masked_ln", "--no-converted"]
+             "--norms", "masked_ln", "--no-converted", "--positions", "pre", "--c", "0.75"]
 
 
 def test_the_ablation_resumes_a_killed_run(tmp_path, monkeypatch, capsys) -> None:
