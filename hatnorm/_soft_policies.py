@@ -15,6 +15,7 @@ import math
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from hatnorm._attribution import ATTRIBUTIONS, AttributionImportance, load_captum
@@ -282,6 +283,12 @@ class FGAdaHATPolicy(SoftRatePolicy):
 
     def end_task(self, task: int) -> None:
         gates: list[HATGate] = list(self.wiring.gates)
+        if dist.is_available() and dist.is_initialized() and (ranks := dist.get_world_size()) > 1:
+            # each rank's activations are its own share of the batch: the ranks agree on the mean of their
+            # importances, or their rates, and with them their weights, part
+            for accumulated in self.accumulated:
+                dist.all_reduce(accumulated)
+                accumulated.div_(ranks)
         importance = [a / max(self.steps, 1) + self.base_importance for a in self.accumulated]
         if self.filter_unmasked_importance:
             importance = [i * g.selection(task).to(i) for i, g in zip(importance, gates, strict=True)]

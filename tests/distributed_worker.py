@@ -30,6 +30,7 @@ from toys import toy_tasks
 
 import hatnorm
 from hatnorm.distributed import shard, wrap
+from hatnorm.policies import FGAdaHATPolicy
 from hatnorm.training import HATMethod, TrainConfig, train_sequence
 
 # every registered norm that normalises with batch statistics but the shared baseline: built-in and plug-in
@@ -47,12 +48,18 @@ def batches(task: int) -> list[tuple[Tensor, Tensor]]:
              torch.randint(0, 3, (BATCH,), generator=g)) for _ in range(STEPS)]
 
 
-def run(norm: str) -> dict[str, Tensor]:
-    """Train tasks 0 and 1; returns the final state and task 0's evaluation outputs after each task."""
+def fg_adahat() -> FGAdaHATPolicy:
+    """FG-AdaHAT with an importance read from activations, which each rank sees only its share of."""
+    return FGAdaHATPolicy(importance="input_weight_abs_sum_x_activation_abs")
+
+
+def run(norm: str, policy: str | hatnorm.GradientPolicy = "hat") -> dict[str, Tensor]:
+    """Train tasks 0 and 1; returns the final state and task 0's evaluation outputs after each task (and a
+    step policy's summed importance)."""
     torch.manual_seed(0)
     model = hatnorm.build("resnet18", num_tasks=TASKS, norm=norm, num_classes=3, base_width=4).double()
     net = wrap(model)  # DDP with synchronised norms under torchrun, the model itself in one process
-    hat = hatnorm.HAT(net)
+    hat = hatnorm.HAT(net, policy=policy)
     probe = torch.randn(6, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     result: dict[str, Tensor] = {}
     for task in range(TASKS):
@@ -71,7 +78,8 @@ def run(norm: str) -> dict[str, Tensor]:
         model.eval()
         with torch.no_grad():
             result[f"task0_after_task{task}"] = model(probe, task=0)
-    return result | {f"state.{k}": v.detach().clone() for k, v in model.state_dict().items()}
+    summed = {f"summed.{k}": v for k, v in enumerate(getattr(hat.policy, "summed", []))}
+    return result | summed | {f"state.{k}": v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def run_trainer(out_dir: Path) -> dict[str, Any]:
@@ -94,6 +102,7 @@ def main(out: Path) -> None:
     try:
         for norm in NORMS:
             torch.save(run(norm), out / f"{norm}.rank{dist.get_rank()}.pt")
+        torch.save(run("masked_bn", fg_adahat()), out / f"fg_adahat.rank{dist.get_rank()}.pt")
         torch.save(run_trainer(out / "trainer"), out / f"trainer.rank{dist.get_rank()}.pt")
     finally:
         dist.destroy_process_group()

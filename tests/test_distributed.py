@@ -91,6 +91,17 @@ def test_two_gloo_ranks_match_one_process_on_the_concatenated_batch(
 
 
 @needs_gloo
+def test_fg_adahat_ranks_agree_on_activation_importance_and_stay_in_step(two_ranks: Path) -> None:
+    # each rank reads the activations of its own half of the batch; at task end the ranks average their
+    # importances, so the rates of task 1, and every weight after it, are the same on both (FG-AdaHAT is soft:
+    # task 0's outputs may move)
+    ranks = [load(two_ranks, "fg_adahat", r) for r in range(2)]
+    assert ranks[0].keys() == ranks[1].keys() and any(k.startswith("summed.") for k in ranks[0])
+    for key in ranks[0]:
+        assert torch.equal(ranks[0][key], ranks[1][key]), key
+
+
+@needs_gloo
 @pytest.mark.parametrize("norm", TASK_AWARE)
 def test_no_forgetting_under_ddp(two_ranks: Path, one_process: dict[str, dict[str, Tensor]], norm: str) -> None:
     for result in (load(two_ranks, norm, 0), one_process[norm]):
