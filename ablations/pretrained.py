@@ -141,7 +141,7 @@ def reset_affine(model: nn.Module) -> None:
 
 def keep_statistics(model: nn.Module) -> None:
     """Every batch norm normalises with its running statistics in training too, and they never move (precise BN's
-    re-estimation included); γ and β still train (:meth:`~hatnorm.MaskedNorm.freeze` without fixing them)."""
+    re-estimation included); γ and β still train (:meth:`~hatnorm.norms.MaskedBatchNorm.freeze` without fixing them)."""
     for norm in batch_norms(model):
         norm.frozen = True
 

@@ -5,7 +5,7 @@ cyclic shift, window partition, attention with a relative position bias and the 
 cosine attention with a learned logit scale), which ``torch.fx`` keeps as a single call.
 :class:`GatedShiftedWindowAttention` calls the same function with the gates folded into the q/k/v and output
 projections (``(a ⊙ W)x + a ⊙ b``), so with every gate open it computes exactly what the original does. What
-biases a whole head is one copy per task: v1's relative position bias table (:class:`hatnorm.TaskParameter`),
+biases a whole head is one copy per task: v1's relative position bias table (:class:`hatnorm.blocks.TaskParameter`),
 v2's logit scale and the MLP that computes its continuous position bias from fixed coordinates.
 """
 
