@@ -33,8 +33,8 @@ from hatnorm._export import TaskModel, export
 from hatnorm._gate import HATGate
 from hatnorm._hat import HAT, HATModule
 from hatnorm._heads import TaskHeads
+from hatnorm._norm_protocol import MaskedNorm
 from hatnorm._norm_registry import NormSpec, get_norm, list_norms, register_norm
-from hatnorm._norms import MaskedNorm
 from hatnorm._policies import (
     GradientPolicy,
     PolicySpec,

@@ -27,7 +27,7 @@ from hatnorm._gate import HATGate
 from hatnorm._hat import HATModule, Layer
 from hatnorm._heads import TaskHeads
 from hatnorm._masks import Concat, Flatten, MaskSource, Residual
-from hatnorm._norms import MaskedNorm
+from hatnorm._norm_protocol import MaskedNorm
 from hatnorm._transformer import GatedAttention, TokenEmbedding
 
 

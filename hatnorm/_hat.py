@@ -34,7 +34,7 @@ from hatnorm._gate import HATGate, anneal_scale, compensation_factor, hat_gate
 from hatnorm._hat_optimizer import OptimizerSafety
 from hatnorm._heads import TaskHeads
 from hatnorm._masks import MaskSource, MaskState
-from hatnorm._norms import MaskedNorm
+from hatnorm._norm_protocol import MaskedNorm
 from hatnorm._policies import GradientPolicy, create_policy
 from hatnorm._protected import Protected
 from hatnorm._shards import gathered, is_sharded, local, local_part, reshard, whole

@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from hatnorm._inputs import Inputs, call, finite_samples, map_inputs, split_batch
-from hatnorm._norms import MaskedNorm
+from hatnorm._norm_protocol import MaskedNorm
 from hatnorm.distributed import shard
 
 

@@ -28,7 +28,7 @@ from hatnorm._checks import check_positive, check_scale
 from hatnorm._gate import HATGate, hat_gate
 from hatnorm._heads import TaskHeads
 from hatnorm._masks import MaskSource, MaskState
-from hatnorm._norms import MaskedNorm
+from hatnorm._norm_protocol import MaskedNorm
 from hatnorm._policies import GradientPolicy
 from hatnorm._protected import Protected
 from hatnorm._shards import local, local_part, whole

@@ -24,7 +24,7 @@ from hatnorm._checks import check_batch, check_positive_int
 from hatnorm._gate import HATGate
 from hatnorm._hat import Layer
 from hatnorm._masks import Concat, MaskState
-from hatnorm._norms import MaskedNorm
+from hatnorm._norm_protocol import MaskedNorm
 from hatnorm._policies import GradientPolicy
 from hatnorm._protected import Protected
 

@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from hatnorm._hat import HAT
-from hatnorm._norms import MaskedNorm
+from hatnorm._norm_protocol import MaskedNorm
 from hatnorm._shards import is_sharded
 
 if TYPE_CHECKING:

@@ -5,28 +5,28 @@
 baselines the masked norms are compared with.
 """
 
-from hatnorm._norm_batch import SharedChannelLayerNorm, SharedGroupNorm, TaskChannelLayerNorm, TaskGroupNorm
-from hatnorm._norms import (
+from hatnorm._norm_batch import (
     MaskedBatchNorm,
     MaskedBatchNorm1d,
     MaskedBatchNorm2d,
     MaskedChannelLayerNorm,
     MaskedGroupNorm,
-    MaskedLayerNorm,
-    MaskedRMSNorm,
-    NoNorm,
     PostGateBatchNorm,
     PostGateBatchNorm1d,
     PostGateBatchNorm2d,
     SharedBatchNorm,
     SharedBatchNorm1d,
     SharedBatchNorm2d,
-    SharedLayerNorm,
+    SharedChannelLayerNorm,
+    SharedGroupNorm,
     TaskBatchNorm,
     TaskBatchNorm1d,
     TaskBatchNorm2d,
-    TaskLayerNorm,
+    TaskChannelLayerNorm,
+    TaskGroupNorm,
 )
+from hatnorm._norm_layer import MaskedLayerNorm, MaskedRMSNorm, SharedLayerNorm, TaskLayerNorm
+from hatnorm._norm_protocol import NoNorm
 
 __all__ = [
     "MaskedBatchNorm",

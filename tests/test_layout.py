@@ -95,11 +95,11 @@ def test_code_outside_hatnorm_uses_only_its_public_api(path: Path) -> None:
 def test_private_uses_are_found_in_every_form(tmp_path: Path) -> None:
     source = tmp_path / "user.py"
     source.write_text("import hatnorm\nimport hatnorm as hn\nimport hatnorm._fused\nfrom hatnorm import _gate, HAT\n"
-                      "from hatnorm._norms import MaskedNorm\nfrom hatnorm.training._config import TrainConfig\n"
+                      "from hatnorm._norm_layer import X\nfrom hatnorm.training._config import TrainConfig\n"
                       "from hatnorm import training\nfrom hatnorm.training import train_sequence\n"
                       "hn._checks.check_task\nhatnorm.__version__\ntraining._fit\nHAT._filled\n")
     assert private_uses(source, frozenset(hatnorm_modules())) == [
-        ("hatnorm._fused", 3), ("hatnorm._gate", 4), ("hatnorm._norms", 5), ("hatnorm.training._config", 6),
+        ("hatnorm._fused", 3), ("hatnorm._gate", 4), ("hatnorm._norm_layer", 5), ("hatnorm.training._config", 6),
         ("hn._checks", 9), ("training._fit", 11)]
 
 

@@ -13,7 +13,7 @@ from hatnorm._convert.train_graph import EvaluationForward
 from hatnorm._hat import HATModule, Layer
 from hatnorm._heads import TaskHeads
 from hatnorm._masks import MaskSource
-from hatnorm._norms import MaskedNorm
+from hatnorm._norm_protocol import MaskedNorm
 
 
 class ConvertedModel(HATModule):

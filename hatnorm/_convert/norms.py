@@ -7,8 +7,8 @@ from collections.abc import Mapping
 from torch import Tensor, nn
 
 from hatnorm._convert.error import ConversionError
+from hatnorm._norm_protocol import MaskedNorm
 from hatnorm._norm_registry import NormSpec, get_norm, list_norms
-from hatnorm._norms import MaskedNorm
 
 #: the kinds of torch norm a per-kind ``norm`` mapping of :func:`hatnorm.convert` names
 KINDS: dict[str, tuple[type[nn.Module], ...]] = {

@@ -13,7 +13,7 @@ from hatnorm._gate import HATGate
 from hatnorm._hat import Layer
 from hatnorm._heads import TaskHeads
 from hatnorm._masks import MaskSource
-from hatnorm._norms import MaskedNorm
+from hatnorm._norm_protocol import MaskedNorm
 from hatnorm._transformer import gated_linear
 
 

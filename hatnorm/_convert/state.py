@@ -17,7 +17,7 @@ from hatnorm._convert.values import Derived, Flat, Scale, Scores, Ungated, tenso
 from hatnorm._gate import HATGate
 from hatnorm._hat import Layer
 from hatnorm._masks import Flatten, MaskSource
-from hatnorm._norms import NoNorm
+from hatnorm._norm_protocol import NoNorm
 
 
 class WalkState:

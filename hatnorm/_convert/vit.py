@@ -19,8 +19,8 @@ from hatnorm._gate import HATGate
 from hatnorm._hat import HATModule, Layer
 from hatnorm._heads import TaskHeads
 from hatnorm._masks import MaskSource
+from hatnorm._norm_protocol import MaskedNorm
 from hatnorm._norm_registry import NormSpec
-from hatnorm._norms import MaskedNorm
 from hatnorm._transformer import GatedAttention, GatedFeedForward, TokenEmbedding, blocks_wiring, run_blocks
 
 

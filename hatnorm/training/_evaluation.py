@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from hatnorm._inputs import call, finite_samples, map_inputs, split_batch
-from hatnorm._norms import MaskedNorm
+from hatnorm._norm_protocol import MaskedNorm
 from hatnorm._recalibration import finite, recalibrate_norms, skip_hint
 from hatnorm.data import IGNORE_INDEX
 
