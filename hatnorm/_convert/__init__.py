@@ -19,7 +19,8 @@ The package, by phase:
 - **wrap** (:mod:`.api`, :mod:`.model`): the graph becomes a :class:`ConvertedModel`.
 
 The modules a converted graph runs (:mod:`.runtime`, :mod:`.params`, :mod:`.windows`) know nothing of the walk.
-transformers' ViT models are converted by their structure (:mod:`.vit`).
+transformers models whose attention a walk cannot follow (ViT, the language models) are converted by their
+structure (:mod:`.structural` names a converter per class: :mod:`.vit`, ...).
 
 What cannot be converted raises :class:`ConversionError` naming the module, source line and op.
 

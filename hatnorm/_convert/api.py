@@ -15,10 +15,10 @@ from hatnorm._convert.error import ConversionError
 from hatnorm._convert.model import ConvertedModel
 from hatnorm._convert.norms import Norms
 from hatnorm._convert.state import WalkState
+from hatnorm._convert.structural import structural_converter
 from hatnorm._convert.tracing import trace
 from hatnorm._convert.train_graph import EvaluationForward, evaluation_graph, training_graph
 from hatnorm._convert.units import Recorder, record
-from hatnorm._convert.vit import convert_vit, is_transformers_vit
 from hatnorm._convert.walk import rewrite, walk
 from hatnorm._gate import HATGate
 from hatnorm._heads import class_counts
@@ -44,8 +44,9 @@ def convert(
     The conversion runs in four phases: **trace** (``torch.fx``, alongside ``example_input`` when given),
     **walk** (every op's handler from the op table passes units and rewrites the graph around it),
     **rewrite** (what the walk took over goes, unprotected parameter uses are refused) and **wrap** (the
-    :class:`ConvertedModel`). transformers' ``ViTForImageClassification`` / ``ViTModel``-based classifiers
-    are converted by their structure instead (:func:`~.vit.convert_vit`).
+    :class:`ConvertedModel`). transformers models whose attention a graph walk cannot follow
+    (``ViTForImageClassification``, the language models) are converted by their structure instead
+    (:mod:`~.structural`).
 
     Args:
         module: the model; its forward takes one input tensor and ends in an ``nn.Linear``.
@@ -75,9 +76,9 @@ def convert(
     norms = Norms(norm)
     counts = None if num_classes is None else class_counts(num_classes, num_tasks)
     s_max = check_positive(s_max, "s_max")
-    if is_transformers_vit(module):
-        return convert_vit(module, num_tasks=num_tasks, spec=norms.for_layer_norms(), num_classes=counts,
-                           s_max=s_max)
+    converter = structural_converter(module)
+    if converter is not None:
+        return converter(module, num_tasks=num_tasks, norms=norms, num_classes=counts, s_max=s_max)
     traced = copy.deepcopy(module).eval()
     gm, logits, recorder = trace_phase(traced, example_input)
     state = WalkState(gm, traced, norms, num_tasks, counts, s_max, recorder, logits)

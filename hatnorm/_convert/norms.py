@@ -32,14 +32,14 @@ class Norms:
         else:
             self.single = spec_of(norm)
 
-    def for_layer_norms(self) -> NormSpec:
-        """The norm replacing LayerNorm (transformers' ViT)."""
+    def for_kind(self, kind: str) -> NormSpec:
+        """The norm replacing the norms of ``kind`` (a key of :data:`KINDS`), for the structural converters."""
         if self.by_kind is None:
             return self.single
-        if "layer" not in self.by_kind:
-            raise ConversionError(f"norm: the model's LayerNorms need a norm, but the mapping gives only "
-                                  f"{sorted(self.by_kind)}; add 'layer'")
-        return self.by_kind["layer"]
+        if kind not in self.by_kind:
+            raise ConversionError(f"norm: the model's {kind} norms need a norm, but the mapping gives only "
+                                  f"{sorted(self.by_kind)}; add {kind!r}")
+        return self.by_kind[kind]
 
     def for_module(self, module: nn.Module, where: str) -> NormSpec:
         if self.by_kind is None:

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from hatnorm._checks import check_batch, check_task, check_training_scale
 from hatnorm._convert.error import ConversionError
+from hatnorm._convert.norms import Norms
 from hatnorm._convert.probes import unitwise_failure
 from hatnorm._gate import HATGate
 from hatnorm._hat import HATModule, Layer
@@ -22,11 +23,6 @@ from hatnorm._masks import MaskSource
 from hatnorm._norm_protocol import MaskedNorm
 from hatnorm._norm_registry import NormSpec
 from hatnorm._transformer import GatedAttention, GatedFeedForward, TokenEmbedding, blocks_wiring, run_blocks
-
-
-def is_transformers_vit(module: nn.Module) -> bool:
-    """Whether ``module`` is a transformers ViT classifier (checked by class name, so transformers stays optional)."""
-    return type(module).__name__ == "ViTForImageClassification"
 
 
 def _load(target: nn.Module, source: nn.Module) -> None:
@@ -125,9 +121,10 @@ def _check_activation(activation: nn.Module, name: object) -> None:
                               "activation must act on every value alone and map 0 to 0 (relu, gelu, silu, tanh…)")
 
 
-def convert_vit(module: nn.Module, *, num_tasks: int, spec: NormSpec, num_classes: list[int] | None,
+def convert_vit(module: nn.Module, *, num_tasks: int, norms: Norms, num_classes: list[int] | None,
                 s_max: float) -> ConvertedViT:
     """Convert a transformers ``ViTForImageClassification`` (see the module docstring)."""
+    spec = norms.for_kind("layer")
     vit, classifier = module.vit, module.classifier
     if not isinstance(classifier, nn.Linear):
         raise ConversionError(f"module.classifier must be an nn.Linear, got {type(classifier).__name__}")
