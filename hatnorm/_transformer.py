@@ -78,6 +78,68 @@ class TokenEmbedding(nn.Module, Protected):
         return {"cls_token": rate, "pos_embedding": rate}
 
 
+class StreamEmbedding(nn.Module, Protected):
+    """Token embeddings ``[V, D]`` (and, optionally, learned position ``[L, D]`` and token-type ``[types, D]``
+    embeddings) added into the residual stream, protected per stream unit: the stream's gate scales the tables,
+    not every token of the batch, so a closed unit's row entries stay exactly 0 in the stream.
+
+    Args:
+        vocab_size: tokens V.
+        dim: width of the residual stream D.
+        max_length: positions L of a learned position embedding, or ``None`` for none (rotary models).
+        type_vocab_size: token types of a token-type embedding (BERT's segments), or ``None`` for none.
+    """
+
+    def __init__(self, vocab_size: int, dim: int, *, max_length: int | None = None,
+                 type_vocab_size: int | None = None) -> None:
+        super().__init__()
+        vocab_size, dim = check_positive_int(vocab_size, "vocab_size"), check_positive_int(dim, "dim")
+        self.token = nn.Parameter(torch.randn(vocab_size, dim) * 0.02)
+        self.position = (None if max_length is None
+                         else nn.Parameter(torch.randn(check_positive_int(max_length, "max_length"), dim) * 0.02))
+        self.token_type = (None if type_vocab_size is None else
+                           nn.Parameter(torch.zeros(check_positive_int(type_vocab_size, "type_vocab_size"), dim)))
+
+    def forward(self, input_ids: Tensor, gate: Tensor, *, position_ids: Tensor | None = None,
+                token_type_ids: Tensor | None = None) -> Tensor:
+        """The gated stream ``[N, L, D]`` for ``input_ids`` ``[N, L]``: token, plus position (``position_ids``, by
+        default 0..L−1) and token type (``token_type_ids``, by default 0) where the embedding has them."""
+        x = F.embedding(input_ids, self.token * gate)
+        if self.position is not None:
+            table = self.position * gate
+            x = x + (table[: input_ids.shape[1]] if position_ids is None else F.embedding(position_ids, table))
+        if self.token_type is not None:
+            table = self.token_type * gate
+            x = x + (table[0] if token_type_ids is None else F.embedding(token_type_ids, table))
+        return x
+
+    def gradient_multipliers(self, previous: MaskState, task: int, policy: GradientPolicy) -> dict[str, Tensor]:
+        rate = policy.unit_rate(previous)  # [D], broadcast over the rows of every table
+        return {name: rate for name, p in self._parameters.items() if p is not None}
+
+
+class SharedLMHead(nn.Module, Protected):
+    """Logits over a vocabulary every task shares, ``h @ Wᵀ`` with ``W`` ``[V, D]`` and no bias: its columns of the
+    stream units earlier tasks use are protected; its rows (the vocabulary) have no gate.
+
+    Args:
+        dim: width of the residual stream D.
+        vocab_size: tokens V.
+    """
+
+    def __init__(self, dim: int, vocab_size: int) -> None:
+        super().__init__()
+        dim, vocab_size = check_positive_int(dim, "dim"), check_positive_int(vocab_size, "vocab_size")
+        self.weight = nn.Parameter(torch.randn(vocab_size, dim) * dim**-0.5)
+
+    def forward(self, h: Tensor) -> Tensor:
+        """Logits ``[..., V]`` for the stream ``h`` ``[..., D]``."""
+        return F.linear(h, self.weight)
+
+    def gradient_multipliers(self, previous: MaskState, task: int, policy: GradientPolicy) -> dict[str, Tensor]:
+        return {"weight": policy.unit_rate(previous)[None, :]}
+
+
 class GatedAttention(nn.Module):
     """Pre-norm multi-head self-attention with gates on the q, k and v features.
 

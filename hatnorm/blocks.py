@@ -6,7 +6,8 @@ modules :func:`hatnorm.convert` puts into a converted model.
   :class:`Residual`, :class:`Concat`, :class:`Select`, :class:`Flatten` combining gates), :class:`MaskState` what
   earlier tasks left on those units;
 - :class:`GatedAttention`, :class:`GatedFeedForward`, :class:`TokenEmbedding`, :func:`run_blocks` and
-  :func:`blocks_wiring` build a gated transformer, :class:`Wiring` says which gate feeds which module;
+  :func:`blocks_wiring` build a gated transformer (:class:`StreamEmbedding` and :class:`SharedLMHead` a language
+  model's embedding and its head over a shared vocabulary), :class:`Wiring` says which gate feeds which module;
 - :class:`TaskParameter` and :class:`ParameterUse` hold the parameters a converted model reads directly.
 """
 
@@ -14,7 +15,15 @@ from hatnorm._convert import ParameterUse, TaskParameter
 from hatnorm._hat import Layer
 from hatnorm._masks import Concat, Flatten, MaskSource, MaskState, Residual, Select
 from hatnorm._step_policy import Wiring
-from hatnorm._transformer import GatedAttention, GatedFeedForward, TokenEmbedding, blocks_wiring, run_blocks
+from hatnorm._transformer import (
+    GatedAttention,
+    GatedFeedForward,
+    SharedLMHead,
+    StreamEmbedding,
+    TokenEmbedding,
+    blocks_wiring,
+    run_blocks,
+)
 
 __all__ = [
     "Concat",
@@ -27,6 +36,8 @@ __all__ = [
     "ParameterUse",
     "Residual",
     "Select",
+    "SharedLMHead",
+    "StreamEmbedding",
     "TaskParameter",
     "TokenEmbedding",
     "Wiring",

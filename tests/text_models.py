@@ -20,46 +20,18 @@ from hatnorm import text_tasks
 from hatnorm._gate import HATGate
 from hatnorm._hat import HATModule, Layer
 from hatnorm._heads import TaskHeads
-from hatnorm._masks import MaskSource, MaskState
+from hatnorm._masks import MaskSource
 from hatnorm._norm_registry import get_norm
-from hatnorm._policies import GradientPolicy
-from hatnorm._protected import Protected
-from hatnorm._transformer import GatedAttention, GatedFeedForward, blocks_wiring, run_blocks
+from hatnorm.blocks import (
+    GatedAttention,
+    GatedFeedForward,
+    SharedLMHead,
+    StreamEmbedding,
+    blocks_wiring,
+    run_blocks,
+)
 from hatnorm.text_tasks import VOCABULARY
 from hatnorm.training import HATMethod, TrainConfig, train_sequence
-
-
-class StreamEmbedding(nn.Module, Protected):
-    """Token and position embeddings ``[V, D]`` and ``[L, D]`` added into the residual stream, protected per
-    stream unit (the gate scales the parameters, not every token of the batch)."""
-
-    def __init__(self, vocab_size: int, max_length: int, dim: int) -> None:
-        super().__init__()
-        self.token = nn.Parameter(torch.randn(vocab_size, dim) * 0.02)
-        self.position = nn.Parameter(torch.randn(max_length, dim) * 0.02)
-
-    def forward(self, input_ids: Tensor, gate: Tensor) -> Tensor:
-        positions = self.position[: input_ids.shape[1]] * gate
-        return nn.functional.embedding(input_ids, self.token * gate) + positions
-
-    def gradient_multipliers(self, previous: MaskState, task: int, policy: GradientPolicy) -> dict[str, Tensor]:
-        rate = policy.unit_rate(previous)  # [D], broadcast over tokens and positions
-        return {"token": rate, "position": rate}
-
-
-class SharedLMHead(nn.Module, Protected):
-    """Logits over the shared vocabulary from the stream, ``[V, D]`` without bias: every task reads it, so its
-    columns of the stream units earlier tasks use are protected."""
-
-    def __init__(self, dim: int, vocab_size: int) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(vocab_size, dim) * dim**-0.5)
-
-    def forward(self, h: Tensor) -> Tensor:
-        return nn.functional.linear(h, self.weight)
-
-    def gradient_multipliers(self, previous: MaskState, task: int, policy: GradientPolicy) -> dict[str, Tensor]:
-        return {"weight": policy.unit_rate(previous)[None, :]}
 
 
 class TinyTextTransformer(HATModule):
@@ -79,7 +51,7 @@ class TinyTextTransformer(HATModule):
             raise ValueError(f"a causal model predicts the vocabulary: num_classes must be {vocab_size} for every "
                              f"task, got {list(num_classes)}")
         self.causal, self.num_tasks = causal, num_tasks
-        self.embedding = StreamEmbedding(vocab_size, max_length, dim)
+        self.embedding = StreamEmbedding(vocab_size, dim, max_length=max_length)
         self.gate_stream = HATGate(dim, num_tasks=num_tasks, s_max=s_max)
         self.attentions = nn.ModuleList(
             GatedAttention(dim, heads=heads, dim_head=dim // heads, num_tasks=num_tasks, norm_layer=norm_layer,
