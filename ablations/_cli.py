@@ -137,6 +137,8 @@ def parser(prog: str, description: str, *, budget: Budget, out: str, data: str =
     p.add_argument("--sharding", choices=SHARDINGS, default="ddp",
                    help="under torchrun: ddp (every rank holds the whole model) or fsdp (PyTorch FSDP2: every rank "
                         "holds a slice of every parameter); no effect in one process")
+    p.add_argument("--device", default=None,
+                   help="where the models train: cpu, cuda, cuda:1, mps (default: cpu); a run may resume on another")
     p.add_argument("--reference", action="store_true",
                    help="HAT as Serrà et al.'s code runs it rather than the paper: soft cumulative masks, the scale "
                         "annealed over the sample index, every task's embeddings clamped (docs/concepts.md)")
@@ -246,7 +248,8 @@ def config(args: argparse.Namespace, parser_: argparse.ArgumentParser | None = N
         settings["warmup_epochs"] = min(settings["warmup_epochs"], settings["epochs"] - 1) if cosine else 0
     try:
         return TrainConfig(batch_size=args.batch_size, momentum=args.momentum, optimizer=args.optimizer,
-                           seed=args.seeds[0], sharding=args.sharding, **settings)
+                           seed=args.seeds[0], sharding=args.sharding, device=args.device,
+                           **settings)
     except ValueError as error:
         if parser_ is None:
             raise
@@ -256,8 +259,10 @@ def config(args: argparse.Namespace, parser_: argparse.ArgumentParser | None = N
 #: options that change no number of a run: where its files go, how it is driven, which seeds it covers (a merge
 #: joins seeds), the CIFAR folder, whose files are verified against the published checksums (with
 #: ``--unverified-data`` the folder is recorded too), and how ranks share the model under torchrun (DDP or
-#: FSDP2: the same run up to the order of a sum, as the number of ranks, which is not recorded either)
-UNRECORDED = frozenset({"out", "resume", "checkpoint_every", "seeds", "command", "budget", "data_root", "sharding"})
+#: FSDP2: the same run up to the order of a sum, as the number of ranks, which is not recorded either), and the
+#: device (a run may resume on another; float results then differ in their last digits, as between two machines)
+UNRECORDED = frozenset({"out", "resume", "checkpoint_every", "seeds", "command", "budget", "data_root", "sharding",
+                        "device"})
 
 
 def recorded_options(args: argparse.Namespace) -> dict[str, Any]:

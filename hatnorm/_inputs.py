@@ -7,6 +7,7 @@ are passed by name, as transformers models take them (``model(input_ids=..., att
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -17,15 +18,25 @@ from torch import Tensor, nn
 Inputs = Tensor | dict[str, Tensor]
 
 
-def split_batch(batch: object) -> tuple[Inputs, Tensor]:
-    """The inputs and the targets of a batch: ``(x, y)``, or a dict's entries but ``labels``, and its ``labels``."""
+def split_batch(batch: object, device: torch.device | None = None) -> tuple[Inputs, Tensor]:
+    """The inputs and the targets of a batch: ``(x, y)``, or a dict's entries but ``labels``, and its ``labels``;
+    on ``device`` when given (the model's, :func:`device_of`)."""
     if isinstance(batch, Mapping):
         if "labels" not in batch:
             raise ValueError(f"a batch of named tensors must hold 'labels' (the targets) beside the model's inputs, "
                              f"got the names {list(batch)}")
-        return {name: value for name, value in batch.items() if name != "labels"}, batch["labels"]
-    x, y = batch  # type: ignore[misc]
-    return x, y
+        x, y = {name: value for name, value in batch.items() if name != "labels"}, batch["labels"]
+    else:
+        x, y = batch  # type: ignore[misc]
+    if device is None:
+        return x, y
+    return map_inputs(lambda t: t.to(device, non_blocking=True), x), y.to(device, non_blocking=True)
+
+
+def device_of(model: nn.Module) -> torch.device:
+    """Where ``model`` computes: the device of its first parameter (or buffer), the CPU for a model with neither."""
+    tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return torch.device("cpu") if tensor is None else tensor.device
 
 
 def call(model: nn.Module, inputs: Inputs, **options: Any) -> Any:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from hatnorm._inputs import Inputs, call, finite_samples, map_inputs, split_batch
+from hatnorm._inputs import Inputs, call, device_of, finite_samples, map_inputs, split_batch
 from hatnorm._norm_protocol import MaskedNorm
 from hatnorm.distributed import shard
 
@@ -57,7 +57,7 @@ def recalibrate_norms(model: nn.Module, parts: Sequence[tuple[int, Dataset]], ba
             m.train()
         for task, data in parts:
             for b, batch in enumerate(DataLoader(data, batch_size=batch_size, drop_last=len(data) > batch_size)):
-                x, _ = split_batch(batch)
+                x, _ = split_batch(batch, device_of(model))
                 if not finite(x):
                     if nonfinite == "skip":
                         continue

@@ -5,12 +5,33 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
+
 from hatnorm._checks import check_non_negative, check_positive, check_positive_int
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("plateau", "cosine", "constant")
 #: how the ranks of a run under torchrun share the model
 SHARDINGS = ("ddp", "fsdp")
+
+
+def check_device(device: object) -> torch.device:
+    """``device`` as a torch device, refused when torch does not know it or this machine lacks it."""
+    if not isinstance(device, str):
+        raise ValueError(f"device must be a device name such as 'cpu' or 'cuda', got {device!r}")
+    try:
+        where = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device must be a device name torch knows ('cpu', 'cuda', 'cuda:0', 'mps', ...), got "
+                         f"{device!r}") from None
+    if where.type == "cuda":
+        count = torch.cuda.device_count()
+        if not torch.cuda.is_available() or (where.index is not None and where.index >= count):
+            raise ValueError(f"device={device!r}: this machine has {count} CUDA device(s) torch can use"
+                             f"{'' if count else ' (torch.cuda.is_available() is False)'}; use 'cpu'")
+    elif where.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device={device!r}: MPS is not available on this machine; use 'cpu'")
+    return where
 
 
 @dataclass(frozen=True)
@@ -58,6 +79,10 @@ class TrainConfig:
             ``"fsdp"``, every rank holds a slice of every parameter, of its gradient and of the optimizer's
             moments (PyTorch FSDP2, :func:`hatnorm.distributed.fully_shard`); checkpoints hold the whole state
             either way. The same run up to the order of a sum; nothing changes in one process.
+        device: where the model trains: ``None`` (where the model's builder put it) or a device torch names
+            (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``); the model is moved there when built, and every batch
+            goes to the model's device as it is read. Under ``torchrun`` a ``"cuda"`` without an index is each
+            rank's own GPU (``LOCAL_RANK``).
     """
 
     epochs: int = 200
@@ -77,6 +102,7 @@ class TrainConfig:
     recalibrate: bool = True
     nonfinite: Literal["raise", "skip"] = "raise"
     sharding: Literal["ddp", "fsdp"] = "ddp"
+    device: str | None = None
 
     def __post_init__(self) -> None:
         check_positive_int(self.epochs, "epochs")
@@ -110,5 +136,7 @@ class TrainConfig:
             raise ValueError(f"seed must be an int, got {self.seed!r}")
         if self.nonfinite not in ("raise", "skip"):
             raise ValueError(f"nonfinite must be 'raise' or 'skip', got {self.nonfinite!r}")
+        if self.device is not None:
+            check_device(self.device)
         if self.sharding not in SHARDINGS:
             raise ValueError(f"sharding must be one of {', '.join(map(repr, SHARDINGS))}, got {self.sharding!r}")

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from hatnorm._inputs import call, finite_samples, map_inputs, split_batch
+from hatnorm._inputs import call, device_of, finite_samples, map_inputs, split_batch
 from hatnorm._norm_protocol import MaskedNorm
 from hatnorm._recalibration import finite, recalibrate_norms, skip_hint
 from hatnorm.data import IGNORE_INDEX
@@ -101,8 +101,9 @@ def evaluate(model: nn.Module, data: Dataset, task: int, batch_size: int = 256, 
     model.eval()
     total_loss, right, count = 0.0, 0, 0
     loader = DataLoader(data, batch_size=batch_size)
+    device = device_of(model)
     for b, batch in enumerate(loader):
-        x, y = split_batch(batch)
+        x, y = split_batch(batch, device)
         if not finite(x):
             if nonfinite == "raise":
                 raise ValueError(f"{where}, batch {b + 1} of {len(loader)}: {skip_hint('TrainConfig')}")

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler, SequentialLR
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from hatnorm._inputs import Inputs, call, map_inputs, split_batch
+from hatnorm._inputs import Inputs, call, device_of, map_inputs, split_batch
 from hatnorm.distributed import average_gradients, convert_sync, shard, share_weight, world_size
 from hatnorm.training._config import TrainConfig
 from hatnorm.training._display import Display
@@ -181,6 +181,7 @@ def fit_task(model: nn.Module, method: Method, task_ids: Sequence[int], train: S
                    for t, v in zip(task_ids, valid, strict=True)]
         return sum(r[0] for r in results) / len(results), sum(r[1] for r in results) / len(results)
 
+    device = device_of(model)
     display.start_task(name, config.epochs, completed=first)
     epoch = first - 1
     for epoch in range(first, config.epochs):
@@ -188,7 +189,7 @@ def fit_task(model: nn.Module, method: Method, task_ids: Sequence[int], train: S
         loaders = [_batches(d, config.batch_size, seed * 1000 + epoch) for d in train]
         running, trained, skipped_now = 0.0, 0, 0
         for b, raw in enumerate(zip(*loaders, strict=False)):
-            batches = [split_batch(batch) for batch in raw]
+            batches = [split_batch(batch, device) for batch in raw]
             s = method.scale(b, steps_per_epoch)
             bad = [t for t, (x, _) in zip(task_ids, batches, strict=True) if not finite(x)]
             if bad:

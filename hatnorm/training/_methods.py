@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 from hatnorm._checks import check_non_negative, check_positive_int
 from hatnorm._gate import HATGate
 from hatnorm._hat import HAT
-from hatnorm._inputs import call, split_batch
+from hatnorm._inputs import call, device_of, split_batch
 from hatnorm._policies import GradientPolicy
 from hatnorm.training._evaluation import cross_entropy, finite, logits_of
 
@@ -170,7 +170,7 @@ class EWC(FineTune):
         loader = DataLoader(data, batch_size=32, shuffle=False)
         seen = 0
         for i, batch in enumerate(loader):
-            x, y = split_batch(batch)
+            x, y = split_batch(batch, device_of(model))
             if i == self.fisher_batches:
                 break
             if not finite(x):  # only reached with TrainConfig(nonfinite="skip"): training raised otherwise

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -31,7 +32,7 @@ from hatnorm.checkpoint import (
     state_sha256,
 )
 from hatnorm.data import Task, fingerprint
-from hatnorm.distributed import fully_shard, is_main_process
+from hatnorm.distributed import fully_shard, is_main_process, world_size
 from hatnorm.training._config import TrainConfig
 from hatnorm.training._display import Console, Display
 from hatnorm.training._evaluation import evaluate
@@ -107,7 +108,13 @@ def _check_sharding(config: TrainConfig, method: Method) -> None:
 
 
 def _placed(model: nn.Module, config: TrainConfig) -> nn.Module:
-    """The model as the ranks train it: sharded by FSDP2 with ``sharding="fsdp"`` (under torchrun), else itself."""
+    """The model as the ranks train it: on ``config.device`` when given (each rank's own GPU for an unindexed
+    ``"cuda"`` under torchrun), then sharded by FSDP2 with ``sharding="fsdp"`` (under torchrun), else itself."""
+    if config.device is not None:
+        device = torch.device(config.device)
+        if device.type == "cuda" and device.index is None and world_size() > 1:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        model = model.to(device)
     return fully_shard(model) if config.sharding == "fsdp" else model
 
 
@@ -148,8 +155,9 @@ def _method_identity(method: Method) -> dict[str, Any]:
 
 def _identity(run: str, model: nn.Module, tasks: Sequence[Task], method: dict[str, Any], config: TrainConfig,
               info: dict[str, Any] | None) -> dict[str, Any]:
-    """What a checkpoint must agree on to be resumed; ``nonfinite`` may change (skipping after an error), and
-    ``sharding`` (its checkpoints hold the whole state either way).
+    """What a checkpoint must agree on to be resumed; ``nonfinite`` may change (skipping after an error),
+    ``sharding`` (its checkpoints hold the whole state either way) and ``device`` (a run started on one device
+    resumes on another).
 
     ``model`` is the run's model as built, before anything is loaded into it: its state's digest records the
     weights the run started from (pretrained ones included).
@@ -162,7 +170,7 @@ def _identity(run: str, model: nn.Module, tasks: Sequence[Task], method: dict[st
                            "train_sha256": fingerprint(t.train), "test_sha256": fingerprint(t.test)}
                   for i, t in enumerate(tasks)},
         "method": method,
-        "config": {k: v for k, v in asdict(config).items() if k not in ("nonfinite", "sharding")},
+        "config": {k: v for k, v in asdict(config).items() if k not in ("nonfinite", "sharding", "device")},
         "initial_sha256": state_sha256(model),
     } | describe_model(model)
 
