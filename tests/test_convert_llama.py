@@ -241,3 +241,16 @@ def test_bad_inputs_are_refused_naming_them() -> None:
     with pytest.raises(ValueError, match=r"input_ids: a classifier without config\.pad_token_id takes one sequence"):
         unpadded(input_ids=ids, task=0)
     assert unpadded(input_ids=ids[:1], task=0).shape == (1, 3)
+
+
+def test_a_per_step_policy_damps_the_tied_table_per_stream_unit() -> None:
+    """FG-AdaHAT on the tied causal LM: after task 0 the one table shared by the embedding and the head gets one rate
+    per stream unit (the same for every token row), below 1 where task 0 used the unit."""
+    model = hatnorm.convert(original("LlamaForCausalLM"), num_tasks=2, norm="masked_rms")
+    hat = hatnorm.HAT(model, policy="fg_adahat")
+    train_steps(model, hat, torch.optim.AdamW(model.parameters(), lr=1e-2), 0, None)
+    hat.begin_task(1)
+    rate = hat.policy.rates(hat.scale(0, 3))[model.embedding.token].expand(VOCAB, 32)
+    assert torch.equal(rate, rate[:1].expand(VOCAB, 32))
+    used = model.gate_stream.cumulative.bool()
+    assert bool(used.any()) and bool((rate[0, used] < 1).all()) and bool((rate[0] > 0).all())

@@ -26,9 +26,10 @@ original computes (``model(input_ids=, attention_mask=, task=, s=)`` → logits 
   (Mistral's ``sliding_window`` on every layer; Qwen2's on the layers ``layer_types`` names ``sliding_attention``):
   key j is seen from query i when i − window < j ≤ i. Attention dropout (``attention_dropout``) in training.
 - **Heads**: a causal LM keeps one :class:`~hatnorm.blocks.SharedLMHead` over the shared vocabulary, its columns
-  (stream units) protected; with ``tie_word_embeddings`` it *is* the embedding table, one parameter that HAT protects
-  once (both uses report the same per-column multipliers). A classifier gets one head per task (copies of ``score``
-  when ``num_classes`` is ``None``) read at the last token that is not ``config.pad_token_id``, as transformers pools.
+  (stream units) protected; with ``tie_word_embeddings`` it *is* the embedding table, one parameter wired once, as
+  the embedding, whose per-column multipliers are the head's. A classifier gets one head per task (copies of
+  ``score`` when ``num_classes`` is ``None``) read at the last token that is not ``config.pad_token_id``, as
+  transformers pools.
 """
 
 from __future__ import annotations
@@ -273,7 +274,7 @@ class ConvertedLlama(HATModule):
     def hat_layers(self) -> list[Layer]:
         stream = self.gate_stream
         layers = [Layer(self.embedding, out=stream), Layer(self.norm, out=stream)]
-        if self.causal:
+        if self.causal and self.head.weight is not self.embedding.token:  # a tied head is listed once, as the table
             layers.append(Layer(self.head, out=stream))
         for attention, feedforward in zip(self.attentions, self.feedforwards, strict=True):
             layers += attention.wiring(stream) + feedforward.wiring(stream)
