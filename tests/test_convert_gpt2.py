@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import hatnorm
+from hatnorm import text_tasks
+from hatnorm.training import HATMethod, TrainConfig, train_sequence
 
 transformers = pytest.importorskip("transformers")
 
@@ -169,6 +171,22 @@ def test_the_attention_scale_and_mlp_options_are_kept(options: dict) -> None:
     batch = inputs(padding="right")
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(**batch, task=0), original(**batch).logits, atol=1e-5, rtol=0)
+
+
+def test_a_converted_gpt2_language_model_trains_on_the_generation_tasks() -> None:
+    tasks = text_tasks.generation_tasks(text_tasks.GENERATION_TASKS[:2], train_size=32, test_size=8)
+    length = max(t.train[0]["input_ids"].shape[0] for t in tasks)
+
+    def build() -> nn.Module:
+        gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            vocab_size=len(text_tasks.VOCABULARY), n_embd=32, n_layer=2, n_head=4, n_positions=length,
+            pad_token_id=text_tasks.PAD, bos_token_id=text_tasks.BOS, eos_token_id=text_tasks.EOS))
+        return hatnorm.convert(gpt2, num_tasks=len(tasks), norm="masked_ln")
+
+    result = train_sequence(build, tasks, HATMethod(), TrainConfig(epochs=1, batch_size=16, lr=1e-3,
+                                                                    optimizer="adamw", schedule="constant"))
+    assert len(result.accuracy) == 2 and all(len(row) == 2 for row in result.accuracy)
+    assert all(0.0 <= a <= 1.0 for row in result.accuracy for a in row)
 
 
 def test_without_a_padding_id_the_classifier_takes_one_row_at_a_time() -> None:
