@@ -36,7 +36,7 @@ from hatnorm._hat import HATModule, Layer
 from hatnorm._heads import TaskHeads
 from hatnorm._masks import MaskSource
 from hatnorm._norm_protocol import MaskedNorm
-from hatnorm._norm_registry import NormSpec
+from hatnorm._norm_registry import NormSpec, get_norm, list_norms
 from hatnorm._transformer import GatedAttention, GatedFeedForward, StreamEmbedding, gated_linear
 
 #: a layer's weight ``[out, in]`` (nn.Linear's layout) and bias ``[out]``
@@ -83,6 +83,7 @@ class TextSource:
         attention_output_dropout, feedforward_dropout, attention_dropout: the dropouts of the attention's update, the
             MLP's update and the attention probabilities.
         scales: each layer's attention scale (``None``: 1/√head_dim).
+        where: the path of the original's body (``module.bert``), for messages.
     """
 
     token: Tensor
@@ -97,6 +98,7 @@ class TextSource:
     feedforward_dropout: float
     attention_dropout: float
     scales: list[float | None]
+    where: str
 
 
 def text_norm(module: nn.LayerNorm, spec: NormSpec, num_tasks: int, where: str) -> MaskedNorm:
@@ -104,8 +106,9 @@ def text_norm(module: nn.LayerNorm, spec: NormSpec, num_tasks: int, where: str) 
     try:
         options = spec.options_from(module)
     except ValueError as error:
-        raise ConversionError(f"norm: {where}: {error}; a text model's LayerNorms take a layer-family norm "
-                              "(masked_ln, shared_ln, task_ln, none)") from None
+        fitting = [n for n in list_norms() if isinstance(module, get_norm(n).replaces)]
+        raise ConversionError(f"norm: {where}: {error}; norms that replace {type(module).__name__}: "
+                              f"{fitting}") from None
     norm = spec.layer(num_tasks=num_tasks, **options)(module.normalized_shape[-1]).to(module.weight)
     if any(True for _ in norm.parameters()):
         norm.load_state_dict(module.state_dict())
@@ -158,8 +161,8 @@ class TextBlock(nn.Module):
         super().__init__()
         check_activation(source.activation, source.option)
         dim, hidden = source.q[0].shape[1], source.fc1[0].shape[0]
-        norms = (text_norm(source.attention_norm, spec, num_tasks, f"{source.where} attention LayerNorm"),
-                 text_norm(source.feedforward_norm, spec, num_tasks, f"{source.where} MLP LayerNorm"))
+        norms = (text_norm(source.attention_norm, spec, num_tasks, f"{source.where}'s attention LayerNorm"),
+                 text_norm(source.feedforward_norm, spec, num_tasks, f"{source.where}'s MLP LayerNorm"))
         self.attention = GatedAttention(dim, heads=heads, dim_head=dim // heads, num_tasks=num_tasks,
                                         norm_layer=lambda _: norms[0], s_max=s_max, qkv_bias=True)
         self.feedforward = GatedFeedForward(dim, hidden, num_tasks=num_tasks, norm_layer=lambda _: norms[1],
@@ -221,8 +224,8 @@ class TextBody(nn.Module):
                                 ("token_type", source.token_type)):
                 if table is not None:
                     getattr(self.embedding, name).copy_(table)
-        self.embedding_norm = (None if source.embedding_norm is None else
-                               text_norm(source.embedding_norm, spec, num_tasks, "the embeddings' LayerNorm"))
+        self.embedding_norm = (None if source.embedding_norm is None else text_norm(
+            source.embedding_norm, spec, num_tasks, f"{source.where}.embeddings.LayerNorm"))
         self.dropout = nn.Dropout(source.dropout)
         dropouts = (source.attention_output_dropout, source.feedforward_dropout, source.attention_dropout)
         self.blocks = nn.ModuleList(
@@ -395,7 +398,8 @@ def _bert_source(module: nn.Module, encoder: nn.Module, name: str) -> TextSource
                       token_type=embeddings.token_type_embeddings.weight, embedding_norm=embeddings.LayerNorm,
                       layers=layers, heads=config.num_attention_heads, post=True, dropout=hidden,
                       attention_output_dropout=hidden, feedforward_dropout=hidden,
-                      attention_dropout=config.attention_probs_dropout_prob, scales=[None] * len(layers))
+                      attention_dropout=config.attention_probs_dropout_prob, scales=[None] * len(layers),
+                      where=f"module.{name}")
 
 
 def _check_classifier(classifier: object, where: str) -> nn.Linear:
@@ -453,7 +457,7 @@ def convert_distilbert(module: nn.Module, *, num_tasks: int, norms: Norms, num_c
                         token_type=None, embedding_norm=embeddings.LayerNorm, layers=layers, heads=config.n_heads,
                         post=True, dropout=config.dropout, attention_output_dropout=0.0,
                         feedforward_dropout=config.dropout, attention_dropout=config.attention_dropout,
-                        scales=[None] * len(layers))
+                        scales=[None] * len(layers), where="module.distilbert")
     converted = ConvertedTextEncoder(
         source, pooler=_check_classifier(module.pre_classifier, "module.pre_classifier"), pool_activation="relu",
         pool_dropouts=(0.0, config.seq_classif_dropout),

@@ -68,7 +68,7 @@ def _gpt2_source(model: nn.Module) -> TextSource:
     return TextSource(token=model.wte.weight, position=model.wpe.weight, token_type=None, embedding_norm=None,
                       layers=layers, heads=config.num_attention_heads, post=False, dropout=config.embd_pdrop,
                       attention_output_dropout=config.resid_pdrop, feedforward_dropout=config.resid_pdrop,
-                      attention_dropout=config.attn_pdrop, scales=scales)
+                      attention_dropout=config.attn_pdrop, scales=scales, where="module.transformer")
 
 
 class ConvertedGPT2(HATModule):
