@@ -102,8 +102,29 @@ class TaskLayerNorm(_LayerNormBase):
         return F.layer_norm(x, (self.num_features,), self.weight[task] * gate, self.bias[task] * gate, self.eps)
 
 
+class _RMSNormBase(_LayerNormBase):
+    """What the RMS norms share: they replace ``nn.RMSNorm`` (γ, no β) and default to eps 1e-6."""
+
+    replaces = (nn.RMSNorm,)
+
+    def __init__(self, num_features: int, *, num_tasks: int, eps: float = 1e-6, dims: int | None = None) -> None:
+        super().__init__(num_features, num_tasks=num_tasks, eps=eps, dims=dims)
+
+    @classmethod
+    def options_from(cls, module: nn.Module) -> dict[str, Any]:
+        if not isinstance(module, nn.RMSNorm) or len(module.normalized_shape) != 1 or not module.elementwise_affine:
+            raise ValueError(f"only RMSNorm over the last dim with γ converts, got {module}")
+        # torch's eps=None is the dtype's machine epsilon
+        eps = module.eps if module.eps is not None else torch.finfo(module.weight.dtype).eps
+        return {"eps": eps, "dims": None}
+
+    def export(self, task: int, gate: Tensor, keep: Tensor) -> nn.Module:
+        # statistics over every feature: export keeps every unit of these norms (prunable is False)
+        return ExportedRMSNorm(unit_values(self.weight, task, keep) * gate, self.eps)
+
+
 @final
-class MaskedRMSNorm(_LayerNormBase):
+class MaskedRMSNorm(_RMSNormBase):
     """Masked RMSNorm over the last dim (modern transformers): rms over the selected features only.
 
     rms² = Σ m_i z_i² / Σ m_i + eps with m = 1[a > 0.5]; output a ⊙ γ ⊙ z / rms; no selected feature gives
@@ -115,20 +136,11 @@ class MaskedRMSNorm(_LayerNormBase):
         eps: added to the mean square [1e-6].
     """
 
-    replaces = (nn.RMSNorm,)
     isolates_tasks = True
 
     def __init__(self, num_features: int, *, num_tasks: int, eps: float = 1e-6, dims: int | None = None) -> None:
         super().__init__(num_features, num_tasks=num_tasks, eps=eps, dims=dims)
         self.weight = nn.Parameter(torch.ones(num_features))
-
-    @classmethod
-    def options_from(cls, module: nn.Module) -> dict[str, Any]:
-        if not isinstance(module, nn.RMSNorm) or len(module.normalized_shape) != 1 or not module.elementwise_affine:
-            raise ValueError(f"only RMSNorm over the last dim with γ converts, got {module}")
-        # torch's eps=None is the dtype's machine epsilon
-        eps = module.eps if module.eps is not None else torch.finfo(module.weight.dtype).eps
-        return {"eps": eps, "dims": None}
 
     def normalize(self, x: Tensor, gate: Tensor, task: int) -> Tensor:
         return masked_rms_norm(x, gate, self.weight, self.eps)
@@ -137,3 +149,43 @@ class MaskedRMSNorm(_LayerNormBase):
         selected = gate > 0.5
         return ExportedRMSNorm(self.weight.detach()[keep] * gate * bool(selected.any()), self.eps,
                                None if bool(selected.all()) else selected)
+
+
+@final
+class SharedRMSNorm(_RMSNormBase):
+    """Shared RMSNorm baseline: a ⊙ γ ⊙ x / rms(x) with the mean square over all features, γ protected like a bias.
+
+    Args:
+        num_features: number of features C (the last dim).
+        num_tasks: number of tasks T.
+        eps: added to the mean square [1e-6].
+    """
+
+    prunable = False
+
+    def __init__(self, num_features: int, *, num_tasks: int, eps: float = 1e-6, dims: int | None = None) -> None:
+        super().__init__(num_features, num_tasks=num_tasks, eps=eps, dims=dims)
+        self.weight = nn.Parameter(torch.ones(num_features))
+
+    def normalize(self, x: Tensor, gate: Tensor, task: int) -> Tensor:
+        return F.rms_norm(x, (self.num_features,), self.weight * gate, self.eps)
+
+
+@final
+class TaskRMSNorm(_RMSNormBase):
+    """Per-task RMSNorm: a ⊙ γ_t ⊙ x / rms(x) over all features with task t's own γ_t.
+
+    Args:
+        num_features: number of features C (the last dim).
+        num_tasks: number of tasks T.
+        eps: added to the mean square [1e-6].
+    """
+
+    prunable = False
+
+    def __init__(self, num_features: int, *, num_tasks: int, eps: float = 1e-6, dims: int | None = None) -> None:
+        super().__init__(num_features, num_tasks=num_tasks, eps=eps, dims=dims)
+        self.weight = nn.Parameter(torch.ones(num_tasks, num_features))
+
+    def normalize(self, x: Tensor, gate: Tensor, task: int) -> Tensor:
+        return F.rms_norm(x, (self.num_features,), self.weight[task] * gate, self.eps)

@@ -21,7 +21,14 @@ from hatnorm._norm_batch import (
     TaskGroupNorm,
 )
 from hatnorm._norm_contract import check_declarations
-from hatnorm._norm_layer import MaskedLayerNorm, MaskedRMSNorm, SharedLayerNorm, TaskLayerNorm
+from hatnorm._norm_layer import (
+    MaskedLayerNorm,
+    MaskedRMSNorm,
+    SharedLayerNorm,
+    SharedRMSNorm,
+    TaskLayerNorm,
+    TaskRMSNorm,
+)
 from hatnorm._norm_protocol import FAMILY_OF, Family, MaskedNorm, NoNorm
 from hatnorm._registry import Registry, check_callable
 
@@ -157,5 +164,6 @@ for _name, _cls in (("masked_bn", MaskedBatchNorm), ("task_bn", TaskBatchNorm), 
                     ("shared_cln", SharedChannelLayerNorm), ("task_cln", TaskChannelLayerNorm),
                     ("masked_ln", MaskedLayerNorm),
                     ("shared_ln", SharedLayerNorm), ("task_ln", TaskLayerNorm), ("masked_rms", MaskedRMSNorm),
+                    ("shared_rms", SharedRMSNorm), ("task_rms", TaskRMSNorm),
                     ("none", NoNorm)):
     register_norm(_name)(_cls)

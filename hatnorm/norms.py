@@ -25,7 +25,14 @@ from hatnorm._norm_batch import (
     TaskChannelLayerNorm,
     TaskGroupNorm,
 )
-from hatnorm._norm_layer import MaskedLayerNorm, MaskedRMSNorm, SharedLayerNorm, TaskLayerNorm
+from hatnorm._norm_layer import (
+    MaskedLayerNorm,
+    MaskedRMSNorm,
+    SharedLayerNorm,
+    SharedRMSNorm,
+    TaskLayerNorm,
+    TaskRMSNorm,
+)
 from hatnorm._norm_protocol import NoNorm
 
 __all__ = [
@@ -46,10 +53,12 @@ __all__ = [
     "SharedChannelLayerNorm",
     "SharedGroupNorm",
     "SharedLayerNorm",
+    "SharedRMSNorm",
     "TaskBatchNorm",
     "TaskBatchNorm1d",
     "TaskBatchNorm2d",
     "TaskChannelLayerNorm",
     "TaskGroupNorm",
     "TaskLayerNorm",
+    "TaskRMSNorm",
 ]
