@@ -195,6 +195,12 @@ def record_source(path: Path, source: dict[str, Any]) -> None:
     path.with_suffix(".json").write_text(json.dumps(source, indent=1))
 
 
+def recorded_config(cfg: TrainConfig) -> dict[str, Any]:
+    """The training settings a result records: all but the device (a run may resume on another, and runs on two
+    devices merge, as runs on two machines do)."""
+    return {k: v for k, v in asdict(cfg).items() if k != "device"}
+
+
 def _random_accuracies(tasks: Sequence[Task]) -> list[float]:
     return [metrics.random_stratified_accuracy(t.train.tensors[1], t.test.tensors[1]) for t in tasks]
 
@@ -263,7 +269,7 @@ def run(variants: Sequence[Variant], tasks: Sequence[Task], cfg: TrainConfig, ou
             "bwt": metrics.backward_transfer(result.accuracy),
             "rho": rho.tolist(), "rho_final": float(rho[-1]), "epochs": result.epochs, "seconds": sum(result.seconds),
         }
-    write_seed(results, out, {"title": title, "config": asdict(cfg), "tasks": [t.name for t in tasks]})
+    write_seed(results, out, {"title": title, "config": recorded_config(cfg), "tasks": [t.name for t in tasks]})
     return results
 
 
@@ -345,7 +351,7 @@ def run_and_report(variants: Sequence[Variant], tasks_of: Callable[[int], list[T
     except CheckpointError as error:  # --resume with other options than the killed run's
         sys.exit(f"--resume: {error}")
     summary = aggregate(by_seed, contrasts)
-    config_info = {k: v for k, v in asdict(cfg).items() if k != "seed"}
+    config_info = {k: v for k, v in recorded_config(cfg).items() if k != "seed"}
     write(summary, args.out, {"title": title, "setting": SETTING, "preset": args.preset, "reference": args.reference,
                               "weights": None if args.weights is None else str(args.weights), "config": config_info,
                               "tasks": [t.name for t in tasks_of(args.seeds[0])],
