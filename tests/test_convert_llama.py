@@ -17,6 +17,7 @@ from hatnorm.data import IGNORE_INDEX
 from hatnorm.training import HATMethod, TrainConfig, train_sequence
 
 transformers = pytest.importorskip("transformers")
+activations = pytest.importorskip("transformers.activations")
 
 FAMILIES = ("Llama", "Qwen2", "Mistral")
 KINDS = ("ForCausalLM", "ForSequenceClassification")
@@ -60,8 +61,8 @@ def batches(seed: int) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("name", CLASSES)
 def test_each_class_reproduces_the_original_with_open_gates(name: str, dtype: torch.dtype) -> None:
-    """Logits equal to the original's (RMSNorm runs in float32 in both, so float64 agrees to 1e-7) for batches with
-    and without padding, every position of a causal LM included."""
+    """Logits equal to the original's for batches with and without padding, every position of a causal LM included
+    (transformers computes RMSNorm in float32 even for a float64 model: float64 agrees to 1e-7)."""
     source = original(name, dtype)
     model = hatnorm.convert(source, num_tasks=2, norm="masked_rms")
     hatnorm.HAT(model)
@@ -208,17 +209,33 @@ def replaced(name: str, path: str, module: nn.Module) -> nn.Module:
 
 @pytest.mark.parametrize(("make", "options", "match"), [
     (lambda: original("LlamaForCausalLM"), {"norm": "masked_ln"},
-     r"norm 'masked_ln' cannot replace model\.layers\.0\.input_layernorm: it replaces LayerNorm.*\['masked_rms'\]"),
+     r"norm 'masked_ln' cannot replace model\.layers\.0\.input_layernorm: it replaces LayerNorm; norms that "
+     r"replace RMSNorm: \['masked_rms'"),
     (lambda: replaced("Qwen2ForCausalLM", "model.layers.1.self_attn.k_proj", nn.Sequential(nn.Linear(32, 16))),
      {}, r"model\.layers\.1\.self_attn\.k_proj must be an nn\.Linear, got Sequential"),
-    (lambda: replaced("MistralForSequenceClassification", "model.layers.0.mlp.act_fn", nn.PReLU()), {},
-     r"config\.hidden_act='silu' \(PReLU\) has 1 parameter\(s\) shared by every unit"),
     (lambda: original("LlamaForCausalLM"), {"num_classes": [5, 5]},
      r"num_classes: a causal LM predicts its vocabulary over one shared head: None or 64 for every task, got \[5, 5\]"),
 ])
 def test_what_cannot_convert_is_refused_naming_it(make: object, options: dict, match: str) -> None:
     with pytest.raises(hatnorm.ConversionError, match=match):
         hatnorm.convert(make(), num_tasks=2, **({"norm": "masked_rms"} | options))
+
+
+@pytest.mark.parametrize("name", sorted(activations.ACT2FN))
+def test_every_activation_without_parameters_converts(name: str) -> None:
+    """The SwiGLU gate closes the product, so any activation acting on every value alone converts, f(0) ≠ 0 included
+    (sigmoid, laplace); one with parameters, which every unit would share, is refused naming the setting."""
+    source = original("MistralForSequenceClassification", hidden_act=name)
+    if list(source.model.layers[0].mlp.act_fn.parameters()):
+        with pytest.raises(hatnorm.ConversionError, match=rf"config\.hidden_act='{name}' .* parameter\(s\) shared by"):
+            hatnorm.convert(source, num_tasks=2, norm="masked_rms")
+        return
+    model = hatnorm.convert(source, num_tasks=2, norm="masked_rms").eval()
+    hatnorm.open_gates(model)
+    ids, mask = batches(5)[1]
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids, attention_mask=mask, task=0),
+                                   source(input_ids=ids, attention_mask=mask).logits, atol=1e-5, rtol=0)
 
 
 def test_bad_inputs_are_refused_naming_them() -> None:

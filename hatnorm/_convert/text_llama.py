@@ -8,8 +8,8 @@ original computes (``model(input_ids=, attention_mask=, task=, s=)`` → logits 
 - **Residual stream**: one gate for the whole stream. The token embedding is gated by it (the table, not the
   tokens: :class:`~hatnorm.blocks.StreamEmbedding` without a position table), every block's output projection
   (o_proj, down_proj) has the stream as its output units, and each RMSNorm becomes the chosen rms-family norm (masked
-  RMSNorm: statistics over the stream's selected features), γ and eps copied, computed in float32 as transformers
-  computes it.
+  RMSNorm: statistics over the stream's selected features), γ and eps copied, computed in float32 at least, as
+  transformers computes it.
 - **Rotary position embedding** rotates feature i of a head with feature i + d/2 (transformers' ``rotate_half``). q
   and k are gated **per pair**: a gate of ``heads · d/2`` units whose value is expanded to both features of its pair,
   so a gate closes or opens a rotated pair whole; scaling both features of a pair by one value commutes with the
@@ -54,8 +54,9 @@ from hatnorm._transformer import SharedLMHead, StreamEmbedding, gated_linear
 
 
 def _rms(norm: MaskedNorm, x: Tensor, stream: Tensor, task: int) -> Tensor:
-    """The stream's RMSNorm computed in float32, as transformers' LLaMA-family RMSNorm computes it."""
-    return norm(x.to(torch.float32), stream, task, trusted=True).to(x.dtype)
+    """The stream's RMSNorm computed in float32 for a half-precision model, as transformers' LLaMA-family RMSNorm
+    computes it (a float64 model keeps float64)."""
+    return norm(x.to(torch.promote_types(x.dtype, torch.float32)), stream, task, trusted=True).to(x.dtype)
 
 
 def _rotate_half(x: Tensor) -> Tensor:
