@@ -127,6 +127,27 @@ def test_a_closed_gate_removes_exactly_its_units_from_the_original(where: str) -
                                        source(input_ids=ids, attention_mask=mask).logits, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("name", ["LlamaForCausalLM", "Qwen2ForSequenceClassification"])
+def test_every_parameter_learns_and_attention_dropout_acts_in_training_only(name: str) -> None:
+    """In training every parameter (tables, norms, each projection and bias, gates, the task's head) gets a non-zero
+    gradient, and the original's attention dropout draws anew on every call; in evaluation the outputs are the
+    original's."""
+    source = original(name, attention_dropout=0.3)
+    model = hatnorm.convert(source, num_tasks=2, norm="masked_rms")
+    ids, mask = batches(6)[1]
+    model.train()
+    first = model(input_ids=ids, attention_mask=mask, task=0, s=50.0)
+    first.square().sum().backward()
+    silent = [n for n, p in model.named_parameters() if p.grad is None or not bool(p.grad.any())]
+    assert silent == (["head.heads.1.weight"] if name.endswith("Classification") else [])
+    with torch.no_grad():
+        assert not torch.equal(first, model(input_ids=ids, attention_mask=mask, task=0, s=50.0))
+        hatnorm.open_gates(model)
+        model.eval()
+        torch.testing.assert_close(model(input_ids=ids, attention_mask=mask, task=0),
+                                   source(input_ids=ids, attention_mask=mask).logits, atol=1e-5, rtol=0)
+
+
 def train_steps(model: nn.Module, hat: hatnorm.HAT, optimizer: torch.optim.Optimizer, task: int,
                 classes: int | None) -> None:
     """Three HAT steps of ``task`` on random padded token ids: next-token loss (``classes=None``) or class labels."""
