@@ -79,6 +79,24 @@ def test_each_class_reproduces_the_original_with_open_gates(name: str, dtype: to
         assert not torch.allclose(expected, source(input_ids=ids).logits)  # the left padding mattered
 
 
+RMS_NORMS = [n for n in hatnorm.list_norms() if nn.RMSNorm in hatnorm.get_norm(n).replaces]
+
+
+@pytest.mark.parametrize("norm", RMS_NORMS)
+def test_every_rms_norm_stands_for_the_originals(norm: str) -> None:
+    """Each norm that replaces an RMSNorm (masked, shared, per task) converts with γ in every task slot and gives the
+    original's outputs with open gates, for every task."""
+    source = original("LlamaForCausalLM")
+    model = hatnorm.convert(source, num_tasks=2, norm=norm).eval()
+    hatnorm.HAT(model)
+    hatnorm.open_gates(model)
+    with torch.no_grad():
+        for ids, mask in batches(7):
+            for task in (0, 1):
+                torch.testing.assert_close(model(input_ids=ids, attention_mask=mask, task=task),
+                                           source(input_ids=ids, attention_mask=mask).logits, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("name", ["MistralForCausalLM", "Qwen2ForSequenceClassification"])
 def test_the_sliding_window_is_the_originals(name: str) -> None:
     """A window of 3 changes the original's outputs, and the converted model follows it."""
