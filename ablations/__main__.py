@@ -1,6 +1,7 @@
 """The ablations' command line: ``python -m ablations [COMMAND] [options]``.
 
-Commands: norms, layernorm, channelnorm, sweep, policy, pretrained, depth, cifar, curves, demo, report.
+Commands: norms, layernorm, channelnorm, sweep, policy, pretrained, depth, language, cifar, curves, demo,
+report.
 
 With no arguments it runs the default ablation, ``norms`` on the embedded Split-MNIST.
 """
@@ -10,8 +11,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-COMMANDS = ("norms", "layernorm", "channelnorm", "sweep", "policy", "pretrained", "depth", "cifar", "curves", "demo",
-            "report")
+COMMANDS = ("norms", "layernorm", "channelnorm", "sweep", "policy", "pretrained", "depth", "language", "cifar",
+            "curves", "demo", "report")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -93,22 +93,14 @@ class _Parser(argparse.ArgumentParser):
         return parsed, rest
 
 
-def parser(prog: str, description: str, *, budget: Budget, out: str, data: str = "split_mnist"
+def parser(prog: str, description: str, *, budget: Budget, out: str, data: str | None = "split_mnist"
            ) -> argparse.ArgumentParser:
     """The options every ablation takes; ``budget`` gives its presets and default optimizer, ``data`` its
-    default task sequence."""
+    default image sequence (``None``: an ablation with its own data, which takes no image-data options)."""
     p = _Parser(prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.set_defaults(budget=budget)
-    p.add_argument("--data", choices=DATASETS, default=data,
-                   help="task sequence: the embedded Split-/Permuted-/Rotated-MNIST, or Serrà's CIFAR-10/100 sequence")
-    p.add_argument("--data-root", type=Path, default=None,
-                   help="folder holding cifar-10-batches-py and cifar-100-python (needed for --data cifar)")
-    p.add_argument("--unverified-data", action="store_true",
-                   help="read CIFAR files that are not byte for byte the published ones (stand-ins in the same "
-                        "format); they are read by an unpickler that builds only plain data and arrays")
-    p.add_argument("--tasks", type=positive_int, default=None,
-                   help="number of tasks (Split-MNIST ≤ 5, CIFAR ≤ 10, Permuted- and Rotated-MNIST any; default: 5, "
-                        "10 for Permuted-/Rotated-MNIST and CIFAR)")
+    if data is not None:
+        _image_data_options(p, data)
     p.add_argument("--seeds", type=int, nargs="+", default=[0],
                    help="random seeds, one run of every variant each (model, split, batch order, permutations, "
                         "rotation angles, CIFAR task order); tables give the mean and a 95%% confidence interval "
@@ -229,6 +221,20 @@ def cnn_options(arch: str, width: float, channels: int, size: int) -> dict[str, 
     if arch == "alexnet":
         return {"width": width, "in_channels": channels, "size": size}
     return {"base_width": max(1, round(width)), "in_channels": channels}
+
+
+def _image_data_options(p: argparse.ArgumentParser, data: str) -> None:
+    """The options of the image task sequences: which one, the CIFAR folder, the task count."""
+    p.add_argument("--data", choices=DATASETS, default=data,
+                   help="task sequence: the embedded Split-/Permuted-/Rotated-MNIST, or Serrà's CIFAR-10/100 sequence")
+    p.add_argument("--data-root", type=Path, default=None,
+                   help="folder holding cifar-10-batches-py and cifar-100-python (needed for --data cifar)")
+    p.add_argument("--unverified-data", action="store_true",
+                   help="read CIFAR files that are not byte for byte the published ones (stand-ins in the same "
+                        "format); they are read by an unpickler that builds only plain data and arrays")
+    p.add_argument("--tasks", type=positive_int, default=None,
+                   help="number of tasks (Split-MNIST ≤ 5, CIFAR ≤ 10, Permuted- and Rotated-MNIST any; default: 5, "
+                        "10 for Permuted-/Rotated-MNIST and CIFAR)")
 
 
 def config(args: argparse.Namespace, parser_: argparse.ArgumentParser | None = None) -> TrainConfig:

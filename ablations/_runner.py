@@ -29,9 +29,9 @@ from ablations._cli import config, recorded_options, seeds_text
 from ablations._protocol import Contrast, expand
 from ablations._report import SETTING, finish
 from ablations._results import aggregate, table_metrics, write, write_seed
-from hatnorm import metrics
+from hatnorm import metrics, text_tasks
 from hatnorm.checkpoint import CheckpointError
-from hatnorm.data import Task
+from hatnorm.data import NamedTensorDataset, Task
 from hatnorm.training import HATMethod, Method, TrainConfig, train_joint, train_sequence
 
 #: where the converged numbers of every ablation are written up
@@ -202,7 +202,10 @@ def recorded_config(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _random_accuracies(tasks: Sequence[Task]) -> list[float]:
-    return [metrics.random_stratified_accuracy(t.train.tensors[1], t.test.tensors[1]) for t in tasks]
+    """A_R of every task: the random stratified classifier over its classes, or over whole answers for the text
+    tasks (:func:`hatnorm.text_tasks.chance_accuracy`: exact match of a generated answer)."""
+    return [text_tasks.chance_accuracy(t) if isinstance(t.train, NamedTensorDataset)
+            else metrics.random_stratified_accuracy(t.train.tensors[1], t.test.tensors[1]) for t in tasks]
 
 
 def run(variants: Sequence[Variant], tasks: Sequence[Task], cfg: TrainConfig, out: Path, console: Console,

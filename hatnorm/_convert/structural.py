@@ -19,6 +19,17 @@ from torch import nn
 #: transformers class name → ``"module:function"`` of its structural converter
 STRUCTURAL: dict[str, str] = {
     "ViTForImageClassification": "hatnorm._convert.vit:convert_vit",
+    "BertForSequenceClassification": "hatnorm._convert.text_bert:convert_bert",
+    "RobertaForSequenceClassification": "hatnorm._convert.text_bert:convert_roberta",
+    "DistilBertForSequenceClassification": "hatnorm._convert.text_bert:convert_distilbert",
+    "GPT2ForSequenceClassification": "hatnorm._convert.text_gpt2:convert_gpt2",
+    "GPT2LMHeadModel": "hatnorm._convert.text_gpt2:convert_gpt2",
+    "LlamaForCausalLM": "hatnorm._convert.text_llama:convert_llama",
+    "LlamaForSequenceClassification": "hatnorm._convert.text_llama:convert_llama",
+    "Qwen2ForCausalLM": "hatnorm._convert.text_llama:convert_llama",
+    "Qwen2ForSequenceClassification": "hatnorm._convert.text_llama:convert_llama",
+    "MistralForCausalLM": "hatnorm._convert.text_llama:convert_llama",
+    "MistralForSequenceClassification": "hatnorm._convert.text_llama:convert_llama",
 }
 
 
