@@ -20,7 +20,8 @@ The package, by phase:
 
 The modules a converted graph runs (:mod:`.runtime`, :mod:`.params`, :mod:`.windows`) know nothing of the walk.
 transformers models whose attention a walk cannot follow (ViT, the language models) are converted by their
-structure (:mod:`.structural` names a converter per class: :mod:`.vit`, ...).
+structure (:mod:`.structural` names a converter per class: :mod:`.vit`, :mod:`.text_bert`, :mod:`.text_gpt2`,
+:mod:`.text_llama`).
 
 What cannot be converted raises :class:`ConversionError` naming the module, source line and op.
 
