@@ -142,8 +142,8 @@ class TextBlock(nn.Module):
     """One transformer layer of a converted text model: hatnorm's gated attention and MLP, pre- or post-norm.
 
     Pre-norm (GPT-2): x ← x + a ⊙ f(LN(x)), the stream read by each norm already gated. Post-norm (BERT):
-    x ← a ⊙ LN(x + f(x)), f's update not gated before the norm. Dropouts and the attention scale are the
-    original's.
+    x ← a ⊙ LN(x + f(x)), f's update not gated before the norm; there the attention's and the MLP's ``norm`` is the
+    LayerNorm after them, and this forward (not theirs) runs them. Dropouts and the attention scale are the original's.
 
     Args:
         source: the original layer.
