@@ -10,14 +10,22 @@
 * keeps only the task's head and drops every gate embedding, every other task's norm slot and head.
 
 Units stay whole where removing them would change the layout: q, k and v of attention (heads need
-their full width), grouped convolutions, modules :func:`export` does not know, non-binarized gates,
-and every unit when the model does not say which units its heads read (``HATModule.head_units``).
+their full width), units read by index (a :class:`~hatnorm.blocks.Select`: rotated q/k pairs, a kv head's
+values read by a group of query heads, a channel split or shuffle), grouped convolutions, modules
+:func:`export` does not know, non-binarized gates, and every unit when the model does not say which units its
+heads read (``HATModule.head_units``). Token embedding tables (and position and token-type tables) lose the
+columns of removed stream units, and a shared language-model head the same columns; a head tied to the token
+table stays tied.
+
+The exported model takes what the HAT model takes besides ``task`` and ``s``: ``exported(x)`` for an image model,
+``exported(input_ids=..., attention_mask=...)`` for a converted language model.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -26,9 +34,9 @@ from hatnorm._checks import check_task
 from hatnorm._gate import HATGate
 from hatnorm._hat import HATModule, Layer
 from hatnorm._heads import TaskHeads
-from hatnorm._masks import Concat, Flatten, MaskSource, Residual
+from hatnorm._masks import Concat, Flatten, MaskSource, Residual, Select
 from hatnorm._norm_protocol import MaskedNorm
-from hatnorm._transformer import GatedAttention, TokenEmbedding
+from hatnorm._transformer import GatedAttention, SharedLMHead, StreamEmbedding, TokenEmbedding
 
 
 class ExportedMask(nn.Module):
@@ -74,7 +82,9 @@ class RemovedByExport(nn.Module):
 
 
 class TaskModel(nn.Module):
-    """One task of a HAT model for inference: ``model(x)`` gives that task's logits.
+    """One task of a HAT model for inference: called with what the HAT model takes besides ``task`` and ``s``
+    (``model(x)``; ``model(input_ids=..., attention_mask=...)`` for a converted language model), it gives that
+    task's logits.
 
     Attributes:
         body: the pruned copy of the HAT model.
@@ -91,8 +101,17 @@ class TaskModel(nn.Module):
         self.parameters_saved = parameters_before - _count(self)
         self.eval()
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.body(x, task=self.task)
+    def forward(self, *inputs: Any, **named: Any) -> Any:
+        """The exported task's logits for ``inputs`` and ``named`` inputs, passed on to the HAT model as given.
+
+        Raises:
+            TypeError: ``named`` holds ``task`` or ``s``: the exported model is one task's, in evaluation.
+        """
+        given = sorted(set(named) & {"task", "s"})
+        if given:
+            raise TypeError(f"an exported model takes the inputs of task {self.task} alone, without task or s; got "
+                            f"{', '.join(f'{k}={named[k]!r}' for k in given)}")
+        return self.body(*inputs, **named, task=self.task)
 
     def extra_repr(self) -> str:
         return f"task={self.task}, parameters_saved={self.parameters_saved}"
@@ -127,6 +146,10 @@ class _Units:
             gates = [g for path in source.paths for g in self.gates_of(path)]
             for g in gates[1:]:
                 self.parent[self.root(g)] = self.root(gates[0])
+            return gates
+        if isinstance(source, Select):  # units read by index, in a layout of their own: kept whole
+            gates = [g for part in self.sources(source.source) for g in self.gates_of(part)]
+            self.whole.update(id(g) for g in gates)
             return gates
         self.prune = False  # a source export cannot see through: keep every unit
         return []
@@ -178,6 +201,8 @@ class _Units:
                 offset += part.num_features
             return torch.cat(parts)
         gates = self.gates_of(source)
+        if isinstance(source, Select):  # every unit behind it is kept
+            return torch.arange(size, device=gates[0].embedding.device if gates else None)
         if not gates:
             return torch.arange(size)
         return self.kept[self.root(gates[0])]
@@ -204,6 +229,21 @@ def _prune_weighted(module: nn.Module, rows: Tensor, cols: Tensor | None) -> nn.
         if bias is not None:
             new.bias.copy_(bias)
     return new
+
+
+def _prune_columns(module: nn.Module, names: Sequence[str], columns: Tensor | None,
+                   pruned: dict[int, tuple[nn.Parameter, nn.Parameter]]) -> None:
+    """Keep the ``columns`` (stream units) of ``module``'s tables ``names`` (those it has), each pruned once
+    however many modules hold it; ``pruned`` maps every pruned parameter's id to it (kept alive, so its id is not
+    reused) and its copy."""
+    for name in names:
+        table = getattr(module, name)
+        if table is None:
+            continue
+        if id(table) not in pruned:
+            kept = table.detach() if columns is None else table.detach()[:, columns]
+            pruned[id(table)] = table, nn.Parameter(kept.clone(), requires_grad=table.requires_grad)
+        setattr(module, name, pruned[id(table)][1])
 
 
 def _replace(root: nn.Module, names: dict[int, str], old: nn.Module, new: nn.Module) -> None:
@@ -272,6 +312,7 @@ def export(model: nn.Module, task: int, *, layers: Sequence[Layer] | None = None
         units.join(head_units)
     units.finish()
 
+    pruned: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}  # id → a table and its pruned copy (tied tables)
     for layer in layers:
         module = layer.module
         out_features = layer.out.num_features
@@ -282,6 +323,10 @@ def export(model: nn.Module, task: int, *, layers: Sequence[Layer] | None = None
         elif isinstance(module, TokenEmbedding):
             module.cls_token = nn.Parameter(module.cls_token.detach()[..., rows].clone())
             module.pos_embedding = nn.Parameter(module.pos_embedding.detach()[..., rows].clone())
+        elif isinstance(module, StreamEmbedding):
+            _prune_columns(module, ("token", "position", "token_type"), rows, pruned)
+        elif isinstance(module, SharedLMHead):
+            _prune_columns(module, ("weight",), rows, pruned)
         elif _foldable(module):
             cols = units.index(layer.inp, module.weight.shape[1]) if layer.inp is not None else None
             _replace(body, names, module, _prune_weighted(module, rows, cols))
@@ -291,6 +336,9 @@ def export(model: nn.Module, task: int, *, layers: Sequence[Layer] | None = None
         head = heads.heads[task]
         cols = None if head_units is None else units.index(head_units, heads.in_features)
         _replace(body, names, heads, ExportedHead(_prune_weighted(head, torch.arange(heads.num_classes[task]), cols)))
+    for head in [m for m in body.modules() if isinstance(m, SharedLMHead)]:  # tied to a table: not in the wiring
+        if id(head.weight) in pruned:
+            head.weight = pruned[id(head.weight)][1]
     for gate in gates:
         _replace(body, names, gate, ExportedMask(units.mask(gate)))
     for path in training_only:  # auxiliary classifiers: inference never runs them
@@ -305,7 +353,7 @@ def _foldable(module: nn.Module) -> bool:
         return False  # its statistics read every unit, the removed ones too
     if isinstance(module, nn.modules.conv._ConvNd):
         return module.groups == 1 and not isinstance(module, nn.modules.conv._ConvTransposeNd)
-    return isinstance(module, MaskedNorm | TokenEmbedding | nn.Linear)
+    return isinstance(module, MaskedNorm | TokenEmbedding | StreamEmbedding | SharedLMHead | nn.Linear)
 
 
 def _mask_of(units: _Units, source: MaskSource) -> Tensor:
