@@ -4,6 +4,7 @@
     python benchmarks/run.py --compile         # everything under torch.compile, with recompile counts
     python benchmarks/run.py --device cuda     # on a GPU
     python benchmarks/run.py --quick           # smaller sizes and fewer repeats, to try the script
+    python benchmarks/run.py --only language   # a converted LLaMA-style LM (about 20M parameters), its own table
 
 Every figure is the median of ``--repeats`` timed calls after ``--warmup`` untimed ones, the HAT and the
 plain call interleaved so machine noise hits both alike. A HAT training step is forward, the loss with the
@@ -20,11 +21,14 @@ code is a fixed cost per process, reported in a row of its own), and ``torch.cud
 a GPU.
 
 The script is split by job: ``harness.py`` (timing, compilation, the machine line), ``steps.py`` (the steps
-timed), ``probes.py`` (peak memory in fresh processes) and ``rows.py`` (one typed row per kind of result, rendered
-once for the terminal and the docs); this file holds the sections and the command line.
+timed), ``language.py`` (the converted language model's section), ``probes.py`` (peak memory in fresh
+processes) and ``rows.py`` (one typed row per kind of result, rendered once for the terminal and the docs);
+this file holds the sections and the command line.
 
 Results go to ``benchmarks/results/<device>[-compile].json`` and, as a Markdown table, into
-``docs/performance.md`` between the markers for that run.
+``docs/performance.md`` between the markers for that run. The language section (``--only language``) is not part
+of the default run (its 20M-parameter steps take minutes on a CPU): it writes a table of its own,
+``<device>[-compile]-language``.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from typing import Any
 
 import torch
 from harness import Clock, Compiler, cpu_model, describe, inputs, machine, update_doc
+from language import language
 from probes import kernel_load_memory, peak_memory, probe_kernel_load, probe_memory
 from rich.console import Console
 from rows import Ratio, Recompiles, Row, markdown, terminal_table
@@ -209,7 +214,8 @@ def recompiles_during_a_task(args: argparse.Namespace) -> list[Row]:
 
 
 SECTIONS = {"training": training_steps, "norms": norm_layers, "tasks": task_count, "export": export_inference,
-            "validation": precise_validation}
+            "validation": precise_validation, "language": language}
+OWN_TABLE = ("language",)  # sections run only when --only names them, each run writing a table of its own
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -229,8 +235,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--doc", type=Path, default=ROOT / "docs" / "performance.md", help="Markdown file to update")
     p.add_argument("--only", nargs="+", choices=list(SECTIONS),
                    help="run only these sections (training steps, norm layers, task count, export inference, "
-                        "the cost of precise-BN validation); "
-                        "the table is printed and no file is written")
+                        "the cost of precise-BN validation, a converted LLaMA-style language model's step and "
+                        "export); "
+                        "the table is printed and no file is written, except for the language section alone, "
+                        "which the default run leaves out and which writes its own table")
     p.add_argument("--memory-probe", help=argparse.SUPPRESS)
     p.add_argument("--kernel-probe", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -254,22 +262,24 @@ def main(argv: list[str] | None = None) -> None:
     console = Console() if Console().is_terminal else Console(width=200)
     clock, compiler = Clock(args.device, args.repeats, args.warmup), Compiler(args.compile)
     rows: list[Row] = []
+    own = args.only is not None and set(args.only) <= set(OWN_TABLE)
     for name, section in SECTIONS.items():
-        if args.only is None or name in args.only:
+        if (args.only is None and name not in OWN_TABLE) or (args.only is not None and name in args.only):
             console.print(f"[bold]{name}[/bold] …")
             rows += section(args, clock, compiler)
-    if args.compile:
+    if args.compile and not own:
         console.print("[bold]recompiles[/bold] …")
         rows += recompiles_during_a_task(args)
     label = (args.device.type + ("-compile" if args.compile else "") + ("-sigmoid" if args.plain_sigmoid else "")
-             + ("-quick" if args.quick else ""))
+             + ("-quick" if args.quick else "") + ("".join(f"-{name}" for name in args.only) if own else ""))
     where = machine(args.device, args.gate_floor)
     console.print(terminal_table(rows, f"hatnorm benchmarks ({label}; {where}; median of {args.repeats})"))
-    if args.only:
+    if args.only and not own:
         return
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{label}.json"
-    path.write_text(json.dumps({"machine": where, "repeats": args.repeats, "batch": args.batch,
+    batch = {} if own else {"batch": args.batch}  # the language section's batch is its own, in its rows' names
+    path.write_text(json.dumps({"machine": where, "repeats": args.repeats, **batch,
                                 "rows": [r.to_json() for r in rows]}, indent=2))
     update_doc(args.doc, label, markdown(rows, where))
     console.print(f"wrote {path} and the {label} table in {args.doc}")
