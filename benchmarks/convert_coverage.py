@@ -378,12 +378,13 @@ def check_apart(context: BaseContext, source: str, name: str, size: int | None, 
     except EOFError:  # the child ended without an answer
         result = None
     child.join(10)
-    if child.is_alive():
+    stopped = child.is_alive()  # no answer in time (stuck in a long torch call the alarm cannot interrupt)
+    if stopped:
         child.kill()
         child.join()
     if result is not None:
         return result
-    if child.exitcode is not None and child.exitcode < 0:
+    if child.exitcode is not None and child.exitcode < 0 and not stopped:
         why = "out of memory?" if -child.exitcode == signal.SIGKILL else signal.Signals(-child.exitcode).name
         return "error", f"the process checking it was killed by signal {-child.exitcode} ({why})"
     return "timeout", f"no answer within {timeout + 60} s"

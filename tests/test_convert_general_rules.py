@@ -1,7 +1,10 @@
 """General rules of the op table for shapes common in timm's and transformers' families: resampling over the
 spatial dims (HRNet's and MobileViT's upsampling), stacking branches and reducing over them (selective kernels),
-reducing over a split dim (ResNeSt's split attention), repeating channels. Each small model of that shape converts,
-reproduces the original with open gates and forgets nothing."""
+reducing over a split dim (ResNeSt's split attention), repeating channels, statistics over the units that scale them
+(ConvNeXt-V2's global response norm), normalised q and k (Swin v2's cosine attention), a bias made in the forward
+(BEiT's and EVA's q/k/v biases), windows cut from a padded map, heads stacked and averaged (CrossViT), weight
+standardisation (BiT, NFNet). Each small model of that shape converts, reproduces the original with open gates and
+forgets nothing."""
 
 from __future__ import annotations
 
@@ -108,6 +111,61 @@ class AveragedHeads(nn.Module):
         return (self.head(h) + self.head_dist(h)) / 2
 
 
+class StackedHeads(nn.Module):
+    """CrossViT's classifier: one head per branch, their logits stacked and averaged; the input first goes through
+    a fixed transform (CSATv2's DCT stem: ``F.linear`` by a buffer), which leaves it data."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("transform", torch.linalg.qr(torch.randn(16, 16))[0])
+        self.small = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.large = nn.Sequential(nn.Conv2d(3, 6, 5, padding=2), nn.BatchNorm2d(6), nn.ReLU())
+        self.head = nn.ModuleList([nn.Linear(8, 4), nn.Linear(6, 4)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.linear(x, self.transform)
+        branches = [self.small(x).mean((2, 3)), self.large(x).mean((2, 3))]
+        return torch.mean(torch.stack([head(b) for head, b in zip(self.head, branches, strict=True)], dim=0), dim=0)
+
+
+class StdConv(nn.Conv2d):
+    """BiT's weight-standardised convolution: each output unit's row of weights standardised before the
+    convolution (``F.batch_norm`` on the weight)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, training=True, momentum=0.0,
+                              eps=1e-6).reshape_as(self.weight)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class ScaledStdConv(nn.Conv2d):
+    """NFNet's scaled weight standardisation: a learned gain per output unit."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.gain = nn.Parameter(torch.linspace(0.5, 1.5, self.out_channels).view(-1, 1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None,
+                              weight=self.gain.view(-1), training=True, momentum=0.0, eps=1e-6).reshape_as(self.weight)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class StandardisedWeights(nn.Module):
+    """BiT's and NFNet's convolutions, one followed by a GroupNorm, one by nothing (its own gate)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = StdConv(3, 8, 3, padding=1)
+        self.norm = nn.GroupNorm(2, 8)
+        self.conv2 = ScaledStdConv(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv2(torch.relu(self.norm(self.conv1(x)))))
+        return self.head(h.mean((2, 3)))
+
+
 class PaddedPool(nn.Module):
     """HGNetV2's stem and TF-"same" pooling: zero padding, then a max pool whose windows take padded positions
     (always 0) with a unit's."""
@@ -123,9 +181,96 @@ class PaddedPool(nn.Module):
         return self.head(h.mean((2, 3)))
 
 
+class ResponseNorm(nn.Module):
+    """ConvNeXt-V2's global response norm (channels last, as timm writes it): each channel's spatial norm divided by
+    the mean of every channel's (a statistic over the units) scales the channel, then a per-channel affine
+    (``addcmul``) and the residual; then a spatial gate from the mean over the channels (a statistic through a
+    sigmoid)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.weight = nn.Parameter(torch.linspace(-0.5, 0.5, 8))
+        self.bias = nn.Parameter(torch.linspace(-0.1, 0.1, 8))
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        h = h * torch.sigmoid(h.mean(1, keepdim=True))
+        h = h.permute(0, 2, 3, 1)
+        g = torch.linalg.vector_norm(h, ord=2, dim=(1, 2), keepdim=True)
+        n = g / (g.mean(dim=-1, keepdim=True) + 1e-6)
+        h = h + torch.addcmul(self.bias.view(1, 1, 1, -1), self.weight.view(1, 1, 1, -1), h * n)
+        return self.head(h.mean((1, 2)))
+
+
+class CosineAttention(nn.Module):
+    """Swin v2's cosine attention: q and k normalised (``F.normalize``) before their product."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, 16, 4, stride=4)
+        self.norm = nn.LayerNorm(16)
+        self.qkv = nn.Linear(16, 48)
+        self.proj = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.norm(self.embed(x).flatten(2).transpose(1, 2))
+        b, n, c = t.shape
+        q, k, v = self.qkv(t).view(b, n, 3, 2, c // 2).permute(2, 0, 3, 1, 4).unbind(0)
+        scores = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1) * 10
+        out = (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, n, c)
+        return self.head((t + self.proj(out)).mean(1))
+
+
+class ConcatenatedBias(nn.Module):
+    """BEiT's and EVA's attention input: a bias-free ``Linear`` whose bias is made in the forward,
+    ``cat((q_bias, k_bias, v_bias))`` with ``k_bias`` a buffer of zeros, passed to ``F.linear``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, 8, 4, stride=4)
+        self.norm = nn.LayerNorm(8)
+        self.qkv = nn.Linear(8, 24, bias=False)
+        self.q_bias = nn.Parameter(torch.linspace(-0.2, 0.2, 8))
+        self.register_buffer("k_bias", torch.zeros(8), persistent=False)
+        self.v_bias = nn.Parameter(torch.linspace(0.1, 0.3, 8))
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.norm(self.embed(x).flatten(2).transpose(1, 2))
+        qkv = F.linear(t, self.qkv.weight, torch.cat((self.q_bias, self.k_bias, self.v_bias)))
+        q, k, v = qkv.view(*t.shape[:2], 3, 8).unbind(2)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.head((t + out).mean(1))
+
+
+class Windows(nn.Module):
+    """CPUBone's and HaloNet's windows: zero padding by a module (``nn.ZeroPad2d``), then blocks cut with
+    ``Tensor.unfold`` and reduced over each block (a block's padded positions are always 0)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+        self.pad = nn.ZeroPad2d(1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        blocks = self.pad(self.conv(x)).unfold(2, 4, 4).unfold(3, 4, 4)  # [N, C, 4, 4, 4, 4]
+        return self.head(blocks.amax((-1, -2)).mean((2, 3)))
+
+
 MODELS = {"padded_pool": PaddedPool, "upsampling": Upsampling, "selective_kernel": SelectiveKernel,
           "split_attention": SplitAttention, "repeated_channels": RepeatedChannels,
-          "learnable_affine": LearnableAffine, "averaged_heads": AveragedHeads}
+          "learnable_affine": LearnableAffine, "averaged_heads": AveragedHeads, "response_norm": ResponseNorm,
+          "cosine_attention": CosineAttention, "concatenated_bias": ConcatenatedBias,
+          "windows": Windows, "stacked_heads": StackedHeads,
+          "standardised_weights": StandardisedWeights}
+
+
+#: a norm for each kind the models hold
+NORM = {"batch": "masked_bn", "layer": "masked_ln", "group": "masked_gn"}
 
 
 def filled(model: nn.Module) -> nn.Module:
@@ -145,7 +290,7 @@ def filled(model: nn.Module) -> nn.Module:
 def test_open_gates_reproduce_the_original(name: str) -> None:
     original = filled(MODELS[name]())
     x = torch.randn(4, 3, 16, 16)
-    converted = hatnorm.convert(original, num_tasks=2, example_input=x)
+    converted = hatnorm.convert(original, num_tasks=2, norm=NORM, example_input=x)
     hatnorm.HAT(converted)  # every parameter is covered
     hatnorm.open_gates(converted)
     converted.eval()
@@ -157,7 +302,8 @@ def test_open_gates_reproduce_the_original(name: str) -> None:
 @pytest.mark.parametrize("name", list(MODELS))
 def test_training_a_second_task_forgets_nothing(name: str) -> None:
     probe = torch.randn(4, 3, 16, 16)
-    model = hatnorm.convert(filled(MODELS[name]()), num_tasks=2, num_classes=[3, 4], example_input=probe)
+    model = hatnorm.convert(filled(MODELS[name]()), num_tasks=2, norm=NORM, num_classes=[3, 4],
+                            example_input=probe)
     hat = hatnorm.HAT(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
     outputs = []

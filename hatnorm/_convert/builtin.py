@@ -24,6 +24,7 @@ from hatnorm._convert.ops_elementwise import (
     ADD,
     ADDCMUL,
     DIVIDE,
+    NORMALIZE,
     PASSES,
     POOL,
     PRODUCT,
@@ -38,7 +39,7 @@ from hatnorm._convert.ops_layers import (
     NORM,
     WEIGHTED,
 )
-from hatnorm._convert.ops_shapes import CAT, MOVES, PAD, REDUCE, STACK
+from hatnorm._convert.ops_shapes import CAT, MOVES, PAD, REDUCE, REDUCTIONS, STACK
 from hatnorm._convert.state import WalkState
 from hatnorm._convert.table import OPS, Handler, OpTable
 from hatnorm._convert.tracing import is_drop_path, is_transformers_activation
@@ -72,14 +73,15 @@ _MOVES = [
     torch.movedim, torch.squeeze, torch.unsqueeze, torch.roll, torch.narrow, torch.chunk, torch.split, torch.unbind,
     torch.select, torch.tensor_split, operator.getitem, "view", "reshape", "flatten", "unflatten", "permute",
     "transpose", "swapaxes", "movedim", "squeeze", "unsqueeze", "chunk", "split", "unbind", "narrow", "roll", "expand",
-    "repeat", "select", "tensor_split", torch.repeat_interleave, "repeat_interleave", torch.tile, "tile",
+    "repeat", "select", "tensor_split", torch.repeat_interleave, "repeat_interleave", torch.tile, "tile", "unfold",
 ]
 _SCALES = [nn.Sigmoid, nn.Hardsigmoid, torch.sigmoid, F.sigmoid, F.hardsigmoid, "sigmoid", "sigmoid_"]
 _ADDS = [operator.add, operator.iadd, torch.add, operator.sub, operator.isub, torch.sub, "add", "add_", "sub", "sub_"]
 _PRODUCTS = [operator.mul, operator.imul, torch.mul, "mul", "mul_"]
 _DIVISIONS = [operator.truediv, operator.itruediv, torch.div, "div", "div_"]
+#: zero padding, functional or a module (ZeroPad2d, ConstantPad2d with value 0)
+_PADS = [F.pad, nn.modules.padding._ConstantPadNd]
 _CATS = [torch.cat, torch.concat, torch.concatenate]
-_REDUCTIONS = [torch.mean, torch.sum, torch.amax, "mean", "sum", "amax"]
 _MATMULS = [operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm"]
 _SOFTMAXES = [nn.Softmax, F.softmax, torch.softmax, "softmax"]
 
@@ -100,9 +102,9 @@ def register_builtins(table: OpTable) -> None:
     by_handler: list[tuple[Handler, list[object]]] = [
         (UNITWISE, _UNITWISE), (POOL, _POOLS), (PASSES, _PASSES), (MOVES, _MOVES), (SCALE, _SCALES), (ADD, _ADDS),
         (PRODUCT, _PRODUCTS), (DIVIDE, _DIVISIONS), (ADDCMUL, [torch.addcmul, "addcmul"]), (CAT, _CATS),
-        (STACK, [torch.stack]), (REDUCE, _REDUCTIONS),
-        (MATMUL, _MATMULS), (SOFTMAX, _SOFTMAXES), (SCORES_ONLY, [torch.masked_fill, "masked_fill"]), (PAD, [F.pad]),
-        (EINSUM, [torch.einsum]),
+        (STACK, [torch.stack]), (REDUCE, list(REDUCTIONS)),
+        (MATMUL, _MATMULS), (SOFTMAX, _SOFTMAXES), (SCORES_ONLY, [torch.masked_fill, "masked_fill"]), (PAD, _PADS),
+        (EINSUM, [torch.einsum]), (NORMALIZE, [F.normalize]),
         (ATTENTION_FUNCTION, [F.scaled_dot_product_attention]), (ATTENTION_MODULE, [nn.MultiheadAttention]),
         (WEIGHTED, [nn.Linear, nn.modules.conv._ConvNd]), (FUNCTIONAL_NORM, list(FUNCTIONAL_NORMS)),
         (FUNCTIONAL_LAYER, list(FUNCTIONAL_LAYERS)), (Handler("mode value", _nothing, scores="takes"), [ModeValue]),

@@ -16,7 +16,7 @@ from hatnorm._convert.probes import unitwise_failure
 from hatnorm._convert.state import WalkState, ancestors, attribute, free_name
 from hatnorm._convert.table import Apply, Handler
 from hatnorm._convert.units import Units
-from hatnorm._convert.values import Flat, Scale, Ungated, residual, tensor_args
+from hatnorm._convert.values import Flat, Scale, Statistic, Ungated, residual, tensor_args
 from hatnorm._hat import Layer
 
 
@@ -86,6 +86,10 @@ def _add(state: WalkState, node: fx.Node, where: str) -> None:
         return
     if any(isinstance(p, Flat | tuple) for p in parts):
         raise ConversionError(f"{where}: adds a flattened map or a tuple")
+    statistic = next((p for p in parts if isinstance(p, Statistic)), None)
+    if statistic is not None:
+        raise ConversionError(f"{where}: adds a statistic over several units ({statistic.why}), which may only "
+                              "multiply or divide a gated tensor")
     if any(isinstance(p, Scale) for p in parts):
         raise ConversionError(f"{where}: adds the output of a sigmoid-like activation")
     if any(p is None for p in parts):
@@ -109,7 +113,8 @@ def _add_parameter(state: WalkState, parts: list[Any], where: str) -> Ungated:
 
 
 def _product(state: WalkState, node: fx.Node, where: str) -> None:
-    """A gated tensor times a number, raw data, a squeeze-excitation scale or a per-unit parameter."""
+    """A gated tensor times a number, raw data, a squeeze-excitation scale or a per-unit parameter; two scales give
+    a scale."""
     state.resolve(node, where, ungated=True)
     for arg in [a for a in tensor_args(node) if a in state.units]:
         if isinstance(state.units[arg], Ungated) and state.units[arg].units is not None:
@@ -120,6 +125,9 @@ def _product(state: WalkState, node: fx.Node, where: str) -> None:
         return
     gated = [p for p in parts if isinstance(p, Units)]
     others = [p for p in parts if not isinstance(p, Units)]
+    if len(parts) == 2 and all(isinstance(p, Scale) for p in parts):
+        state.units[node] = next((p for p in parts if isinstance(p, Statistic)), Scale(None))
+        return
     if len(parts) != 2 or len(gated) != 1:
         raise ConversionError(f"{where}: a product of tensors is supported as a gated tensor times a "
                               "squeeze-excitation scale (sigmoid of a branch of it), raw data or a per-unit "
@@ -169,12 +177,26 @@ def _buffer_product(state: WalkState, node: fx.Node, other: fx.Node, gated: Unit
 
 
 def _divide(state: WalkState, node: fx.Node, where: str) -> None:
-    """Division by a number keeps 0 at 0 (and a scale a scale)."""
+    """Division by a number keeps 0 at 0 (and a scale a scale). A gated tensor divided by a statistic of gated units
+    (ConvNeXt-V2's global response norm: each channel's norm over the mean of all channels') is 0 where its unit is
+    closed but meets every unit: a scale."""
     state.resolve(node, where)
     tensors = [a for a in tensor_args(node) if a in state.units]
-    if len(tensors) != 1 or node.args[0] is not tensors[0]:
-        raise ConversionError(f"{where}: only a division by a number keeps the units")
-    state.units[node] = state.units[tensors[0]]
+    divisor = [state.units[a] for a in tensors if a is not node.args[0]]
+    if not tensors or node.args[0] is not tensors[0] or len(tensors) > 2 or (
+            divisor and not (isinstance(divisor[0], Scale) and isinstance(state.units[tensors[0]], Units | Scale))):
+        raise ConversionError(f"{where}: only a division by a number, or of a gated tensor by a scale or a statistic "
+                              "of gated units, keeps the units")
+    units = state.units[tensors[0]]
+    state.units[node] = Scale(units) if divisor and isinstance(units, Units) else units
+
+
+def _normalize(state: WalkState, node: fx.Node, where: str) -> None:
+    """``F.normalize``: every value divided by a norm of its gated tensor along a dim (Swin v2's cosine attention),
+    so a closed unit stays 0 and the output keeps the input's units."""
+    state.resolve(node, where)
+    units = state.gated(node.args[0], where)
+    state.units[node] = units
 
 
 def _addcmul(state: WalkState, node: fx.Node, where: str) -> None:
@@ -189,18 +211,18 @@ def _addcmul(state: WalkState, node: fx.Node, where: str) -> None:
     graph = state.gm.graph
     with graph.inserting_before(node):
         product = graph.call_function(operator.mul, (bound["tensor1"], bound["tensor2"]))
-        _rewritten(state, product, node, [bound["tensor1"], bound["tensor2"]], where, _product)
+        rewritten(state, product, node, [bound["tensor1"], bound["tensor2"]], where, _product)
         if value != 1:
             scaled = graph.call_function(operator.mul, (product, value))
-            _rewritten(state, scaled, node, [product], where, _product)
+            rewritten(state, scaled, node, [product], where, _product)
             product = scaled
         total = graph.call_function(operator.add, (bound["input"], product))
-        _rewritten(state, total, node, [bound["input"], product], where, _add)
+        rewritten(state, total, node, [bound["input"], product], where, _add)
     node.replace_all_uses_with(total)
     graph.erase_node(node)
 
 
-def _rewritten(state: WalkState, new: fx.Node, old: fx.Node, inputs: list[Any], where: str, handle: Apply) -> None:
+def rewritten(state: WalkState, new: fx.Node, old: fx.Node, inputs: list[Any], where: str, handle: Apply) -> None:
     """Walk ``new``, a node a handler wrote in place of ``old``: its source line is ``old``'s, its shape broadcast
     from its inputs'."""
     new.meta = dict(old.meta)
@@ -228,7 +250,8 @@ def _passes(state: WalkState, node: fx.Node, where: str) -> None:
 
 def _scale(state: WalkState, node: fx.Node, where: str) -> None:
     state.resolve(node, where)
-    state.units[node] = Scale(state.gated(node.args[0], where))
+    units = state.units.get(node.args[0])
+    state.units[node] = units if isinstance(units, Scale) else Scale(state.gated(node.args[0], where))
 
 
 #: an op on every value alone with f(0) = 0 (an activation, drop-path): its output holds its input's units
@@ -244,5 +267,7 @@ ACTIVATION = Handler("activation", _activation)
 ADD = Handler("add", _add, scores="keeps")
 PRODUCT = Handler("product", _product, scores="keeps")
 DIVIDE = Handler("divide", _divide, scores="keeps")
+#: ``F.normalize``: keeps the units
+NORMALIZE = Handler("normalize", _normalize)
 #: ``input + t1 * t2``: a product and an add
 ADDCMUL = Handler("addcmul", _addcmul)

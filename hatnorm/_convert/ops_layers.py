@@ -5,6 +5,7 @@ head per task."""
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping
 
 import torch
@@ -13,11 +14,14 @@ from torch import fx, nn
 
 from hatnorm._convert.error import ConversionError
 from hatnorm._convert.norms import make_norm, norm_modules, num_features
-from hatnorm._convert.ops_elementwise import ADD, DIVIDE, PASSES, POOL, PRODUCT, UNITWISE
+from hatnorm._convert.ops_elementwise import ADD, DIVIDE, PASSES, POOL, PRODUCT, UNITWISE, rewritten
+from hatnorm._convert.ops_shapes import REDUCE, STACK
+from hatnorm._convert.params import UnitRows
 from hatnorm._convert.runtime import GatedNorm, Heads
 from hatnorm._convert.source import where as where_of
 from hatnorm._convert.state import WalkState, free_name
 from hatnorm._convert.table import OPS, Handler
+from hatnorm._convert.tracing import is_reparameterised_conv
 from hatnorm._convert.train_graph import is_structure
 from hatnorm._convert.units import Units
 from hatnorm._convert.values import tensor_args
@@ -71,6 +75,9 @@ def replace_norm(state: WalkState, node: fx.Node, module: nn.Module, dim: int, w
 def _functional_layer(state: WalkState, node: fx.Node, where: str) -> None:
     """``F.linear``/``F.conv*d`` on the parameters of a ``nn.Linear``/``nn.Conv*d`` subclass (timm's ``Linear``):
     the call becomes the layer itself, a torch layer holding the same parameters."""
+    if all(a not in state.pending and state.units.get(a, 0) is None for a in tensor_args(node)):
+        state.units[node] = None  # a fixed transform (a DCT by a buffer) of raw data: still data
+        return
     weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
     owner = weight.target.rpartition(".")[0] if isinstance(weight, fx.Node) and weight.op == "get_attr" else None
     module = state.traced.get_submodule(owner) if owner is not None else None
@@ -79,9 +86,13 @@ def _functional_layer(state: WalkState, node: fx.Node, where: str) -> None:
         raise ConversionError(f"{where}: a functional layer is converted when it reads the weight of a "
                               f"{kind.__name__} (subclass) as it is")
     bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-    if (bias is None) != (module.bias is None) or (bias is not None and (
-            not isinstance(bias, fx.Node) or bias.op != "get_attr" or bias.target != f"{owner}.bias")):
-        raise ConversionError(f"{where}: a functional layer is converted when it reads its module's own bias")
+    own = isinstance(bias, fx.Node) and bias.op == "get_attr" and bias.target == f"{owner}.bias"
+    # a bias of its own making (BEiT's and EVA's cat((q_bias, k_bias, v_bias)) for a bias-free Linear) is added
+    # to the layer's output, an add the walk then follows
+    added = bias if bias is not None and not own and module.bias is None and kind is nn.Linear else None
+    if added is None and not (own or (bias is None and module.bias is None)):
+        raise ConversionError(f"{where}: a functional layer is converted when it reads its module's own bias (or, "
+                              "for a Linear without one, any bias)")
     if kind is nn.Linear:
         layer = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
     else:
@@ -104,12 +115,18 @@ def _functional_layer(state: WalkState, node: fx.Node, where: str) -> None:
     node.replace_all_uses_with(new)
     state.same_shape(new, node)
     state.gm.graph.erase_node(node)
-    for attribute in [a for a in (weight, bias) if isinstance(a, fx.Node) and not a.users]:
+    for attribute in [a for a in (weight, bias) if isinstance(a, fx.Node) and not a.users and a is not added]:
         state.units.pop(attribute, None)
         state.gm.graph.erase_node(attribute)
     layer_where = f"module {name!r} ({type(layer).__name__})"
     handler = OPS.lookup(layer)
     handler.apply(state, new, layer_where)
+    if added is not None:
+        with state.gm.graph.inserting_after(new):
+            total = state.gm.graph.call_function(operator.add, (new, added))
+        new.replace_all_uses_with(total, delete_user_cb=lambda user: user is not total)
+        rewritten(state, total, node, [new, added], where, ADD.apply)
+        state.regate(total, state.units[total], where)  # a gate after the bias, as after a Linear's own
 
 
 def _functional_norm(state: WalkState, node: fx.Node, where: str) -> None:
@@ -149,12 +166,42 @@ def _weighted(state: WalkState, node: fx.Node, where: str) -> None:
     else:
         units = state.read(source, 1, module.in_channels, where)
     output = output_of(state, node) if isinstance(module, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d) else None
+    if is_reparameterised_conv(module):
+        if output is not None:
+            raise ConversionError(f"{where}: a classifier that computes its own weight is not supported")
+        _check_rows(state, source, module, where)
+        state.gm.delete_submodule(node.target)
+        state.gm.add_submodule(node.target, UnitRows(module))
+        state.pending[node] = (state.module(node), None)  # every parameter protected by the output units only
+        return
     if output is not None:
         _classifier(state, node, module, where)
         if state.logits is None or output is state.logits:  # the heads export prunes by these units
             state.head_units = units
         return
     state.pending[node] = (module, units)
+
+
+def _check_rows(state: WalkState, source: fx.Node, module: nn.Module, where: str) -> None:
+    """Check on a probe that each output channel of a convolution computing its own weight (weight
+    standardisation) depends on its own row of the weight alone, so protecting the rows by the output units is
+    enough."""
+    shape = state.shape(source)
+    weight = module.weight
+    x = torch.randn(*(shape if shape is not None else (2, module.in_channels, *[8] * (weight.dim() - 2))),
+                    dtype=weight.dtype, device=weight.device)
+    row = weight.shape[0] // 2
+    saved = weight.detach().clone()
+    with torch.no_grad():
+        before = module(x)
+        weight[row] += torch.randn_like(weight[row])
+        after = module(x)
+        weight.copy_(saved)
+    moved = (after - before).abs().movedim(1, 0).reshape(weight.shape[0], -1).amax(1) > 0
+    if bool(moved.sum() != moved[row]):
+        raise ConversionError(f"{where}: computes its weight from its parameters (weight standardisation) in a way "
+                              "where a change in one output unit's row moves other units' outputs; no gate can "
+                              "protect that")
 
 
 def output_of(state: WalkState, node: fx.Node) -> fx.Node | None:
@@ -179,12 +226,18 @@ def output_of(state: WalkState, node: fx.Node) -> fx.Node | None:
 
 
 def _combines_classifiers(state: WalkState, user: fx.Node, node: fx.Node, handler: Handler | None) -> bool:
-    """Whether ``user`` averages classifiers (RepViT's and LeViT's ``(head(x) + head_dist(x)) / 2``): a sum of
-    ``node`` and other classifiers' outputs, or ``node`` scaled by a number."""
+    """Whether ``user`` averages classifiers (RepViT's and LeViT's ``(head(x) + head_dist(x)) / 2``, CrossViT's mean of
+    its stacked heads): a sum or stack of ``node`` and other classifiers' outputs, ``node`` scaled by a number, or
+    the mean or sum of a stack of them over the stacked dim."""
     others = [a for a in tensor_args(user) if a is not node]
     if handler in (PRODUCT, DIVIDE):
         return not others and user.args[0] is node
-    return handler is ADD and bool(others) and all(
+    if handler is REDUCE and user.target in (torch.mean, torch.sum, "mean", "sum") and node.target is torch.stack:
+        # CrossViT's torch.mean(torch.stack([head(x) for ...]), dim=0): the heads' logits averaged
+        reduced = user.args[1] if len(user.args) > 1 else user.kwargs.get("dim")
+        stacked = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        return user.args[0] is node and reduced in (stacked, [stacked], (stacked,))
+    return handler in (ADD, STACK) and bool(others) and all(
         a.op == "call_module" and isinstance(state.module(a), nn.Linear | nn.modules.conv._ConvNd | Heads)
         for a in others)
 

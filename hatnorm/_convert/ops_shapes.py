@@ -13,7 +13,7 @@ from hatnorm._convert.error import ConversionError
 from hatnorm._convert.state import WalkState
 from hatnorm._convert.table import Handler
 from hatnorm._convert.units import Units, expand
-from hatnorm._convert.values import Derived, Flat, GatheredByData, Scale, Ungated, residual
+from hatnorm._convert.values import Derived, Flat, GatheredByData, Scale, Statistic, Ungated, residual
 from hatnorm._masks import Concat, MaskSource
 
 #: moves that need no shapes; flattens, which a Linear can read without them
@@ -89,10 +89,16 @@ def moved_units(state: WalkState, node: fx.Node, source: fx.Node, where: str, ca
 
 
 def _pad(state: WalkState, node: fx.Node, where: str) -> None:
-    """Zero padding (constant mode, value 0): padded positions are always 0 (index −1)."""
+    """Zero padding (constant mode, value 0; ``F.pad``, ``nn.ZeroPad2d``, ``nn.ConstantPad2d(p, 0)``): padded
+    positions are always 0 (index −1)."""
     state.resolve(node, where)
-    mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
-    value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value", None)
+    if node.op == "call_module":  # a padding module: F.pad by its own padding and value
+        module = state.module(node)
+        mode, value, pad = "constant", module.value, module.padding
+    else:
+        mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
+        value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value", None)
+        pad = node.args[1] if len(node.args) > 1 else node.kwargs["pad"]
     if mode != "constant" or value not in (None, 0, 0.0):
         raise ConversionError(f"{where}: only zero padding keeps a closed unit at 0, got mode={mode!r}, "
                               f"value={value!r}")
@@ -100,7 +106,6 @@ def _pad(state: WalkState, node: fx.Node, where: str) -> None:
     if units is None:
         state.units[node] = None
         return
-    pad = node.args[1] if len(node.args) > 1 else node.kwargs["pad"]
     pad = fx.node.map_arg(pad, lambda a: state.value(a, where))
     index = expand(units.index, state.shape(node.args[0]))
     if state.recorder is None:
@@ -119,7 +124,8 @@ def _cat(state: WalkState, node: fx.Node, where: str) -> None:
     if all(p is None for p in parts):
         state.units[node] = None
         return
-    if any(p is None for p in parts):
+    if any(p is None for p in parts) and any(isinstance(p, Units) or (isinstance(p, Ungated) and p.units is not None)
+                                             for p in parts):
         raise ConversionError(f"{where}: concatenates raw data with gated tensors")
     shapes = [state.shape(a) for a in inputs]
     rank = next((len(s) for s in shapes if s is not None), None)
@@ -175,33 +181,62 @@ def _cat(state: WalkState, node: fx.Node, where: str) -> None:
     state.units[node] = unit_index if not params else Ungated(unit_index, params)
 
 
+#: the positional arguments after the input of each reduction (``dim=None``: every dim)
+REDUCTIONS: dict[object, tuple[str, ...]] = {
+    **dict.fromkeys([torch.mean, torch.sum, torch.amax, torch.amin, "mean", "sum", "amax", "amin"], ("dim", "keepdim")),
+    **dict.fromkeys([torch.norm, "norm"], ("p", "dim", "keepdim")),
+    torch.linalg.vector_norm: ("ord", "dim", "keepdim"),
+    **dict.fromkeys([torch.var, torch.std, "var", "std"], ("dim", "unbiased", "keepdim")),
+}
+
+
 def _reduce(state: WalkState, node: fx.Node, where: str) -> None:
-    """A mean, sum or max keeps the units over dims they do not vary in (a global average pool) and joins them over
-    dims they vary in (:func:`_union`)."""
+    """A mean, sum, max, min, norm, variance or standard deviation (each 0 on zeros) keeps the units over dims they
+    do not vary in (a global average pool) and joins them over branches (:func:`_union`); over the dim the units
+    vary in it gives a :class:`~.values.Statistic`, which may only scale a gated tensor."""
     state.resolve(node, where)
     units = state.gated(node.args[0], where)
-    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-    keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    names = REDUCTIONS[node.target]
+    bound = dict(zip(names, node.args[1:], strict=False)) | {k: v for k, v in node.kwargs.items() if k in names}
+    bound = fx.node.map_arg(bound, lambda a: state.value(a, where))
+    dims, keepdim = bound.get("dim"), bool(bound.get("keepdim", False))
     dims = (dims,) if isinstance(dims, int) else dims
     if units is None:
         state.units[node] = None
         return
     rank = units.rank
+    if dims is None and rank is not None:
+        dims = tuple(range(rank))
     if not isinstance(dims, tuple | list) or not dims or not all(isinstance(d, int) for d in dims) or (
             rank is None and any(d >= 0 for d in dims)):
         raise ConversionError(f"{where}: only a mean over dims the units do not vary in (spatial dims, tokens) "
                               f"keeps the units, got dim={dims!r}")
     dims = sorted(d % rank if rank is not None else d for d in dims)
+    units = Units(units.source, _collapsed(units.index, dims, units.source.num_features))
     varying = [d for d in dims if units.index.shape[d] != 1]
     kept = [d for d in range(units.index.dim()) if d not in dims and units.index.shape[d] != 1]
     if varying and (rank is None or not kept or any(units.index.shape[d] > MAX_JOINED for d in varying)):
-        raise ConversionError(f"{where}: only a mean over dims the units do not vary in (spatial dims, tokens) "
-                              f"keeps the units, got dim={list(dims)} (it would mix units); over branches (a dim "
-                              f"the units vary in beside the one they keep, at most {MAX_JOINED} long) it joins them")
+        state.units[node] = Statistic(None, why=(
+            f"{where}: only a mean over dims the units do not vary in (spatial dims, tokens) keeps the units, got "
+            f"dim={list(dims)} (it would mix units); over branches (a dim the units vary in beside the one they keep, "
+            f"at most {MAX_JOINED} long) it joins them"))
+        return
     for d in varying:
         units = _union(units, d)
     index = units.index if keepdim else units.index.squeeze(tuple(dims))
     state.units[node] = Units(units.source, index)
+
+
+def _collapsed(index: Tensor, dims: list[int], num_features: int) -> Tensor:
+    """``index`` reduced to size 1 along each of ``dims`` where, positions that are always 0 (zero padding) aside,
+    it holds one unit (a window cut from a padded map)."""
+    for d in [d for d in dims if d < index.dim() and index.shape[d] != 1]:
+        valid = index >= 0
+        high = index.masked_fill(~valid, -1).amax(d, keepdim=True)
+        low = index.masked_fill(~valid, num_features).amin(d, keepdim=True)
+        if not bool(((high != low) & valid.any(d, keepdim=True)).any()):
+            index = high
+    return index
 
 
 def _union(units: Units, dim: int) -> Units:

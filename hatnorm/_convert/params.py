@@ -1,6 +1,6 @@
 """Parameters a converted graph reads directly, protected by HAT: a parameter whose entries each meet one unit
-(:class:`ParameterUse`), one that biases attention for a whole head (:class:`TaskParameter`), and a module that
-computes such a bias (:class:`TaskModule`)."""
+(:class:`ParameterUse`), one that biases attention for a whole head (:class:`TaskParameter`), a module that
+computes such a bias (:class:`TaskModule`), and a layer that computes its weight row by row (:class:`UnitRows`)."""
 
 from __future__ import annotations
 
@@ -97,3 +97,31 @@ class BufferUse(nn.Module, Protected):
 
     def gradient_multipliers(self, previous: MaskState, task: int, policy: GradientPolicy) -> dict[str, Tensor]:
         return {}
+
+
+class UnitRows(nn.Module, Protected):
+    """A convolution that computes its weight from its own parameters, each output unit's row from that row alone
+    (weight standardisation: BiT's ``StdConv2d``, NFNet's ``ScaledStdConv2d`` with its gain): a row's statistics
+    read every input unit, so a row an earlier task used is frozen whole (every parameter protected by the output
+    units only, as for a layer reading data).
+
+    Args:
+        layer: the convolution, called as it is.
+    """
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    @property
+    def weight(self) -> Tensor:
+        """The layer's own weight ``[out, ...]`` (its rows, one per output unit)."""
+        return self.layer.weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layer(x)
+
+    def gradient_multipliers(self, previous: MaskState, task: int, policy: GradientPolicy) -> dict[str, Tensor]:
+        rate = policy.unit_rate(previous)
+        return {f"layer.{name}": rate.to(p.device, p.dtype).view(-1, *[1] * (p.dim() - 1)).expand_as(p)
+                for name, p in self.layer.named_parameters()}

@@ -13,7 +13,7 @@ from hatnorm._convert.norms import Norms
 from hatnorm._convert.params import BufferUse, ParameterUse, TaskParameter
 from hatnorm._convert.runtime import GatedLinear, GatedNorm
 from hatnorm._convert.units import Recorder, Units
-from hatnorm._convert.values import Derived, Flat, Scale, Scores, Ungated, tensor_args
+from hatnorm._convert.values import Derived, Flat, Scale, Scores, Statistic, Ungated, tensor_args
 from hatnorm._gate import HATGate
 from hatnorm._hat import Layer
 from hatnorm._masks import Flatten, MaskSource
@@ -201,6 +201,9 @@ class WalkState:
         units = self.units.get(node)
         if isinstance(units, Flat):
             raise ConversionError(f"{reader}: a flattened tensor can only feed a Linear layer")
+        if isinstance(units, Statistic):
+            raise ConversionError(f"{reader}: reads a statistic over several units ({units.why}), which may only "
+                                  "multiply or divide a gated tensor")
         if isinstance(units, Scale):
             raise ConversionError(f"{reader}: the output of a sigmoid-like activation (f(0) ≠ 0{units.origin}) can "
                                   "only scale a gated tensor (squeeze-excitation: x * scale)")

@@ -27,6 +27,31 @@ from hatnorm._convert.table import OPS
 from hatnorm._convert.windows import is_window_attention
 
 
+def is_reparameterised_conv(module: nn.Module) -> bool:
+    """A convolution subclass (not torch's) whose forward computes the weight it convolves by from its parameters
+    (weight standardisation: BiT's ``StdConv2d``, NFNet's ``ScaledStdConv2d``): kept as one call, its rows checked
+    when it is converted."""
+    kind = type(module)
+    if not isinstance(module, nn.modules.conv._ConvNd) or isinstance(module, nn.modules.conv._ConvTransposeNd) or \
+            kind.__module__.startswith("torch."):
+        return False
+    base = next(c for c in kind.__mro__ if c.__module__ == "torch.nn.modules.conv")
+    if kind.forward is base.forward:
+        return False
+    try:
+        graph = fx.symbolic_trace(module).graph
+    except Exception:  # a forward fx cannot trace alone: traced into with the model, as before
+        return False
+    convs = [n for n in graph.nodes if n.op == "call_function" and n.target in _CONVS]
+    if len(convs) != 1:
+        return False
+    weight = convs[0].args[1] if len(convs[0].args) > 1 else convs[0].kwargs.get("weight")
+    return not (isinstance(weight, fx.Node) and weight.op == "get_attr" and weight.target == "weight")
+
+
+_CONVS = (torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d)
+
+
 def is_drop_path(module: nn.Module) -> bool:
     """torchvision's ``StochasticDepth``, timm's ``DropPath`` and transformers' per-model drop-paths
     (``SwinDropPath``, ``BeitDropPath``, ``ConvNextDropPath``…, every ``*DropPath`` class of a transformers model):
@@ -107,12 +132,19 @@ def eliminate_dead_code(graph: fx.Graph, root: nn.Module) -> None:
 
 class _Tracer(fx.Tracer):
     """fx's tracer, keeping the module classes users declared a rule for, drop-path modules, transformers'
-    activations and torchvision's Swin window attention as calls, and recording the operations on the buffers
+    activations, torchvision's Swin window attention and convolutions that compute their own weight as calls, and
+    recording the operations on the buffers
     ``recorded`` (fx runs an operation on a buffer once while tracing, leaving it out of the graph)."""
 
     def __init__(self, recorded: frozenset[str] = frozenset()) -> None:
         super().__init__()
         self.recorded = recorded
+        self.reparameterised: frozenset[int] = frozenset()  # ids of the convolutions computing their own weight
+
+    def trace(self, root: nn.Module | Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
+        if isinstance(root, nn.Module):  # found before fx patches nn.Module (each is traced alone to tell)
+            self.reparameterised = frozenset(id(m) for m in root.modules() if is_reparameterised_conv(m))
+        return super().trace(root, concrete_args)
 
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
         if self.recorded and isinstance(attr_val, Tensor) and not isinstance(attr_val, nn.Parameter):
@@ -125,7 +157,7 @@ class _Tracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return isinstance(m, OPS.module_classes()) or is_drop_path(m) or is_transformers_activation(m) or \
-            is_window_attention(m) or super().is_leaf_module(m, module_qualified_name)
+            is_window_attention(m) or id(m) in self.reparameterised or super().is_leaf_module(m, module_qualified_name)
 
 
 class _ExampleProxy(fx.Proxy):

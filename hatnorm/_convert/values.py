@@ -32,6 +32,16 @@ class Scale:
 
 
 @dataclass(frozen=True)
+class Statistic(Scale):
+    """Computed across the units of a gated tensor (a mean or norm over the dim they vary in, as in ConvNeXt-V2's
+    global response norm, or a layer of a scale branch): in a task's forward it reads only that task's units, but
+    each value meets several units, so, like a scale, it may only multiply or divide a gated tensor. ``why``: what
+    made it, named when something else reads it."""
+
+    why: str = ""
+
+
+@dataclass(frozen=True)
 class Ungated:
     """A tensor holding a parameter's values (a class token, a position embedding added to a gated stream):
     closed units may be nonzero, so a gate must follow before anything reads it. ``params`` maps each
