@@ -50,6 +50,31 @@ class TalkingHeads(nn.Module):
         return self.head((scores @ v).transpose(1, 2).flatten(2).mean(1))
 
 
+class CrossCovariance(nn.Module):
+    """XCiT's and EdgeNeXt's cross-covariance attention: q and k transposed, so the scores are channels × channels
+    and the product with v mixes the units (a closed unit's row of scores is uniform, so its output is not 0)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).unflatten(-1, (3, 2, 4)).permute(2, 0, 3, 4, 1)  # [N, heads, channels, tokens]
+        scores = (torch.nn.functional.normalize(q, dim=-1) @ torch.nn.functional.normalize(k, dim=-1).transpose(
+            -2, -1)).softmax(-1)
+        return (scores @ v).permute(0, 3, 1, 2).flatten(2)
+
+
+class ChannelAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.xca = CrossCovariance()
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.xca(x).mean(1))
+
+
 class SoftplusBlock(nn.Module):
     """A module that no rule covers (softplus(0) ≠ 0), called from the model's own forward."""
 
@@ -72,6 +97,7 @@ def timm_model(name: str, **options) -> nn.Module:
 MODELS = {
     "running_sum": (RunningSum, 16, "mix"),
     "talking_heads": (TalkingHeads, None, "mix"),
+    "channel_attention": (ChannelAttention, None, "xca"),
     "softplus": (SoftplusBlock, 16, "act"),
     "timm_cait": (lambda: timm_model("cait_xxs24_224", num_classes=4, img_size=32, patch_size=8, depth=1,
                                      depth_token_only=1), 32, "proj_l"),

@@ -3,8 +3,8 @@ spatial dims (HRNet's and MobileViT's upsampling), stacking branches and reducin
 reducing over a split dim (ResNeSt's split attention), repeating channels, statistics over the units that scale them
 (ConvNeXt-V2's global response norm), normalised q and k (Swin v2's cosine attention), a bias made in the forward
 (BEiT's and EVA's q/k/v biases), windows cut from a padded map, heads stacked and averaged (CrossViT), weight
-standardisation (BiT, NFNet). Each small model of that shape converts, reproduces the original with open gates and
-forgets nothing."""
+standardisation (BiT, NFNet), products of gated tensors (StarNet, FocalNet). Each small model of that shape
+converts, reproduces the original with open gates and forgets nothing."""
 
 from __future__ import annotations
 
@@ -166,6 +166,24 @@ class StandardisedWeights(nn.Module):
         return self.head(h.mean((2, 3)))
 
 
+class GatedProducts(nn.Module):
+    """Products of two gated tensors of different units: StarNet's star (``relu6(a) * b``, two convolutions) and
+    FocalNet's gates (one feature of a projection scaling the others)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8))
+        self.b = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8))
+        self.proj = nn.Linear(8, 10)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu6(self.a(x)) * self.b(x)
+        t = self.proj(h.mean((2, 3)))
+        v, gates = t[:, :8], t[:, 8:]
+        return self.head(v * gates[:, :1] + v * gates[:, 1:2])
+
+
 class PaddedPool(nn.Module):
     """HGNetV2's stem and TF-"same" pooling: zero padding, then a max pool whose windows take padded positions
     (always 0) with a unit's."""
@@ -266,7 +284,7 @@ MODELS = {"padded_pool": PaddedPool, "upsampling": Upsampling, "selective_kernel
           "learnable_affine": LearnableAffine, "averaged_heads": AveragedHeads, "response_norm": ResponseNorm,
           "cosine_attention": CosineAttention, "concatenated_bias": ConcatenatedBias,
           "windows": Windows, "stacked_heads": StackedHeads,
-          "standardised_weights": StandardisedWeights}
+          "standardised_weights": StandardisedWeights, "gated_products": GatedProducts}
 
 
 #: a norm for each kind the models hold

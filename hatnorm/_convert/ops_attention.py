@@ -73,13 +73,21 @@ def _matmul(state: WalkState, node: fx.Node, where: str) -> None:
     """``q @ kᵀ`` gives scores (tokens × tokens); ``scores @ v`` has v's units."""
     state.resolve(node, where)
     a, b = (state.units.get(x) for x in node.args[:2])
-    if isinstance(a, Units) and isinstance(b, Units):
+    if isinstance(a, Units) and isinstance(b, Units) and not _varies(a, -2) and not _varies(b, -1):
         state.units[node] = Scores()
-    elif isinstance(a, Scores) and isinstance(b, Units):
+    elif isinstance(a, Scores) and isinstance(b, Units) and not _varies(b, -2):
         state.per_task(a.params, b.source)
         state.units[node] = Units(b.source, b.index)
     else:
-        raise ConversionError(f"{where}: a matrix product is supported as attention (q @ kᵀ, then scores @ v)")
+        raise ConversionError(f"{where}: a matrix product is supported as attention over tokens (q @ kᵀ contracting "
+                              "the features, then scores @ v contracting the tokens); attention over the channels "
+                              "(XCiT's and EdgeNeXt's cross-covariance attention) mixes units")
+
+
+def _varies(units: Units, dim: int) -> bool:
+    """Whether the units vary along ``dim`` (one of the last two: the tokens of q, v or kᵀ), as they do in attention
+    over the channels."""
+    return units.index.dim() >= 2 and units.index.shape[dim] > 1
 
 
 def _einsum(state: WalkState, node: fx.Node, where: str) -> None:

@@ -113,8 +113,10 @@ def _add_parameter(state: WalkState, parts: list[Any], where: str) -> Ungated:
 
 
 def _product(state: WalkState, node: fx.Node, where: str) -> None:
-    """A gated tensor times a number, raw data, a squeeze-excitation scale or a per-unit parameter; two scales give
-    a scale."""
+    """A gated tensor times a number, raw data, a squeeze-excitation scale, a per-unit parameter or a gated tensor of
+    other units (StarNet's star, a gated linear unit, FocalNet's gates: a value is 0 where either factor's unit is
+    closed, so the product holds the units of both, joined as in a residual add); two scales give a scale. A tensor
+    times itself or a unit-wise function of itself is refused: declare the function a ``"scale"``."""
     state.resolve(node, where, ungated=True)
     for arg in [a for a in tensor_args(node) if a in state.units]:
         if isinstance(state.units[arg], Ungated) and state.units[arg].units is not None:
@@ -125,6 +127,9 @@ def _product(state: WalkState, node: fx.Node, where: str) -> None:
         return
     gated = [p for p in parts if isinstance(p, Units)]
     others = [p for p in parts if not isinstance(p, Units)]
+    if len(parts) == 2 and len(gated) == 2 and not _same_units(*gated):
+        state.units[node] = residual(*gated)
+        return
     if len(parts) == 2 and all(isinstance(p, Scale) for p in parts):
         state.units[node] = next((p for p in parts if isinstance(p, Statistic)), Scale(None))
         return
@@ -143,6 +148,12 @@ def _product(state: WalkState, node: fx.Node, where: str) -> None:
     elif other is None:
         _buffer_product(state, node, next(a for a in tensor_args(node) if state.units.get(a, 0) is None), gated[0])
     state.units[node] = gated[0]
+
+
+def _same_units(a: Units, b: Units) -> bool:
+    """Whether two gated tensors hold the same unit at every position (one tensor and a function of it)."""
+    ia, ib = torch.broadcast_tensors(a.index, b.index)
+    return a.source is b.source and torch.equal(ia, ib)
 
 
 def _buffer_product(state: WalkState, node: fx.Node, other: fx.Node, gated: Units) -> None:
