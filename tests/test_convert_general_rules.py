@@ -181,7 +181,10 @@ class GatedProducts(nn.Module):
         h = F.relu6(self.a(x)) * self.b(x)
         t = self.proj(h.mean((2, 3)))
         v, gates = t[:, :8], t[:, 8:]
-        return self.head(v * gates[:, :1] + v * gates[:, 1:2])
+        modulated = 0
+        for level in range(2):
+            modulated = modulated + v * gates[:, level:level + 1]
+        return self.head(modulated)
 
 
 class PaddedPool(nn.Module):
@@ -223,13 +226,15 @@ class ResponseNorm(nn.Module):
 
 
 class CosineAttention(nn.Module):
-    """Swin v2's cosine attention: q and k normalised (``F.normalize``) before their product."""
+    """Swin v2's cosine attention: q and k normalised (``F.normalize``) before their product, scaled by a learned
+    logit scale per head computed from the parameter (clamped, exponentiated): one copy per task."""
 
     def __init__(self) -> None:
         super().__init__()
         self.embed = nn.Conv2d(3, 16, 4, stride=4)
         self.norm = nn.LayerNorm(16)
         self.qkv = nn.Linear(16, 48)
+        self.logit_scale = nn.Parameter(torch.log(torch.tensor([10.0, 5.0])).view(2, 1, 1))
         self.proj = nn.Linear(16, 16)
         self.head = nn.Linear(16, 4)
 
@@ -237,7 +242,8 @@ class CosineAttention(nn.Module):
         t = self.norm(self.embed(x).flatten(2).transpose(1, 2))
         b, n, c = t.shape
         q, k, v = self.qkv(t).view(b, n, 3, 2, c // 2).permute(2, 0, 3, 1, 4).unbind(0)
-        scores = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1) * 10
+        scale = torch.clamp(self.logit_scale, max=4.6).exp()
+        scores = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1) * scale
         out = (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, n, c)
         return self.head((t + self.proj(out)).mean(1))
 

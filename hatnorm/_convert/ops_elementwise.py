@@ -75,6 +75,11 @@ def _add(state: WalkState, node: fx.Node, where: str) -> None:
     state.resolve(node, where, ungated=True)
     tensors = [a for a in tensor_args(node) if a in state.units]
     parts = [state.units[a] for a in tensors]
+    numbers = [a for a in (node.args[1:] if node.op == "call_method" else node.args) if not isinstance(a, fx.Node)]
+    if len(parts) == 1 and isinstance(parts[0], Units) and numbers and all(
+            isinstance(n, int | float) and n == 0 for n in numbers):
+        state.units[node] = parts[0]  # 0 added (FocalNet's ctx_all = 0, then ctx_all + ...): closed units stay 0
+        return
     if len(parts) == 1 and isinstance(parts[0], Units | Scale):
         # a number added: closed units become nonzero, so the result may only scale a gated tensor
         state.units[node] = parts[0] if isinstance(parts[0], Scale) else Scale(parts[0])

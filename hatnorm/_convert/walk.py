@@ -143,6 +143,12 @@ def _call(state: WalkState, node: fx.Node) -> None:
     if target is operator.getitem and isinstance(state.units.get(node.args[0]), tuple):
         state.units[node] = state.units[node.args[0]][node.args[1]]  # one part of a split
         return
+    if handler is None and any(isinstance(k, Ungated) for k in kinds) and all(
+            k is None or (isinstance(k, Ungated) and k.units is None) for k in kinds):
+        # an op on parameters alone (Swin v2's clamp(logit_scale).exp()): values derived from them, which may only
+        # bias or scale attention scores and then become one copy per task
+        state.units[node] = Derived(parameters_of(kinds))
+        return
     if any(isinstance(k, Scores) for k in kinds) and (handler is None or handler.scores != "takes"):
         pass_scores(state, node, where, handler)
         return
