@@ -1,9 +1,11 @@
 """Which models ``hatnorm.convert`` takes: every torchvision classification builder, one builder of every timm
-model family (each module of ``timm.models`` that registers classifiers; its smallest builder, by parameters) and
-every transformers ``*ForImageClassification`` class (a small config), each tried as a user would bring it.
+model family (each module of ``timm.models`` that registers classifiers; its smallest builder, by parameters), every
+transformers ``*ForImageClassification`` class (a small config) and transformers' language models (source
+``transformers-text``: the BERT, DistilBERT, RoBERTa, GPT-2, Llama, Qwen2 and Mistral sequence classifiers and the
+GPT-2, Llama, Qwen2 and Mistral language models, each from a small config), each tried as a user would bring it.
 
-For every model: random weights with filled BatchNorm statistics (non-trivial γ, β and running statistics),
-saved as a state dict and loaded into a fresh instance; then three checks, each only if the previous passed:
+For every model: random weights with filled norm statistics (non-trivial γ, β and running statistics), saved as a
+state dict and loaded into a fresh instance; then three checks, each only if the previous passed:
 
 1. **converts**: ``hatnorm.convert(model, num_tasks=2, norm=NORM, example_input=x)`` with a norm per kind (masked BN,
    masked LN, masked GN, masked RMSNorm) and ``hatnorm.HAT`` accepts it (every parameter covered);
@@ -12,17 +14,24 @@ saved as a state dict and loaded into a fresh instance; then three checks, each 
 3. **no forgetting**: two tasks, a few AdamW steps each (weight decay 0.05), leave task 0's outputs
    bit-identical (invariant 5).
 
+A vision model takes images; a language model takes token ids and their attention mask (every other row padded on
+the right), a classifier learns class labels per task (heads of 3 and 4 classes) and a language model the next token
+over its one shared vocabulary, its outputs the logits at every position.
+
     python benchmarks/convert_coverage.py                          # everything (long: tens of minutes)
     python benchmarks/convert_coverage.py --sources torchvision --only resnet18 mobilenet_v3_small
     python benchmarks/convert_coverage.py --sources timm --only sknet hrnet      # timm families (or builders)
+    python benchmarks/convert_coverage.py --sources transformers-text            # the language models (a minute)
     python benchmarks/convert_coverage.py --markdown               # also write the table into the docs
     python benchmarks/convert_coverage.py --model mypackage.models:build_net --size 32   # your own model
 
 A model that fails names its stage and the first line of the error (a ``ConversionError`` names the module).
 Each model runs in a process of its own (started from a clean fork server), so the largest builders give their
 memory back before the next one and a model killed by the operating system still gets its row.
-Results go to ``benchmarks/results/convert_coverage.json`` and, with ``--markdown``, into
-``docs/architectures.md`` between the coverage markers.
+Results are merged into ``benchmarks/results/convert_coverage.json`` (a row per source and model: this run's rows
+replace those of the same models, the others stay, with each run's command, commit, machine and date) and, with
+``--markdown``, into the table of ``docs/architectures.md`` between the coverage markers the same way: this run's
+rows and its sources' summary lines replace theirs, every other line stays as it is.
 """
 
 from __future__ import annotations
@@ -34,13 +43,16 @@ import importlib.util
 import io
 import json
 import multiprocessing
+import re
 import signal
+import subprocess
 import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from multiprocessing.connection import Connection
 from multiprocessing.context import BaseContext
 from pathlib import Path
@@ -53,6 +65,7 @@ from run import cpu_model
 from torch import nn
 
 import hatnorm
+from hatnorm.data import IGNORE_INDEX
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "convert_coverage.json"
@@ -67,6 +80,16 @@ TRANSFORMERS_CONFIGS = ["ViTForImageClassification", "DeiTForImageClassification
                         "BeitForImageClassification", "Data2VecVisionForImageClassification",
                         "Dinov2ForImageClassification", "ConvNextV2ForImageClassification",
                         "FocalNetForImageClassification", "SegformerForImageClassification"]
+#: transformers language models (source ``transformers-text``): sequence classifiers and causal language models
+TEXT_CLASSES = ["BertForSequenceClassification", "DistilBertForSequenceClassification",
+                "RobertaForSequenceClassification", "GPT2ForSequenceClassification", "GPT2LMHeadModel",
+                "LlamaForCausalLM", "LlamaForSequenceClassification", "Qwen2ForCausalLM",
+                "Qwen2ForSequenceClassification", "MistralForCausalLM", "MistralForSequenceClassification"]
+#: the token ids every language model of ``transformers-text`` reads: its vocabulary and the sequence length
+VOCAB, LENGTH = 64, 12
+#: the package each source imports, loaded once by the fork server
+PACKAGES = {"torchvision": "torchvision", "timm": "timm", "transformers": "transformers",
+            "transformers-text": "transformers"}
 
 
 @dataclass
@@ -98,16 +121,18 @@ def time_limit(seconds: int) -> Iterator[None]:
 
 
 def filled(model: nn.Module) -> nn.Module:
-    """Random non-trivial norm state, as trained weights have, saved and reloaded like a user's checkpoint."""
+    """Random non-trivial norm state, as trained weights have, saved and reloaded like a user's checkpoint (an
+    RMSNorm of transformers' own, ``LlamaRMSNorm`` and the like, included)."""
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
                 m.running_mean.normal_(0, 0.1)
                 m.running_var.uniform_(0.5, 1.5)
+            norm = isinstance(m, nn.modules.batchnorm._BatchNorm | nn.LayerNorm | nn.GroupNorm | nn.RMSNorm) or \
+                type(m).__name__.endswith("RMSNorm")
             for name in ("weight", "bias"):
                 p = getattr(m, name, None)
-                if not isinstance(m, nn.modules.batchnorm._BatchNorm | nn.LayerNorm | nn.GroupNorm) or \
-                        not isinstance(p, torch.Tensor):
+                if not norm or not isinstance(p, torch.Tensor):
                     continue
                 if name == "weight":
                     p.uniform_(0.8, 1.2)
@@ -122,6 +147,57 @@ def filled(model: nn.Module) -> nn.Module:
 
 def logits(output: object) -> torch.Tensor:
     return output.logits if hasattr(output, "logits") else output  # transformers' output objects
+
+
+Batch = torch.Tensor | dict[str, torch.Tensor]  # images, or a language model's named inputs
+
+
+def call(model: nn.Module, batch: Batch, **options: object) -> object:
+    """``model`` on ``batch``: images as its input, a language model's inputs by name."""
+    return model(**batch, **options) if isinstance(batch, dict) else model(batch, **options)
+
+
+@dataclass(frozen=True)
+class Images:
+    """What a vision model is fed: ``[n, 3, size, size]`` images (task t's shifted by t) and class labels."""
+
+    size: int
+    causal = False  # a classifier: a head per task
+
+    def probe(self) -> torch.Tensor:
+        return torch.randn(2, 3, self.size, self.size)
+
+    def batch(self, n: int, task: int, classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randn(n, 3, self.size, self.size) + task, torch.randint(classes, (n,))
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """What a language model is fed: ``[n, LENGTH]`` token ids (none of the first three, which are special in every
+    config here), every other row padded with ``pad`` over its last third, and their attention mask; labels are a
+    class per row for a classifier, the next token at every real position for a causal language model
+    (``causal``)."""
+
+    vocab: int
+    pad: int
+    causal: bool
+
+    def probe(self) -> dict[str, torch.Tensor]:
+        return self.batch(2, 0, CLASSES)[0]
+
+    def batch(self, n: int, task: int, classes: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        ids = torch.randint(3, self.vocab, (n, LENGTH))
+        mask = torch.ones_like(ids)
+        mask[1::2, LENGTH * 2 // 3:] = 0
+        ids = ids.masked_fill(mask == 0, self.pad)
+        if self.causal:
+            labels = F.pad(ids.masked_fill(mask == 0, IGNORE_INDEX)[:, 1:], (0, 1), value=IGNORE_INDEX)
+        else:
+            labels = torch.randint(classes, (n,))
+        return {"input_ids": ids, "attention_mask": mask}, labels
+
+
+Feed = Images | Tokens
 
 
 def torchvision_models(only: list[str] | None = None) -> list[tuple[str, Callable[[], nn.Module], int]]:
@@ -256,7 +332,45 @@ def transformers_size(name: str) -> int:
     return int(size[-1] if isinstance(size, list | tuple) else size)
 
 
-SOURCES = {"torchvision": torchvision_models, "timm": timm_models, "transformers": transformers_models}
+def text_config(name: str) -> object:
+    """A small config for the transformers language model ``name`` (hidden 32, 2 layers, 4 heads, the LLaMA family's
+    over 2 key-value heads; vocabulary :data:`VOCAB`; 10 labels; padding id 0 where the default names none, RoBERTa's
+    1; GPT-2's begin and end ids 1 and 2, inside the vocabulary), every other option the config's default."""
+    import transformers
+
+    family = name.removesuffix("ForSequenceClassification").removesuffix("LMHeadModel").removesuffix("ForCausalLM")
+    sizes = {"vocab_size": VOCAB, "num_labels": CLASSES}
+    encoder = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64,
+               "max_position_embeddings": 4 * LENGTH, **sizes}
+    return {
+        "Bert": lambda: transformers.BertConfig(**encoder),
+        "Roberta": lambda: transformers.RobertaConfig(**encoder),
+        "DistilBert": lambda: transformers.DistilBertConfig(dim=32, n_layers=2, n_heads=4, hidden_dim=64,
+                                                            max_position_embeddings=4 * LENGTH, **sizes),
+        "GPT2": lambda: transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=4 * LENGTH,
+                                                pad_token_id=0, bos_token_id=1, eos_token_id=2, **sizes),
+        "Llama": lambda: transformers.LlamaConfig(num_key_value_heads=2, pad_token_id=0, **encoder),
+        "Qwen2": lambda: transformers.Qwen2Config(num_key_value_heads=2, pad_token_id=0, **encoder),
+        "Mistral": lambda: transformers.MistralConfig(num_key_value_heads=2, pad_token_id=0, **encoder),
+    }[family]()
+
+
+def text_models(only: list[str] | None = None) -> list[tuple[str, Callable[[], nn.Module], int | None]]:
+    return [(name, lambda name=name: text_builder(name), None) for name in TEXT_CLASSES if not only or name in only]
+
+
+def text_builder(name: str) -> nn.Module:
+    import transformers
+
+    return getattr(transformers, name)(text_config(name))
+
+
+def text_feed(name: str) -> Tokens:
+    return Tokens(VOCAB, text_config(name).pad_token_id, causal=name.endswith(("LMHeadModel", "ForCausalLM")))
+
+
+SOURCES = {"torchvision": torchvision_models, "timm": timm_models, "transformers": transformers_models,
+           "transformers-text": text_models}
 
 
 def builder(spec: str) -> Callable[[], nn.Module]:
@@ -282,24 +396,25 @@ def first_line(error: BaseException) -> str:
     return text.splitlines()[0][:300]
 
 
-def check(make: Callable[[], nn.Module], size: int, steps: int) -> tuple[str, str]:
+def check(make: Callable[[], nn.Module], feed: Feed, steps: int) -> tuple[str, str]:
     """The first check that fails, and why; ``("passed", max |Δ|)`` when all three hold."""
     torch.manual_seed(0)
     try:
         original = filled(make())
     except Exception as error:  # a builder that does not run here is not a conversion result
         return "build", first_line(error)
-    x = torch.randn(2, 3, size, size)
+    x = feed.probe()
+    example = x if isinstance(x, torch.Tensor) else None  # a language model converts by its structure
     try:
-        model = hatnorm.convert(original, num_tasks=2, norm=NORM, example_input=x)
+        model = hatnorm.convert(original, num_tasks=2, norm=NORM, example_input=example)
         hatnorm.HAT(model)  # every parameter covered
     except Exception as error:
         return "convert", first_line(error)
     try:
         hatnorm.open_gates(model)
         with torch.no_grad():
-            expected = logits(original(x))
-            got = model.eval()(x, task=1)
+            expected = logits(call(original, x))
+            got = call(model.eval(), x, task=1)
         gap = float((got - expected).abs().max() / expected.abs().max().clamp_min(1.0))
     except Exception as error:
         return "open gates", first_line(error)
@@ -307,9 +422,11 @@ def check(make: Callable[[], nn.Module], size: int, steps: int) -> tuple[str, st
         return "open gates", f"max |Δ| / max |y| = {gap:.2e} > 1e-5"
     del model, expected, got  # the largest builders need this memory for the second conversion
     try:
-        trainee = hatnorm.convert(original, num_tasks=2, norm=NORM, num_classes=[3, 4], example_input=x)
+        # a causal language model keeps its one head over the shared vocabulary
+        trainee = hatnorm.convert(original, num_tasks=2, norm=NORM, num_classes=None if feed.causal else [3, 4],
+                                  example_input=example)
         del original
-        moved = forgetting(trainee, x, size, steps)
+        moved = forgetting(trainee, x, feed, steps)
     except Exception as error:
         return "no forgetting", first_line(error)
     if moved:
@@ -317,9 +434,10 @@ def check(make: Callable[[], nn.Module], size: int, steps: int) -> tuple[str, st
     return "passed", f"max |Δ| / max |y| = {gap:.1e}"
 
 
-def forgetting(model: hatnorm.HATModule, probe: torch.Tensor, size: int, steps: int) -> float:
-    """How far task 0's outputs move when task 1 is learned (AdamW, weight decay) by ``model``, converted with
-    heads of 3 and 4 classes: 0.0 when they do not."""
+def forgetting(model: hatnorm.HATModule, probe: Batch, feed: Feed, steps: int) -> float:
+    """How far task 0's outputs on ``probe`` move when task 1 is learned (AdamW, weight decay) by ``model``,
+    converted with heads of 3 and 4 classes (a causal language model: its one head over the vocabulary): 0.0 when
+    they do not."""
     hat = hatnorm.HAT(model)
     # one parameter at a time (foreach=False): the same update without a second copy of the largest models
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05, foreach=False)
@@ -329,36 +447,41 @@ def forgetting(model: hatnorm.HATModule, probe: torch.Tensor, size: int, steps: 
         model.train()
         for b in range(steps):
             s = hat.scale(b, steps)
-            batch, labels = torch.randn(4, 3, size, size) + task, torch.randint(classes, (4,))
-            output = model(batch, task=task, s=s)
+            batch, labels = feed.batch(4, task, classes)
+            output = call(model, batch, task=task, s=s)
             # a model with auxiliary classifiers returns their logits too in training: all of them learn
             every = [output] if isinstance(output, torch.Tensor) else list(output)
-            loss = hat.loss(sum(F.cross_entropy(o, labels) for o in every), s)
+            # a language model's logits at every position: one prediction per position
+            loss = hat.loss(sum(F.cross_entropy(o.flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX)
+                                for o in every), s)
             optimizer.zero_grad()
             loss.backward()
             hat.protect(s)
             hat.step(optimizer)
         hat.end_task()
         with torch.no_grad():
-            outputs.append(model.eval()(probe, task=0))
+            outputs.append(call(model.eval(), probe, task=0))
     return float((outputs[0] - outputs[1]).abs().max())
 
 
 def check_in_child(source: str, name: str, size: int | None, steps: int, timeout: int, answer: Connection) -> None:
     """:func:`check` one model in this (child) process and send back its stage and detail; a model of one's
     own (``source`` ``"own"``, ``name`` its ``--model`` spec) at ``size`` pixels."""
-    if source == "own":
-        make = builder(name)
-    elif source == "timm":
-        builder_name = name.partition("/")[2]
-        make, size = (lambda: timm_builder(builder_name)), timm_size(builder_name)
-    elif source == "transformers":
-        make, size = (lambda: transformers_builder(name)), transformers_size(name)
-    else:
-        make, size = {n: (m, s) for n, m, s in torchvision_models([name])}[name]
     try:
+        if source == "own":
+            make, feed = builder(name), Images(size)
+        elif source == "timm":
+            builder_name = name.partition("/")[2]
+            make, feed = (lambda: timm_builder(builder_name)), Images(timm_size(builder_name))
+        elif source == "transformers":
+            make, feed = (lambda: transformers_builder(name)), Images(transformers_size(name))
+        elif source == "transformers-text":
+            make, feed = (lambda: text_builder(name)), text_feed(name)
+        else:
+            make, size = {n: (m, s) for n, m, s in torchvision_models([name])}[name]
+            feed = Images(size)
         with time_limit(timeout):
-            result = check(make, size, steps)
+            result = check(make, feed, steps)
     except Timeout as error:
         result = "timeout", str(error)
     except Exception as error:  # a crash in the script itself still gets its row
@@ -390,20 +513,88 @@ def check_apart(context: BaseContext, source: str, name: str, size: int | None, 
     return "timeout", f"no answer within {timeout + 60} s"
 
 
-def markdown(rows: list[Row], machine: str) -> str:
-    lines = [f"Measured by `python benchmarks/convert_coverage.py` ({machine}):", ""]
-    for source in dict.fromkeys(r.source for r in rows):
-        part = [r for r in rows if r.source == source]
-        tried = [r for r in part if r.stage != "build"]
-        passed = sum(r.stage == "passed" for r in tried)
-        lines.append(f"- **{source}**: {passed} of {len(tried)} pass all three checks"
-                     + (f" ({len(part) - len(tried)} could not be built here)" if len(part) > len(tried) else ""))
-    lines += ["", "| source | model | result | detail |", "|---|---|---|---|"]
-    for r in rows:
-        detail = r.detail.replace("|", "\\|")
-        lines.append(f"| {r.source} | `{r.model}` | {'✓' if r.stage == 'passed' else 'fails at ' + r.stage} | "
-                     f"{detail} |")
+#: a row of the docs' table and a source's summary line above it, as :func:`row_line` and :func:`summary` write them
+ROW_LINE = re.compile(r"^\| (?P<source>[^|`]+?) \| `(?P<model>[^`]+)` \| (?P<result>[^|]+?) \|")
+SUMMARY_LINE = re.compile(r"^- \*\*(?P<source>[^*]+)\*\*: ")
+
+
+def merged(old: list[tuple[tuple[str, ...], object]], new: list[tuple[tuple[str, ...], object]]) -> list:
+    """The items of ``old`` with each item of ``new`` in place of the one of its key; an item of a new key goes after
+    the last item of its source (the key's first part), or at the end."""
+    items = list(old)
+    for key, item in new:
+        keys = [k for k, _ in items]
+        if key in keys:
+            items[keys.index(key)] = (key, item)
+        else:
+            same = [i for i, k in enumerate(keys) if k[0] == key[0]]
+            items.insert(same[-1] + 1 if same else len(items), (key, item))
+    return [item for _, item in items]
+
+
+def row_line(r: Row) -> str:
+    detail = r.detail.replace("|", "\\|")
+    return f"| {r.source} | `{r.model}` | {'✓' if r.stage == 'passed' else 'fails at ' + r.stage} | {detail} |"
+
+
+def summary(source: str, lines: list[str], run: str | None) -> str:
+    """The summary line of ``source`` counted over the table ``lines`` (its rows), naming the ``run`` that measured
+    its rows when given."""
+    results = [m["result"] for m in map(ROW_LINE.match, lines) if m and m["source"] == source]
+    tried = [r for r in results if r != "fails at build"]
+    return (f"- **{source}**: {tried.count('✓')} of {len(tried)} pass all three checks"
+            + (f" ({len(results) - len(tried)} could not be built here)" if len(results) > len(tried) else "")
+            + (f"; measured by {run}" if run else ""))
+
+
+def markdown(block: str, rows: list[Row], run: str) -> str:
+    """The coverage block ``block`` of the docs with ``rows`` merged into its table by source and model and the
+    summary lines of their sources (counted over the merged table) in place of theirs; every other line as it was.
+    An empty block gets a summary and a table."""
+    lines = block.strip("\n").splitlines()
+    at = [i for i, line in enumerate(lines) if ROW_LINE.match(line)]
+    table = merged([((m["source"], m["model"]), m.string) for m in map(ROW_LINE.match, lines) if m],
+                   [((r.source, r.model), row_line(r)) for r in rows])
+    if at:
+        lines[at[0]:at[-1] + 1] = table
+    else:
+        lines += ["", "| source | model | result | detail |", "|---|---|---|---|", *table]
+    at = [i for i, line in enumerate(lines) if SUMMARY_LINE.match(line)]
+    summaries = merged([((m["source"],), m.string) for m in map(SUMMARY_LINE.match, lines) if m],
+                       [((source,), summary(source, table, run)) for source in dict.fromkeys(r.source for r in rows)])
+    if at:
+        lines[at[0]:at[-1] + 1] = summaries
+    else:
+        lines[:0] = ["Measured by `python benchmarks/convert_coverage.py`:", "", *summaries]
     return "\n".join(lines)
+
+
+def this_run(argv: list[str], machine: str) -> dict[str, str]:
+    """The command, the commit it ran on (and whether hatnorm/ or this script had uncommitted edits), the machine
+    and the date."""
+    def git(*command: str) -> str:
+        done = subprocess.run(["git", *command], capture_output=True, text=True, cwd=ROOT)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    if git("status", "--porcelain", "--", "hatnorm", "benchmarks/convert_coverage.py"):
+        commit += " with uncommitted edits"
+    return {"command": " ".join(["python benchmarks/convert_coverage.py", *argv]), "commit": commit,
+            "machine": machine, "date": datetime.now(UTC).strftime("%Y-%m-%d")}
+
+
+def write_results(path: Path, rows: list[Row], run: dict[str, str]) -> None:
+    """Merge ``rows`` into the results at ``path`` (by source and model) and add ``run`` to its runs."""
+    data = json.loads(path.read_text()) if path.exists() else {}
+    old = [Row(**r) for r in data.get("rows", [])]
+    runs = data.get("runs", [{"machine": data["machine"], "sources": sorted({r.source for r in old})}]
+                    if "machine" in data else [])
+    data.pop("machine", None)
+    data |= {"norm": NORM, "runs": [*runs, {**run, "sources": list(dict.fromkeys(r.source for r in rows))}],
+             "rows": [asdict(r) for r in merged([((r.source, r.model), r) for r in old],
+                                                [((r.source, r.model), r) for r in rows])]}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2))
 
 
 def main(argv: list[str] | None = None) -> list[Row]:
@@ -416,11 +607,14 @@ def main(argv: list[str] | None = None) -> list[Row]:
     p.add_argument("--size", type=int, default=64, help="the input size (pixels) for --model models")
     p.add_argument("--steps", type=int, default=2, help="AdamW steps per task in the no-forgetting check")
     p.add_argument("--timeout", type=int, default=300, help="seconds one model may take")
-    p.add_argument("--out", type=Path, default=RESULTS, help="the JSON results file")
-    p.add_argument("--markdown", action="store_true", help="write the table into --doc between the coverage markers")
+    p.add_argument("--out", type=Path, default=RESULTS,
+                   help="the JSON results file this run's rows are merged into (by source and model)")
+    p.add_argument("--markdown", action="store_true",
+                   help="merge this run's rows into the table of --doc between the coverage markers")
     p.add_argument("--doc", type=Path, default=DOC, help="the Markdown file --markdown writes into")
+    argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
-    if args.model and "--sources" not in (argv if argv is not None else sys.argv[1:]):
+    if args.model and "--sources" not in argv:
         args.sources = []
     for spec in args.model:
         try:
@@ -431,7 +625,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     machine = f"{cpu_model()}, torch {torch.__version__}"
     rows: list[Row] = []
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["torch", "hatnorm", *args.sources])
+    context.set_forkserver_preload(["torch", "hatnorm", *dict.fromkeys(PACKAGES[s] for s in args.sources)])
     jobs = []  # (source, the model's name, the input size of a model of one's own)
     for source in args.sources:
         try:
@@ -455,16 +649,18 @@ def main(argv: list[str] | None = None) -> list[Row]:
         table.add_row(source, str(len(part)), str(sum(r.stage == "passed" for r in part)),
                       *(str(sum(r.stage == s for r in part)) for s in ("convert", "open gates", "no forgetting")))
     console.print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"machine": machine, "norm": NORM, "rows": [asdict(r) for r in rows]}, indent=2))
-    console.print(f"wrote {args.out}")
+    run = this_run(argv, machine)
+    write_results(args.out, rows, run)
+    console.print(f"merged {len(rows)} rows into {args.out}")
     if args.markdown:
         text = args.doc.read_text()
         if BEGIN not in text or END not in text:
             raise SystemExit(f"--doc: {args.doc} has no {BEGIN} … {END} markers")
         head, rest = text.split(BEGIN, 1)
-        args.doc.write_text(head + BEGIN + "\n" + markdown(rows, machine) + "\n" + END + rest.split(END, 1)[1])
-        console.print(f"wrote the table into {args.doc}")
+        block, tail = rest.split(END, 1)
+        described = f"`{run['command']}` at commit {run['commit']} ({run['machine']}, {run['date']})"
+        args.doc.write_text(head + BEGIN + "\n" + markdown(block, rows, described) + "\n" + END + tail)
+        console.print(f"merged the rows into the table of {args.doc}")
     return rows
 
 
