@@ -21,7 +21,7 @@ over its one shared vocabulary, its outputs the logits at every position.
     python benchmarks/convert_coverage.py                          # everything (long: tens of minutes)
     python benchmarks/convert_coverage.py --sources torchvision --only resnet18 mobilenet_v3_small
     python benchmarks/convert_coverage.py --sources timm --only sknet hrnet      # timm families (or builders)
-    python benchmarks/convert_coverage.py --sources transformers-text            # the language models (a minute)
+    python benchmarks/convert_coverage.py --sources transformers-text            # the language models (two minutes)
     python benchmarks/convert_coverage.py --markdown               # also write the table into the docs
     python benchmarks/convert_coverage.py --model mypackage.models:build_net --size 32   # your own model
 
@@ -537,14 +537,14 @@ def row_line(r: Row) -> str:
     return f"| {r.source} | `{r.model}` | {'✓' if r.stage == 'passed' else 'fails at ' + r.stage} | {detail} |"
 
 
-def summary(source: str, lines: list[str], run: str | None) -> str:
+def summary(source: str, lines: list[str], run: str) -> str:
     """The summary line of ``source`` counted over the table ``lines`` (its rows), naming the ``run`` that measured
-    its rows when given."""
+    its rows."""
     results = [m["result"] for m in map(ROW_LINE.match, lines) if m and m["source"] == source]
     tried = [r for r in results if r != "fails at build"]
     return (f"- **{source}**: {tried.count('✓')} of {len(tried)} pass all three checks"
             + (f" ({len(results) - len(tried)} could not be built here)" if len(results) > len(tried) else "")
-            + (f"; measured by {run}" if run else ""))
+            + f"; measured by {run}")
 
 
 def markdown(block: str, rows: list[Row], run: str) -> str:
