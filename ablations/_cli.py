@@ -275,7 +275,7 @@ def recorded_options(args: argparse.Namespace) -> dict[str, Any]:
     """Every option of ``args`` that can change a number of the run, as JSON values, by option name.
 
     What ``results.json`` stores under ``"options"`` and what ``report --merge`` compares: the common
-    options and the ablation's own (widths, ``--c``, ``--alpha``, ``--dim``, ``--depth``, ``--heads``,
+    options and the ablation's own (widths, ``--c``, ``--alpha``, ``--dim``, ``--depth``, ``--num-heads``,
     ``--stem``, ``--patch-size``, ``--source-tasks``, ...), as they were after the ablation resolved its
     defaults. A file (``--weights``, ``--hf-weights``) is recorded by its SHA-256, so the same weights
     under another path agree and other weights under the same path do not.

@@ -65,6 +65,9 @@ def table(summary: dict[str, Any], title: str) -> Table:
 CONTRAST_COLUMNS = ("a − b", "metric", "role", "mean Δ", "95% CI", "p (t)", "p (Holm)", "p (sign-flip)", "finding")
 #: the setting every table is in
 SETTING = "task-incremental: one head per task, the task id given at test"
+#: a causal language model's setting: one head over the vocabulary, which every task shares
+SHARED_HEAD_SETTING = ("task-incremental: one language-model head over the shared vocabulary, the task id given at "
+                       "test (it selects the gates)")
 
 
 def _p(value: float | None) -> str:

@@ -305,8 +305,8 @@ def machine() -> str:
 def run_and_report(variants: Sequence[Variant], tasks_of: Callable[[int], list[Task]], args: argparse.Namespace,
                    console: Console, *, joint_norm: dict[str, str], title: str,
                    contrasts: Sequence[Contrast | tuple[str, str]] = (),
-                   parser_: argparse.ArgumentParser | None = None, weights_start_every_model: bool = True
-                   ) -> dict[str, Any]:
+                   parser_: argparse.ArgumentParser | None = None, weights_start_every_model: bool = True,
+                   setting: str = SETTING) -> dict[str, Any]:
     """:func:`run` for every seed of the options, then the tables, the files and the plots.
 
     Each seed's runs go to ``<--out>/seed_<seed>/``; ``<--out>`` gets the summary over seeds, with the setting,
@@ -315,7 +315,8 @@ def run_and_report(variants: Sequence[Variant], tasks_of: Callable[[int], list[T
     (:class:`ablations._protocol.Contrast`), checked against the variants before anything trains.
     ``--weights`` is checked against the model of every variant (and of joint training) before anything
     trains; it starts every model unless ``weights_start_every_model`` is false (the variants load it
-    themselves, as the pretrained ablation's do).
+    themselves, as the pretrained ablation's do). ``setting`` says how the models are tested (the report's
+    setting line): by default one head per task with the task id given.
     """
     labels = [v.label for v in variants]
     pairs = dict.fromkeys(f"{c.a} − {c.b}" for c in expand(contrasts, table_metrics(contrasts))
@@ -355,7 +356,7 @@ def run_and_report(variants: Sequence[Variant], tasks_of: Callable[[int], list[T
         sys.exit(f"--resume: {error}")
     summary = aggregate(by_seed, contrasts)
     config_info = {k: v for k, v in recorded_config(cfg).items() if k != "seed"}
-    write(summary, args.out, {"title": title, "setting": SETTING, "preset": args.preset, "reference": args.reference,
+    write(summary, args.out, {"title": title, "setting": setting, "preset": args.preset, "reference": args.reference,
                               "weights": None if args.weights is None else str(args.weights), "config": config_info,
                               "tasks": [t.name for t in tasks_of(args.seeds[0])],
                               "wall_seconds": time.perf_counter() - started, "command": getattr(args, "command", None),

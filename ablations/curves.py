@@ -58,7 +58,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="plain: the ungated ViT with shared LN (joint training's model); hat: HAT with masked LN")
     p.add_argument("--dim", type=_cli.positive_int, default=64, help="width of the residual stream")
     p.add_argument("--depth", type=_cli.positive_int, default=2, help="number of blocks")
-    p.add_argument("--heads", type=_cli.positive_int, default=4, help="attention heads")
+    p.add_argument("--num-heads", type=_cli.positive_int, default=4, help="attention heads")
     p.add_argument("--epochs", type=_cli.positive_int, default=20, help="epochs (the cosine schedule's length)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw", help="optimizer")
     p.add_argument("--lr", type=_cli.positive_float, default=2e-3, help="peak learning rate")
@@ -73,8 +73,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
             p.error(f"--patch-sizes must divide the image side 32, got {size}")
         if "conv" in args.stems and (size < 2 or size & (size - 1)):
             p.error(f"--stems conv needs patch sizes that are powers of 2 ≥ 2, got {size}")
-    if args.dim % args.heads:
-        p.error(f"--dim must be a multiple of --heads, got {args.dim} and {args.heads}")
+    if args.dim % args.num_heads:
+        p.error(f"--dim must be a multiple of --num-heads, got {args.dim} and {args.num_heads}")
     if len(set(args.seeds)) != len(args.seeds):
         p.error(f"--seeds must not repeat a seed, got {' '.join(map(str, args.seeds))}")
     if args.batch_size < 2:
@@ -123,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for patch_size in args.patch_sizes:
             name = label(stem, patch_size)
             options = {"in_channels": channels, "image_size": size, "patch_size": patch_size, "dim": args.dim,
-                       "depth": args.depth, "heads": args.heads, "mlp_dim": 2 * args.dim, "stem": stem}
+                       "depth": args.depth, "num_heads": args.num_heads, "mlp_dim": 2 * args.dim, "stem": stem}
             runs = {}
             for seed in args.seeds:
                 task = tasks_of(seed)[args.task]

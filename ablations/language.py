@@ -38,6 +38,7 @@ from transformers import BertConfig, BertForSequenceClassification, LlamaConfig,
 import hatnorm
 from ablations import _cli, _runner
 from ablations._protocol import Contrast
+from ablations._report import SETTING, SHARED_HEAD_SETTING
 from ablations._runner import Variant
 from hatnorm import text_tasks
 from hatnorm.data import Task
@@ -56,18 +57,19 @@ LABELS = {"masked_rms": "masked RMSNorm", "shared_rms": "shared RMSNorm", "task_
 ARCH = {"causal": "LLaMA-style LM", "classifier": "BERT-style classifier"}
 
 
-def llama_config(dim: int, depth: int, heads: int) -> LlamaConfig:
+def llama_config(dim: int, depth: int, num_heads: int) -> LlamaConfig:
     """The causal table's model: RMSNorm, rotary positions, half as many kv heads as heads, SwiGLU 2·dim, over the
     benchmark's vocabulary."""
     return LlamaConfig(vocab_size=len(text_tasks.VOCABULARY), hidden_size=dim, intermediate_size=2 * dim,
-                       num_hidden_layers=depth, num_attention_heads=heads, num_key_value_heads=max(heads // 2, 1),
-                       pad_token_id=text_tasks.PAD, tie_word_embeddings=False)
+                       num_hidden_layers=depth, num_attention_heads=num_heads,
+                       num_key_value_heads=max(num_heads // 2, 1), pad_token_id=text_tasks.PAD,
+                       tie_word_embeddings=False)
 
 
-def bert_config(dim: int, depth: int, heads: int, length: int) -> BertConfig:
+def bert_config(dim: int, depth: int, num_heads: int, length: int) -> BertConfig:
     """The classifier table's model: post-norm BERT, MLP 2·dim, positions for the longest sample, 2 labels."""
     return BertConfig(vocab_size=len(text_tasks.VOCABULARY), hidden_size=dim, num_hidden_layers=depth,
-                      num_attention_heads=heads, intermediate_size=2 * dim, max_position_embeddings=length,
+                      num_attention_heads=num_heads, intermediate_size=2 * dim, max_position_embeddings=length,
                       num_labels=2, pad_token_id=text_tasks.PAD)
 
 
@@ -129,11 +131,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--test-size", type=_cli.positive_int, default=300, help="test samples per task")
     p.add_argument("--dim", type=_cli.positive_int, default=64, help="width of the residual stream")
     p.add_argument("--depth", type=_cli.positive_int, default=2, help="number of blocks")
-    p.add_argument("--heads", type=_cli.positive_int, default=4, help="attention heads")
+    p.add_argument("--num-heads", type=_cli.positive_int, default=4, help="attention heads")
     p.add_argument("--c", type=_cli.non_negative_float, default=0.75, help="HAT's capacity-regulariser weight")
     args = p.parse_args(argv)
-    if args.dim % args.heads:
-        p.error(f"--dim must be a multiple of --heads, got {args.dim} and {args.heads}")
+    if args.dim % args.num_heads:
+        p.error(f"--dim must be a multiple of --num-heads, got {args.dim} and {args.num_heads}")
     for name, values in (("--parts", args.parts), ("--generation", args.generation),
                          ("--classification", args.classification), ("--seeds", args.seeds)):
         if len(set(values)) != len(values):
@@ -141,16 +143,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.weights is not None:
         p.error("--weights does not apply: the language models start from the seed's random initialisation")
     console = _cli.console()
-    options = {"dim": args.dim, "depth": args.depth, "heads": args.heads}
+    options = {"dim": args.dim, "depth": args.depth, "num_heads": args.num_heads}
     summaries = {}
     for part in args.parts:
         tasks = tasks_of(part, args)
         if part == "causal":
-            config = llama_config(args.dim, args.depth, args.heads)
+            config = llama_config(args.dim, args.depth, args.num_heads)
             make = converted(lambda config=config: LlamaForCausalLM(config), causal=True)
         else:
             length = max(t.train[0]["input_ids"].shape[0] for t in tasks(args.seeds[0]))
-            config = bert_config(args.dim, args.depth, args.heads, length)
+            config = bert_config(args.dim, args.depth, args.num_heads, length)
             make = converted(lambda config=config: BertForSequenceClassification(config), causal=False)
         variants, contrasts = table(part, make, options, args.c)
         names = args.generation if part == "causal" else args.classification
@@ -159,7 +161,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         part_args = copy.copy(args)
         part_args.out = args.out / part
         summaries[part] = _runner.run_and_report(variants, tasks, part_args, console, title=title,
-                                                 contrasts=contrasts, parser_=p, joint_norm={ARCH[part]: PLAIN[part]})
+                                                 contrasts=contrasts, parser_=p, joint_norm={ARCH[part]: PLAIN[part]},
+                                                 setting=SHARED_HEAD_SETTING if part == "causal" else SETTING)
     return summaries
 
 

@@ -66,10 +66,10 @@ class Classifier(nn.Module):
         return self.model(pixel_values=x).logits
 
 
-def hf_config(*, channels: int, size: int, patch_size: int, dim: int, depth: int, heads: int) -> ViTConfig:
+def hf_config(*, channels: int, size: int, patch_size: int, dim: int, depth: int, num_heads: int) -> ViTConfig:
     """The transformers ViT of the ablation's sizes (patch stem, MLP 2·dim, 10 classes)."""
     return ViTConfig(image_size=size, patch_size=patch_size, num_channels=channels, hidden_size=dim,
-                     num_hidden_layers=depth, num_attention_heads=heads, intermediate_size=2 * dim, num_labels=10)
+                     num_hidden_layers=depth, num_attention_heads=num_heads, intermediate_size=2 * dim, num_labels=10)
 
 
 def pretrain_hf(config: ViTConfig, seed: int, train: TrainConfig, path: Path, console: Console,
@@ -123,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                         "residual sum, where an LN over every unit can drift)")
     p.add_argument("--dim", type=_cli.positive_int, default=64, help="width of the residual stream")
     p.add_argument("--depth", type=_cli.positive_int, default=2, help="number of blocks")
-    p.add_argument("--heads", type=_cli.positive_int, default=4, help="attention heads")
+    p.add_argument("--num-heads", type=_cli.positive_int, default=4, help="attention heads")
     p.add_argument("--patch-size", type=_cli.positive_int, default=8, help="patch side (divides 32)")
     p.add_argument("--stem", choices=("patch", "conv"), default="conv",
                    help="token embedding: ViT's patchify layer, or a convolutional stem (stride-2 3×3 convolutions)")
@@ -142,12 +142,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
         p.error(f"--patch-size must divide the image side 32, got {args.patch_size}")
     if args.stem == "conv" and (args.patch_size < 2 or args.patch_size & (args.patch_size - 1)):
         p.error(f"--stem conv needs a --patch-size that is a power of 2 ≥ 2, got {args.patch_size}")
-    if args.dim % args.heads:
-        p.error(f"--dim must be a multiple of --heads, got {args.dim} and {args.heads}")
+    if args.dim % args.num_heads:
+        p.error(f"--dim must be a multiple of --num-heads, got {args.dim} and {args.num_heads}")
     console = _cli.console()
     tasks, channels, size = _cli.load_tasks(args, p)
     options = {"in_channels": channels, "image_size": size, "patch_size": args.patch_size, "dim": args.dim,
-               "depth": args.depth, "heads": args.heads, "mlp_dim": 2 * args.dim, "stem": args.stem}
+               "depth": args.depth, "num_heads": args.num_heads, "mlp_dim": 2 * args.dim, "stem": args.stem}
     for name, values in (("--c", args.c), ("--positions", args.positions), ("--norms", args.norms)):
         if len(set(values)) != len(values):
             p.error(f"{name} must not repeat a value, got {' '.join(map(str, values))}")
@@ -156,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     converted_c = 0.75 if 0.75 in args.c else args.c[0]
     if args.converted:
         config = hf_config(channels=channels, size=size, patch_size=args.patch_size, dim=args.dim,
-                           depth=args.depth, heads=args.heads)
+                           depth=args.depth, num_heads=args.num_heads)
         if args.hf_weights is not None:
             try:
                 ViTForImageClassification(config).load_state_dict(_runner.read_weights(args.hf_weights, "--hf-weights"))
@@ -174,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         label = f"{CONVERTED} HAT masked LN (converted)"
         variants.append(Variant(label, CONVERTED, "masked_ln", lambda: HATMethod(c=converted_c),
                                 {"patch_size": args.patch_size, "dim": args.dim, "depth": args.depth,
-                                 "heads": args.heads}, make=converted(config, weights)))
+                                 "num_heads": args.num_heads}, make=converted(config, weights)))
         if "pre" in args.positions and "masked_ln" in args.norms:
             contrasts.append((label, hat_label(arch, "pre", "masked_ln", converted_c, args.c)))
     title = f"LayerNorm under HAT ({args.data}, {len(tasks(args.seeds[0]))} tasks, {_cli.seeds_text(args.seeds)})"

@@ -72,8 +72,8 @@ class AlexNet(HATModule):
             for w, use, factory in zip(widths, norm_at, [norm_layer_2d] * 3 + [norm_layer_1d] * 2, strict=True))
         self.gates = nn.ModuleList(HATGate(w, num_tasks=num_tasks, s_max=s_max) for w in widths)
         self.drops = nn.ModuleList(nn.Dropout(p) for p in (0.2, 0.2, 0.5, 0.5, 0.5))
-        self.heads = TaskHeads(f2, num_classes, num_tasks=num_tasks)
-        self.num_tasks = self.heads.num_tasks
+        self.task_heads = TaskHeads(f2, num_classes, num_tasks=num_tasks)
+        self.num_tasks = self.task_heads.num_tasks
         self.positions = side * side
         # the positions each norm sees per sample: a convolution's output map (before its pool), 1 after an FC
         seen, edge = [], size
@@ -97,7 +97,7 @@ class AlexNet(HATModule):
         h = h.flatten(1)  # [N, c3·side·side]
         for i, fc in enumerate(self.fcs, start=3):
             h = self.drops[i](F.relu(self.norms[i](fc(h), self.gates[i](task, s, trusted=True), task, trusted=True)))
-        return self.heads(h, task, trusted=True)
+        return self.task_heads(h, task, trusted=True)
 
     def hat_layers(self) -> list[Layer]:
         g = self.gates

@@ -50,8 +50,8 @@ class GatedMLP(HATModule):
         self.norms = nn.ModuleList(norm_layer(w) for w in hidden)
         self.gates = nn.ModuleList(HATGate(w, num_tasks=num_tasks, s_max=s_max) for w in hidden)
         self.drop = nn.Dropout(dropout)
-        self.heads = TaskHeads(widths[-1], num_classes, num_tasks=num_tasks)
-        self.num_tasks = self.heads.num_tasks
+        self.task_heads = TaskHeads(widths[-1], num_classes, num_tasks=num_tasks)
+        self.num_tasks = self.task_heads.num_tasks
         # every norm sees [N, C]: one value per sample and channel
         self._fewest_positions = 1 if any(norm.batch_statistics for norm in self.norms) else None
 
@@ -64,7 +64,7 @@ class GatedMLP(HATModule):
         h = x.flatten(1)  # [N, in_features]
         for fc, norm, gate in zip(self.fcs, self.norms, self.gates, strict=True):
             h = self.drop(F.relu(norm(fc(h), gate(task, s, trusted=True), task, trusted=True)))
-        return self.heads(h, task, trusted=True)
+        return self.task_heads(h, task, trusted=True)
 
     def hat_layers(self) -> list[Layer]:
         layers = []

@@ -115,8 +115,8 @@ class ResNet(HATModule):
                 inplanes = planes
             self.add_module(f"layer{i + 1}", nn.ModuleList(stage))
         self.num_stages = len(blocks)
-        self.heads = TaskHeads(inplanes, num_classes, num_tasks=num_tasks)
-        self.num_tasks = self.heads.num_tasks
+        self.task_heads = TaskHeads(inplanes, num_classes, num_tasks=num_tasks)
+        self.num_tasks = self.task_heads.num_tasks
         self._batch_statistics = self.bn1.batch_statistics  # every norm comes from the one norm_layer
 
     def stages(self) -> list[nn.ModuleList]:
@@ -142,7 +142,7 @@ class ResNet(HATModule):
         for stage in self.stages():
             for block in stage:
                 h = block(h, task, s, trusted=True)
-        return self.heads(F.adaptive_avg_pool2d(h, 1).flatten(1), task, trusted=True)
+        return self.task_heads(F.adaptive_avg_pool2d(h, 1).flatten(1), task, trusted=True)
 
     def _wiring(self) -> tuple[list[Layer], MaskSource]:
         layers = [Layer(self.conv1, out=self.gate1), Layer(self.bn1, out=self.gate1)]

@@ -48,8 +48,8 @@ class ViT(HATModule):
         patch_size: patch side; must divide ``image_size``.
         dim: width of the residual stream D.
         depth: number of blocks.
-        heads: attention heads.
-        dim_head: features per head (default ``dim // heads``).
+        num_heads: attention heads.
+        dim_head: features per head (default ``dim // num_heads``).
         mlp_dim: MLP hidden units (default ``2 * dim``).
         in_channels: input channels.
         s_max: the gates' largest scale.
@@ -72,7 +72,7 @@ class ViT(HATModule):
         patch_size: int = 4,
         dim: int = 64,
         depth: int = 4,
-        heads: int = 4,
+        num_heads: int = 4,
         dim_head: int | None = None,
         mlp_dim: int | None = None,
         in_channels: int = 3,
@@ -82,7 +82,7 @@ class ViT(HATModule):
     ) -> None:
         super().__init__()
         for name, value in (("image_size", image_size), ("patch_size", patch_size), ("dim", dim), ("depth", depth),
-                            ("heads", heads), ("in_channels", in_channels), ("dim_head", dim_head or 1),
+                            ("num_heads", num_heads), ("in_channels", in_channels), ("dim_head", dim_head or 1),
                             ("mlp_dim", mlp_dim or 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int ≥ 1, got {value!r}")
@@ -95,7 +95,7 @@ class ViT(HATModule):
         if stem == "conv" and (patch_size < 2 or patch_size & (patch_size - 1)):
             raise ValueError(f"stem='conv' halves the image once per convolution: patch_size must be a power of 2 "
                              f"≥ 2, got {patch_size}")
-        dim_head = dim_head or max(dim // heads, 1)
+        dim_head = dim_head or max(dim // num_heads, 1)
         mlp_dim = mlp_dim or 2 * dim
         self.image_size, self.patch_size, self.in_channels, self.stem = image_size, patch_size, in_channels, stem
         num_patches = (image_size // patch_size) ** 2
@@ -115,7 +115,7 @@ class ViT(HATModule):
         # post-norm: the blocks read the stream as it is (their pre-norm is the pure gate), the norms follow
         block_norm = norm_layer if norm_position == "pre" else _identity_norm(num_tasks)
         self.attentions = nn.ModuleList(
-            GatedAttention(dim, heads=heads, dim_head=dim_head, num_tasks=num_tasks, norm_layer=block_norm,
+            GatedAttention(dim, num_heads=num_heads, dim_head=dim_head, num_tasks=num_tasks, norm_layer=block_norm,
                            s_max=s_max)
             for _ in range(depth))
         self.feedforwards = nn.ModuleList(
@@ -125,8 +125,8 @@ class ViT(HATModule):
             self.norm = norm_layer(dim)
         else:  # after each block's attention and MLP
             self.post_norms = nn.ModuleList(norm_layer(dim) for _ in range(2 * depth))
-        self.heads = TaskHeads(dim, num_classes, num_tasks=num_tasks)
-        self.num_tasks = self.heads.num_tasks
+        self.task_heads = TaskHeads(dim, num_classes, num_tasks=num_tasks)
+        self.num_tasks = self.task_heads.num_tasks
 
     def forward(self, img: Tensor, task: int, s: float | Tensor | None = None) -> Tensor:
         """The logits of task ``task`` for images ``img`` ``[N, in_channels, image_size, image_size]`` (N ≥ 1)."""
@@ -139,13 +139,13 @@ class ViT(HATModule):
         x = self.tokens(self._embed(img, stream_gate, task, s), stream_gate, trusted=True)
         if self.norm_position == "pre":
             x = run_blocks(x, stream_gate, self.attentions, self.feedforwards, task, s, trusted=True)
-            return self.heads(self.norm(x, stream_gate, task, trusted=True)[:, 0], task, trusted=True)
+            return self.task_heads(self.norm(x, stream_gate, task, trusted=True)[:, 0], task, trusted=True)
         # every block's update ungated (an all-ones gate for its output), then the norm gates the sum
         ungated = torch.ones_like(stream_gate)
         blocks = [block for pair in zip(self.attentions, self.feedforwards, strict=True) for block in pair]
         for block, norm in zip(blocks, self.post_norms, strict=True):
             x = norm(x + block(x, ungated, task, s, trusted=True), stream_gate, task, trusted=True)
-        return self.heads(x[:, 0], task, trusted=True)
+        return self.task_heads(x[:, 0], task, trusted=True)
 
     def _embed(self, img: Tensor, stream_gate: Tensor, task: int, s: float | Tensor | None) -> Tensor:
         """The gated patch embeddings ``[N, n, D]`` (``task`` and ``s`` checked by :meth:`forward`)."""
@@ -192,7 +192,7 @@ def _vit(num_tasks: int, norm: NormSpec, num_classes: list[int], **options: Any)
 
 @register_architecture("vit", family="layer")
 def vit(*, num_tasks: int, norm: NormSpec, num_classes: list[int], **options: Any) -> ViT:
-    """A ViT of any size: ``image_size``, ``patch_size``, ``dim``, ``depth``, ``heads``, ``mlp_dim``, ``stem``
+    """A ViT of any size: ``image_size``, ``patch_size``, ``dim``, ``depth``, ``num_heads``, ``mlp_dim``, ``stem``
     (vit_micro's sizes by default)."""
     return _vit(num_tasks, norm, num_classes, **options)
 
@@ -201,7 +201,7 @@ def vit(*, num_tasks: int, norm: NormSpec, num_classes: list[int], **options: An
 def vit_micro(*, num_tasks: int, norm: NormSpec, num_classes: list[int], **options: Any) -> ViT:
     """32×32 inputs, patch 4, dim 64, depth 4, 4 heads, MLP 128: small enough for CPU tests."""
     return _vit(num_tasks, norm, num_classes, **({"image_size": 32, "patch_size": 4, "dim": 64, "depth": 4,
-                                                   "heads": 4, "mlp_dim": 128} | options))
+                                                   "num_heads": 4, "mlp_dim": 128} | options))
 
 
 @register_architecture("vit_post", family="layer")
@@ -209,11 +209,11 @@ def vit_post(*, num_tasks: int, norm: NormSpec, num_classes: list[int], **option
     """``vit_micro`` with post-norm blocks (``norm_position="post"``): each norm reads the ungated residual sum,
     where a norm whose statistics read every unit can drift."""
     return _vit(num_tasks, norm, num_classes, **({"image_size": 32, "patch_size": 4, "dim": 64, "depth": 4,
-                                                   "heads": 4, "mlp_dim": 128, "norm_position": "post"} | options))
+                                                   "num_heads": 4, "mlp_dim": 128, "norm_position": "post"} | options))
 
 
 @register_architecture("vit_tiny", family="layer")
 def vit_tiny(*, num_tasks: int, norm: NormSpec, num_classes: list[int], **options: Any) -> ViT:
     """ViT-Tiny's body (dim 192, depth 12, 3 heads, MLP 768) on 32×32 inputs with patch 4."""
     return _vit(num_tasks, norm, num_classes, **({"image_size": 32, "patch_size": 4, "dim": 192, "depth": 12,
-                                                   "heads": 3, "mlp_dim": 768} | options))
+                                                   "num_heads": 3, "mlp_dim": 768} | options))

@@ -75,17 +75,17 @@ class PlainAlexNet(nn.Module):
 
 
 class PlainAttention(nn.Module):
-    def __init__(self, dim: int, heads: int, dim_head: int) -> None:
+    def __init__(self, dim: int, num_heads: int, dim_head: int) -> None:
         super().__init__()
-        inner = heads * dim_head
-        self.heads = heads
+        inner = num_heads * dim_head
+        self.num_heads = num_heads
         self.norm = nn.LayerNorm(dim)
         self.to_q, self.to_k, self.to_v = (nn.Linear(dim, inner, bias=False) for _ in range(3))
         self.to_out = nn.Linear(inner, dim)
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.norm(x)
-        q, k, v = (rearrange(proj(h), "b n (h d) -> b h n d", h=self.heads)
+        q, k, v = (rearrange(proj(h), "b n (h d) -> b h n d", h=self.num_heads)
                    for proj in (self.to_q, self.to_k, self.to_v))
         return self.to_out(rearrange(F.scaled_dot_product_attention(q, k, v), "b h n d -> b n (h d)"))
 
@@ -94,14 +94,14 @@ class PlainViT(nn.Module):
     """The pre-norm ViT of ``hatnorm.build("vit_micro")`` with ``nn.LayerNorm``."""
 
     def __init__(self, num_classes: int, *, image_size: int = 32, patch_size: int = 4, dim: int = 64, depth: int = 4,
-                 heads: int = 4, mlp_dim: int = 128, in_channels: int = 3) -> None:
+                 num_heads: int = 4, mlp_dim: int = 128, in_channels: int = 3) -> None:
         super().__init__()
         self.patch_size = patch_size
         num_patches = (image_size // patch_size) ** 2
         self.to_patch_embedding = nn.Linear(patch_size * patch_size * in_channels, dim)
         self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
         self.pos_embedding = nn.Parameter(torch.randn(1, num_patches + 1, dim) * 0.02)
-        self.attentions = nn.ModuleList(PlainAttention(dim, heads, dim // heads) for _ in range(depth))
+        self.attentions = nn.ModuleList(PlainAttention(dim, num_heads, dim // num_heads) for _ in range(depth))
         self.feedforwards = nn.ModuleList(
             nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, mlp_dim), nn.GELU(), nn.Linear(mlp_dim, dim))
             for _ in range(depth))

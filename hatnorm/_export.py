@@ -331,11 +331,12 @@ def export(model: nn.Module, task: int, *, layers: Sequence[Layer] | None = None
             cols = units.index(layer.inp, module.weight.shape[1]) if layer.inp is not None else None
             _replace(body, names, module, _prune_weighted(module, rows, cols))
     training_only = body.only_in_training() if isinstance(body, HATModule) else []
-    for heads in [m for m in body.modules() if isinstance(m, TaskHeads)
+    for task_heads in [m for m in body.modules() if isinstance(m, TaskHeads)
                   and not any(names[id(m)] == p or names[id(m)].startswith(p + ".") for p in training_only)]:
-        head = heads.heads[task]
-        cols = None if head_units is None else units.index(head_units, heads.in_features)
-        _replace(body, names, heads, ExportedHead(_prune_weighted(head, torch.arange(heads.num_classes[task]), cols)))
+        head = task_heads.heads[task]
+        cols = None if head_units is None else units.index(head_units, task_heads.in_features)
+        classes = torch.arange(task_heads.num_classes[task])
+        _replace(body, names, task_heads, ExportedHead(_prune_weighted(head, classes, cols)))
     for head in [m for m in body.modules() if isinstance(m, SharedLMHead)]:  # tied to a table: not in the wiring
         if id(head.weight) in pruned:
             head.weight = pruned[id(head.weight)][1]

@@ -232,9 +232,9 @@ class HAT(OptimizerSafety):
             yield module.weight, _weight_rate(self.policy, module.weight, out, inp, getattr(module, "groups", 1))
             if getattr(module, "bias", None) is not None:
                 yield module.bias, self.policy.unit_rate(out)
-        for heads in (m for m in self.model.modules() if isinstance(m, TaskHeads)):
-            params = dict(heads.named_parameters())
-            for name, mult in heads.gradient_multipliers(task).items():
+        for task_heads in (m for m in self.model.modules() if isinstance(m, TaskHeads)):
+            params = dict(task_heads.named_parameters())
+            for name, mult in task_heads.gradient_multipliers(task).items():
                 yield params[name], mult
         for gate in self.gates:
             own = torch.zeros_like(gate.embedding)
@@ -244,9 +244,10 @@ class HAT(OptimizerSafety):
     def _wiring(self) -> Wiring:
         """What a per-step policy reads of the model: its layers, gates, and the heads with the units they read."""
         units = self.model.head_units() if isinstance(self.model, HATModule) else None
-        heads = () if units is None else tuple((h, units) for h in self.model.modules() if isinstance(h, TaskHeads))
+        task_heads = () if units is None else tuple((h, units) for h in self.model.modules()
+                                                    if isinstance(h, TaskHeads))
         return Wiring(self.model, tuple((layer.module, layer.out, layer.inp) for layer in self.layers),
-                      tuple(self.gates), heads)
+                      tuple(self.gates), task_heads)
 
     def _check_coverage(self) -> None:
         # a model sharded with fully_shard: its modules compute multipliers over whole parameters

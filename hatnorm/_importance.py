@@ -97,18 +97,18 @@ class UnitImportance:
         kind: an importance type (a key of :data:`TYPES`).
         layers: the wired modules with their output and input mask sources.
         gates: every gate of the model.
-        heads: the task heads with the units they read.
+        task_heads: the task heads with the units they read.
     """
 
     def __init__(self, kind: str, layers: tuple[tuple[nn.Module, MaskSource, MaskSource | None], ...],
-                 gates: tuple[HATGate, ...], heads: tuple[tuple[TaskHeads, MaskSource], ...]) -> None:
+                 gates: tuple[HATGate, ...], task_heads: tuple[tuple[TaskHeads, MaskSource], ...]) -> None:
         self.kind = kind
         self.needs, self.combine = TYPES[kind]
         self.gates = gates
         weighted = [(m, out, inp) for m, out, inp in layers if not isinstance(m, Protected)]
         self.producers = [(m, out) for m, out, _ in weighted]
         self.consumers = [(m, inp) for m, _, inp in weighted if inp is not None]
-        self.heads = heads
+        self.task_heads = task_heads
         self._hooks: list[RemovableHandle] = []
         self._inputs: dict[nn.Module, tuple[Tensor, int]] = {}
 
@@ -116,7 +116,7 @@ class UnitImportance:
         """Watch the inputs of the layers and heads that read gated units (when the type needs the activation)."""
         self.stop()
         if "activation" in self.needs:
-            readers = [m for m, _ in self.consumers] + [h for h, _ in self.heads]
+            readers = [m for m, _ in self.consumers] + [h for h, _ in self.task_heads]
             self._hooks = [m.register_forward_pre_hook(self._record) for m in readers]
 
     def stop(self) -> None:
@@ -158,7 +158,7 @@ class UnitImportance:
                     scatter(out, _rows(values).to(found[self.gates[0]]), found)
             return found
         readers = [(m, inp, getattr(m, "groups", 1)) for m, inp in self.consumers]
-        readers += [(h.heads[task], units, 1) for h, units in self.heads]
+        readers += [(h.heads[task], units, 1) for h, units in self.task_heads]
         for module, inp, groups in readers:
             values = reads(module.weight)
             if values is not None:
@@ -167,7 +167,7 @@ class UnitImportance:
 
     def _activation(self, found: dict[HATGate, Tensor]) -> dict[HATGate, Tensor]:
         counts = self._zeros()
-        sources = dict(self.consumers) | dict(self.heads)
+        sources = dict(self.consumers) | dict(self.task_heads)
         for module, (total, calls) in self._inputs.items():
             mean = (total / calls).to(found[self.gates[0]])
             scatter(sources[module], mean, found)

@@ -227,7 +227,7 @@ class FGAdaHATPolicy(SoftRatePolicy):
                            for g in wiring.gates]
         self._units = (AttributionImportance(self.importance, wiring.model, wiring.layers, wiring.gates)
                        if self.importance in ATTRIBUTIONS
-                       else UnitImportance(self.importance, wiring.layers, wiring.gates, wiring.heads))
+                       else UnitImportance(self.importance, wiring.layers, wiring.gates, wiring.task_heads))
 
     def factors(self) -> list[Factor]:
         gates = self.wiring.gates

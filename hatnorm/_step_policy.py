@@ -54,13 +54,13 @@ class Wiring:
         model: the protected model.
         layers: every wired module with the mask sources of its output and input units (as ``hatnorm.blocks.Layer``).
         gates: every gate of the model, in module order.
-        heads: the task heads whose input units the model names (``HATModule.head_units``), with those units.
+        task_heads: the task heads whose input units the model names (``HATModule.head_units``), with those units.
     """
 
     model: nn.Module
     layers: tuple[tuple[nn.Module, MaskSource, MaskSource | None], ...]
     gates: tuple[HATGate, ...]
-    heads: tuple[tuple[TaskHeads, MaskSource], ...]
+    task_heads: tuple[tuple[TaskHeads, MaskSource], ...]
 
 
 class StepPolicy(GradientPolicy):

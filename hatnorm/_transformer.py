@@ -145,7 +145,7 @@ class GatedAttention(nn.Module):
 
     Args:
         dim: width of the residual stream.
-        heads: attention heads.
+        num_heads: attention heads.
         dim_head: features per head.
         num_tasks: number of tasks.
         norm_layer: the pre-norm factory (over the last dim).
@@ -153,13 +153,13 @@ class GatedAttention(nn.Module):
         qkv_bias: whether q, k, v have biases.
     """
 
-    def __init__(self, dim: int, *, heads: int, dim_head: int, num_tasks: int,
+    def __init__(self, dim: int, *, num_heads: int, dim_head: int, num_tasks: int,
                  norm_layer: Callable[[int], MaskedNorm], s_max: float, qkv_bias: bool = False) -> None:
         super().__init__()
-        dim, heads, dim_head = (check_positive_int(v, n) for v, n in ((dim, "dim"), (heads, "heads"),
+        dim, num_heads, dim_head = (check_positive_int(v, n) for v, n in ((dim, "dim"), (num_heads, "num_heads"),
                                                                      (dim_head, "dim_head")))
-        inner = heads * dim_head
-        self.heads = heads
+        inner = num_heads * dim_head
+        self.num_heads = num_heads
         self.norm = norm_layer(dim)
         self.to_q, self.to_k, self.to_v = (nn.Linear(dim, inner, bias=qkv_bias) for _ in range(3))
         self.gate_q, self.gate_k, self.gate_v = (HATGate(inner, num_tasks=num_tasks, s_max=s_max) for _ in range(3))
@@ -173,7 +173,7 @@ class GatedAttention(nn.Module):
         ``[N, 1, n, n]`` for padding and causal masks; every query must attend to some key)."""
         h = self.norm(x, stream_gate, task, trusted=trusted)
         q, k, v = (rearrange(gated_linear(h, proj, gate(task, s, trusted=trusted)), "b n (h d) -> b h n d",
-                             h=self.heads)
+                             h=self.num_heads)
                    for proj, gate in ((self.to_q, self.gate_q), (self.to_k, self.gate_k), (self.to_v, self.gate_v)))
         out = rearrange(F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask), "b h n d -> b n (h d)")
         return gated_linear(out, self.to_out, stream_gate)

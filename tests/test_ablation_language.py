@@ -9,7 +9,7 @@ import pytest
 from ablations import language
 
 TINY = ["--seeds", "0", "--epochs", "1", "--train-size", "24", "--test-size", "12", "--dim", "16", "--depth", "1",
-        "--heads", "2", "--batch-size", "8", "--no-joint"]
+        "--num-heads", "2", "--batch-size", "8", "--no-joint"]
 
 
 def test_both_tables_run_on_the_text_tasks_and_hat_with_a_masked_norm_forgets_nothing(tmp_path) -> None:
@@ -36,7 +36,7 @@ def test_both_tables_run_on_the_text_tasks_and_hat_with_a_masked_norm_forgets_no
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    (["--dim", "10", "--heads", "4"], "--dim must be a multiple of --heads, got 10 and 4"),
+    (["--dim", "10", "--num-heads", "4"], "--dim must be a multiple of --num-heads, got 10 and 4"),
     (["--generation", "copy", "copy"], "--generation must not repeat a value"),
     (["--weights", "w.pt"], "--weights does not apply"),
 ])

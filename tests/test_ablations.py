@@ -204,7 +204,7 @@ def test_the_pretrained_ablation_starts_from_a_source_network(tmp_path, capsys) 
     assert "from 1 rotated copies of the digits" in out
     saved = torch.load(tmp_path / "seed_0" / "pretrained.pt", weights_only=True)
     assert "convs.0.weight" in saved and "norms.0.running_mean" in saved
-    assert not any(k.startswith(("gates.", "heads.")) for k in saved)  # what an ordinary checkpoint holds
+    assert not any(k.startswith(("gates.", "task_heads.")) for k in saved)  # what an ordinary checkpoint holds
     # every start with both norms, and the transfer check's two SGD runs
     assert len(results["variants"]) == 2 * len(pretrained.STARTS) + 2
     for label, r in results["variants"].items():
@@ -313,7 +313,7 @@ def test_weights_start_every_model_from_a_torchvision_checkpoint(tmp_path, capsy
 
 
 def test_the_layernorm_ablation_converts_a_transformers_vit_from_a_saved_state_dict(tmp_path, capsys) -> None:
-    sizes = {"channels": 1, "size": 32, "patch_size": 8, "dim": 8, "depth": 1, "heads": 2}
+    sizes = {"channels": 1, "size": 32, "patch_size": 8, "dim": 8, "depth": 1, "num_heads": 2}
     torch.manual_seed(0)
     hf = ViTForImageClassification(layernorm.hf_config(**sizes))
     with torch.no_grad():  # LayerNorm parameters a pretrained model would have, not the initial 1 and 0
@@ -323,8 +323,8 @@ def test_the_layernorm_ablation_converts_a_transformers_vit_from_a_saved_state_d
                 m.bias.normal_(0, 0.1)
     path = tmp_path / "vit.pt"
     torch.save(hf.state_dict(), path)
-    tiny = [*TINY, "--dim", "8", "--depth", "1", "--heads", "2", "--norms", "masked_ln", "--positions", "pre", "--c",
-            "0.75"]
+    tiny = [*TINY, "--dim", "8", "--depth", "1", "--num-heads", "2", "--norms", "masked_ln", "--positions", "pre",
+            "--c", "0.75"]
     results = layernorm.main([*tiny, "--hf-weights", str(path), "--out", str(tmp_path / "out")])
     label = "transformers ViT HAT masked LN (converted)"
     assert results["variants"][label]["runs"]["0"]["bwt"] == 0.0  # converted with masked LN: nothing forgotten
@@ -337,7 +337,7 @@ def test_the_layernorm_ablation_converts_a_transformers_vit_from_a_saved_state_d
     x = torch.randn(3, 1, 32, 32)
     with torch.no_grad():
         hatnorm.open_gates(model)
-        model.heads.heads[1].load_state_dict(hf.classifier.state_dict())
+        model.task_heads.heads[1].load_state_dict(hf.classifier.state_dict())
         expected = hf.eval()(pixel_values=x).logits
         assert torch.allclose(model(x, task=1, s=400.0), expected, atol=1e-5)
     # a state dict of other sizes is refused before training, naming the option
@@ -350,8 +350,8 @@ def test_the_layernorm_ablation_converts_a_transformers_vit_from_a_saved_state_d
 
 
 def test_the_layernorm_ablation_puts_the_norm_before_and_after_each_block(tmp_path) -> None:
-    results = layernorm.main([*TINY, "--dim", "8", "--depth", "1", "--heads", "2", "--norms", "shared_ln", "masked_ln",
-                              "--no-converted", "--out", str(tmp_path)])
+    results = layernorm.main([*TINY, "--dim", "8", "--depth", "1", "--num-heads", "2", "--norms", "shared_ln",
+                              "masked_ln", "--no-converted", "--out", str(tmp_path)])
     variants = results["variants"]
     assert list(variants) == [
         "vit_micro HAT shared LN c=0.1", "vit_micro HAT masked LN c=0.1", "vit_micro HAT shared LN c=0.75",
@@ -506,7 +506,7 @@ def test_cli_lists_commands_and_refuses_unknown_ones(capsys) -> None:
 
 
 def test_learning_curves_of_the_vit_configurations(tmp_path, capsys) -> None:
-    results = curves.main(["--epochs", "2", "--seeds", "0", "1", "--dim", "8", "--depth", "1", "--heads", "2",
+    results = curves.main(["--epochs", "2", "--seeds", "0", "1", "--dim", "8", "--depth", "1", "--num-heads", "2",
                            "--stems", "patch", "conv", "--patch-sizes", "8", "--out", str(tmp_path)])
     assert list(results) == ["patch stem, patch 8", "conv stem, patch 8"]
     for r in results.values():

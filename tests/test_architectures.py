@@ -16,12 +16,12 @@ OPTIONS = {
     "resnet18": [({"base_width": 8}, 32), ({"base_width": 8, "stem": "imagenet"}, 48)],
     "resnet10": [({"base_width": 8}, 32), ({"base_width": 8, "stem": "imagenet"}, 48)],
     "resnet34": [({"base_width": 8}, 32), ({"base_width": 8, "stem": "imagenet"}, 48)],
-    "vit": [({"image_size": 16, "patch_size": 4, "dim": 16, "depth": 1, "heads": 2}, 16),
-            ({"image_size": 24, "patch_size": 8, "dim": 16, "depth": 2, "heads": 2}, 24),
-            ({"image_size": 16, "patch_size": 4, "dim": 16, "depth": 1, "heads": 2, "stem": "conv"}, 16)],
+    "vit": [({"image_size": 16, "patch_size": 4, "dim": 16, "depth": 1, "num_heads": 2}, 16),
+            ({"image_size": 24, "patch_size": 8, "dim": 16, "depth": 2, "num_heads": 2}, 24),
+            ({"image_size": 16, "patch_size": 4, "dim": 16, "depth": 1, "num_heads": 2, "stem": "conv"}, 16)],
     "vit_micro": [({}, 32), ({"image_size": 16}, 16)],
-    "vit_post": [({"image_size": 16, "dim": 16, "depth": 1, "heads": 2}, 16),
-                 ({"image_size": 24, "patch_size": 4, "dim": 16, "depth": 2, "heads": 2, "stem": "conv"}, 24)],
+    "vit_post": [({"image_size": 16, "dim": 16, "depth": 1, "num_heads": 2}, 16),
+                 ({"image_size": 24, "patch_size": 4, "dim": 16, "depth": 2, "num_heads": 2, "stem": "conv"}, 24)],
     "vit_tiny": [({"depth": 2}, 32), ({"depth": 2, "image_size": 16}, 16)],
 }
 # the norms that declare they forget nothing (plug-in norms included); task_ln and shared_ln normalise over
@@ -62,11 +62,11 @@ def test_builds_runs_and_every_parameter_gets_a_gradient(case: tuple) -> None:
     assert out.shape == (4, 3)
     out.square().sum().backward()
     unreached = {n for n, p in model.named_parameters() if p.grad is None}
-    assert unreached == {"heads.heads.0.weight", "heads.heads.0.bias", "heads.heads.2.weight", "heads.heads.2.bias"}
+    assert unreached == {f"task_heads.heads.{t}.{p}" for t in (0, 2) for p in ("weight", "bias")}
     for name, p in model.named_parameters():
         if p.grad is not None:
             assert torch.isfinite(p.grad).all(), name
-            if not name.startswith("heads"):
+            if not name.startswith("task_heads"):
                 assert p.grad.abs().sum() > 0, f"{name} gets no gradient"
     plain = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm)
     assert not any(isinstance(m, plain) for m in model.modules())

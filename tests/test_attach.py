@@ -77,7 +77,7 @@ def test_attached_step_restores_frozen_entries_and_moves_the_others(make_optimiz
         assert torch.equal(after[name].detach()[frozen], before[name][frozen]), name
         if (~frozen).any():
             assert not torch.equal(after[name].detach()[~frozen], before[name][~frozen]), name
-    for name in ("heads.heads.1.weight", "heads.heads.1.bias"):
+    for name in ("task_heads.heads.1.weight", "task_heads.heads.1.bias"):
         assert not torch.equal(after[name].detach(), before[name]), name
 
 

@@ -285,7 +285,7 @@ class Gated(nn.Module):
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 8)
         self.gate1, self.gate2 = hatnorm.HATGate(8, num_tasks=2), hatnorm.HATGate(8, num_tasks=2)
-        self.heads = hatnorm.TaskHeads(8, 2, num_tasks=2)
+        self.task_heads = hatnorm.TaskHeads(8, 2, num_tasks=2)
 
 
 def test_coverage_check_names_the_unprotected_layer() -> None:
@@ -426,7 +426,7 @@ def test_auxiliary_classifiers_are_kept_and_learn_in_training(mode: str, tmp_pat
     assert sum(isinstance(m, hatnorm.TaskHeads) for m in model.modules()) == 3
     hat = hatnorm.HAT(model)  # the auxiliary classifiers are protected too
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
-    aux_heads = model.body.aux1.fc2.heads.heads
+    aux_heads = model.body.aux1.fc2.task_heads.heads
     outputs, aux = [], [[h.weight.detach().clone() for h in aux_heads]]
     for task, classes in enumerate([3, 4]):
         hat.begin_task(task)

@@ -212,12 +212,12 @@ def test_hat_unwraps_ddp(one_rank: None) -> None:
     hat = hatnorm.HAT(ddp)
     assert hat.model is model and unwrap(ddp) is model
     hat.begin_task(1)
-    assert "heads.heads.0.weight" in hat.gradient_multipliers()
+    assert "task_heads.heads.0.weight" in hat.gradient_multipliers()
     model.train()
     x, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 0])
     loss = hat.loss(F.cross_entropy(ddp(x, task=1, s=2.0), y), 2.0)
     loss.backward()
     hat.protect(2.0)
-    frozen_head = model.heads.heads[0].weight.grad
+    frozen_head = model.task_heads.heads[0].weight.grad
     assert frozen_head is None or not frozen_head.any()
-    assert model.heads.heads[1].weight.grad.abs().sum() > 0
+    assert model.task_heads.heads[1].weight.grad.abs().sum() > 0

@@ -24,10 +24,10 @@ class Net(nn.Module):
         self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 32)
         self.g1, self.g2 = hn.HATGate(32, num_tasks=T), hn.HATGate(32, num_tasks=T)
         self.n1, self.n2 = hn.norms.MaskedBatchNorm1d(32, num_tasks=T), hn.norms.MaskedBatchNorm1d(32, num_tasks=T)
-        self.heads = hn.TaskHeads(32, 2, num_tasks=T)
+        self.task_heads = hn.TaskHeads(32, 2, num_tasks=T)
     def forward(self, x, task, s=None):
         h = F.relu(self.n1(self.fc1(x), self.g1(task, s), task))
-        return self.heads(F.relu(self.n2(self.fc2(h), self.g2(task, s), task)), task)
+        return self.task_heads(F.relu(self.n2(self.fc2(h), self.g2(task, s), task)), task)
 
 net = Net()
 hat = hn.HAT(net, [hn.blocks.Layer(net.fc1, out=net.g1), hn.blocks.Layer(net.n1, out=net.g1),

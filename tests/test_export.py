@@ -15,11 +15,11 @@ OPTIONS = {
     "resnet18": ({"base_width": 8, "in_channels": 3}, 32),
     "resnet10": ({"base_width": 4, "in_channels": 3}, 32),
     "resnet34": ({"base_width": 4, "in_channels": 3}, 32),
-    "vit": ({"image_size": 16, "patch_size": 4, "dim": 32, "depth": 2, "heads": 2}, 16),
+    "vit": ({"image_size": 16, "patch_size": 4, "dim": 32, "depth": 2, "num_heads": 2}, 16),
     "vit_micro": ({"depth": 2}, 32),
     "vit_post": ({"depth": 2, "image_size": 16}, 16),
     "vit_tiny": ({"depth": 1, "image_size": 16}, 16),
-    "vit-conv-stem": ({"image_size": 16, "patch_size": 4, "dim": 32, "depth": 2, "heads": 2, "stem": "conv"}, 16),
+    "vit-conv-stem": ({"image_size": 16, "patch_size": 4, "dim": 32, "depth": 2, "num_heads": 2, "stem": "conv"}, 16),
 }
 CASES = [(arch, norm) for arch in hatnorm.list_architectures()
          for norm in hatnorm.list_norms(hatnorm.get_architecture(arch).family) if norm != "post_gate_bn"]
@@ -84,7 +84,7 @@ def test_export_removes_the_units_a_task_does_not_use() -> None:
     fc0, fc1 = exported.body.fcs
     assert (fc0.in_features, fc0.out_features) == (12, 3)
     assert (fc1.in_features, fc1.out_features) == (3, 2)
-    assert exported.body.heads.linear.in_features == 2
+    assert exported.body.task_heads.linear.in_features == 2
     torch.testing.assert_close(fc0.weight, model.fcs[0].weight[[0, 2, 7]])
     x = torch.randn(5, 12)
     torch.testing.assert_close(exported(x), model(x, task=1))
@@ -122,7 +122,7 @@ def test_export_of_converted_torchvision_and_transformers_models() -> None:
             torch.testing.assert_close(exported(x), model(x, task=0), rtol=1e-4, atol=1e-5)
         assert exported.parameters_saved > 0
     head = squeezenet.body.get_submodule("classifier.1")  # Dropout, the convolution, ReLU, pool
-    assert isinstance(head.heads.heads[1], nn.Conv2d) and head.heads.heads[1].out_channels == 6
+    assert isinstance(head.task_heads.heads[1], nn.Conv2d) and head.task_heads.heads[1].out_channels == 6
 
 
 def test_export_refuses_bad_input() -> None:

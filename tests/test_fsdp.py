@@ -88,7 +88,8 @@ def test_no_forgetting_under_fsdp(two_ranks: Path, spec: tuple[str, str, str]) -
         result = load(two_ranks, spec, rank)
         assert torch.equal(result["task0_after_task0"], result["task0_after_task1"])
     moved = load(two_ranks, spec, 0)
-    assert not torch.equal(moved["state.heads.heads.1.weight"], torch.zeros_like(moved["state.heads.heads.1.weight"]))
+    head = moved["state.task_heads.heads.1.weight"]
+    assert not torch.equal(head, torch.zeros_like(head))
 
 
 @needs_gloo
@@ -146,7 +147,7 @@ def test_fully_shard_is_a_no_op_in_one_process() -> None:
     assert not (dist.is_available() and dist.is_initialized())
     model = hatnorm.build("mlp", num_tasks=2, norm="masked_bn", num_classes=2, in_features=8, hidden=(8,))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    assert fully_shard(model, units=[model.heads]) is model
+    assert fully_shard(model, units=[model.task_heads]) is model
     assert fsdp_modules(model) == [] and not any(is_sharded(p) for p in model.parameters())
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 

@@ -277,7 +277,7 @@ def test_the_trusted_gate_is_the_checked_gate(training: bool, s: float | torch.T
 # small settings of the reference architectures, with their input side
 SMALL = {"mlp": ({"in_features": 3 * 8 * 8, "hidden": (8, 8)}, 8), "alexnet": ({"size": 28, "width": 0.05}, 28),
          "resnet18": ({"base_width": 4}, 16), "vit": ({"image_size": 8, "patch_size": 4, "dim": 8, "depth": 1,
-                                                      "heads": 2, "stem": "conv"}, 8),
+                                                      "num_heads": 2, "stem": "conv"}, 8),
          "vit_micro": ({"image_size": 8}, 8), "vit_tiny": ({"image_size": 8, "depth": 1}, 8)}
 
 

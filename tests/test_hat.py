@@ -58,7 +58,7 @@ class Net(nn.Module):
         self.g4 = gate(5)
         self.fc2 = nn.Linear(5, 4)
         self.g5 = gate(4)
-        self.heads = hatnorm.TaskHeads(4, 2, num_tasks=T)
+        self.task_heads = hatnorm.TaskHeads(4, 2, num_tasks=T)
 
     def forward(self, x: Tensor, task: int, s: float | None = None) -> Tensor:
         h1 = act(self.bn1(self.conv1(x), self.g1(task, s), task))
@@ -66,7 +66,7 @@ class Net(nn.Module):
         h3 = act(self.n3(self.conv3(h1 + h2), self.g3(task, s), task))
         h4 = act(self.n4(self.fc1(h3.flatten(1)), self.g4(task, s), task))
         h5 = act(self.fc2(h4) * self.g5(task, s))
-        return self.heads(h5, task)
+        return self.task_heads(h5, task)
 
     def layers(self) -> list[hatnorm.blocks.Layer]:
         L = hatnorm.blocks.Layer
@@ -166,8 +166,8 @@ def expected_multipliers(net: Net, task: int) -> dict[str, Tensor]:
     # heads: head t is owned by task t; its own head keeps the raw gradient and is left out
     for t in range(T):
         if t != task:
-            exp[f"heads.heads.{t}.weight"] = torch.zeros(2, 4)
-            exp[f"heads.heads.{t}.bias"] = torch.zeros(2)
+            exp[f"task_heads.heads.{t}.weight"] = torch.zeros(2, 4)
+            exp[f"task_heads.heads.{t}.bias"] = torch.zeros(2)
 
     # embeddings: only the row of the active task trains
     for g in net.gates():
@@ -198,8 +198,8 @@ def test_gradient_multipliers_match_the_hand_computation() -> None:
 def test_own_head_keeps_its_raw_gradient() -> None:
     _, hat = soft_net()
     got = hat.gradient_multipliers()
-    assert "heads.heads.1.weight" not in got
-    assert "heads.heads.1.bias" not in got
+    assert "task_heads.heads.1.weight" not in got
+    assert "task_heads.heads.1.bias" not in got
 
 
 def test_first_task_protects_nothing_but_other_tasks_rows() -> None:
@@ -210,8 +210,8 @@ def test_first_task_protects_nothing_but_other_tasks_rows() -> None:
     got = hat.gradient_multipliers()
     # no earlier task: every shared weight, bias, γ and β keeps its raw gradient
     assert sorted(got) == sorted(
-        ["bn2.weight", "bn2.bias", "heads.heads.1.weight", "heads.heads.1.bias", "heads.heads.2.weight",
-         "heads.heads.2.bias"] + [f"g{i}.embedding" for i in range(1, 6)]
+        ["bn2.weight", "bn2.bias", "task_heads.heads.1.weight", "task_heads.heads.1.bias", "task_heads.heads.2.weight",
+         "task_heads.heads.2.bias"] + [f"g{i}.embedding" for i in range(1, 6)]
     )
     assert torch.equal(got["bn2.weight"], torch.tensor([[1.0] * 4, [0.0] * 4, [0.0] * 4]))
 
@@ -276,7 +276,7 @@ def test_protect_applies_multipliers_and_compensation_to_real_gradients() -> Non
         elif name in expected:
             torch.testing.assert_close(p.grad, raw[name] * expected[name], rtol=1e-6, atol=1e-9, msg=name)
         else:
-            assert name.startswith("heads.heads.1."), name
+            assert name.startswith("task_heads.heads.1."), name
             assert torch.equal(p.grad, raw[name]), name
 
 
@@ -376,7 +376,7 @@ def test_step_restores_frozen_entries_and_moves_the_others(make_optimizer) -> No
         assert torch.equal(after[name].detach()[frozen], before[name][frozen]), name
         if (~frozen).any():
             assert not torch.equal(after[name].detach()[~frozen], before[name][~frozen]), name
-    for name in ("heads.heads.1.weight", "heads.heads.1.bias"):
+    for name in ("task_heads.heads.1.weight", "task_heads.heads.1.bias"):
         assert not torch.equal(after[name].detach(), before[name]), name
 
 

@@ -31,14 +31,14 @@ class GatedCNN(HATModule):
         self.conv1, self.conv2 = nn.Conv2d(2, 11, 3), nn.Conv2d(11, 12, 3)
         self.fc = nn.Linear(12 * 4 * 4, 13)
         self.gates = nn.ModuleList(HATGate(n, num_tasks=num_tasks) for n in (11, 12, 13))
-        self.heads = TaskHeads(13, CLASSES, num_tasks=num_tasks)
+        self.task_heads = TaskHeads(13, CLASSES, num_tasks=num_tasks)
 
     def forward(self, x: Tensor, task: int, s: float | None = None) -> Tensor:
         g1, g2, g3 = (g(task, s) for g in self.gates)
         h = F.relu(self.conv1(x) * g1[:, None, None])
         h = F.relu(self.conv2(h) * g2[:, None, None])
         h = F.relu(self.fc(h.flatten(1)) * g3)
-        return self.heads(h, task)
+        return self.task_heads(h, task)
 
     def hat_layers(self) -> list[Layer]:
         g1, g2, g3 = self.gates
@@ -56,12 +56,12 @@ class GatedMLP(HATModule):
         super().__init__()
         self.fcs = nn.ModuleList(nn.Linear(a, b) for a, b in ((20, 16), (16, 14), (14, 12)))
         self.gates = nn.ModuleList(HATGate(n, num_tasks=num_tasks) for n in (16, 14, 12))
-        self.heads = TaskHeads(12, CLASSES, num_tasks=num_tasks)
+        self.task_heads = TaskHeads(12, CLASSES, num_tasks=num_tasks)
 
     def forward(self, x: Tensor, task: int, s: float | None = None) -> Tensor:
         for fc, gate in zip(self.fcs, self.gates, strict=True):
             x = F.relu(fc(x) * gate(task, s))
-        return self.heads(x, task)
+        return self.task_heads(x, task)
 
     def hat_layers(self) -> list[Layer]:
         return [Layer(fc, out=g, inp=None if i == 0 else self.gates[i - 1])
@@ -105,7 +105,7 @@ def run(model_name: str, policy: object, expected_rates: object, fg: ref.FGOptio
         t = task + 1
         hat.begin_task(task)
         state.begin_task()
-        head = model.heads.heads[task]
+        head = model.task_heads.heads[task]
         for step in range(STEPS):
             x = torch.randn(BATCH, *shape, dtype=torch.float64)
             y = torch.randint(0, CLASSES, (BATCH,))

@@ -194,10 +194,10 @@ class TinyNet(hatnorm.HATModule):
         self.fc = nn.Linear(3, width)
         self.norm = norm.layer(num_tasks=num_tasks, dims=1)(width)
         self.gate = hatnorm.HATGate(width, num_tasks=num_tasks)
-        self.heads = hatnorm.TaskHeads(width, num_classes, num_tasks=num_tasks)
+        self.task_heads = hatnorm.TaskHeads(width, num_classes, num_tasks=num_tasks)
 
     def forward(self, x: Tensor, task: int, s: float | None = None) -> Tensor:
-        return self.heads(F.relu(self.norm(self.fc(x), self.gate(task, s), task)), task)
+        return self.task_heads(F.relu(self.norm(self.fc(x), self.gate(task, s), task)), task)
 
     def hat_layers(self) -> list[hatnorm.blocks.Layer]:
         return [hatnorm.blocks.Layer(self.fc, out=self.gate), hatnorm.blocks.Layer(self.norm, out=self.gate)]

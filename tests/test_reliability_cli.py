@@ -20,7 +20,7 @@ from hatnorm.training import TrainConfig
 
 TINY = ["--tasks", "2", "--epochs", "1", "--seeds", "0"]
 ALEXNET = [*TINY[:4], "--archs", "alexnet", "--norms", "masked_bn"]
-LAYERNORM = [*TINY, "--dim", "8", "--depth", "1", "--heads", "2", "--norms", "masked_ln"]
+LAYERNORM = [*TINY, "--dim", "8", "--depth", "1", "--num-heads", "2", "--norms", "masked_ln"]
 
 
 def quiet() -> Console:
@@ -50,7 +50,7 @@ def test_pretrained_resumed_with_other_weights_is_refused_and_records_them(tmp_p
 
 
 def test_layernorm_resumed_with_other_hf_weights_is_refused(tmp_path) -> None:
-    sizes = {"channels": 1, "size": 32, "patch_size": 8, "dim": 8, "depth": 1, "heads": 2}
+    sizes = {"channels": 1, "size": 32, "patch_size": 8, "dim": 8, "depth": 1, "num_heads": 2}
     paths = []
     for seed in (1, 2):
         torch.manual_seed(seed)
@@ -124,7 +124,7 @@ def test_a_saved_source_network_is_reused_only_for_the_same_source(tmp_path) -> 
 
 
 def test_a_saved_transformers_network_is_reused_only_for_the_same_source(tmp_path) -> None:
-    config = layernorm.hf_config(channels=1, size=32, patch_size=8, dim=8, depth=1, heads=2)
+    config = layernorm.hf_config(channels=1, size=32, patch_size=8, dim=8, depth=1, num_heads=2)
     train = TrainConfig(epochs=1, batch_size=64)
     path, log = tmp_path / "vit_hf.pt", io.StringIO()
     layernorm.pretrain_hf(config, 0, train, path, Console(file=log), source_tasks=1)

@@ -44,7 +44,7 @@ class TinyTextTransformer(HATModule):
 
     def __init__(self, num_classes: Sequence[int], *, num_tasks: int, norm: str = "masked_ln", causal: bool,
                  vocab_size: int = len(VOCABULARY), max_length: int = 32, dim: int = 64, depth: int = 2,
-                 heads: int = 4, s_max: float = 400.0) -> None:
+                 num_heads: int = 4, s_max: float = 400.0) -> None:
         super().__init__()
         norm_layer = get_norm(norm).layer(num_tasks=num_tasks, dims=None)
         if causal and set(num_classes) != {vocab_size}:
@@ -54,8 +54,8 @@ class TinyTextTransformer(HATModule):
         self.embedding = StreamEmbedding(vocab_size, dim, max_length=max_length)
         self.gate_stream = HATGate(dim, num_tasks=num_tasks, s_max=s_max)
         self.attentions = nn.ModuleList(
-            GatedAttention(dim, heads=heads, dim_head=dim // heads, num_tasks=num_tasks, norm_layer=norm_layer,
-                           s_max=s_max) for _ in range(depth))
+            GatedAttention(dim, num_heads=num_heads, dim_head=dim // num_heads, num_tasks=num_tasks,
+                           norm_layer=norm_layer, s_max=s_max) for _ in range(depth))
         self.feedforwards = nn.ModuleList(
             GatedFeedForward(dim, 2 * dim, num_tasks=num_tasks, norm_layer=norm_layer, s_max=s_max)
             for _ in range(depth))

@@ -246,20 +246,20 @@ def _classifier(state: WalkState, node: fx.Node, module: nn.Linear | nn.Conv1d |
                 where: str) -> None:
     if isinstance(module, nn.Linear):
         counts = state.num_classes or [module.out_features] * state.num_tasks
-        heads = TaskHeads(module.in_features, counts, num_tasks=state.num_tasks, bias=module.bias is not None)
+        task_heads = TaskHeads(module.in_features, counts, num_tasks=state.num_tasks, bias=module.bias is not None)
     else:
         if module.groups != 1:
             raise ConversionError(f"{where}: a convolutional classifier must have groups=1, got "
                                   f"groups={module.groups}")
         counts = state.num_classes or [module.out_channels] * state.num_tasks
-        heads = TaskHeads(module.in_channels, counts, num_tasks=state.num_tasks, conv=module)
-    heads = heads.to(device=module.weight.device, dtype=module.weight.dtype)
+        task_heads = TaskHeads(module.in_channels, counts, num_tasks=state.num_tasks, conv=module)
+    task_heads = task_heads.to(device=module.weight.device, dtype=module.weight.dtype)
     if state.num_classes is None:
         # every task starts from the model's own head, so open gates reproduce the original outputs
-        for head in heads.heads:
+        for head in task_heads.heads:
             head.load_state_dict(module.state_dict())
     state.gm.delete_submodule(node.target)
-    state.gm.add_submodule(node.target, Heads(heads))
+    state.gm.add_submodule(node.target, Heads(task_heads))
     node.args = (node.args[0], state.task)
 
 

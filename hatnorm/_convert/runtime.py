@@ -46,16 +46,16 @@ class Heads(nn.Module):
     """Per-task heads in a converted graph, reading ``[N, *, in_features]`` like the ``nn.Linear`` they replace (or
 ``[N, in_features, *spatial]`` like the convolution)."""
 
-    def __init__(self, heads: TaskHeads) -> None:
+    def __init__(self, task_heads: TaskHeads) -> None:
         super().__init__()
-        self.heads = heads
-        self.convolutional = heads.convolutional  # export swaps ``heads`` for the task's head alone
+        self.task_heads = task_heads
+        self.convolutional = task_heads.convolutional  # export swaps ``task_heads`` for the task's head alone
 
     def forward(self, x: Tensor, task: int) -> Tensor:
         if self.convolutional:
-            return self.heads(x, task)
+            return self.task_heads(x, task)
         shape = x.shape
-        return self.heads(x.reshape(-1, shape[-1]), task).reshape(*shape[:-1], -1)
+        return self.task_heads(x.reshape(-1, shape[-1]), task).reshape(*shape[:-1], -1)
 
 
 
@@ -75,7 +75,7 @@ class GatedMultiheadAttention(nn.Module):
     def __init__(self, attention: nn.MultiheadAttention, *, num_tasks: int, s_max: float) -> None:
         super().__init__()
         dim = attention.embed_dim
-        self.heads, self.batch_first, self.dropout = attention.num_heads, attention.batch_first, attention.dropout
+        self.num_heads, self.batch_first, self.dropout = attention.num_heads, attention.batch_first, attention.dropout
         bias = attention.in_proj_bias is not None
         self.to_q, self.to_k, self.to_v = (nn.Linear(dim, dim, bias=bias) for _ in range(3))
         with torch.no_grad():
@@ -92,7 +92,7 @@ class GatedMultiheadAttention(nn.Module):
     def forward(self, query: Tensor, key: Tensor, value: Tensor, task: int, s: float | Tensor | None = None,
                 **_: Any) -> tuple[Tensor, None]:
         x = query if self.batch_first else query.transpose(0, 1)
-        q, k, v = (gated_linear(x, projection, gate(task, s)).unflatten(-1, (self.heads, -1)).transpose(1, 2)
+        q, k, v = (gated_linear(x, projection, gate(task, s)).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
                    for projection, gate in ((self.to_q, self.gate_q), (self.to_k, self.gate_k),
                                             (self.to_v, self.gate_v)))
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)

@@ -77,7 +77,7 @@ class TextSource:
         token, position, token_type: the embedding tables (``None`` for a model without one).
         embedding_norm: the LayerNorm of the embeddings' sum (post-norm models), or ``None``.
         layers: the transformer layers.
-        heads: attention heads.
+        num_heads: attention heads.
         post: whether the norms follow the residual sums (BERT) rather than precede the blocks (GPT-2).
         dropout: the dropout of the embeddings.
         attention_output_dropout, feedforward_dropout, attention_dropout: the dropouts of the attention's update, the
@@ -91,7 +91,7 @@ class TextSource:
     token_type: Tensor | None
     embedding_norm: nn.LayerNorm | None
     layers: list[LayerSource]
-    heads: int
+    num_heads: int
     post: bool
     dropout: float
     attention_output_dropout: float
@@ -147,7 +147,7 @@ class TextBlock(nn.Module):
 
     Args:
         source: the original layer.
-        heads: attention heads.
+        num_heads: attention heads.
         num_tasks: number of tasks.
         spec: the norm replacing the layer's LayerNorms.
         s_max: the gates' largest scale.
@@ -156,14 +156,14 @@ class TextBlock(nn.Module):
         scale: the attention scale (``None``: 1/√head_dim).
     """
 
-    def __init__(self, source: LayerSource, *, heads: int, num_tasks: int, spec: NormSpec, s_max: float, post: bool,
+    def __init__(self, source: LayerSource, *, num_heads: int, num_tasks: int, spec: NormSpec, s_max: float, post: bool,
                  dropouts: tuple[float, float, float], scale: float | None) -> None:
         super().__init__()
         check_activation(source.activation, source.option)
         dim, hidden = source.q[0].shape[1], source.fc1[0].shape[0]
         norms = (text_norm(source.attention_norm, spec, num_tasks, f"{source.where}'s attention LayerNorm"),
                  text_norm(source.feedforward_norm, spec, num_tasks, f"{source.where}'s MLP LayerNorm"))
-        self.attention = GatedAttention(dim, heads=heads, dim_head=dim // heads, num_tasks=num_tasks,
+        self.attention = GatedAttention(dim, num_heads=num_heads, dim_head=dim // num_heads, num_tasks=num_tasks,
                                         norm_layer=lambda _: norms[0], s_max=s_max, qkv_bias=True)
         self.feedforward = GatedFeedForward(dim, hidden, num_tasks=num_tasks, norm_layer=lambda _: norms[1],
                                             s_max=s_max, activation=copy.deepcopy(source.activation))
@@ -184,7 +184,7 @@ class TextBlock(nn.Module):
         out_gate = None if self.post else stream_gate
         h = x if self.post else attention.norm(x, stream_gate, task, trusted=True)
         q, k, v = (rearrange(gated_linear(h, proj, gate(task, s, trusted=True)), "b n (h d) -> b h n d",
-                             h=attention.heads)
+                             h=attention.num_heads)
                    for proj, gate in ((attention.to_q, attention.gate_q), (attention.to_k, attention.gate_k),
                                       (attention.to_v, attention.gate_v)))
         h = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
@@ -229,7 +229,7 @@ class TextBody(nn.Module):
         self.dropout = nn.Dropout(source.dropout)
         dropouts = (source.attention_output_dropout, source.feedforward_dropout, source.attention_dropout)
         self.blocks = nn.ModuleList(
-            TextBlock(layer, heads=source.heads, num_tasks=num_tasks, spec=spec, s_max=s_max, post=source.post,
+            TextBlock(layer, num_heads=source.num_heads, num_tasks=num_tasks, spec=spec, s_max=s_max, post=source.post,
                       dropouts=dropouts, scale=scale)
             for layer, scale in zip(source.layers, source.scales, strict=True))
 
@@ -330,13 +330,13 @@ class ConvertedTextEncoder(HATModule):
         self.gate_pool = HATGate(pooler.out_features, num_tasks=num_tasks, s_max=s_max)
         self.pool_activation = {"tanh": torch.tanh, "relu": F.relu}[pool_activation]
         self.pool_dropout_before, self.pool_dropout_after = (nn.Dropout(p) for p in pool_dropouts)
-        self.heads = TaskHeads(pooler.out_features, num_classes or [classifier.out_features] * num_tasks,
+        self.task_heads = TaskHeads(pooler.out_features, num_classes or [classifier.out_features] * num_tasks,
                                num_tasks=num_tasks, bias=classifier.bias is not None)
-        self.num_tasks = self.heads.num_tasks
+        self.num_tasks = self.task_heads.num_tasks
         self.padding_idx = padding_idx
         self.to(pooler.weight)
         if num_classes is None:
-            for head in self.heads.heads:
+            for head in self.task_heads.heads:
                 head.load_state_dict(classifier.state_dict())
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None,
@@ -361,7 +361,7 @@ class ConvertedTextEncoder(HATModule):
         x, _ = self.body(input_ids, mask, task, s, position_ids=position_ids, token_type_ids=token_type_ids)
         pool_gate = self.gate_pool(task, s, trusted=True)
         pooled = self.pool_activation(gated_linear(self.pool_dropout_before(x[:, 0]), self.pooler, pool_gate))
-        return self.heads(self.pool_dropout_after(pooled), task, trusted=True)
+        return self.task_heads(self.pool_dropout_after(pooled), task, trusted=True)
 
     def hat_layers(self) -> list[Layer]:
         return [*self.body.wiring(), Layer(self.pooler, out=self.gate_pool, inp=self.body.gate_stream)]
@@ -396,7 +396,7 @@ def _bert_source(module: nn.Module, encoder: nn.Module, name: str) -> TextSource
     hidden = config.hidden_dropout_prob
     return TextSource(token=embeddings.word_embeddings.weight, position=embeddings.position_embeddings.weight,
                       token_type=embeddings.token_type_embeddings.weight, embedding_norm=embeddings.LayerNorm,
-                      layers=layers, heads=config.num_attention_heads, post=True, dropout=hidden,
+                      layers=layers, num_heads=config.num_attention_heads, post=True, dropout=hidden,
                       attention_output_dropout=hidden, feedforward_dropout=hidden,
                       attention_dropout=config.attention_probs_dropout_prob, scales=[None] * len(layers),
                       where=f"module.{name}")
@@ -454,7 +454,7 @@ def convert_distilbert(module: nn.Module, *, num_tasks: int, norms: Norms, num_c
               for i, layer in enumerate(model.transformer.layer)]
     # DistilBERT drops out the MLP's update but not the attention's
     source = TextSource(token=embeddings.word_embeddings.weight, position=embeddings.position_embeddings.weight,
-                        token_type=None, embedding_norm=embeddings.LayerNorm, layers=layers, heads=config.n_heads,
+                        token_type=None, embedding_norm=embeddings.LayerNorm, layers=layers, num_heads=config.n_heads,
                         post=True, dropout=config.dropout, attention_output_dropout=0.0,
                         feedforward_dropout=config.dropout, attention_dropout=config.attention_dropout,
                         scales=[None] * len(layers), where="module.distilbert")

@@ -66,7 +66,7 @@ def _gpt2_source(model: nn.Module) -> TextSource:
         scale = head_dim**-0.5 if config.scale_attn_weights else 1.0
         scales.append(scale / (i + 1) if config.scale_attn_by_inverse_layer_idx else scale)
     return TextSource(token=model.wte.weight, position=model.wpe.weight, token_type=None, embedding_norm=None,
-                      layers=layers, heads=config.num_attention_heads, post=False, dropout=config.embd_pdrop,
+                      layers=layers, num_heads=config.num_attention_heads, post=False, dropout=config.embd_pdrop,
                       attention_output_dropout=config.resid_pdrop, feedforward_dropout=config.resid_pdrop,
                       attention_dropout=config.attn_pdrop, scales=scales, where="module.transformer")
 

@@ -11,12 +11,12 @@ original computes (``model(input_ids=, attention_mask=, task=, s=)`` → logits 
   RMSNorm: statistics over the stream's selected features), γ and eps copied, computed in float32 at least, as
   transformers computes it.
 - **Rotary position embedding** rotates feature i of a head with feature i + d/2 (transformers' ``rotate_half``). q
-  and k are gated **per pair**: a gate of ``heads · d/2`` units whose value is expanded to both features of its pair,
-  so a gate closes or opens a rotated pair whole; scaling both features of a pair by one value commutes with the
+  and k are gated **per pair**: a gate of ``num_heads · d/2`` units whose value is expanded to both features of its
+  pair, so a gate closes or opens a rotated pair whole; scaling both features of a pair by one value commutes with the
   rotation. v is not rotated and is gated per feature.
-- **Grouped-query attention**: k and v have ``kv_heads`` heads, each read by a group of ``heads / kv_heads`` query
-  heads; their gates are per kv head, and o_proj's input feature j of query head h has the unit of v's feature j of
-  kv head ``h // group``.
+- **Grouped-query attention**: k and v have ``num_kv_heads`` heads, each read by a group of
+  ``num_heads / num_kv_heads`` query heads; their gates are per kv head, and o_proj's input feature j of query
+  head h has the unit of v's feature j of kv head ``h // group``.
 - **SwiGLU** ``down(act(gate_proj x) ⊙ up_proj x)``: the product of two tensors of the same hidden units gets one
   gate, applied once (folded into up_proj's rows); gate_proj's and up_proj's rows are both protected by it and
   down_proj's input units are the same gate. A closed unit's product is 0 whatever the activation gives, so the
@@ -64,16 +64,16 @@ def _rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def _pairs(gate: Tensor, heads: int) -> Tensor:
-    """A per-pair gate ``[heads · d/2]`` expanded to the features ``[heads · d]``: feature j of a head has pair
+def _pairs(gate: Tensor, num_heads: int) -> Tensor:
+    """A per-pair gate ``[num_heads · d/2]`` expanded to the features ``[num_heads · d]``: feature j of a head has pair
     j mod d/2 (transformers rotates feature j with j + d/2)."""
-    return gate.view(heads, -1).repeat(1, 2).reshape(-1)
+    return gate.view(num_heads, -1).repeat(1, 2).reshape(-1)
 
 
-def _pair_index(heads: int, dim_head: int) -> Tensor:
+def _pair_index(num_heads: int, dim_head: int) -> Tensor:
     """The pair unit of every q/k feature, as :func:`_pairs` expands the gate."""
     half = dim_head // 2
-    return (torch.arange(heads)[:, None] * half + torch.arange(dim_head)[None, :] % half).reshape(-1)
+    return (torch.arange(num_heads)[:, None] * half + torch.arange(dim_head)[None, :] % half).reshape(-1)
 
 
 def _linear(source: nn.Module, where: str) -> nn.Linear:
@@ -100,17 +100,17 @@ class RotaryAttention(nn.Module):
         self.dim_head = int(attention.head_dim)
         self.to_q, self.to_k, self.to_v, self.to_out = (
             _linear(getattr(attention, name), f"{where}.{name}") for name in ("q_proj", "k_proj", "v_proj", "o_proj"))
-        self.heads = self.to_q.out_features // self.dim_head
-        self.kv_heads = self.to_k.out_features // self.dim_head
-        self.group = self.heads // self.kv_heads
+        self.num_heads = self.to_q.out_features // self.dim_head
+        self.num_kv_heads = self.to_k.out_features // self.dim_head
+        self.group = self.num_heads // self.num_kv_heads
         self.scaling = float(attention.scaling)
         self.dropout = float(attention.attention_dropout)
         self.window = window
         self.norm = norm
         half = self.dim_head // 2
-        self.gate_q = HATGate(self.heads * half, num_tasks=num_tasks, s_max=s_max)
-        self.gate_k = HATGate(self.kv_heads * half, num_tasks=num_tasks, s_max=s_max)
-        self.gate_v = HATGate(self.kv_heads * self.dim_head, num_tasks=num_tasks, s_max=s_max)
+        self.gate_q = HATGate(self.num_heads * half, num_tasks=num_tasks, s_max=s_max)
+        self.gate_k = HATGate(self.num_kv_heads * half, num_tasks=num_tasks, s_max=s_max)
+        self.gate_v = HATGate(self.num_kv_heads * self.dim_head, num_tasks=num_tasks, s_max=s_max)
 
     def forward(self, x: Tensor, stream: Tensor, task: int, s: float | Tensor | None, rotary: tuple[Tensor, Tensor],
                 mask: Tensor) -> Tensor:
@@ -119,12 +119,12 @@ class RotaryAttention(nn.Module):
         h = _rms(self.norm, x, stream, task)
         cos, sin = (t[:, None] for t in rotary)
 
-        def heads(proj: nn.Linear, gate: Tensor, count: int) -> Tensor:
+        def split(proj: nn.Linear, gate: Tensor, count: int) -> Tensor:
             return gated_linear(h, proj, gate).unflatten(-1, (count, self.dim_head)).transpose(1, 2)
 
-        q = heads(self.to_q, _pairs(self.gate_q(task, s, trusted=True), self.heads), self.heads)
-        k = heads(self.to_k, _pairs(self.gate_k(task, s, trusted=True), self.kv_heads), self.kv_heads)
-        v = heads(self.to_v, self.gate_v(task, s, trusted=True), self.kv_heads)
+        q = split(self.to_q, _pairs(self.gate_q(task, s, trusted=True), self.num_heads), self.num_heads)
+        k = split(self.to_k, _pairs(self.gate_k(task, s, trusted=True), self.num_kv_heads), self.num_kv_heads)
+        v = split(self.to_v, self.gate_v(task, s, trusted=True), self.num_kv_heads)
         q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
         # query head h reads kv head h // group
         k, v = k.repeat_interleave(self.group, dim=1), v.repeat_interleave(self.group, dim=1)
@@ -133,10 +133,10 @@ class RotaryAttention(nn.Module):
         return gated_linear(out.transpose(1, 2).flatten(2), self.to_out, stream)
 
     def wiring(self, stream: HATGate) -> list[Layer]:
-        q_units = Select(self.gate_q, _pair_index(self.heads, self.dim_head))
-        k_units = Select(self.gate_k, _pair_index(self.kv_heads, self.dim_head))
+        q_units = Select(self.gate_q, _pair_index(self.num_heads, self.dim_head))
+        k_units = Select(self.gate_k, _pair_index(self.num_kv_heads, self.dim_head))
         # o_proj's input feature j of query head h: v's feature j of kv head h // group
-        head = torch.arange(self.heads)[:, None] // self.group
+        head = torch.arange(self.num_heads)[:, None] // self.group
         o_units = Select(self.gate_v, (head * self.dim_head + torch.arange(self.dim_head)[None, :]).reshape(-1))
         return [Layer(self.norm, out=stream), Layer(self.to_q, out=q_units, inp=stream),
                 Layer(self.to_k, out=k_units, inp=stream), Layer(self.to_v, out=self.gate_v, inp=stream),

@@ -56,12 +56,12 @@ class ConvertedViT(HATModule):
             self.tokens.cls_token.copy_(embeddings.cls_token)
             self.tokens.pos_embedding.copy_(embeddings.position_embeddings)
         self.gate_stream = HATGate(dim, num_tasks=num_tasks, s_max=s_max)
-        heads = config.num_attention_heads
-        dim_head = getattr(config, "head_dim", None) or dim // heads
+        num_heads = config.num_attention_heads
+        dim_head = getattr(config, "head_dim", None) or dim // num_heads
         self.attentions = nn.ModuleList()
         self.feedforwards = nn.ModuleList()
         for layer in layers:
-            attention = GatedAttention(dim, heads=heads, dim_head=dim_head, num_tasks=num_tasks,
+            attention = GatedAttention(dim, num_heads=num_heads, dim_head=dim_head, num_tasks=num_tasks,
                                        norm_layer=norm_layer, s_max=s_max, qkv_bias=config.qkv_bias)
             source = layer.attention
             for mine, theirs in ((attention.to_q, source.q_proj), (attention.to_k, source.k_proj),
@@ -78,10 +78,10 @@ class ConvertedViT(HATModule):
         self.norm = norm_layer(dim)
         self._load_norm(self.norm, vit.layernorm, spec)
         counts = num_classes or [classifier.out_features] * num_tasks
-        self.heads = TaskHeads(dim, counts, num_tasks=num_tasks)
-        self.num_tasks = self.heads.num_tasks
+        self.task_heads = TaskHeads(dim, counts, num_tasks=num_tasks)
+        self.num_tasks = self.task_heads.num_tasks
         if num_classes is None:
-            for head in self.heads.heads:
+            for head in self.task_heads.heads:
                 _load(head, classifier)
 
     @staticmethod
@@ -98,7 +98,7 @@ class ConvertedViT(HATModule):
         stream = self.gate_stream(task, s)
         x = self.tokens(self.patch(pixel_values).flatten(2).transpose(1, 2)) * stream
         x = run_blocks(x, stream, self.attentions, self.feedforwards, task, s)
-        return self.heads(self.norm(x, stream, task)[:, 0], task)
+        return self.task_heads(self.norm(x, stream, task)[:, 0], task)
 
     def hat_layers(self) -> list[Layer]:
         stream = self.gate_stream

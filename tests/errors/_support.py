@@ -86,11 +86,11 @@ class Net(nn.Module):
         self.fc1, self.fc2 = nn.Linear(3, C), nn.Linear(C, 4)
         self.n1 = hatnorm.norms.MaskedBatchNorm1d(C, num_tasks=T)
         self.g1, self.g2 = hatnorm.HATGate(C, num_tasks=T), hatnorm.HATGate(4, num_tasks=T)
-        self.heads = hatnorm.TaskHeads(4, 2, num_tasks=T)
+        self.task_heads = hatnorm.TaskHeads(4, 2, num_tasks=T)
 
     def forward(self, x: Tensor, task: int, s: float | None = None) -> Tensor:
         h = F.relu(self.n1(self.fc1(x), self.g1(task, s), task))
-        return self.heads(F.relu(self.fc2(h) * self.g2(task, s)), task)
+        return self.task_heads(F.relu(self.fc2(h) * self.g2(task, s)), task)
 
     def layers(self) -> list[hatnorm.blocks.Layer]:
         return [hatnorm.blocks.Layer(self.fc1, out=self.g1), hatnorm.blocks.Layer(self.n1, out=self.g1),

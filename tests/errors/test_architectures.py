@@ -18,7 +18,7 @@ ARCHS: dict[str, tuple[str, dict, tuple[int, ...]]] = {
     "mlp": ("masked_bn", {"in_features": 3 * 4 * 4, "hidden": (8,)}, (4, 3, 4, 4)),
     "alexnet": ("masked_bn", {"size": 28, "width": 0.05}, (4, 3, 28, 28)),
     "resnet18": ("masked_bn", {"base_width": 2}, (4, 3, 8, 8)),
-    "vit": ("masked_ln", {"image_size": 8, "patch_size": 4, "dim": 8, "depth": 1, "heads": 2}, (4, 3, 8, 8)),
+    "vit": ("masked_ln", {"image_size": 8, "patch_size": 4, "dim": 8, "depth": 1, "num_heads": 2}, (4, 3, 8, 8)),
 }
 # name → (argument name, the expected shape as the message writes it)
 ARCH_SHAPES = {

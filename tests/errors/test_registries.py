@@ -70,7 +70,7 @@ def test_build_refuses_wrong_per_task_class_counts(num_classes, exc, match) -> N
 
 def test_build_takes_numpy_class_counts() -> None:
     model = hatnorm.build("mlp", num_tasks=T, num_classes=np.int64(4), in_features=8, hidden=(4,))
-    assert model.heads.num_classes == [4, 4, 4]
+    assert model.task_heads.num_classes == [4, 4, 4]
 
 
 @pytest.mark.parametrize(("name", "options", "exc", "match"), [

@@ -35,14 +35,15 @@ class GatedNet(hatnorm.HATModule):
             self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(sizes, widths, strict=False))
         self.norms = nn.ModuleList(norm_layer(w) for w in widths)
         self.gates = nn.ModuleList(hatnorm.HATGate(w, num_tasks=num_tasks) for w in widths)
-        self.heads = None if num_classes is None else hatnorm.TaskHeads(widths[-1], num_classes, num_tasks=num_tasks)
+        self.task_heads = (None if num_classes is None
+                           else hatnorm.TaskHeads(widths[-1], num_classes, num_tasks=num_tasks))
 
     def forward(self, x: Tensor, task: int, s: float | None = None) -> Tensor:
         for layer, norm, gate in zip(self.layers, self.norms, self.gates, strict=True):
             x = F.relu(norm(layer(x), gate(task, s), task))
-        if self.heads is None:
+        if self.task_heads is None:
             return x
-        return self.heads(x.mean((2, 3)) if x.dim() == 4 else x, task)
+        return self.task_heads(x.mean((2, 3)) if x.dim() == 4 else x, task)
 
     def hat_layers(self) -> list[hatnorm.blocks.Layer]:
         wiring = []

@@ -306,7 +306,7 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], dict[int, int]
     "resnet18": (lambda: hatnorm.build("resnet18", num_tasks=T, num_classes=2, base_width=1), (2, 3, 4, 4), {1: 3},
                  True),
     "vit": (lambda: hatnorm.build("vit", num_tasks=T, norm="masked_ln", num_classes=2, image_size=4, patch_size=2,
-                                  dim=4, depth=1, heads=2), (2, 3, 4, 4), {1: 3, 2: 4, 3: 4}, False),
+                                  dim=4, depth=1, num_heads=2), (2, 3, 4, 4), {1: 3, 2: 4, 3: 4}, False),
     "converted": (lambda: hatnorm.convert(SmallCNN(), num_tasks=T), (2, 3, 8, 8), {1: 3, 2: 8, 3: 8}, False),
 }
 
