@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -131,6 +132,12 @@ def write(summary: dict[str, Any], out: Path, info: dict[str, Any]) -> None:
                              c["finding"]])
 
 
+def _without_seeds(title: str) -> tuple[str, str]:
+    """A run's title without its seeds (the part from the last ``, seed`` or ``; seed`` on) and the separator."""
+    found = re.match(r"(.*)([,;]) seeds? ", title, re.DOTALL)
+    return (title, ",") if found is None else (found[1], found[2])
+
+
 def merge(runs: Sequence[dict[str, Any]], names: Sequence[str]) -> dict[str, Any]:
     """One summary over the seeds of several runs of the same ablation, variants and settings.
 
@@ -151,7 +158,7 @@ def merge(runs: Sequence[dict[str, Any]], names: Sequence[str]) -> dict[str, Any
                 raise ValueError(f"{name}: {key} {mine!r} differs from {names[0]}'s {theirs!r}")
         # the sequence: its data and length (in the title); its tasks themselves may follow the seed
         # (permutations, rotation angles, CIFAR's task order)
-        mine, theirs = results["title"].rsplit(", seed", 1)[0], first["title"].rsplit(", seed", 1)[0]
+        mine, theirs = _without_seeds(results["title"])[0], _without_seeds(first["title"])[0]
         if mine != theirs or len(results.get("tasks", [])) != len(first.get("tasks", [])):
             raise ValueError(f"{name}: the run {mine!r} ({len(results.get('tasks', []))} tasks) is not the same "
                              f"ablation and sequence as {names[0]}'s {theirs!r} ({len(first.get('tasks', []))} tasks)")
@@ -167,7 +174,8 @@ def merge(runs: Sequence[dict[str, Any]], names: Sequence[str]) -> dict[str, Any
             by_seed[seed] = {label: r["runs"][str(seed)] for label, r in results["variants"].items()}
     declared = [Contrast(**c) for c in first.get("declared", [])] or [(c["a"], c["b"]) for c in first["contrasts"]]
     summary = aggregate(dict(sorted(by_seed.items())), declared)
-    title = first["title"].rsplit(", seed", 1)[0] + f", {seeds_text(list(summary['seeds']))})"
+    stem, separator = _without_seeds(first["title"])
+    title = f"{stem}{separator} {seeds_text(list(summary['seeds']))})"
     wall = sum(r.get("wall_seconds", math.nan) for r in runs)
     return {k: v for k, v in first.items() if k not in ("variants", "contrasts", "seeds")} | {
         "title": title, "wall_seconds": wall, "merged_from": list(names)} | summary
