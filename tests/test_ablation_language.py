@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from ablations import language
+from ablations import language, report
 
 TINY = ["--seeds", "0", "--epochs", "1", "--train-size", "24", "--test-size", "12", "--dim", "16", "--depth", "1",
         "--num-heads", "2", "--batch-size", "8", "--no-joint"]
@@ -46,3 +46,17 @@ def test_the_language_ablation_refuses_bad_options_and_writes_nothing(argv, mess
     assert exit_.value.code == 2
     assert message in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_seeds_run_apart_merge_into_one_table_that_names_the_shared_head(tmp_path, capsys) -> None:
+    # the language titles end in "; seed 0)": report --merge joins seeds run as separate processes
+    part = [*TINY[2:], "--parts", "causal", "--generation", "copy", "count"]
+    for seed in (0, 1):
+        language.main(["--seeds", str(seed), *part, "--out", str(tmp_path / f"s{seed}")])
+    report.main(["--merge", str(tmp_path / "all"), str(tmp_path / "s0" / "causal"), str(tmp_path / "s1" / "causal")])
+    merged = json.loads((tmp_path / "all" / "results.json").read_text())
+    assert merged["seeds"] == [0, 1] and merged["title"].endswith("; seeds 0, 1)")
+    capsys.readouterr()
+    report.main([str(tmp_path / "all")])
+    first = capsys.readouterr().out.splitlines()[0]
+    assert "one language-model head over the shared vocabulary" in first and "one head per task" not in first
