@@ -25,8 +25,10 @@ from hatnorm._convert.ops_elementwise import (
     ADDCMUL,
     DIVIDE,
     NORMALIZE,
+    OF_SCALE,
     PASSES,
     POOL,
+    POWER,
     PRODUCT,
     SCALE,
     UNITWISE,
@@ -39,7 +41,7 @@ from hatnorm._convert.ops_layers import (
     NORM,
     WEIGHTED,
 )
-from hatnorm._convert.ops_shapes import CAT, MOVES, PAD, REDUCE, REDUCTIONS, STACK
+from hatnorm._convert.ops_shapes import CAT, COPYING_PADS, MOVES, PAD, REDUCE, REDUCTIONS, STACK
 from hatnorm._convert.state import WalkState
 from hatnorm._convert.table import OPS, Handler, OpTable
 from hatnorm._convert.tracing import is_drop_path, is_transformers_activation
@@ -51,13 +53,13 @@ def _nothing(state: WalkState, node: fx.Node, where: str) -> None:
     """A number or flag of the training mode (:class:`~.train_graph.ModeValue`), not a tensor."""
 
 
-#: activations with f(0) = 0 and drop-path
+#: activations with f(0) = 0, negation (rotary embeddings' rotate_half) and drop-path
 _UNITWISE = [
     nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Mish, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Hardswish, nn.Hardtanh,
     nn.Tanh, nn.Softsign, nn.Tanhshrink, nn.Hardshrink, nn.Softshrink, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
     F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.gelu, F.silu, F.mish, F.leaky_relu, F.elu, F.selu, F.celu,
     F.hardswish, F.hardtanh, torch.tanh, F.tanh, F.softsign, F.dropout1d, F.dropout2d, F.dropout3d, torch.clone,
-    "relu", "relu_", "tanh", "tanh_", "float", "double", "half", "bfloat16", "type_as",
+    "relu", "relu_", "tanh", "tanh_", "float", "double", "half", "bfloat16", "type_as", operator.neg, torch.neg, "neg",
 ]
 _POOLS = [
     nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d,
@@ -74,13 +76,14 @@ _MOVES = [
     torch.select, torch.tensor_split, operator.getitem, "view", "reshape", "flatten", "unflatten", "permute",
     "transpose", "swapaxes", "movedim", "squeeze", "unsqueeze", "chunk", "split", "unbind", "narrow", "roll", "expand",
     "repeat", "select", "tensor_split", torch.repeat_interleave, "repeat_interleave", torch.tile, "tile", "unfold",
+    "reshape_as", "view_as", "expand_as",
 ]
 _SCALES = [nn.Sigmoid, nn.Hardsigmoid, torch.sigmoid, F.sigmoid, F.hardsigmoid, "sigmoid", "sigmoid_"]
 _ADDS = [operator.add, operator.iadd, torch.add, operator.sub, operator.isub, torch.sub, "add", "add_", "sub", "sub_"]
 _PRODUCTS = [operator.mul, operator.imul, torch.mul, "mul", "mul_"]
 _DIVISIONS = [operator.truediv, operator.itruediv, torch.div, "div", "div_"]
-#: zero padding, functional or a module (ZeroPad2d, ConstantPad2d with value 0)
-_PADS = [F.pad, nn.modules.padding._ConstantPadNd]
+#: zero padding, functional or a module (ZeroPad2d, ConstantPad2d with value 0), and padding that copies values
+_PADS = [F.pad, nn.modules.padding._ConstantPadNd, *COPYING_PADS]
 _CATS = [torch.cat, torch.concat, torch.concatenate]
 _MATMULS = [operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm"]
 _SOFTMAXES = [nn.Softmax, F.softmax, torch.softmax, "softmax"]
@@ -104,7 +107,8 @@ def register_builtins(table: OpTable) -> None:
         (PRODUCT, _PRODUCTS), (DIVIDE, _DIVISIONS), (ADDCMUL, [torch.addcmul, "addcmul"]), (CAT, _CATS),
         (STACK, [torch.stack]), (REDUCE, list(REDUCTIONS)),
         (MATMUL, _MATMULS), (SOFTMAX, _SOFTMAXES), (SCORES_ONLY, [torch.masked_fill, "masked_fill"]), (PAD, _PADS),
-        (EINSUM, [torch.einsum]), (NORMALIZE, [F.normalize]),
+        (EINSUM, [torch.einsum]), (NORMALIZE, [F.normalize]), (POWER, [torch.pow, operator.pow, "pow"]),
+        (OF_SCALE, [torch.rsqrt, "rsqrt", torch.reciprocal, "reciprocal"]),
         (ATTENTION_FUNCTION, [F.scaled_dot_product_attention]), (ATTENTION_MODULE, [nn.MultiheadAttention]),
         (WEIGHTED, [nn.Linear, nn.modules.conv._ConvNd]), (FUNCTIONAL_NORM, list(FUNCTIONAL_NORMS)),
         (FUNCTIONAL_LAYER, list(FUNCTIONAL_LAYERS)), (Handler("mode value", _nothing, scores="takes"), [ModeValue]),

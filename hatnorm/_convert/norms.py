@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import torch
 from torch import Tensor, nn
 
 from hatnorm._convert.error import ConversionError
@@ -67,6 +68,7 @@ def make_norm(module: nn.Module, spec: NormSpec, num_tasks: int, where: str) -> 
                               f"{', '.join(t.__name__ for t in spec.replaces) or 'none'}; norms that replace "
                               f"{type(module).__name__}: {fitting}; a model with several kinds of norm takes one "
                               "per kind, e.g. norm={'batch': 'masked_bn', 'layer': 'masked_ln'}")
+    module = _with_affine(module)
     try:
         options = spec.options_from(module)
     except ValueError as error:
@@ -75,6 +77,24 @@ def make_norm(module: nn.Module, spec: NormSpec, num_tasks: int, where: str) -> 
     if any(True for _ in norm.parameters()) or any(True for _ in norm.buffers()):
         norm.load_state_dict(module.state_dict())
     return norm.to(next(module.parameters()).device)
+
+
+def _with_affine(module: nn.Module) -> nn.Module:
+    """A LayerNorm over the last dim or a GroupNorm without β (MetaFormer's ``LayerNorm2dNoBias`` and
+    ``GroupNorm1NoBias``) or without γ and β, as the norm with them that computes the same: β = 0, γ = 1 (they become
+    parameters a task may learn, protected like the others); any other module as it is."""
+    if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1 and module.bias is None:
+        full = nn.LayerNorm(module.normalized_shape, eps=module.eps)
+    elif isinstance(module, nn.GroupNorm) and module.bias is None:
+        full = nn.GroupNorm(module.num_groups, module.num_channels, eps=module.eps)
+    else:
+        return module
+    if module.weight is None:
+        return full
+    full = full.to(device=module.weight.device, dtype=module.weight.dtype)
+    with torch.no_grad():
+        full.weight.copy_(module.weight)
+    return full
 
 
 def norm_modules() -> tuple[type[nn.Module], ...]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from torch import fx
 
 from hatnorm._convert.error import ConversionError
+from hatnorm._convert.ops_shapes import collapsed
 from hatnorm._convert.runtime import GatedMultiheadAttention
 from hatnorm._convert.state import WalkState
 from hatnorm._convert.table import Handler
@@ -70,24 +71,42 @@ def _attention_function(state: WalkState, node: fx.Node, where: str) -> None:
 
 
 def _matmul(state: WalkState, node: fx.Node, where: str) -> None:
-    """``q @ kᵀ`` gives scores (tokens × tokens); ``scores @ v`` has v's units."""
+    """``q @ kᵀ`` gives scores (tokens × tokens); ``scores @ v`` has v's units, and so has ``v @ scoresᵀ`` with v's
+    tokens in its last dim (EfficientViT-MSRA's and SHViT's ``v @ attn.transpose(-2, -1)``, channels × tokens): each
+    output value is a weighted sum over the tokens of one feature of v, 0 where that feature's unit is closed."""
     state.resolve(node, where)
     a, b = (state.units.get(x) for x in node.args[:2])
     if isinstance(a, Units) and isinstance(b, Units) and not _varies(a, -2) and not _varies(b, -1):
         state.units[node] = Scores()
     elif isinstance(a, Scores) and isinstance(b, Units) and not _varies(b, -2):
         state.per_task(a.params, b.source)
-        state.units[node] = Units(b.source, b.index)
+        state.units[node] = _over_tokens(b, -2)
+    elif isinstance(a, Units) and isinstance(b, Scores) and not _varies(a, -1):
+        state.per_task(b.params, a.source)
+        state.units[node] = _over_tokens(a, -1)
     else:
         raise ConversionError(f"{where}: a matrix product is supported as attention over tokens (q @ kᵀ contracting "
                               "the features, then scores @ v contracting the tokens); attention over the channels "
                               "(XCiT's and EdgeNeXt's cross-covariance attention) mixes units")
 
 
+def _over_tokens(units: Units, dim: int) -> Units:
+    """The units of a weighted sum of v over its tokens (along ``dim``): v's, its always-0 positions along ``dim``
+    (zero-padded keys) dropped."""
+    if units.index.dim() < 2:
+        return units
+    return Units(units.source, collapsed(units.index, [units.index.dim() + dim], units.source.num_features))
+
+
 def _varies(units: Units, dim: int) -> bool:
     """Whether the units vary along ``dim`` (one of the last two: the tokens of q, v or kᵀ), as they do in attention
-    over the channels."""
-    return units.index.dim() >= 2 and units.index.shape[dim] > 1
+    over the channels; positions that are always 0 (HaloNet's zero-padded keys: index −1) vary with no unit."""
+    index = units.index
+    if index.dim() < 2 or index.shape[dim] == 1:
+        return False
+    valid = index >= 0
+    high = index.masked_fill(~valid, -1).amax(dim, keepdim=True)
+    return bool(((index != high) & valid).any())
 
 
 def _einsum(state: WalkState, node: fx.Node, where: str) -> None:

@@ -270,6 +270,38 @@ def _scale(state: WalkState, node: fx.Node, where: str) -> None:
     state.units[node] = units if isinstance(units, Scale) else Scale(state.gated(node.args[0], where))
 
 
+def _power(state: WalkState, node: fx.Node, where: str) -> None:
+    """``x ** p`` for a number ``p ≥ 1`` (RMSNorm written out: ``x.pow(2)``): f(0) = 0 and a finite gradient at 0, so
+    the units stay; ``p = 0`` gives ones, a scale; of a scale, a scale. Other exponents (0 < p < 1: an infinite
+    gradient at a closed unit's 0; p < 0: infinite at 0; a tensor) are refused."""
+    state.resolve(node, where)
+    exponent = node.args[1] if len(node.args) > 1 else node.kwargs.get("exponent")
+    units = state.units.get(node.args[0])
+    if isinstance(units, Scale):
+        if isinstance(exponent, fx.Node):
+            raise ConversionError(f"{where}: a power of a scale by a tensor")
+        state.units[node] = units
+        return
+    units = state.gated(node.args[0], where)
+    if not isinstance(exponent, int | float) or isinstance(exponent, bool) or 0 < exponent < 1 or exponent < 0:
+        raise ConversionError(f"{where}: a power of a gated tensor keeps its units for a number exponent ≥ 1 (0 at a "
+                              f"closed unit, with a finite gradient there), got {exponent!r}")
+    state.units[node] = Scale(units) if exponent == 0 else units
+
+
+def _of_scale(state: WalkState, node: fx.Node, where: str) -> None:
+    """A unit-wise function that is infinite at 0 (``rsqrt``, ``reciprocal``: RMSNorm's ``rsqrt(mean(x²) + ε)``): of
+    a scale or a statistic (never 0 at a closed unit) it gives a scale of the same kind; of a gated tensor it would
+    be infinite wherever a unit is closed."""
+    state.resolve(node, where)
+    units = state.units.get(node.args[0])
+    if not isinstance(units, Scale):
+        state.gated(node.args[0], where)
+        raise ConversionError(f"{where}: a function infinite at 0 (rsqrt, reciprocal) is supported on a scale or a "
+                              "statistic (a mean of squares plus ε), not on a gated tensor, whose closed units are 0")
+    state.units[node] = units
+
+
 #: an op on every value alone with f(0) = 0 (an activation, drop-path): its output holds its input's units
 UNITWISE = Handler("unitwise", _unitwise, scores="keeps")
 #: a pool: unit-wise, and the units must not vary along the dims it pools
@@ -283,6 +315,10 @@ ACTIVATION = Handler("activation", _activation)
 ADD = Handler("add", _add, scores="keeps")
 PRODUCT = Handler("product", _product, scores="keeps")
 DIVIDE = Handler("divide", _divide, scores="keeps")
+#: ``x ** p``: a number p ≥ 1 keeps the units
+POWER = Handler("power", _power)
+#: ``rsqrt``, ``reciprocal``: of a scale or a statistic only
+OF_SCALE = Handler("of a scale", _of_scale)
 #: ``F.normalize``: keeps the units
 NORMALIZE = Handler("normalize", _normalize)
 #: ``input + t1 * t2``: a product and an add

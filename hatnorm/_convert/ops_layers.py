@@ -79,6 +79,8 @@ def _functional_layer(state: WalkState, node: fx.Node, where: str) -> None:
         state.units[node] = None  # a fixed transform (a DCT by a buffer) of raw data: still data
         return
     weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+    if _fixed_depthwise(state, node, weight, where):
+        return
     owner = weight.target.rpartition(".")[0] if isinstance(weight, fx.Node) and weight.op == "get_attr" else None
     module = state.traced.get_submodule(owner) if owner is not None else None
     kind = FUNCTIONAL_LAYERS[node.target]
@@ -127,6 +129,27 @@ def _functional_layer(state: WalkState, node: fx.Node, where: str) -> None:
         new.replace_all_uses_with(total, delete_user_cb=lambda user: user is not total)
         rewritten(state, total, node, [new, added], where, ADD.apply)
         state.regate(total, state.units[total], where)  # a gate after the bias, as after a Linear's own
+
+
+def _fixed_depthwise(state: WalkState, node: fx.Node, weight: object, where: str) -> bool:
+    """A depthwise convolution by a fixed kernel (a buffer: TResNet's and the anti-aliased models' blur pool,
+    ``F.conv2d(x, filt, stride=2, groups=channels)``), without bias: each output channel a fixed weighted sum over a
+    window of its own input channel, 0 where that channel is 0, so it passes units like a pool. Whether ``node`` is
+    one (and then its units are recorded)."""
+    if node.target is F.linear or state.units.get(weight, 0) is not None or any(
+            isinstance(state.units.get(a), Units) or a in state.pending for a in tensor_args(node) if a is not
+            node.args[0]):
+        return False
+    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+    bound = dict(zip(names, node.args, strict=False)) | {k: v for k, v in node.kwargs.items() if k in names}
+    groups = bound.get("groups", 1)
+    groups = state.value(groups, where) if isinstance(groups, fx.Node) else groups
+    shape, kernel = state.shape(node.args[0]), state.shape(weight)
+    if bound.get("bias") is not None or shape is None or kernel is None or not (
+            groups == shape[1] == kernel[0] and kernel[1] == 1):
+        return False
+    POOL.apply(state, node, where)
+    return True
 
 
 def _functional_norm(state: WalkState, node: fx.Node, where: str) -> None:

@@ -20,6 +20,9 @@ from hatnorm._masks import Concat, MaskSource
 SIZE_FREE = {torch.permute, torch.transpose, torch.swapaxes, torch.movedim, torch.unsqueeze, "permute",
              "transpose", "swapaxes", "movedim", "unsqueeze"}
 FLATTENS = {torch.flatten, torch.reshape, "flatten", "view", "reshape"}
+#: moves to the shape of another tensor (LeViT's ``bn(x.flatten(0, 1)).reshape_as(x)``): that tensor gives only its
+#: shape, not values
+SHAPED_AS = {"reshape_as", "view_as", "expand_as"}
 #: the most branches a reduction joins over a dim the units vary in (a split-attention radix, selective-kernel paths)
 MAX_JOINED = 8
 
@@ -49,6 +52,8 @@ def moved_units(state: WalkState, node: fx.Node, source: fx.Node, where: str, ca
         def argument(a: fx.Node) -> Any:
             if a is source:
                 return index
+            if target in SHAPED_AS and a is node.args[1] and state.shape(a) is not None:
+                return torch.empty(state.shape(a), device="meta")  # only its shape is read
             if isinstance(units, Ungated) and units.units is None and state.units.get(a, 0) is None:
                 raise GatheredByData
             if a in state.units or a in state.pending:
@@ -88,18 +93,26 @@ def moved_units(state: WalkState, node: fx.Node, source: fx.Node, where: str, ca
     return wrap(replay(expand(units.index, shape)), lambda m: Units(units.source, m))
 
 
+#: the padding modules that copy values from the edge (``F.pad`` modes ``"reflect"``, ``"replicate"``,
+#: ``"circular"``) → their mode
+COPYING_PADS = {nn.modules.padding._ReflectionPadNd: "reflect", nn.modules.padding._ReplicationPadNd: "replicate",
+                nn.modules.padding._CircularPadNd: "circular"}
+
+
 def _pad(state: WalkState, node: fx.Node, where: str) -> None:
     """Zero padding (constant mode, value 0; ``F.pad``, ``nn.ZeroPad2d``, ``nn.ConstantPad2d(p, 0)``): padded
-    positions are always 0 (index −1)."""
+    positions are always 0 (index −1). Padding that copies values from the edge (reflect, replicate, circular: TResNet's
+    blur pool) only moves values, so each padded position holds the unit of the value it copies."""
     state.resolve(node, where)
-    if node.op == "call_module":  # a padding module: F.pad by its own padding and value
+    if node.op == "call_module":  # a padding module: F.pad by its own padding and value (or mode)
         module = state.module(node)
-        mode, value, pad = "constant", module.value, module.padding
+        mode = next((m for kind, m in COPYING_PADS.items() if isinstance(module, kind)), "constant")
+        value, pad = getattr(module, "value", None), module.padding
     else:
         mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
         value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value", None)
         pad = node.args[1] if len(node.args) > 1 else node.kwargs["pad"]
-    if mode != "constant" or value not in (None, 0, 0.0):
+    if mode not in COPYING_PADS.values() and (mode != "constant" or value not in (None, 0, 0.0)):
         raise ConversionError(f"{where}: only zero padding keeps a closed unit at 0, got mode={mode!r}, "
                               f"value={value!r}")
     units = state.gated(node.args[0], where)
@@ -110,7 +123,10 @@ def _pad(state: WalkState, node: fx.Node, where: str) -> None:
     index = expand(units.index, state.shape(node.args[0]))
     if state.recorder is None:
         state.value(node, where)
-    state.units[node] = Units(units.source, F.pad(index, list(pad), value=-1))
+    if mode == "constant":
+        state.units[node] = Units(units.source, F.pad(index, list(pad), value=-1))
+    else:  # F.pad copies floats only: the unit numbers are exact in float64
+        state.units[node] = Units(units.source, F.pad(index.double(), list(pad), mode=mode).long())
 
 
 def _cat(state: WalkState, node: fx.Node, where: str) -> None:
@@ -160,6 +176,8 @@ def _cat(state: WalkState, node: fx.Node, where: str) -> None:
         n = size(i, index)
         if index is None:
             return torch.full([n if d == dim else 1 for d in range(max(rank or 0, dim + 1))], -1)
+        if index.dim() <= dim:  # a parameter's entries broadcast from the right (HGNetV2's one scale for all)
+            index = index.view(*([1] * (max(rank or 0, dim + 1) - index.dim())), *index.shape)
         index = torch.where(index >= 0, index + offset, index)
         return index.expand(*index.shape[:dim], n, *index.shape[dim + 1:]) if index.shape[dim] == 1 else index
 
@@ -183,7 +201,8 @@ def _cat(state: WalkState, node: fx.Node, where: str) -> None:
 
 #: the positional arguments after the input of each reduction (``dim=None``: every dim)
 REDUCTIONS: dict[object, tuple[str, ...]] = {
-    **dict.fromkeys([torch.mean, torch.sum, torch.amax, torch.amin, "mean", "sum", "amax", "amin"], ("dim", "keepdim")),
+    **dict.fromkeys([torch.mean, torch.sum, torch.amax, torch.amin, "mean", "sum", "amax", "amin", torch.max, "max",
+                     torch.min, "min"], ("dim", "keepdim")),
     **dict.fromkeys([torch.norm, "norm"], ("p", "dim", "keepdim")),
     torch.linalg.vector_norm: ("ord", "dim", "keepdim"),
     **dict.fromkeys([torch.var, torch.std, "var", "std"], ("dim", "unbiased", "keepdim")),
@@ -197,6 +216,8 @@ def _reduce(state: WalkState, node: fx.Node, where: str) -> None:
     state.resolve(node, where)
     units = state.gated(node.args[0], where)
     names = REDUCTIONS[node.target]
+    if len(node.args) > 1 and isinstance(node.args[1], fx.Node) and node.args[1] in state.units:
+        raise ConversionError(f"{where}: an elementwise maximum or minimum of two tensors is not supported")
     bound = dict(zip(names, node.args[1:], strict=False)) | {k: v for k, v in node.kwargs.items() if k in names}
     bound = fx.node.map_arg(bound, lambda a: state.value(a, where))
     dims, keepdim = bound.get("dim"), bool(bound.get("keepdim", False))
@@ -212,7 +233,7 @@ def _reduce(state: WalkState, node: fx.Node, where: str) -> None:
         raise ConversionError(f"{where}: only a mean over dims the units do not vary in (spatial dims, tokens) "
                               f"keeps the units, got dim={dims!r}")
     dims = sorted(d % rank if rank is not None else d for d in dims)
-    units = Units(units.source, _collapsed(units.index, dims, units.source.num_features))
+    units = Units(units.source, collapsed(units.index, dims, units.source.num_features))
     varying = [d for d in dims if units.index.shape[d] != 1]
     kept = [d for d in range(units.index.dim()) if d not in dims and units.index.shape[d] != 1]
     if varying and (rank is None or not kept or any(units.index.shape[d] > MAX_JOINED for d in varying)):
@@ -225,9 +246,13 @@ def _reduce(state: WalkState, node: fx.Node, where: str) -> None:
         units = _union(units, d)
     index = units.index if keepdim else units.index.squeeze(tuple(dims))
     state.units[node] = Units(units.source, index)
+    if node.target in (torch.max, "max", torch.min, "min") and isinstance(bound.get("dim"), int):
+        # max(dim=d) gives its values and their positions: data computed across the gated values, like a statistic
+        state.units[node] = (state.units[node], Statistic(None, why=f"{where}: the positions of a maximum or "
+                                                                    "minimum"))
 
 
-def _collapsed(index: Tensor, dims: list[int], num_features: int) -> Tensor:
+def collapsed(index: Tensor, dims: list[int], num_features: int) -> Tensor:
     """``index`` reduced to size 1 along each of ``dims`` where, positions that are always 0 (zero padding) aside,
     it holds one unit (a window cut from a padded map)."""
     for d in [d for d in dims if d < index.dim() and index.shape[d] != 1]:

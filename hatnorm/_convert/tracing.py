@@ -189,6 +189,28 @@ class _ExampleProxy(fx.Proxy):
             return super().__bool__()  # a condition on data: fx's own error
         return bool(value)
 
+    def __int__(self) -> int:
+        return int(self._number("int"))
+
+    def __index__(self) -> int:
+        return operator.index(self._number("an index from"))
+
+    def __float__(self) -> float:
+        return float(self._number("float"))
+
+    def _number(self, use: str) -> Any:
+        """The example's value of a number computed from shapes (ConViT's ``int(N ** .5)``), made a constant of the
+        graph, which checks at every call that the number is still that value (a batch of other sizes fails
+        there instead of being computed with the example's sizes)."""
+        value = self._value()
+        if isinstance(value, Tensor) or not isinstance(value, int | float):
+            raise TypeError(f"{use} a traced value that is not a number computed from shapes: {type(value).__name__}")
+        self.tracer.create_proxy("call_function", torch._assert, (
+            self == value, f"hatnorm.convert traced this model at its example_input's sizes, where this number is "
+                           f"{value}; give it inputs of those sizes, or convert it with an example of the new ones"),
+            {})
+        return value
+
 
 class _ExampleAttribute(_ExampleProxy, Attribute):
     """``proxy.attr`` (a method about to be called, or an attribute such as ``shape``), with its value."""

@@ -37,6 +37,8 @@ FACTORIES = {torch.zeros, torch.ones, torch.full, torch.arange, torch.empty, tor
 #: reads of a tensor that give a shape, a rank or a type, not data
 SHAPE_METHODS = {"size", "dim", "ndimension", "numel", "get_device", "nelement"}
 SHAPE_ATTRIBUTES = {"shape", "ndim", "dtype", "device", "is_cuda", "requires_grad"}
+#: the named parts of a tuple an op returns (``torch.return_types.max``: values and indices) → their position
+RETURNED_FIELDS = {"values": 0, "indices": 1}
 
 
 def walk(state: WalkState) -> list[Layer]:
@@ -58,8 +60,8 @@ def walk(state: WalkState) -> list[Layer]:
     state.units[placeholders[0]] = None
     _check_single_calls(state)
     for node in list(graph.nodes):
-        if node in (state.task, state.s) or node.op == "placeholder" or node.graph is not graph:
-            continue
+        if node in (state.task, state.s) or node.op == "placeholder" or node.graph is not graph or node._erased:
+            continue  # an erased node: a handler replaced it (a later read of a buffer it took into a BufferUse)
         try:
             _visit(state, node)
         except ConversionError as error:
@@ -142,6 +144,9 @@ def _call(state: WalkState, node: fx.Node) -> None:
         return
     if target is operator.getitem and isinstance(state.units.get(node.args[0]), tuple):
         state.units[node] = state.units[node.args[0]][node.args[1]]  # one part of a split
+        return
+    if target is getattr and isinstance(state.units.get(node.args[0]), tuple) and node.args[1] in RETURNED_FIELDS:
+        state.units[node] = state.units[node.args[0]][RETURNED_FIELDS[node.args[1]]]  # max(dim).values
         return
     if handler is None and any(isinstance(k, Ungated) for k in kinds) and all(
             k is None or (isinstance(k, Ungated) and k.units is None) for k in kinds):
