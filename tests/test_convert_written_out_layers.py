@@ -1,11 +1,11 @@
 """General rules for layers that timm and transformers write out by hand: a BatchNorm over flattened tokens put back
 with ``reshape_as`` (LeViT), attention over channels-first maps (``v @ attnᵀ``: EfficientViT-MSRA, SHViT), keys and
-values zero-padded along the tokens (HaloNet), RMSNorm written out (``x * rsqrt(mean(x²) + ε) * γ``: MobileNetV5), a
-blur pool (reflect padding, then a fixed depthwise kernel: TResNet), LayerNorm and GroupNorm without β (MetaFormer),
-rotary position embeddings (EVA's ``cat([-x₂, x₁])``), a maximum over groups of tokens (Hiera's
-``max(dim=1).values``) and HGNetV2's concatenation of branches with a learnable affine shared by every channel. Each
-small model of that shape converts, reproduces the original with open gates and forgets nothing under AdamW; the uses
-these rules do not cover are refused naming the module and line."""
+values zero-padded along the tokens and relative position logits ``q @ rel_kᵀ`` (HaloNet), RMSNorm written out
+(``x * rsqrt(mean(x²) + ε) * γ``: MobileNetV5), a blur pool (reflect padding, then a fixed depthwise kernel:
+TResNet), LayerNorm and GroupNorm without β (MetaFormer), rotary position embeddings (EVA's ``cat([-x₂, x₁])``), a
+maximum over groups of tokens (Hiera's ``max(dim=1).values``) and HGNetV2's concatenation of branches with a
+learnable affine shared by every channel. Each small model of that shape converts, reproduces the original with open
+gates and forgets nothing under AdamW; the uses these rules do not cover are refused naming the module and line."""
 
 from __future__ import annotations
 
@@ -70,6 +70,26 @@ class PaddedKeysAttention(nn.Module):
         t = self.norm(self.embed(x).flatten(2).transpose(1, 2))
         k, v = F.pad(self.kv(t), (0, 0, 2, 2)).split(8, dim=-1)
         attn = (self.q(t) @ k.transpose(-2, -1)).softmax(dim=-1)
+        return self.head((t + attn @ v).mean(1))
+
+
+class RelativePositionLogits(nn.Module):
+    """HaloNet's and BoTNet's relative position logits: q times a parameter of position keys (``q @ rel_kᵀ``),
+    shifted by padding and slicing, added to the scores."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, 8, 4, stride=4)
+        self.norm = nn.LayerNorm(8)
+        self.qkv = nn.Linear(8, 24)
+        self.rel_k = nn.Parameter(torch.randn(17, 8) * 0.1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.norm(self.embed(x).flatten(2).transpose(1, 2))
+        q, k, v = self.qkv(t).split(8, dim=-1)
+        logits = F.pad(q @ self.rel_k.transpose(-1, -2), [0, 1])[..., 1:17]
+        attn = (q @ k.transpose(-2, -1) * 8 ** -0.5 + logits).softmax(dim=-1)
         return self.head((t + attn @ v).mean(1))
 
 
@@ -198,7 +218,7 @@ class ConcatenatedAffine(nn.Module):
 
 MODELS = {"flattened_token_norm": FlattenedTokenNorm, "channels_first_attention": ChannelsFirstAttention,
           "padded_keys_attention": PaddedKeysAttention,
-          "written_out_rms_norm": WrittenOutRMSNorm,
+          "relative_position_logits": RelativePositionLogits, "written_out_rms_norm": WrittenOutRMSNorm,
           "blur_pool": BlurPool, "no_bias_norms": NoBiasNorms, "rotary_attention": RotaryAttention,
           "max_pooled_tokens": MaxPooledTokens, "concatenated_affine": ConcatenatedAffine}
 #: a norm for each kind the models hold

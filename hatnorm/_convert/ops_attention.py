@@ -12,7 +12,7 @@ from hatnorm._convert.runtime import GatedMultiheadAttention
 from hatnorm._convert.state import WalkState
 from hatnorm._convert.table import Handler
 from hatnorm._convert.units import Units
-from hatnorm._convert.values import Derived, Scale, Scores, tensor_args
+from hatnorm._convert.values import Derived, Scale, Scores, Ungated, tensor_args
 from hatnorm._convert.windows import GatedShiftedWindowAttention
 
 
@@ -73,7 +73,16 @@ def _attention_function(state: WalkState, node: fx.Node, where: str) -> None:
 def _matmul(state: WalkState, node: fx.Node, where: str) -> None:
     """``q @ kᵀ`` gives scores (tokens × tokens); ``scores @ v`` has v's units, and so has ``v @ scoresᵀ`` with v's
     tokens in its last dim (EfficientViT-MSRA's and SHViT's ``v @ attn.transpose(-2, -1)``, channels × tokens): each
-    output value is a weighted sum over the tokens of one feature of v, 0 where that feature's unit is closed."""
+    output value is a weighted sum over the tokens of one feature of v, 0 where that feature's unit is closed.
+    ``q @ Pᵀ`` for a parameter P (HaloNet's and BoTNet's relative position logits, ``q @ rel_k.transpose(-1, -2)``)
+    gives scores too: each entry P[r, d] meets q's unit d only, and is protected by it."""
+    state.resolve(node, where, ungated=True)
+    a, b = (state.units.get(x) for x in node.args[:2])
+    if isinstance(a, Units) and isinstance(b, Ungated) and b.units is None and not _varies(a, -2) and \
+            a.index.dim() >= 2 and len(b.params) == 1 and b.params[0][1].dim() == 2:
+        _position_logits(state, a, b, where)
+        state.units[node] = Scores()
+        return
     state.resolve(node, where)
     a, b = (state.units.get(x) for x in node.args[:2])
     if isinstance(a, Units) and isinstance(b, Units) and not _varies(a, -2) and not _varies(b, -1):
@@ -88,6 +97,18 @@ def _matmul(state: WalkState, node: fx.Node, where: str) -> None:
         raise ConversionError(f"{where}: a matrix product is supported as attention over tokens (q @ kᵀ contracting "
                               "the features, then scores @ v contracting the tokens); attention over the channels "
                               "(XCiT's and EdgeNeXt's cross-covariance attention) mixes units")
+
+
+def _position_logits(state: WalkState, q: Units, key: Ungated, where: str) -> None:
+    """Protect the parameter P of ``q @ Pᵀ`` (``[features, positions]``) by the units of q each entry P[d, r] meets
+    (q's units at feature d, at every token: one unit per entry, or, where heads are folded into the batch, one copy
+    per task)."""
+    target, elements = key.params[0]
+    if q.index.shape[-1] not in (1, elements.shape[0]):
+        raise ConversionError(f"{where}: q @ Pᵀ contracts {q.index.shape[-1]} units with {elements.shape[0]} rows "
+                              "of P")
+    # output position [..., i, r] sums q[..., i, d] · P[d, r] over d: the pairs (P[d, r], unit of q[..., i, d])
+    state.protect(target, elements.transpose(0, 1), q.index.unsqueeze(-2), q.source, where)
 
 
 def _over_tokens(units: Units, dim: int) -> Units:

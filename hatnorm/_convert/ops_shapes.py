@@ -307,8 +307,8 @@ def _moves(state: WalkState, node: fx.Node, where: str) -> None:
 
 #: an op that only moves, copies or drops values: the units move the same way
 MOVES = Handler("moves", _moves, scores="keeps")
-#: zero padding: padded positions are always 0
-PAD = Handler("pad", _pad)
+#: zero padding: padded positions are always 0; padded attention scores stay scores (relative position logits)
+PAD = Handler("pad", _pad, scores="keeps")
 #: a concatenation: joins the parts' units
 CAT = Handler("cat", _cat)
 #: a stack: a concatenation of the parts unsqueezed
