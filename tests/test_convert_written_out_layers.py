@@ -3,9 +3,10 @@ with ``reshape_as`` (LeViT), attention over channels-first maps (``v @ attnᵀ``
 values zero-padded along the tokens and relative position logits ``q @ rel_kᵀ`` (HaloNet), RMSNorm written out
 (``x * rsqrt(mean(x²) + ε) * γ``: MobileNetV5), a blur pool (reflect padding, then a fixed depthwise kernel:
 TResNet), LayerNorm and GroupNorm without β (MetaFormer), rotary position embeddings (EVA's ``cat([-x₂, x₁])``), a
-maximum over groups of tokens (Hiera's ``max(dim=1).values``) and HGNetV2's concatenation of branches with a
-learnable affine shared by every channel. Each small model of that shape converts, reproduces the original with open
-gates and forgets nothing under AdamW; the uses these rules do not cover are refused naming the module and line."""
+maximum over groups of tokens (Hiera's ``max(dim=1).values``), HGNetV2's concatenation of branches with a learnable
+affine shared by every channel and position embeddings looked up by fixed ids (CLIP, SigLIP). Each small model of
+that shape converts, reproduces the original with open gates and forgets nothing under AdamW; the uses these rules do
+not cover are refused naming the module and line."""
 
 from __future__ import annotations
 
@@ -216,11 +217,49 @@ class ConcatenatedAffine(nn.Module):
         return self.head(self.mix(h).mean((2, 3)))
 
 
+class PositionLookup(nn.Module):
+    """CLIP's and SigLIP's position embedding: a table looked up by fixed ids (a buffer), added to the patch
+    embeddings; a second table looked up functionally (``F.embedding``) by a slice of the ids."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, 8, 4, stride=4)
+        self.position_embedding = nn.Embedding(16, 8)
+        self.extra = nn.Parameter(torch.randn(20, 8) * 0.1)
+        self.register_buffer("position_ids", torch.arange(16).unsqueeze(0), persistent=False)
+        self.norm = nn.LayerNorm(8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        ids = self.position_ids[:, : t.shape[1]]
+        t = self.norm(t + self.position_embedding(ids) + F.embedding(ids + 2, self.extra))
+        return self.head(t.mean(1))
+
+
+class UnreadBranch(nn.Module):
+    """MetaCLIP 2's vision model: a pooled output through its own LayerNorm that the classifier does not read (it
+    reads the mean of the tokens)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, 8, 4, stride=4)
+        self.norm = nn.LayerNorm(8)
+        self.post_layernorm = nn.LayerNorm(8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.norm(self.embed(x).flatten(2).transpose(1, 2))
+        self.pooled = self.post_layernorm(t[:, 0])
+        return self.head(t.mean(1))
+
+
 MODELS = {"flattened_token_norm": FlattenedTokenNorm, "channels_first_attention": ChannelsFirstAttention,
           "padded_keys_attention": PaddedKeysAttention,
           "relative_position_logits": RelativePositionLogits, "written_out_rms_norm": WrittenOutRMSNorm,
           "blur_pool": BlurPool, "no_bias_norms": NoBiasNorms, "rotary_attention": RotaryAttention,
-          "max_pooled_tokens": MaxPooledTokens, "concatenated_affine": ConcatenatedAffine}
+          "max_pooled_tokens": MaxPooledTokens, "concatenated_affine": ConcatenatedAffine,
+          "position_lookup": PositionLookup, "unread_branch": UnreadBranch}
 #: a norm for each kind the models hold
 NORM = {"batch": "masked_bn", "layer": "masked_ln", "group": "masked_gn"}
 
@@ -309,3 +348,19 @@ def test_uses_outside_the_rules_are_refused_naming_the_line(kind: str, message: 
     with pytest.raises(hatnorm.ConversionError, match=message) as refused:
         hatnorm.convert(Refused(kind), num_tasks=2, example_input=torch.randn(2, 3, 8, 8))
     assert "test_convert_written_out_layers.py:" in str(refused.value)
+
+
+def test_a_lookup_by_the_input_ids_is_refused_naming_the_line() -> None:
+    class Tokens(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embedding = nn.Embedding(10, 8)
+            self.proj = nn.Linear(8, 8)
+            self.head = nn.Linear(8, 4)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.head(self.proj(self.embedding(ids)).mean(1))
+
+    with pytest.raises(hatnorm.ConversionError, match=r"module 'embedding' \(Embedding\): a lookup by ids that "
+                                                      r"depend on the input .* test_convert_written_out_layers\.py:"):
+        hatnorm.convert(Tokens(), num_tasks=2, example_input=torch.randint(0, 10, (2, 5)))

@@ -34,6 +34,7 @@ from hatnorm._convert.ops_elementwise import (
     UNITWISE,
 )
 from hatnorm._convert.ops_layers import (
+    EMBEDDING,
     FUNCTIONAL_LAYER,
     FUNCTIONAL_LAYERS,
     FUNCTIONAL_NORM,
@@ -111,7 +112,8 @@ def register_builtins(table: OpTable) -> None:
         (OF_SCALE, [torch.rsqrt, "rsqrt", torch.reciprocal, "reciprocal"]),
         (ATTENTION_FUNCTION, [F.scaled_dot_product_attention]), (ATTENTION_MODULE, [nn.MultiheadAttention]),
         (WEIGHTED, [nn.Linear, nn.modules.conv._ConvNd]), (FUNCTIONAL_NORM, list(FUNCTIONAL_NORMS)),
-        (FUNCTIONAL_LAYER, list(FUNCTIONAL_LAYERS)), (Handler("mode value", _nothing, scores="takes"), [ModeValue]),
+        (FUNCTIONAL_LAYER, list(FUNCTIONAL_LAYERS)), (EMBEDDING, [nn.Embedding, F.embedding]),
+        (Handler("mode value", _nothing, scores="takes"), [ModeValue]),
     ]
     for handler, targets in by_handler:
         for target in targets:

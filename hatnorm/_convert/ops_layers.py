@@ -19,12 +19,12 @@ from hatnorm._convert.ops_shapes import REDUCE, STACK
 from hatnorm._convert.params import UnitRows
 from hatnorm._convert.runtime import GatedNorm, Heads
 from hatnorm._convert.source import where as where_of
-from hatnorm._convert.state import WalkState, free_name
+from hatnorm._convert.state import WalkState, ancestors, free_name
 from hatnorm._convert.table import OPS, Handler
 from hatnorm._convert.tracing import is_reparameterised_conv
 from hatnorm._convert.train_graph import is_structure
 from hatnorm._convert.units import Units
-from hatnorm._convert.values import tensor_args
+from hatnorm._convert.values import Ungated, tensor_args
 from hatnorm._hat import Layer
 from hatnorm._heads import TaskHeads
 
@@ -309,6 +309,45 @@ def _norm_module(state: WalkState, node: fx.Node, where: str) -> None:
     replace_norm(state, node, module, -1 if isinstance(module, nn.LayerNorm | nn.RMSNorm) else 1, where)
 
 
+def _embedding(state: WalkState, node: fx.Node, where: str) -> None:
+    """A lookup in an embedding table by fixed ids (CLIP's and SigLIP's position embedding,
+    ``position_embedding(position_ids)`` with the ids a buffer): a tensor holding the table's rows, which a gate must
+    follow before anything reads it, like a position embedding parameter. Ids that depend on the input (tokens) are
+    refused: which rows a position holds would change with every batch."""
+    ids = node.args[0] if node.args else node.kwargs["input"]
+    if node.op == "call_module":
+        module = state.module(node)
+        target, max_norm = f"{node.target}.weight", module.max_norm
+    else:
+        weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+        max_norm = node.args[3] if len(node.args) > 3 else node.kwargs.get("max_norm")
+        if not (isinstance(weight, fx.Node) and weight.op == "get_attr"):
+            raise ConversionError(f"{where}: an embedding is converted when it looks up a parameter of the model")
+        target = weight.target
+    if max_norm is not None:
+        raise ConversionError(f"{where}: an embedding with max_norm rewrites its table in the forward")
+    if any(n.op == "placeholder" for n in ancestors(ids)):
+        raise ConversionError(f"{where}: a lookup by ids that depend on the input (token ids) cannot be followed by "
+                              "the walk (convert a language model by its structure: BERT, GPT-2, LLaMA and their "
+                              "kin); a lookup by fixed ids (a position embedding) converts")
+    if state.recorder is None or ids not in state.recorder.integers:
+        raise ConversionError(f"{where}: a lookup in an embedding table needs the ids' values; pass example_input")
+    table = state.gm.get_parameter(target)
+    rows = state.recorder.integers[ids].long()
+    elements = rows.unsqueeze(-1) * table.shape[1] + torch.arange(table.shape[1])
+    if node.op == "call_module":  # F.embedding on the table, read by a get_attr the protection can replace
+        with state.gm.graph.inserting_before(node):
+            weight = state.gm.graph.get_attr(target)
+            lookup = state.gm.graph.call_function(F.embedding, (ids, weight),
+                                                  {"padding_idx": module.padding_idx})
+        lookup.meta = dict(node.meta)
+        state.same_shape(lookup, node)
+        node.replace_all_uses_with(lookup)
+        state.gm.graph.erase_node(node)
+        node = lookup
+    state.units[node] = Ungated(None, ((target, elements),))
+
+
 #: a torch norm module (or one a registered norm replaces)
 NORM = Handler("norm", _norm_module)
 #: ``F.batch_norm``/``F.layer_norm``/``F.group_norm``/``F.rms_norm`` on a norm module's parameters
@@ -317,3 +356,5 @@ FUNCTIONAL_NORM = Handler("functional norm", _functional_norm, first=True)
 WEIGHTED = Handler("weighted", _weighted)
 #: ``F.linear``/``F.conv*d`` on a Linear's or convolution's own parameters
 FUNCTIONAL_LAYER = Handler("functional layer", _functional_layer, first=True)
+#: ``nn.Embedding``/``F.embedding`` by fixed ids: the table's rows, a gate to follow
+EMBEDDING = Handler("embedding", _embedding, first=True)

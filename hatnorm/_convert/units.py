@@ -110,11 +110,14 @@ class Recorder(fx.Interpreter):
         super().__init__(gm)
         self.shapes: dict[fx.Node, Any] = {}
         self.values: dict[fx.Node, Any] = {}
+        self.integers: dict[fx.Node, Tensor] = {}  # small integer tensors (position ids), for lookups by them
 
     def run_node(self, n: fx.Node) -> Any:
         result = super().run_node(n)
         if isinstance(result, Tensor):
             self.shapes[n] = result.shape
+            if not result.is_floating_point() and not result.is_complex() and result.numel() <= 1 << 16:
+                self.integers[n] = result.detach().clone()
         elif isinstance(result, tuple | list) and result and all(isinstance(r, Tensor) for r in result):
             self.shapes[n] = tuple(r.shape for r in result)
         else:

@@ -225,6 +225,10 @@ def rewrite(state: WalkState) -> None:
         module._buffers.pop(name, None)
     eliminate_dead_code(graph, state.gm)
     state.gm.delete_all_unused_submodules()
+    # a branch whose result nothing reads (MetaCLIP 2's pooled output beside the mean its classifier reads) went
+    # with its layers: their wiring goes too
+    live = {id(m) for m in state.gm.modules()}
+    state.layers[:] = [layer for layer in state.layers if id(layer.module) in live]
     state.gm.recompile()
 
 
