@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from convert_checks import assert_a_second_task_forgets_nothing, assert_open_gates_reproduce
 from torch import nn
 
 import hatnorm
@@ -281,41 +282,12 @@ def filled(model: nn.Module) -> nn.Module:
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_open_gates_reproduce_the_original(name: str) -> None:
-    original = filled(MODELS[name]())
-    x = torch.randn(4, 3, 16, 16)
-    converted = hatnorm.convert(original, num_tasks=2, norm=NORM, example_input=x)
-    hatnorm.HAT(converted)  # every parameter is covered
-    hatnorm.open_gates(converted)
-    converted.eval()
-    with torch.no_grad():
-        for task in range(2):
-            torch.testing.assert_close(converted(x, task=task), original(x), atol=1e-5, rtol=0)
+    assert_open_gates_reproduce(filled(MODELS[name]()), NORM, torch.randn(4, 3, 16, 16))
 
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_training_a_second_task_forgets_nothing(name: str) -> None:
-    probe = torch.randn(4, 3, 16, 16)
-    model = hatnorm.convert(filled(MODELS[name]()), num_tasks=2, norm=NORM, num_classes=[3, 4],
-                            example_input=probe)
-    hat = hatnorm.HAT(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
-    outputs = []
-    for task, classes in enumerate([3, 4]):
-        hat.begin_task(task)
-        for b in range(3):
-            model.train()
-            s = hat.scale(b, 3)
-            x, y = torch.randn(8, 3, 16, 16) + task, torch.randint(0, classes, (8,))
-            loss = hat.loss(F.cross_entropy(model(x, task=task, s=s), y), s)
-            opt.zero_grad()
-            loss.backward()
-            hat.protect(s)
-            hat.step(opt)
-        hat.end_task()
-        model.eval()
-        with torch.no_grad():
-            outputs.append(model(probe, task=0))
-    assert torch.equal(outputs[0], outputs[1])
+    assert_a_second_task_forgets_nothing(filled(MODELS[name]()), NORM, torch.randn(4, 3, 16, 16))
 
 
 class Refused(nn.Module):
