@@ -247,7 +247,7 @@ class ChannelMean(nn.Module):
                               r"product of tensors is supported as a gated tensor times a squeeze-excitation scale"),
     (Unconvertible(ChannelMean()), r"operation mean: only a mean over dims the units do not vary in \(spatial dims, "
                                    r"tokens\) keeps the units, got dim=\[1\] \(it would mix units\)"),
-    (Unconvertible(nn.ConvTranspose2d(4, 4, 1)), "transposed convolutions"),
+    (Unconvertible(nn.LocalResponseNorm(2)), "LocalResponseNorm is not supported"),
     (Unconvertible(Outer()), r"operation einsum: an einsum is supported as attention \('\.\.\.id,\.\.\.jd->"
                              r"\.\.\.ij' on q and k, then '\.\.\.ij,\.\.\.jd->\.\.\.id' on the scores and v\), "
                              r"got 'nchw,ndhw->nhw'"),

@@ -16,7 +16,7 @@ from hatnorm._convert.error import ConversionError
 from hatnorm._convert.norms import make_norm, norm_modules, num_features
 from hatnorm._convert.ops_elementwise import ADD, DIVIDE, PASSES, POOL, PRODUCT, UNITWISE, rewritten
 from hatnorm._convert.ops_shapes import REDUCE, STACK
-from hatnorm._convert.params import UnitRows
+from hatnorm._convert.params import TransposedConv, UnitRows
 from hatnorm._convert.runtime import GatedNorm, Heads
 from hatnorm._convert.source import where as where_of
 from hatnorm._convert.state import WalkState, ancestors, free_name
@@ -181,11 +181,14 @@ def _functional_norm(state: WalkState, node: fx.Node, where: str) -> None:
 def _weighted(state: WalkState, node: fx.Node, where: str) -> None:
     module = state.module(node)
     if isinstance(module, nn.modules.conv._ConvTransposeNd):
-        raise ConversionError(f"{where}: transposed convolutions are not supported")
+        module = _transposed(state, node, module, where)
     state.resolve(node, where)
     source = node.args[0]
     if isinstance(module, nn.Linear):
         units = state.read(source, -1, module.in_features, where)
+    elif isinstance(module, TransposedConv):
+        state.pending[node] = (module, state.read(source, 1, module.in_channels, where))
+        return
     else:
         units = state.read(source, 1, module.in_channels, where)
     output = output_of(state, node) if isinstance(module, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d) else None
@@ -203,6 +206,22 @@ def _weighted(state: WalkState, node: fx.Node, where: str) -> None:
             state.head_units = units
         return
     state.pending[node] = (module, units)
+
+
+def _transposed(state: WalkState, node: fx.Node, module: nn.modules.conv._ConvTransposeNd,
+                where: str) -> TransposedConv:
+    """A transposed convolution becomes :class:`TransposedConv` (its weight stored as a convolution's), which a norm
+    or a gate then follows like any convolution's output."""
+    if len(node.args) > 1 or node.kwargs:
+        raise ConversionError(f"{where}: a transposed convolution is converted when it is called on its input alone "
+                              "(no output_size)")
+    if output_of(state, node) is not None:
+        raise ConversionError(f"{where}: a transposed convolution gives the model's output; the classifier must be a "
+                              "Linear or a convolution")
+    layer = TransposedConv(module)
+    state.gm.delete_submodule(node.target)
+    state.gm.add_submodule(node.target, layer)
+    return layer
 
 
 def _check_rows(state: WalkState, source: fx.Node, module: nn.Module, where: str) -> None:

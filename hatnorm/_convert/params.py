@@ -1,12 +1,14 @@
 """Parameters a converted graph reads directly, protected by HAT: a parameter whose entries each meet one unit
 (:class:`ParameterUse`), one that biases attention for a whole head (:class:`TaskParameter`), a module that
-computes such a bias (:class:`TaskModule`), and a layer that computes its weight row by row (:class:`UnitRows`)."""
+computes such a bias (:class:`TaskModule`), a layer that computes its weight row by row (:class:`UnitRows`), and a
+transposed convolution with its weight stored as a convolution's (:class:`TransposedConv`)."""
 
 from __future__ import annotations
 
 import copy
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hatnorm._masks import MaskState
@@ -125,3 +127,38 @@ class UnitRows(nn.Module, Protected):
         rate = policy.unit_rate(previous)
         return {f"layer.{name}": rate.to(p.device, p.dtype).view(-1, *[1] * (p.dim() - 1)).expand_as(p)
                 for name, p in self.layer.named_parameters()}
+
+
+#: the functional transposed convolution of each number of spatial dims
+_CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+class TransposedConv(nn.Module):
+    """A transposed convolution (``nn.ConvTranspose1d/2d/3d``) with its weight stored as a convolution's,
+    ``[out, in/groups, *kernel]``, so HAT protects it like any convolution: entry ``[o, i]`` by output unit ``o``
+    and input unit ``i`` (each output channel reads the input channels of its group, as in a grouped convolution).
+    torch stores it ``[in, out/groups, *kernel]``; the forward puts it back in that layout, the same values.
+
+    Args:
+        layer: the transposed convolution (zero padding); its bias is kept, its weight moved here.
+    """
+
+    def __init__(self, layer: nn.modules.conv._ConvTransposeNd) -> None:
+        super().__init__()
+        weight, groups = layer.weight, layer.groups
+        kernel = weight.shape[2:]
+        self.in_channels, self.out_channels, self.groups = layer.in_channels, layer.out_channels, groups
+        self.stride, self.padding, self.output_padding, self.dilation = (
+            layer.stride, layer.padding, layer.output_padding, layer.dilation)
+        stored = weight.detach().view(groups, weight.shape[0] // groups, weight.shape[1], *kernel).transpose(1, 2)
+        self.weight = nn.Parameter(stored.reshape(layer.out_channels, weight.shape[0] // groups, *kernel).clone(),
+                                   requires_grad=weight.requires_grad)
+        self.bias = layer.bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        groups, kernel = self.groups, self.weight.shape[2:]
+        per_group = self.out_channels // groups
+        weight = self.weight.view(groups, per_group, self.in_channels // groups, *kernel).transpose(1, 2)
+        weight = weight.reshape(self.in_channels, per_group, *kernel)
+        return _CONV_TRANSPOSE[len(kernel)](x, weight, self.bias, self.stride, self.padding, self.output_padding,
+                                            groups, self.dilation)
