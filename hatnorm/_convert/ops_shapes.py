@@ -3,6 +3,7 @@ shuffles and rolls (replayed on the units' index), zero padding, concatenations 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -112,14 +113,17 @@ def _pad(state: WalkState, node: fx.Node, where: str) -> None:
         mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
         value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value", None)
         pad = node.args[1] if len(node.args) > 1 else node.kwargs["pad"]
-    if mode not in COPYING_PADS.values() and (mode != "constant" or value not in (None, 0, 0.0)):
-        raise ConversionError(f"{where}: only zero padding keeps a closed unit at 0, got mode={mode!r}, "
-                              f"value={value!r}")
+    below_all = mode == "constant" and isinstance(value, float) and value == -math.inf
+    if mode not in COPYING_PADS.values() and (mode != "constant" or value not in (None, 0, 0.0)) and not below_all:
+        raise ConversionError(f"{where}: only zero padding keeps a closed unit at 0 (or -inf padding that only a "
+                              f"max-pool reads), got mode={mode!r}, value={value!r}")
     units = state.gated(node.args[0], where)
     if units is None:
         state.units[node] = None
         return
     pad = fx.node.map_arg(pad, lambda a: state.value(a, where))
+    if below_all:
+        _check_max_pooled(state, node, list(pad), where)
     index = expand(units.index, state.shape(node.args[0]))
     if state.recorder is None:
         state.value(node, where)
@@ -127,6 +131,38 @@ def _pad(state: WalkState, node: fx.Node, where: str) -> None:
         state.units[node] = Units(units.source, F.pad(index, list(pad), value=-1))
     else:  # F.pad copies floats only: the unit numbers are exact in float64
         state.units[node] = Units(units.source, F.pad(index.double(), list(pad), mode=mode).long())
+
+
+#: the max-pools, functions and modules, that may read a map padded with -inf
+MAX_POOL_FUNCTIONS = (F.max_pool1d, F.max_pool2d, F.max_pool3d)
+MAX_POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
+
+
+def _check_max_pooled(state: WalkState, node: fx.Node, pad: list[int], where: str) -> None:
+    """-inf padding (timm's ``MaxPool2dSame``: TensorFlow's 'SAME' padding before a max-pool): a padded position is
+    -inf, never 0, but a max-pool drops it wherever its window also holds a value of the map, and then a closed unit
+    gives 0. So every reader must be a max-pool none of whose windows (replayed on the example's spatial shape) holds
+    padding only; the padded positions then count as always 0 (index −1), as after zero padding."""
+    shape = state.shape(node.args[0])
+    if shape is None:
+        state.value(node, where)  # raises: the windows are checked at the example's shape
+    spatial = len(pad) // 2
+    probe = F.pad(torch.zeros(1, 1, *shape[len(shape) - spatial:]), pad, value=-math.inf)
+    for user in node.users:
+        pool = state.module(user) if user.op == "call_module" else user.target
+        if not (isinstance(pool, MAX_POOL_MODULES) or pool in MAX_POOL_FUNCTIONS) or user.args[0] is not node:
+            raise ConversionError(f"{where}: pads with -inf, which only a max-pool may read (a closed unit's padding "
+                                  f"is -inf, not 0), but {user.name} reads it")
+        if user.op == "call_module":
+            pooled = pool(probe)
+        else:
+            args, kwargs = fx.node.map_arg((user.args[1:], user.kwargs), lambda a: state.value(a, where))
+            pooled = pool(probe, *args, **kwargs)
+        if isinstance(pooled, tuple):
+            pooled = pooled[0]
+        if bool(torch.isinf(pooled).any()):
+            raise ConversionError(f"{where}: pads with -inf before a max-pool with a window that holds padding only "
+                                  "(its output is -inf whatever the gates)")
 
 
 def _cat(state: WalkState, node: fx.Node, where: str) -> None:
