@@ -42,6 +42,7 @@ from hatnorm._convert.ops_layers import (
     NORM,
     WEIGHTED,
 )
+from hatnorm._convert.ops_patches import FOLD, UNFOLD
 from hatnorm._convert.ops_shapes import CAT, COPYING_PADS, MOVES, PAD, REDUCE, REDUCTIONS, STACK
 from hatnorm._convert.state import WalkState
 from hatnorm._convert.table import OPS, Handler, OpTable
@@ -113,6 +114,7 @@ def register_builtins(table: OpTable) -> None:
         (ATTENTION_FUNCTION, [F.scaled_dot_product_attention]), (ATTENTION_MODULE, [nn.MultiheadAttention]),
         (WEIGHTED, [nn.Linear, nn.modules.conv._ConvNd]), (FUNCTIONAL_NORM, list(FUNCTIONAL_NORMS)),
         (FUNCTIONAL_LAYER, list(FUNCTIONAL_LAYERS)), (EMBEDDING, [nn.Embedding, F.embedding]),
+        (UNFOLD, [nn.Unfold, F.unfold]), (FOLD, [nn.Fold, F.fold]),
         (Handler("mode value", _nothing, scores="takes"), [ModeValue]),
     ]
     for handler, targets in by_handler:

@@ -75,7 +75,9 @@ def _matmul(state: WalkState, node: fx.Node, where: str) -> None:
     tokens in its last dim (EfficientViT-MSRA's and SHViT's ``v @ attn.transpose(-2, -1)``, channels × tokens): each
     output value is a weighted sum over the tokens of one feature of v, 0 where that feature's unit is closed.
     ``q @ Pᵀ`` for a parameter P (HaloNet's and BoTNet's relative position logits, ``q @ rel_k.transpose(-1, -2)``)
-    gives scores too: each entry P[r, d] meets q's unit d only, and is protected by it."""
+    gives scores too: each entry P[r, d] meets q's unit d only, and is protected by it. A scale (a softmax of a
+    layer's output: VOLO's outlook attention weights) times gated units contracting a dim they do not vary in is a
+    sum of products of a scale and one unit's values, so it keeps those units, like ``x * scale``."""
     state.resolve(node, where, ungated=True)
     a, b = (state.units.get(x) for x in node.args[:2])
     if isinstance(a, Units) and isinstance(b, Ungated) and b.units is None and not _varies(a, -2) and \
@@ -92,6 +94,10 @@ def _matmul(state: WalkState, node: fx.Node, where: str) -> None:
         state.units[node] = _over_tokens(b, -2)
     elif isinstance(a, Units) and isinstance(b, Scores) and not _varies(a, -1):
         state.per_task(b.params, a.source)
+        state.units[node] = _over_tokens(a, -1)
+    elif isinstance(a, Scale) and isinstance(b, Units) and b.index.dim() >= 2 and not _varies(b, -2):
+        state.units[node] = _over_tokens(b, -2)  # weights made from gated units (VOLO's outlook attention)
+    elif isinstance(a, Units) and isinstance(b, Scale) and a.index.dim() >= 2 and not _varies(a, -1):
         state.units[node] = _over_tokens(a, -1)
     else:
         raise ConversionError(f"{where}: a matrix product is supported as attention over tokens (q @ kᵀ contracting "
