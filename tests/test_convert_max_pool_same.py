@@ -1,6 +1,7 @@
 """-inf padding before a max-pool (timm's ``MaxPool2dSame``, TensorFlow's 'SAME' padding: NASNet, PNASNet): the
 padding is -inf whatever the gates, but a max-pool whose every window also holds a value of the map drops it, so a
-closed unit still gives 0. Small models convert, reproduce the original with open gates and forget nothing under
+closed unit still gives 0. The convolutions beside them pad the same way, by their kernel's size read from the weight
+(timm's ``Conv2dSame``). Small models convert, reproduce the original with open gates and forget nothing under
 AdamW; -inf padding read by anything else, or by a max-pool with a window of padding only, is refused naming the
 line."""
 
@@ -15,14 +16,26 @@ from torch import nn
 import hatnorm
 
 
+class SameConv(nn.Conv2d):
+    """timm's ``Conv2dSame``: zero 'SAME' padding computed from the kernel size its forward reads off the weight."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kh, kw = self.weight.shape[-2:]
+        ph = max((-(-x.shape[-2] // self.stride[0]) - 1) * self.stride[0] + kh - x.shape[-2], 0)
+        pw = max((-(-x.shape[-1] // self.stride[1]) - 1) * self.stride[1] + kw - x.shape[-1], 0)
+        x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+        return F.conv2d(x, self.weight, self.bias, self.stride, (0, 0), self.dilation, self.groups)
+
+
 class SamePadded(nn.Module):
-    """Max-pools after asymmetric -inf padding: a functional one (``MaxPool2dSame``'s forward) and a module."""
+    """Max-pools after asymmetric -inf padding: a functional one (``MaxPool2dSame``'s forward) and a module; a
+    depthwise convolution with 'SAME' padding."""
 
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
         self.pool = nn.MaxPool2d(2, stride=2)
-        self.mix = nn.Sequential(nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8))
+        self.mix = nn.Sequential(SameConv(8, 8, 5, stride=2, groups=8), nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8))
         self.head = nn.Linear(8, 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

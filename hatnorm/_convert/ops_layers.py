@@ -117,7 +117,10 @@ def _functional_layer(state: WalkState, node: fx.Node, where: str) -> None:
     node.replace_all_uses_with(new)
     state.same_shape(new, node)
     state.gm.graph.erase_node(node)
-    for attribute in [a for a in (weight, bias) if isinstance(a, fx.Node) and not a.users and a is not added]:
+    for attribute in [a for a in (weight, bias) if isinstance(a, fx.Node) and a is not added]:
+        if attribute.users:  # its shape read too (timm's conv2d_same pads by weight.shape): the layer's own now
+            attribute.target = f"{name}.{attribute.target.rpartition('.')[2]}"
+            continue
         state.units.pop(attribute, None)
         state.gm.graph.erase_node(attribute)
     layer_where = f"module {name!r} ({type(layer).__name__})"
