@@ -16,15 +16,19 @@ from hatnorm._convert.probes import unitwise_failure
 from hatnorm._convert.state import WalkState, ancestors, attribute, free_name
 from hatnorm._convert.table import Apply, Handler
 from hatnorm._convert.units import Units
-from hatnorm._convert.values import Flat, Scale, Statistic, Ungated, residual, tensor_args
+from hatnorm._convert.values import Derived, Flat, Scale, Statistic, Ungated, residual, tensor_args
 from hatnorm._hat import Layer
+
+#: what values computed from parameters alone are (:class:`~.values.Derived`), and where they may go
+DERIVED = ("values computed from parameters that every unit shares (a position bias gathered by an index, or a layer "
+           "on values that do not depend on the input), which may only bias attention scores")
 
 
 def unitwise_units(state: WalkState, node: fx.Node, source: fx.Node, where: str, *, pool: bool) -> Any:
     """An op on every value alone that keeps 0 at 0 (or a pool): its output has its input's units; a pool
     needs them constant over the dims it pools."""
     units = state.units.get(source)
-    if isinstance(units, Scale | Flat | Ungated) or units is None:
+    if isinstance(units, Scale | Flat | Ungated | Derived) or units is None:
         return units
     if isinstance(units, tuple):
         raise ConversionError(f"{where}: reads a tuple of tensors")
@@ -86,6 +90,8 @@ def _add(state: WalkState, node: fx.Node, where: str) -> None:
         return
     if len(parts) != 2:
         raise ConversionError(f"{where}: adds {len(parts)} tensors")
+    if any(isinstance(p, Derived) for p in parts):
+        raise ConversionError(f"{where}: adds {DERIVED}")
     if any(isinstance(p, Ungated) for p in parts):
         state.units[node] = _add_parameter(state, parts, where)
         return
@@ -127,6 +133,8 @@ def _product(state: WalkState, node: fx.Node, where: str) -> None:
         if isinstance(state.units[arg], Ungated) and state.units[arg].units is not None:
             state.regate(arg, state.units[arg], where)
     parts = [state.units[a] for a in tensor_args(node) if a in state.units]
+    if any(isinstance(p, Derived) for p in parts):
+        raise ConversionError(f"{where}: multiplies {DERIVED}")
     if len(parts) == 1:  # times a number
         state.units[node] = parts[0]
         return
@@ -267,7 +275,7 @@ def _passes(state: WalkState, node: fx.Node, where: str) -> None:
 def _scale(state: WalkState, node: fx.Node, where: str) -> None:
     state.resolve(node, where)
     units = state.units.get(node.args[0])
-    state.units[node] = units if isinstance(units, Scale) else Scale(state.gated(node.args[0], where))
+    state.units[node] = units if isinstance(units, Scale | Derived) else Scale(state.gated(node.args[0], where))
 
 
 def _power(state: WalkState, node: fx.Node, where: str) -> None:

@@ -24,7 +24,7 @@ from hatnorm._convert.table import OPS, Handler
 from hatnorm._convert.tracing import is_reparameterised_conv
 from hatnorm._convert.train_graph import is_structure
 from hatnorm._convert.units import Units
-from hatnorm._convert.values import Ungated, tensor_args
+from hatnorm._convert.values import Derived, Ungated, tensor_args
 from hatnorm._hat import Layer
 from hatnorm._heads import TaskHeads
 
@@ -185,6 +185,8 @@ def _weighted(state: WalkState, node: fx.Node, where: str) -> None:
     module = state.module(node)
     if isinstance(module, nn.modules.conv._ConvTransposeNd):
         module = _transposed(state, node, module, where)
+    if _on_constants(state, node, module, where):
+        return
     state.resolve(node, where)
     source = node.args[0]
     if isinstance(module, nn.Linear):
@@ -209,6 +211,45 @@ def _weighted(state: WalkState, node: fx.Node, where: str) -> None:
             state.head_units = units
         return
     state.pending[node] = (module, units)
+
+
+#: the functional convolution of each number of spatial dims
+_CONVS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def _on_constants(state: WalkState, node: fx.Node, module: nn.Module, where: str) -> bool:
+    """A Linear or convolution on values that do not depend on the input (a buffer of coordinates, or values
+    computed from parameters: Swin v2's continuous position bias MLP, ``mlp(relative_coords_log)``) computes values
+    from parameters alone, the same for every input: no unit of a gate holds them, so, like a position bias table,
+    they may only bias attention scores, and then each task gets its own copy of every parameter they come from. The
+    call becomes ``F.linear``/``F.conv*d`` on the layer's parameters, which such a copy can replace. Whether ``node``
+    is one."""
+    source = node.args[0] if node.args else None
+    kind = state.units.get(source) if isinstance(source, fx.Node) else 0
+    constant = isinstance(kind, Derived) or (kind is None and source not in state.pending and not any(
+        n.op == "placeholder" for n in ancestors(source)))
+    if not constant or len(node.args) > 1 or node.kwargs:
+        return False
+    if isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward:
+        function, extra = F.linear, ()
+    elif type(module) in (nn.Conv1d, nn.Conv2d, nn.Conv3d) and module.padding_mode == "zeros":
+        function, extra = _CONVS[module.weight.dim() - 2], (module.stride, module.padding, module.dilation,
+                                                           module.groups)
+    else:
+        raise ConversionError(f"{where}: a layer on values that do not depend on the input is converted when it is a "
+                              "torch Linear or convolution (zero padding)")
+    graph = state.gm.graph
+    with graph.inserting_before(node):
+        weight = graph.get_attr(f"{node.target}.weight")
+        bias = graph.get_attr(f"{node.target}.bias") if module.bias is not None else None
+        call = graph.call_function(function, (source, weight, bias, *extra))
+    call.meta = dict(node.meta)
+    state.same_shape(call, node)
+    node.replace_all_uses_with(call)
+    graph.erase_node(node)
+    own = tuple(a.target for a in (weight, bias) if a is not None and state.gm.get_parameter(a.target).requires_grad)
+    state.units[call] = Derived((kind.params if isinstance(kind, Derived) else ()) + own)
+    return True
 
 
 def _transposed(state: WalkState, node: fx.Node, module: nn.modules.conv._ConvTransposeNd,
