@@ -189,6 +189,8 @@ def _weighted(state: WalkState, node: fx.Node, where: str) -> None:
         return
     state.resolve(node, where)
     source = node.args[0]
+    if isinstance(module, nn.Linear) and _over_positions(state, node, module, where):
+        return
     if isinstance(module, nn.Linear):
         units = state.read(source, -1, module.in_features, where)
     elif isinstance(module, TransposedConv):
@@ -238,18 +240,43 @@ def _on_constants(state: WalkState, node: fx.Node, module: nn.Module, where: str
     else:
         raise ConversionError(f"{where}: a layer on values that do not depend on the input is converted when it is a "
                               "torch Linear or convolution (zero padding)")
+    call, own = _as_functional(state, node, module, function, extra)
+    state.units[call] = Derived((kind.params if isinstance(kind, Derived) else ()) + own)
+    return True
+
+
+def _over_positions(state: WalkState, node: fx.Node, module: nn.Linear, where: str) -> bool:
+    """A Linear over a dim the units do not vary in (MLP-Mixer's and ResMLP's token mixing, gMLP's spatial gating unit:
+    ``proj(v.transpose(-1, -2))`` with the channels in dim -2): each output value mixes one unit's values at every
+    position, so the units stay where they are, but its weight and bias are shared by every unit: each task gets its own
+    copy (the call becomes ``F.linear`` on them). A bias makes a closed unit nonzero, so a gate follows before
+    anything but a product reads it. Whether ``node`` is one."""
+    units = state.units.get(node.args[0])
+    if not isinstance(units, Units) or units.index.dim() < 2 or units.index.shape[-1] != 1 or \
+            units.unit_dim() is None or type(module).forward is not nn.Linear.forward:
+        return False
+    biased = module.bias is not None
+    call, trained = _as_functional(state, node, module, F.linear, ())
+    state.per_task(trained, units.source)  # the copies take the parameters out of the module
+    state.units[call] = Ungated(units, ()) if biased else units
+    return True
+
+
+def _as_functional(state: WalkState, node: fx.Node, module: nn.Module, function: object,
+                   extra: tuple[object, ...]) -> tuple[fx.Node, tuple[str, ...]]:
+    """Replace the call of ``module`` (a Linear or convolution) by ``function(input, weight, bias, *extra)`` on its
+    parameters, read where they are; the new node and the graph targets of its trained parameters."""
     graph = state.gm.graph
     with graph.inserting_before(node):
         weight = graph.get_attr(f"{node.target}.weight")
         bias = graph.get_attr(f"{node.target}.bias") if module.bias is not None else None
-        call = graph.call_function(function, (source, weight, bias, *extra))
+        call = graph.call_function(function, (node.args[0], weight, bias, *extra))
     call.meta = dict(node.meta)
     state.same_shape(call, node)
     node.replace_all_uses_with(call)
     graph.erase_node(node)
-    own = tuple(a.target for a in (weight, bias) if a is not None and state.gm.get_parameter(a.target).requires_grad)
-    state.units[call] = Derived((kind.params if isinstance(kind, Derived) else ()) + own)
-    return True
+    return call, tuple(a.target for a in (weight, bias) if a is not None and
+                       state.gm.get_parameter(a.target).requires_grad)
 
 
 def _transposed(state: WalkState, node: fx.Node, module: nn.modules.conv._ConvTransposeNd,
