@@ -1,5 +1,6 @@
 """Position biases computed from parameters alone (Swin v2's continuous position bias MLP over a buffer of log-spaced
-coordinates, gathered by a relative position index; Swin v2-CR's meta MLP; timm's relative position MLP): no unit of a
+coordinates, gathered by a relative position index; Swin v2-CR's meta MLP; timm's relative position MLP; SAM's
+decomposed relative position logits, q summed over its features with a table gathered by coordinates): no unit of a
 gate holds them, so they may bias attention scores only, and each task gets its own copy of every parameter they
 come from. Small models convert, reproduce the original with open gates and forget nothing under AdamW; such values
 read anywhere else are refused naming the line."""
@@ -68,6 +69,42 @@ class BiasedAttention(nn.Module):
         return self.head((t + self.proj(out)).mean(1))
 
 
+class DecomposedRelativePositions(nn.Module):
+    """SAM's attention: heads folded into the batch, relative position logits ``einsum("bhwc,hkc->bhwk", q, Rh)`` (and
+    along the width) for ``Rh`` gathered from a parameter by relative coordinates, added to the scores as the mask
+    of ``F.scaled_dot_product_attention`` (``fused``) or written out."""
+
+    def __init__(self, fused: bool) -> None:
+        super().__init__()
+        self.fused = fused
+        self.embed = nn.Conv2d(3, 8, 4, stride=4)
+        self.norm = nn.LayerNorm(8)
+        self.qkv = nn.Linear(8, 24)
+        self.proj = nn.Linear(8, 8)
+        self.rel_pos_h = nn.Parameter(torch.randn(2 * WINDOW - 1, 4) * 0.1)
+        self.rel_pos_w = nn.Parameter(torch.randn(2 * WINDOW - 1, 4) * 0.1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.norm(self.embed(x).flatten(2).transpose(1, 2))
+        b, n, _ = t.shape
+        q, k, v = self.qkv(t).reshape(b, n, 3, 2, 4).permute(2, 0, 3, 1, 4).reshape(3, b * 2, n, 4).unbind(0)
+        coords = torch.arange(WINDOW)[:, None] - torch.arange(WINDOW)[None, :] + WINDOW - 1
+        r_q = q.reshape(b * 2, WINDOW, WINDOW, 4)
+        rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, self.rel_pos_h[coords])
+        rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, self.rel_pos_w[coords])
+        bias = (rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]).reshape(-1, n, n)
+        if self.fused:
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        else:
+            out = ((q @ k.transpose(-2, -1)) * 0.5 + bias).softmax(-1) @ v
+        out = out.view(b, 2, n, 4).transpose(1, 2).reshape(b, n, 8)
+        return self.head((t + self.proj(out)).mean(1))
+
+
+MODELS = {"swin_v2": lambda: BiasedAttention("swin_v2"), "swin_v2_cr": lambda: BiasedAttention("swin_v2_cr"),
+          "sam_fused": lambda: DecomposedRelativePositions(fused=True),
+          "sam_written_out": lambda: DecomposedRelativePositions(fused=False)}
 NORM = {"layer": "masked_ln"}
 KINDS = ["swin_v2", "swin_v2_cr"]
 
@@ -80,14 +117,21 @@ def filled(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_open_gates_reproduce_the_original(kind: str) -> None:
-    assert_open_gates_reproduce(filled(BiasedAttention(kind)), NORM, torch.randn(4, 3, 16, 16))
+@pytest.mark.parametrize("name", list(MODELS))
+def test_open_gates_reproduce_the_original(name: str) -> None:
+    assert_open_gates_reproduce(filled(MODELS[name]()), NORM, torch.randn(4, 3, 16, 16))
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_training_a_second_task_forgets_nothing(kind: str) -> None:
-    assert_a_second_task_forgets_nothing(filled(BiasedAttention(kind)), NORM, torch.randn(4, 3, 16, 16))
+@pytest.mark.parametrize("name", list(MODELS))
+def test_training_a_second_task_forgets_nothing(name: str) -> None:
+    assert_a_second_task_forgets_nothing(filled(MODELS[name]()), NORM, torch.randn(4, 3, 16, 16))
+
+
+def test_the_relative_position_tables_are_copied_per_task() -> None:
+    model = hatnorm.convert(filled(DecomposedRelativePositions(fused=True)), num_tasks=3, norm=NORM,
+                            example_input=torch.randn(2, 3, 16, 16))
+    copies = [tuple(m.copies.shape) for m in model.modules() if isinstance(m, TaskParameter)]
+    assert copies == [(3, 2 * WINDOW - 1, 4)] * 2
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -63,7 +63,7 @@ def _attention_function(state: WalkState, node: fx.Node, where: str) -> None:
         raise ConversionError(f"{where}: attention over raw data")
     mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
     bias = state.units.get(mask) if isinstance(mask, fx.Node) else None
-    if isinstance(bias, Derived):
+    if isinstance(bias, Derived | Scores):  # a position bias, or relative position logits (SAM's q · R)
         state.per_task(bias.params, v.source)
     elif bias is not None:
         raise ConversionError(f"{where}: an attention mask computed from gated units")
@@ -138,7 +138,9 @@ def _varies(units: Units, dim: int) -> bool:
 
 def _einsum(state: WalkState, node: fx.Node, where: str) -> None:
     """An einsum that is attention's ``q @ kᵀ`` (``…id,…jd->…ij``: scores) or ``scores @ v`` (``…ij,…jd->…id``:
-    v's units), as MaxViT writes them."""
+    v's units), as MaxViT writes them; or relative position logits, q times values gathered from a parameter summed
+    over q's features (SAM's ``einsum("bhwc,hkc->bhwk", q, R)``): scores too, each a sum of products of one unit of
+    q with entries every unit meets, which each task gets its own copy of once the scores weigh the values."""
     state.resolve(node, where)
     equation, *operands = node.args
     if len(operands) == 1 and isinstance(operands[0], list | tuple):
@@ -151,9 +153,24 @@ def _einsum(state: WalkState, node: fx.Node, where: str) -> None:
             b.index.dim() < 2 or b.index.shape[-2] == 1):
         state.per_task(a.params, b.source)
         state.units[node] = Units(b.source, b.index)
+    elif isinstance(a, Units) and isinstance(b, Derived) and _contracts_last(equation):
+        state.units[node] = Scores(b.params)  # relative position logits, q · R for R gathered from a parameter
     else:
         raise ConversionError(f"{where}: an einsum is supported as attention ('...id,...jd->...ij' on q and k, "
                               f"then '...ij,...jd->...id' on the scores and v), got {equation!r}")
+
+
+def _contracts_last(equation: object) -> bool:
+    """Whether an einsum of two operands sums over the first one's last index and nothing else of it
+    (``"bhwc,hkc->bhwk"``: SAM's relative position logits ``q · R`` over the features of q)."""
+    if not isinstance(equation, str):
+        return False
+    operands, arrow, out = equation.replace(" ", "").partition("->")
+    parts = operands.split(",")
+    if not arrow or len(parts) != 2 or "." in equation or not parts[0]:
+        return False
+    summed = set(parts[0]) - set(out)
+    return summed == {parts[0][-1]} and parts[0][-1] in parts[1]
 
 
 def _attention_einsum(equation: str) -> str | None:
@@ -202,7 +219,7 @@ def _scores_only(state: WalkState, node: fx.Node, where: str) -> None:
 
 ATTENTION_MODULE = Handler("multi-head attention", _attention)
 WINDOW_ATTENTION = Handler("shifted-window attention", _window_attention)
-ATTENTION_FUNCTION = Handler("scaled dot-product attention", _attention_function)
+ATTENTION_FUNCTION = Handler("scaled dot-product attention", _attention_function, scores="takes")
 #: ``q @ kᵀ`` and ``scores @ v``, as products or einsums
 MATMUL = Handler("matmul", _matmul, scores="takes")
 EINSUM = Handler("einsum", _einsum, scores="takes")
