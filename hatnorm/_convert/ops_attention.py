@@ -12,7 +12,7 @@ from hatnorm._convert.runtime import GatedMultiheadAttention
 from hatnorm._convert.state import WalkState
 from hatnorm._convert.table import Handler
 from hatnorm._convert.units import Units
-from hatnorm._convert.values import Derived, Scale, Scores, Ungated, tensor_args
+from hatnorm._convert.values import Derived, Scale, Scores, Statistic, Ungated, tensor_args
 from hatnorm._convert.windows import GatedShiftedWindowAttention
 
 
@@ -75,7 +75,8 @@ def _matmul(state: WalkState, node: fx.Node, where: str) -> None:
     tokens in its last dim (EfficientViT-MSRA's and SHViT's ``v @ attn.transpose(-2, -1)``, channels × tokens): each
     output value is a weighted sum over the tokens of one feature of v, 0 where that feature's unit is closed.
     ``q @ Pᵀ`` for a parameter P (HaloNet's and BoTNet's relative position logits, ``q @ rel_k.transpose(-1, -2)``)
-    gives scores too: each entry P[r, d] meets q's unit d only, and is protected by it. A scale (a softmax of a
+    gives scores too: each entry P[r, d] meets q's unit d only, and is protected by it; with one column (SwiftFormer's
+    ``query @ w_g``) it is a statistic. A scale (a softmax of a
     layer's output: VOLO's outlook attention weights) times gated units contracting a dim they do not vary in is a
     sum of products of a scale and one unit's values, so it keeps those units, like ``x * scale``."""
     state.resolve(node, where, ungated=True)
@@ -83,7 +84,10 @@ def _matmul(state: WalkState, node: fx.Node, where: str) -> None:
     if isinstance(a, Units) and isinstance(b, Ungated) and b.units is None and not _varies(a, -2) and \
             a.index.dim() >= 2 and len(b.params) == 1 and b.params[0][1].dim() == 2:
         _position_logits(state, a, b, where)
-        state.units[node] = Scores()
+        # one column: one value per token computed across q's features (SwiftFormer's additive attention,
+        # query @ w_g), no keys to be scores over: a statistic, which may only scale a gated tensor
+        state.units[node] = Scores() if b.params[0][1].shape[1] > 1 else Statistic(
+            None, why=f"{where}: one value per token computed across the features")
         return
     state.resolve(node, where)
     a, b = (state.units.get(x) for x in node.args[:2])

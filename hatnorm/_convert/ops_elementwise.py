@@ -217,10 +217,11 @@ def _divide(state: WalkState, node: fx.Node, where: str) -> None:
 
 def _normalize(state: WalkState, node: fx.Node, where: str) -> None:
     """``F.normalize``: every value divided by a norm of its gated tensor along a dim (Swin v2's cosine attention),
-    so a closed unit stays 0 and the output keeps the input's units."""
+    so a closed unit stays 0 and the output keeps the input's units; of a scale or a statistic (SwiftFormer's
+    weights over the tokens) it is one of the same kind."""
     state.resolve(node, where)
-    units = state.gated(node.args[0], where)
-    state.units[node] = units
+    units = state.units.get(node.args[0])
+    state.units[node] = units if isinstance(units, Scale) else state.gated(node.args[0], where)
 
 
 def _addcmul(state: WalkState, node: fx.Node, where: str) -> None:

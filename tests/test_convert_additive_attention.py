@@ -1,0 +1,74 @@
+"""SwiftFormer's efficient additive attention: ``query @ w_g`` gives one value per token computed across the query's
+features (each entry of ``w_g`` meets one unit, protected by it), normalised over the tokens it weighs the query into
+a global query, which multiplies the keys. A small model converts, reproduces the original with open gates and
+forgets nothing under AdamW; the per-token values added to the stream are refused naming the line."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from convert_checks import assert_a_second_task_forgets_nothing, assert_open_gates_reproduce
+from torch import nn
+
+import hatnorm
+from hatnorm._convert.params import ParameterUse
+
+
+class AdditiveAttention(nn.Module):
+    def __init__(self, misuse: bool = False) -> None:
+        super().__init__()
+        self.misuse = misuse
+        self.embed = nn.Sequential(nn.Conv2d(3, 8, 4, stride=4), nn.BatchNorm2d(8))
+        self.to_query = nn.Linear(8, 8)
+        self.to_key = nn.Linear(8, 8)
+        self.w_g = nn.Parameter(torch.randn(8, 1))
+        self.proj = nn.Linear(8, 8)
+        self.final = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.embed(x).flatten(2).permute(0, 2, 1)
+        query = F.normalize(self.to_query(t), dim=-1)
+        key = F.normalize(self.to_key(t), dim=-1)
+        weights = F.normalize(query @ self.w_g * 8 ** -0.5, dim=1)
+        if self.misuse:
+            return self.head((t + weights).mean(1))
+        glob = torch.sum(weights * query, dim=1, keepdim=True)
+        out = self.final(self.proj(glob * key) + query)
+        return self.head((t + out).mean(1))
+
+
+NORM = {"batch": "masked_bn"}
+
+
+def filled(model: nn.Module) -> nn.Module:
+    torch.manual_seed(0)
+    with torch.no_grad():
+        bn = model.embed[1]
+        bn.running_mean.normal_(0, 0.1)
+        bn.running_var.uniform_(0.5, 1.5)
+        bn.weight.uniform_(0.8, 1.2)
+        bn.bias.normal_(0, 0.05)
+    return model.eval()
+
+
+def test_open_gates_reproduce_the_original() -> None:
+    assert_open_gates_reproduce(filled(AdditiveAttention()), NORM, torch.randn(4, 3, 16, 16))
+
+
+def test_training_a_second_task_forgets_nothing() -> None:
+    assert_a_second_task_forgets_nothing(filled(AdditiveAttention()), NORM, torch.randn(4, 3, 16, 16))
+
+
+def test_each_entry_of_the_projection_is_protected_by_its_unit() -> None:
+    model = hatnorm.convert(filled(AdditiveAttention()), num_tasks=2, norm=NORM,
+                            example_input=torch.randn(2, 3, 16, 16))
+    uses = [m for m in model.modules() if isinstance(m, ParameterUse)]
+    assert len(uses) == 1 and uses[0].units.flatten().tolist() == list(range(8))
+
+
+def test_the_per_token_values_added_to_the_stream_are_refused_naming_the_line() -> None:
+    with pytest.raises(hatnorm.ConversionError, match=r"one value per token computed across the features") as refused:
+        hatnorm.convert(AdditiveAttention(misuse=True), num_tasks=2, example_input=torch.randn(2, 3, 16, 16))
+    assert "test_convert_additive_attention.py:" in str(refused.value)
