@@ -1,5 +1,6 @@
 """Maps cut into patches and put back: ``nn.Unfold``/``F.unfold`` (TNT's pixel embedding, VOLO's outlook attention)
-move each channel's unit into the block of channels it becomes; ``F.fold`` (VOLO) sums the patch values landing on
+move each channel's unit into the block of channels it becomes (TNT's pixels, a position parameter added, then read
+by two paths: one gate follows them before either); ``F.fold`` (VOLO) sums the patch values landing on
 each position, which keeps the units where they all belong to one unit; weights made from gated units (a softmax of a
 layer's output) times gated units keep those units. Small models convert, reproduce the original with open gates
 and forget nothing under AdamW; a fold that sums several units is refused naming the line."""
@@ -59,7 +60,31 @@ class Outlook(nn.Module):
         return self.head(h.mean((1, 2)))
 
 
-MODELS = {"pixel_patches": PixelPatches, "outlook": Outlook}
+class PixelAndPatchPaths(nn.Module):
+    """TNT's two paths: pixels of each patch, with a position parameter added, read as they are by the inner
+    (pixel) block and reshaped into one vector per patch by the outer (patch) path."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(3, 4, 3, padding=1)
+        self.unfold = nn.Unfold(kernel_size=4, stride=4)
+        self.pixel_pos = nn.Parameter(torch.randn(1, 4, 4, 4) * 0.1)
+        self.norm_in = nn.LayerNorm(4)
+        self.inner = nn.Linear(4, 4)
+        self.norm_patch = nn.LayerNorm(64)
+        self.outer = nn.Linear(64, 8)
+        self.head = nn.Linear(12, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        pixels = self.unfold(self.proj(x)).transpose(1, 2).reshape(b * 16, 4, 4, 4) + self.pixel_pos
+        pixels = pixels.reshape(b * 16, 4, -1).transpose(1, 2)  # [B·patches, pixels, C]
+        patches = self.outer(self.norm_patch(pixels.reshape(b, 16, -1)))
+        pixels = pixels + self.inner(self.norm_in(pixels))
+        return self.head(torch.cat([pixels.mean(1).view(b, 16, 4).mean(1), patches.mean(1)], dim=-1))
+
+
+MODELS = {"pixel_patches": PixelPatches, "outlook": Outlook, "pixel_and_patch_paths": PixelAndPatchPaths}
 NORM = {"batch": "masked_bn", "layer": "masked_ln"}
 
 

@@ -336,6 +336,15 @@ def _stack(state: WalkState, node: fx.Node, where: str) -> None:
 
 
 def _moves(state: WalkState, node: fx.Node, where: str) -> None:
+    """A move of a tensor holding parameter values passes them on (a position embedding reshaped before it is
+    added), except when the tensor is gated units with a parameter added and read elsewhere too (TNT's pixel
+    embedding plus ``pixel_pos``, reshaped for the patch path and read as it is by the pixel path): its gate
+    follows it before the move, so every path reads the one gated tensor and the parameter is protected once."""
+    source = node.args[0] if node.args else None
+    kind = state.units.get(source) if isinstance(source, fx.Node) else None
+    if isinstance(kind, Ungated) and kind.units is not None and len(source.users) > 1 and \
+            state.shape(source) is not None and kind.units.unit_dim() in (1, len(state.shape(source)) - 1):
+        state.regate(source, kind, where)
     state.resolve(node, where, ungated=True)
     call = state.module(node) if node.op == "call_module" else None
     state.units[node] = moved_units(state, node, node.args[0], where, call=call)
