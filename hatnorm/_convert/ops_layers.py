@@ -333,26 +333,62 @@ def output_of(state: WalkState, node: fx.Node) -> fx.Node | None:
         handler = OPS.lookup(op) if user.op in ("call_module", "call_method", "call_function") else None
         passes = handler is not None and (op in (torch.flatten, "flatten") or isinstance(op, nn.Flatten) or
                                           handler in (UNITWISE, POOL, PASSES)) and user.args[0] is node
-        if not passes and not _combines_classifiers(state, user, node, handler):
+        if not passes and not _over_samples(state, user, node, handler) and \
+                not _combines_classifiers(state, user, node, handler):
             return None
         node = user
 
 
+#: reductions that keep each class apart when taken over another dim (VOLO's token-labelling head: the most
+#: confident token's logits, ``aux.max(1)[0]``)
+_CLASS_REDUCTIONS = (torch.max, "max", torch.amax, "amax", torch.min, "min", torch.amin, "amin", torch.mean, "mean",
+                     torch.sum, "sum")
+
+
+def _over_samples(state: WalkState, user: fx.Node, node: fx.Node, handler: Handler | None) -> bool:
+    """Whether ``user`` keeps each class of ``node``'s logits apart: a maximum, minimum, mean or sum over one dim that
+    is not the classes' (the last), or the values of such a maximum or minimum."""
+    if user.target is operator.getitem and user.args[0] is node and user.args[1] == 0:
+        return node.target in (torch.max, "max", torch.min, "min")
+    if handler is not REDUCE or user.target not in _CLASS_REDUCTIONS or user.args[0] is not node:
+        return False
+    dim = user.args[1] if len(user.args) > 1 else user.kwargs.get("dim")
+    shape = state.shape(node)
+    return isinstance(dim, int) and shape is not None and dim % len(shape) != len(shape) - 1
+
+
+def _from_classifiers(state: WalkState, node: fx.Node) -> bool:
+    """Whether ``node`` is a classifier's output (a Linear, convolution or heads), as it is or through ops that keep
+    each class apart (see :func:`_over_samples`, unit-wise ops, scaling by a number)."""
+    while node.op != "call_module" or not isinstance(state.module(node), nn.Linear | nn.modules.conv._ConvNd | Heads):
+        if node.op not in ("call_module", "call_method", "call_function"):
+            return False
+        inputs = tensor_args(node)
+        op = state.module(node) if node.op == "call_module" else node.target
+        handler = OPS.lookup(op)
+        if len(inputs) != 1 or not (handler in (UNITWISE, POOL, PASSES, PRODUCT) or
+                                    _over_samples(state, node, inputs[0], handler)):
+            return False
+        node = inputs[0]
+    return True
+
+
 def _combines_classifiers(state: WalkState, user: fx.Node, node: fx.Node, handler: Handler | None) -> bool:
     """Whether ``user`` averages classifiers (RepViT's and LeViT's ``(head(x) + head_dist(x)) / 2``, CrossViT's mean of
-    its stacked heads): a sum or stack of ``node`` and other classifiers' outputs, ``node`` scaled by a number, or
-    the mean or sum of a stack of them over the stacked dim."""
+    its stacked heads, VOLO's ``head(x[:, 0]) + 0.5 * aux_head(x[:, 1:]).max(1)[0]``): a sum or stack of ``node`` and
+    other classifiers' outputs (see :func:`_from_classifiers`), ``node`` scaled by a number, or the mean or sum of a
+    stack of them over the stacked dim."""
     others = [a for a in tensor_args(user) if a is not node]
-    if handler in (PRODUCT, DIVIDE):
+    if handler is PRODUCT:
+        return not others  # a number times the logits, on either side
+    if handler is DIVIDE:
         return not others and user.args[0] is node
     if handler is REDUCE and user.target in (torch.mean, torch.sum, "mean", "sum") and node.target is torch.stack:
         # CrossViT's torch.mean(torch.stack([head(x) for ...]), dim=0): the heads' logits averaged
         reduced = user.args[1] if len(user.args) > 1 else user.kwargs.get("dim")
         stacked = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
         return user.args[0] is node and reduced in (stacked, [stacked], (stacked,))
-    return handler in (ADD, STACK) and bool(others) and all(
-        a.op == "call_module" and isinstance(state.module(a), nn.Linear | nn.modules.conv._ConvNd | Heads)
-        for a in others)
+    return handler in (ADD, STACK) and bool(others) and all(_from_classifiers(state, a) for a in others)
 
 
 def _classifier(state: WalkState, node: fx.Node, module: nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d,

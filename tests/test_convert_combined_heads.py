@@ -1,0 +1,66 @@
+"""Classifiers combined into the output through ops that keep each class apart (VOLO's token-labelling head: the
+class token's logits plus half the most confident patch token's,
+``head(x[:, 0]) + 0.5 * aux_head(x[:, 1:]).max(1)[0]``): both become per-task heads. A small model converts,
+reproduces the original with open gates and forgets nothing under AdamW; a combination through an op across the
+classes is refused naming the line (the second Linear is then a layer, and the maximum mixes its units)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from convert_checks import assert_a_second_task_forgets_nothing, assert_open_gates_reproduce
+from torch import nn
+
+import hatnorm
+from hatnorm._convert.runtime import Heads
+
+
+class TokenLabelling(nn.Module):
+    def __init__(self, across_classes: bool = False) -> None:
+        super().__init__()
+        self.across_classes = across_classes
+        self.embed = nn.Conv2d(3, 8, 4, stride=4)
+        self.norm = nn.LayerNorm(8)
+        self.head = nn.Linear(8, 5)
+        self.aux_head = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.norm(self.embed(x).flatten(2).transpose(1, 2))
+        aux = self.aux_head(t[:, 1:])
+        if self.across_classes:
+            return self.head(t[:, 0]) + 0.5 * aux.max(-1, keepdim=True)[0].mean(1)
+        return self.head(t[:, 0]) + 0.5 * aux.max(1)[0]
+
+
+NORM = {"layer": "masked_ln"}
+
+
+def filled(model: nn.Module) -> nn.Module:
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model.norm.weight.uniform_(0.8, 1.2)
+        model.norm.bias.normal_(0, 0.05)
+    return model.eval()
+
+
+def test_open_gates_reproduce_the_original() -> None:
+    assert_open_gates_reproduce(filled(TokenLabelling()), NORM, torch.randn(4, 3, 16, 16))
+
+
+def test_training_a_second_task_forgets_nothing() -> None:
+    assert_a_second_task_forgets_nothing(filled(TokenLabelling()), NORM, torch.randn(4, 3, 16, 16))
+
+
+def test_both_classifiers_become_heads() -> None:
+    model = hatnorm.convert(filled(TokenLabelling()), num_tasks=2, norm=NORM, num_classes=[3, 4],
+                            example_input=torch.randn(2, 3, 16, 16))
+    assert sum(isinstance(m, Heads) for m in model.modules()) == 2
+    assert model(torch.randn(2, 3, 16, 16), task=1).shape == (2, 4)
+
+
+def test_a_combination_across_the_classes_is_refused_naming_the_line() -> None:
+    with pytest.raises(hatnorm.ConversionError, match=r"operation max: only a mean over dims the units do not vary "
+                                                      r"in") as refused:
+        hatnorm.convert(TokenLabelling(across_classes=True), num_tasks=2, norm=NORM,
+                        example_input=torch.randn(2, 3, 16, 16))
+    assert "test_convert_combined_heads.py:" in str(refused.value)
