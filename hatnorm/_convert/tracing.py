@@ -140,20 +140,36 @@ class _Tracer(fx.Tracer):
         super().__init__()
         self.recorded = recorded
         self.reparameterised: frozenset[int] = frozenset()  # ids of the convolutions computing their own weight
+        self.parameter_names: dict[int, str] = {}  # the root's parameters and buffers by identity → their names
+        self.buffer_names: dict[int, str] = {}
 
     def trace(self, root: nn.Module | Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
         if isinstance(root, nn.Module):  # found before fx patches nn.Module (each is traced alone to tell)
             self.reparameterised = frozenset(id(m) for m in root.modules() if is_reparameterised_conv(m))
+            self.parameter_names = {id(p): n for n, p in root.named_parameters()}
+            self.buffer_names = {id(b): n for n, b in root.named_buffers()}
         return super().trace(root, concrete_args)
 
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
-        if self.recorded and isinstance(attr_val, Tensor) and not isinstance(attr_val, nn.Parameter):
-            name = next((n for n, b in self.root.named_buffers() if b is attr_val), None)
-            if name in self.recorded:
+        """A parameter or buffer read by a module: its ``get_attr`` proxy (one per name), as fx's own ``getattr``
+        gives it, found by identity in a table made when the trace began rather than by a search of every
+        parameter at every read (quadratic in a model's size); a recorded buffer is a proxy too."""
+        if isinstance(attr_val, Tensor):
+            parameter = isinstance(attr_val, nn.Parameter)
+            name = (self.parameter_names if parameter else self.buffer_names).get(id(attr_val))
+            if name is not None and self._holds(name, attr_val) and \
+                    (parameter or self.proxy_buffer_attributes or name in self.recorded) and \
+                    not self.param_shapes_constant:
                 if name not in parameter_proxy_cache:
                     parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
                 return parameter_proxy_cache[name]
         return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def _holds(self, name: str, value: Tensor) -> bool:
+        """Whether the root still holds ``value`` at ``name`` (a forward may have replaced it since the table)."""
+        owner, _, last = name.rpartition(".")
+        module = self.root.get_submodule(owner)
+        return module._parameters.get(last) is value or module._buffers.get(last) is value
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return isinstance(m, OPS.module_classes()) or is_drop_path(m) or is_transformers_activation(m) or \

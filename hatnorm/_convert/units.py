@@ -86,11 +86,12 @@ class Units:
 
 
 def compress(index: Tensor) -> Tensor:
-    """``index`` with every dim it does not vary along reduced to size 1."""
+    """``index`` with every dim it does not vary along reduced to size 1 (a dim whose first two slices differ is
+    told apart without reading the whole index)."""
     for d in range(index.dim()):
         if index.shape[d] > 1:
             first = index.narrow(d, 0, 1)
-            if bool((index == first).all()):
+            if torch.equal(index.narrow(d, 1, 1), first) and torch.equal(index, first.expand_as(index)):
                 index = first
     return index.contiguous()
 
