@@ -1,6 +1,7 @@
 """Classifiers combined into the output through ops that keep each class apart (VOLO's token-labelling head: the
 class token's logits plus half the most confident patch token's,
-``head(x[:, 0]) + 0.5 * aux_head(x[:, 1:]).max(1)[0]``): both become per-task heads. A small model converts,
+``head(x[:, 0]) + 0.5 * aux_head(x[:, 1:]).max(1)[0]``; SwiftFormer's two heads averaged, each a Linear subclass
+calling ``F.linear``): both become per-task heads. A small model converts,
 reproduces the original with open gates and forgets nothing under AdamW; a combination through an op across the
 classes is refused naming the line (the second Linear is then a layer, and the maximum mixes its units)."""
 
@@ -32,6 +33,29 @@ class TokenLabelling(nn.Module):
         return self.head(t[:, 0]) + 0.5 * aux.max(1)[0]
 
 
+class FunctionalLinear(nn.Linear):
+    """timm's ``Linear``: a Linear subclass whose forward calls ``F.linear`` on its own parameters."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
+class AveragedHeads(nn.Module):
+    """SwiftFormer's head: a classifier and a distillation classifier, both ``FunctionalLinear``, averaged."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, 8, 4, stride=4)
+        self.norm = nn.LayerNorm(8)
+        self.head = FunctionalLinear(8, 5)
+        self.head_dist = FunctionalLinear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(self.embed(x).flatten(2).transpose(1, 2)).mean(1)
+        return (self.head(h) + self.head_dist(h)) / 2
+
+
+MODELS = {"token_labelling": TokenLabelling, "averaged_functional_heads": AveragedHeads}
 NORM = {"layer": "masked_ln"}
 
 
@@ -43,16 +67,19 @@ def filled(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
-def test_open_gates_reproduce_the_original() -> None:
-    assert_open_gates_reproduce(filled(TokenLabelling()), NORM, torch.randn(4, 3, 16, 16))
+@pytest.mark.parametrize("name", list(MODELS))
+def test_open_gates_reproduce_the_original(name: str) -> None:
+    assert_open_gates_reproduce(filled(MODELS[name]()), NORM, torch.randn(4, 3, 16, 16))
 
 
-def test_training_a_second_task_forgets_nothing() -> None:
-    assert_a_second_task_forgets_nothing(filled(TokenLabelling()), NORM, torch.randn(4, 3, 16, 16))
+@pytest.mark.parametrize("name", list(MODELS))
+def test_training_a_second_task_forgets_nothing(name: str) -> None:
+    assert_a_second_task_forgets_nothing(filled(MODELS[name]()), NORM, torch.randn(4, 3, 16, 16))
 
 
-def test_both_classifiers_become_heads() -> None:
-    model = hatnorm.convert(filled(TokenLabelling()), num_tasks=2, norm=NORM, num_classes=[3, 4],
+@pytest.mark.parametrize("name", list(MODELS))
+def test_both_classifiers_become_heads(name: str) -> None:
+    model = hatnorm.convert(filled(MODELS[name]()), num_tasks=2, norm=NORM, num_classes=[3, 4],
                             example_input=torch.randn(2, 3, 16, 16))
     assert sum(isinstance(m, Heads) for m in model.modules()) == 2
     assert model(torch.randn(2, 3, 16, 16), task=1).shape == (2, 4)

@@ -358,9 +358,12 @@ def _over_samples(state: WalkState, user: fx.Node, node: fx.Node, handler: Handl
 
 
 def _from_classifiers(state: WalkState, node: fx.Node) -> bool:
-    """Whether ``node`` is a classifier's output (a Linear, convolution or heads), as it is or through ops that keep
-    each class apart (see :func:`_over_samples`, unit-wise ops, scaling by a number)."""
+    """Whether ``node`` is a classifier's output (a Linear, convolution or heads, or ``F.linear``/``F.conv*d`` on a
+    layer's weight), as it is or through ops that keep each class apart (see :func:`_over_samples`, unit-wise ops,
+    scaling by a number)."""
     while node.op != "call_module" or not isinstance(state.module(node), nn.Linear | nn.modules.conv._ConvNd | Heads):
+        if node.target in FUNCTIONAL_LAYERS:  # a layer subclass's F.linear (timm's Linear), converted when reached
+            return True
         if node.op not in ("call_module", "call_method", "call_function"):
             return False
         inputs = tensor_args(node)
