@@ -1,5 +1,6 @@
 """SwiftFormer's efficient additive attention: ``query @ w_g`` gives one value per token computed across the query's
-features (each entry of ``w_g`` meets one unit, protected by it), normalised over the tokens it weighs the query into
+features (each entry of ``w_g`` meets one unit, protected by it), normalised over the tokens (timm) or softmaxed
+(transformers) it weighs the query into
 a global query, which multiplies the keys. A small model converts, reproduces the original with open gates and
 forgets nothing under AdamW; the per-token values added to the stream are refused naming the line."""
 
@@ -16,9 +17,9 @@ from hatnorm._convert.params import ParameterUse
 
 
 class AdditiveAttention(nn.Module):
-    def __init__(self, misuse: bool = False) -> None:
+    def __init__(self, misuse: bool = False, softmax: bool = False) -> None:
         super().__init__()
-        self.misuse = misuse
+        self.misuse, self.softmax = misuse, softmax
         self.embed = nn.Sequential(nn.Conv2d(3, 8, 4, stride=4), nn.BatchNorm2d(8))
         self.to_query = nn.Linear(8, 8)
         self.to_key = nn.Linear(8, 8)
@@ -31,7 +32,8 @@ class AdditiveAttention(nn.Module):
         t = self.embed(x).flatten(2).permute(0, 2, 1)
         query = F.normalize(self.to_query(t), dim=-1)
         key = F.normalize(self.to_key(t), dim=-1)
-        weights = F.normalize(query @ self.w_g * 8 ** -0.5, dim=1)
+        weights = query @ self.w_g * 8 ** -0.5
+        weights = weights.softmax(dim=-1) if self.softmax else F.normalize(weights, dim=1)  # transformers' / timm's
         if self.misuse:
             return self.head((t + weights).mean(1))
         glob = torch.sum(weights * query, dim=1, keepdim=True)
@@ -53,12 +55,14 @@ def filled(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
-def test_open_gates_reproduce_the_original() -> None:
-    assert_open_gates_reproduce(filled(AdditiveAttention()), NORM, torch.randn(4, 3, 16, 16))
+@pytest.mark.parametrize("softmax", [False, True])
+def test_open_gates_reproduce_the_original(softmax: bool) -> None:
+    assert_open_gates_reproduce(filled(AdditiveAttention(softmax=softmax)), NORM, torch.randn(4, 3, 16, 16))
 
 
-def test_training_a_second_task_forgets_nothing() -> None:
-    assert_a_second_task_forgets_nothing(filled(AdditiveAttention()), NORM, torch.randn(4, 3, 16, 16))
+@pytest.mark.parametrize("softmax", [False, True])
+def test_training_a_second_task_forgets_nothing(softmax: bool) -> None:
+    assert_a_second_task_forgets_nothing(filled(AdditiveAttention(softmax=softmax)), NORM, torch.randn(4, 3, 16, 16))
 
 
 def test_each_entry_of_the_projection_is_protected_by_its_unit() -> None:

@@ -212,9 +212,11 @@ def pass_scores(state: WalkState, node: fx.Node, where: str, handler: Handler | 
 
 def _softmax(state: WalkState, node: fx.Node, where: str) -> None:
     """A softmax of gated units (a selective kernel's weights over its paths): it mixes the units along its dim and
-    gives f(0) ≠ 0, so, like a sigmoid, its output may only scale a gated tensor."""
+    gives f(0) ≠ 0, so, like a sigmoid, its output may only scale a gated tensor; of a scale or a statistic
+    (transformers' SwiftFormer weights over the tokens) it is one of the same kind."""
     state.resolve(node, where)
-    state.units[node] = Scale(state.gated(node.args[0], where))
+    units = state.units.get(node.args[0])
+    state.units[node] = units if isinstance(units, Scale) else Scale(state.gated(node.args[0], where))
 
 
 def _scores_only(state: WalkState, node: fx.Node, where: str) -> None:
