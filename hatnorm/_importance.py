@@ -77,7 +77,11 @@ def _columns(values: Tensor, groups: int) -> Tensor:
 
 
 def _unit_dim(module: nn.Module) -> int:
-    """The dim of a layer's input that holds its input units: channels for a convolution, the last dim otherwise."""
+    """The dim of a layer's input that holds its input units: the layer's ``input_unit_dim`` where it declares one
+    (a converted transposed convolution), channels for a convolution, the last dim otherwise."""
+    declared = getattr(module, "input_unit_dim", None)
+    if isinstance(declared, int):
+        return declared
     if isinstance(module, nn.modules.conv._ConvNd):
         return 1
     if isinstance(module, TaskHeads):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from convert_checks import assert_a_second_task_forgets_nothing, assert_open_gates_reproduce
 from torch import nn
 
@@ -98,3 +99,24 @@ def test_uses_outside_the_rule_are_refused_naming_the_line(kind: str, message: s
     with pytest.raises(hatnorm.ConversionError, match=message) as refused:
         hatnorm.convert(SizedUpsampling(kind), num_tasks=2, example_input=torch.randn(2, 3, 8, 8))
     assert "test_convert_transposed_conv.py:" in str(refused.value)
+
+
+def test_fg_adahat_reads_its_activation_along_the_channels() -> None:
+    """FG-AdaHAT's activation importance reads a transposed convolution's input units along its channels (dim 1),
+    as for any convolution: on 12×12 images the layer reads 8 channels of 6×6 maps (read along its last dim they
+    would be 6 units, and the importance of the gate before it would not have one value per unit)."""
+    model = hatnorm.convert(filled(Upsampling()), num_tasks=2, norm=NORM, example_input=torch.randn(2, 3, 12, 12))
+    hat = hatnorm.HAT(model, policy=hatnorm.policies.FGAdaHATPolicy(importance="input_weight_abs_sum_x_activation_abs"))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    torch.manual_seed(0)
+    hat.begin_task(0)
+    model.train()
+    for b in range(2):
+        s = hat.scale(b, 2)
+        loss = hat.loss(F.cross_entropy(model(torch.randn(4, 3, 12, 12), task=0, s=s), torch.randint(0, 4, (4,))), s)
+        opt.zero_grad()
+        loss.backward()
+        hat.protect(s)
+        hat.step(opt)
+    hat.end_task()
+    assert all(bool(torch.isfinite(summed).all()) and bool((summed > 0).any()) for summed in hat.policy.summed)

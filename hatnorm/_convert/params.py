@@ -143,6 +143,9 @@ class TransposedConv(nn.Module):
         layer: the transposed convolution (zero padding); its bias is kept, its weight moved here.
     """
 
+    #: the dim of the input that holds its units (channels), read by FG-AdaHAT's activation importance
+    input_unit_dim = 1
+
     def __init__(self, layer: nn.modules.conv._ConvTransposeNd) -> None:
         super().__init__()
         weight, groups = layer.weight, layer.groups
