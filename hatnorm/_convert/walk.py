@@ -111,8 +111,9 @@ def _call_module(state: WalkState, node: fx.Node) -> None:
     handler = OPS.lookup(module)
     if handler is None:
         raise ConversionError(f"{where}: {type(module).__name__} is not supported (allowed: the torch norms, "
-                              "Linear, Conv1d/2d/3d, unit-wise activations, dropout and pooling, or a module "
-                              "with a rule from hatnorm.register_conversion_rule)")
+                              "Linear, Conv1d/2d/3d and ConvTranspose1d/2d/3d, unit-wise activations, dropout and "
+                              "pooling, Unfold and Fold, or a module with a rule from "
+                              "hatnorm.register_conversion_rule)")
     if handler.scores != "takes" and any(isinstance(state.units.get(a), Scores) for a in tensor_args(node)):
         pass_scores(state, node, where, handler)
         return
