@@ -263,6 +263,20 @@ def _unitwise(state: WalkState, node: fx.Node, where: str) -> None:
 
 
 def _pool(state: WalkState, node: fx.Node, where: str) -> None:
+    """A pool or a resampling (``F.interpolate``, ``nn.Upsample``) over dims the units do not vary in. Of a tensor
+    that holds parameter values alone (a position embedding resized to the token grid, as in SAM 2's Hiera,
+    NaFlexViT and PVT), each value mixes several of the parameter's entries, so no entry keeps one position that a
+    gate's unit could protect: each task gets its own copy of the parameter instead (its entries marked as meeting
+    no unit, −1, which :meth:`~.state.WalkState.protect` gives per-task copies), and the gate that must follow where
+    the values join the stream masks the closed units."""
+    units = state.units.get(node.args[0]) if node.args else None
+    if isinstance(units, Ungated) and units.units is None:
+        shape = state.shape(node)
+        if shape is None:
+            raise ConversionError(f"{where}: pools or resamples a tensor that holds a parameter's values; pass "
+                                  "example_input so convert can follow its shape")
+        state.units[node] = Ungated(None, tuple((target, torch.full(shape, -1)) for target, _ in units.params))
+        return
     state.resolve(node, where)
     state.units[node] = unitwise_units(state, node, node.args[0], where, pool=True)
 
