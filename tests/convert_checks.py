@@ -1,5 +1,7 @@
 """The checks a conversion rule's small model must pass, shared by the rule tests: open gates reproduce the
-original, and training a second task with AdamW leaves the first task's outputs bit-identical."""
+original, and training a second task with AdamW leaves the first task's outputs bit-identical; and
+:func:`filled`, which gives a small model's norms the non-trivial statistics and affine parameters trained
+weights have."""
 
 from __future__ import annotations
 
@@ -8,6 +10,24 @@ import torch.nn.functional as F
 from torch import nn
 
 import hatnorm
+
+NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
+
+
+def filled(model: nn.Module) -> nn.Module:
+    """``model`` in evaluation mode, its norms given non-trivial running statistics and affine parameters, as
+    trained weights have (seeded: the same model is filled the same way every time)."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+            if isinstance(m, NORMS) and m.weight is not None:
+                m.weight.uniform_(0.8, 1.2)
+            if isinstance(m, NORMS) and m.bias is not None:
+                m.bias.normal_(0, 0.05)
+    return model.eval()
 
 
 def assert_open_gates_reproduce(original: nn.Module, norm: dict[str, str], x: torch.Tensor) -> None:

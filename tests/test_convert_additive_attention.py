@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from convert_checks import assert_a_second_task_forgets_nothing, assert_open_gates_reproduce
+from convert_checks import assert_a_second_task_forgets_nothing, assert_open_gates_reproduce, filled
 from torch import nn
 
 import hatnorm
@@ -42,17 +42,6 @@ class AdditiveAttention(nn.Module):
 
 
 NORM = {"batch": "masked_bn"}
-
-
-def filled(model: nn.Module) -> nn.Module:
-    torch.manual_seed(0)
-    with torch.no_grad():
-        bn = model.embed[1]
-        bn.running_mean.normal_(0, 0.1)
-        bn.running_var.uniform_(0.5, 1.5)
-        bn.weight.uniform_(0.8, 1.2)
-        bn.bias.normal_(0, 0.05)
-    return model.eval()
 
 
 @pytest.mark.parametrize("softmax", [False, True])

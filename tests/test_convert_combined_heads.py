@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from convert_checks import assert_a_second_task_forgets_nothing, assert_open_gates_reproduce
+from convert_checks import assert_a_second_task_forgets_nothing, assert_open_gates_reproduce, filled
 from torch import nn
 
 import hatnorm
@@ -57,14 +57,6 @@ class AveragedHeads(nn.Module):
 
 MODELS = {"token_labelling": TokenLabelling, "averaged_functional_heads": AveragedHeads}
 NORM = {"layer": "masked_ln"}
-
-
-def filled(model: nn.Module) -> nn.Module:
-    torch.manual_seed(0)
-    with torch.no_grad():
-        model.norm.weight.uniform_(0.8, 1.2)
-        model.norm.bias.normal_(0, 0.05)
-    return model.eval()
 
 
 @pytest.mark.parametrize("name", list(MODELS))

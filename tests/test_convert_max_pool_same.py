@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from convert_checks import assert_a_second_task_forgets_nothing, assert_open_gates_reproduce
+from convert_checks import assert_a_second_task_forgets_nothing, assert_open_gates_reproduce, filled
 from torch import nn
 
 import hatnorm
@@ -46,18 +46,6 @@ class SamePadded(nn.Module):
 
 
 NORM = {"batch": "masked_bn"}
-
-
-def filled(model: nn.Module) -> nn.Module:
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-                m.weight.uniform_(0.8, 1.2)
-                m.bias.normal_(0, 0.05)
-    return model.eval()
 
 
 def test_open_gates_reproduce_the_original() -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from convert_checks import assert_a_second_task_forgets_nothing, assert_open_gates_reproduce
+from convert_checks import assert_a_second_task_forgets_nothing, assert_open_gates_reproduce, filled
 from torch import nn
 
 import hatnorm
@@ -107,14 +107,6 @@ MODELS = {"swin_v2": lambda: BiasedAttention("swin_v2"), "swin_v2_cr": lambda: B
           "sam_written_out": lambda: DecomposedRelativePositions(fused=False)}
 NORM = {"layer": "masked_ln"}
 KINDS = ["swin_v2", "swin_v2_cr"]
-
-
-def filled(model: nn.Module) -> nn.Module:
-    torch.manual_seed(0)
-    with torch.no_grad():
-        model.norm.weight.uniform_(0.8, 1.2)
-        model.norm.bias.normal_(0, 0.05)
-    return model.eval()
 
 
 @pytest.mark.parametrize("name", list(MODELS))

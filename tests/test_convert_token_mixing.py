@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from convert_checks import assert_a_second_task_forgets_nothing, assert_open_gates_reproduce
+from convert_checks import assert_a_second_task_forgets_nothing, assert_open_gates_reproduce, filled
 from torch import nn
 
 import hatnorm
@@ -74,16 +74,6 @@ class NoBiasTokens(nn.Module):
 
 MODELS = {"mixer": Mixer, "spatial_gating": SpatialGating, "no_bias_tokens": NoBiasTokens}
 NORM = {"layer": "masked_ln"}
-
-
-def filled(model: nn.Module) -> nn.Module:
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.LayerNorm):
-                m.weight.uniform_(0.8, 1.2)
-                m.bias.normal_(0, 0.05)
-    return model.eval()
 
 
 @pytest.mark.parametrize("name", list(MODELS))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from convert_checks import assert_a_second_task_forgets_nothing, assert_open_gates_reproduce
+from convert_checks import assert_a_second_task_forgets_nothing, assert_open_gates_reproduce, filled
 from torch import nn
 
 import hatnorm
@@ -263,21 +263,6 @@ MODELS = {"flattened_token_norm": FlattenedTokenNorm, "channels_first_attention"
           "position_lookup": PositionLookup, "unread_branch": UnreadBranch}
 #: a norm for each kind the models hold
 NORM = {"batch": "masked_bn", "layer": "masked_ln", "group": "masked_gn"}
-
-
-def filled(model: nn.Module) -> nn.Module:
-    """Non-trivial norm statistics and affine parameters, as trained weights have."""
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-            if isinstance(m, nn.modules.batchnorm._BatchNorm | nn.LayerNorm | nn.GroupNorm) and m.weight is not None:
-                m.weight.uniform_(0.8, 1.2)
-            if isinstance(m, nn.modules.batchnorm._BatchNorm | nn.LayerNorm | nn.GroupNorm) and m.bias is not None:
-                m.bias.normal_(0, 0.05)
-    return model.eval()
 
 
 @pytest.mark.parametrize("name", list(MODELS))
