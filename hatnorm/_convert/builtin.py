@@ -37,11 +37,11 @@ from hatnorm._convert.ops_layers import (
     EMBEDDING,
     FUNCTIONAL_LAYER,
     FUNCTIONAL_LAYERS,
-    FUNCTIONAL_NORM,
     FUNCTIONAL_NORMS,
     NORM,
     WEIGHTED,
 )
+from hatnorm._convert.ops_norms import FUNCTIONAL_NORM_FORMS
 from hatnorm._convert.ops_patches import FOLD, UNFOLD
 from hatnorm._convert.ops_shapes import CAT, COPYING_PADS, MOVES, PAD, REDUCE, REDUCTIONS, STACK
 from hatnorm._convert.state import WalkState
@@ -61,7 +61,7 @@ _UNITWISE = [
     nn.Tanh, nn.Softsign, nn.Tanhshrink, nn.Hardshrink, nn.Softshrink, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
     F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.gelu, F.silu, F.mish, F.leaky_relu, F.elu, F.selu, F.celu,
     F.hardswish, F.hardtanh, torch.tanh, F.tanh, F.softsign, F.dropout1d, F.dropout2d, F.dropout3d, torch.clone,
-    "relu", "relu_", "tanh", "tanh_", "float", "double", "half", "bfloat16", "type_as", operator.neg, torch.neg, "neg",
+    "relu", "relu_", "tanh", "tanh_", operator.neg, torch.neg, "neg",
 ]
 _POOLS = [
     nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d,
@@ -71,7 +71,9 @@ _POOLS = [
     # resampling (nearest, linear, cubic...) over dims the units do not vary in: 0 stays 0, like a pool
     nn.Upsample, F.interpolate, F.upsample,
 ]
-_PASSES = [nn.Dropout, nn.Identity, F.dropout, "contiguous", "clone", "to"]
+#: dropouts, identities, copies and casts (a tensor holding a parameter's values still holds them)
+_PASSES = [nn.Dropout, nn.Identity, F.dropout, "contiguous", "clone", "to", "float", "double", "half", "bfloat16",
+           "type_as"]
 _MOVES = [
     nn.Flatten, nn.Unflatten, torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.swapaxes,
     torch.movedim, torch.squeeze, torch.unsqueeze, torch.roll, torch.narrow, torch.chunk, torch.split, torch.unbind,
@@ -112,7 +114,7 @@ def register_builtins(table: OpTable) -> None:
         (EINSUM, [torch.einsum]), (NORMALIZE, [F.normalize]), (POWER, [torch.pow, operator.pow, "pow"]),
         (OF_SCALE, [torch.rsqrt, "rsqrt", torch.reciprocal, "reciprocal"]),
         (ATTENTION_FUNCTION, [F.scaled_dot_product_attention]), (ATTENTION_MODULE, [nn.MultiheadAttention]),
-        (WEIGHTED, [nn.Linear, nn.modules.conv._ConvNd]), (FUNCTIONAL_NORM, list(FUNCTIONAL_NORMS)),
+        (WEIGHTED, [nn.Linear, nn.modules.conv._ConvNd]), (FUNCTIONAL_NORM_FORMS, list(FUNCTIONAL_NORMS)),
         (FUNCTIONAL_LAYER, list(FUNCTIONAL_LAYERS)), (EMBEDDING, [nn.Embedding, F.embedding]),
         (UNFOLD, [nn.Unfold, F.unfold]), (FOLD, [nn.Fold, F.fold]),
         (Handler("mode value", _nothing, scores="takes"), [ModeValue]),
