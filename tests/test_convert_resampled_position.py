@@ -42,7 +42,8 @@ class Hiera(nn.Module):
 
 class RowsAndColumns(nn.Module):
     """NaFlexViT's factorised embedding: a row table and a column table ``[1, 6, C]``, each resized linearly along its
-    length (moved to ``[1, C, 6]`` and back), summed by broadcasting into ``[1, H, W, C]`` and added to the tokens."""
+    length (moved to ``[1, C, 6]``, cast to float32 and back), summed by broadcasting into ``[1, H, W, C]`` and added to
+    the tokens."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -55,8 +56,8 @@ class RowsAndColumns(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t = self.embed(x).flatten(2).transpose(1, 2)
         h, w = x.shape[2] // 4, x.shape[3] // 4
-        y = F.interpolate(self.pos_y.permute(0, 2, 1), size=h, mode="linear").permute(0, 2, 1)
-        x_ = F.interpolate(self.pos_x.permute(0, 2, 1), size=w, mode="linear").permute(0, 2, 1)
+        y = F.interpolate(self.pos_y.permute(0, 2, 1).float(), size=h, mode="linear").permute(0, 2, 1)
+        x_ = F.interpolate(self.pos_x.permute(0, 2, 1).float(), size=w, mode="linear").permute(0, 2, 1).to(t.dtype)
         pos = (y[:, :, None, :] + x_[:, None, :, :]).flatten(1, 2)
         return self.head(self.norm(t + pos).mean(1))
 
