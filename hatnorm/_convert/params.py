@@ -1,11 +1,13 @@
 """Parameters a converted graph reads directly, protected by HAT: a parameter whose entries each meet one unit
 (:class:`ParameterUse`), one that biases attention for a whole head (:class:`TaskParameter`), a module that
-computes such a bias (:class:`TaskModule`), a layer that computes its weight row by row (:class:`UnitRows`), and a
-transposed convolution with its weight stored as a convolution's (:class:`TransposedConv`)."""
+computes such a bias (:class:`TaskModule`), a layer that computes its weight row by row (:class:`UnitRows`, around
+a convolution whose traced weight computation is replayed, :class:`ComputedWeightConv`), and a transposed
+convolution with its weight stored as a convolution's (:class:`TransposedConv`)."""
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -127,6 +129,35 @@ class UnitRows(nn.Module, Protected):
         rate = policy.unit_rate(previous)
         return {f"layer.{name}": rate.to(p.device, p.dtype).view(-1, *[1] * (p.dim() - 1)).expand_as(p)
                 for name, p in self.layer.named_parameters()}
+
+
+class ComputedWeightConv(nn.Module):
+    """A convolution by a weight its forward computes from the module's own parameters (weight standardisation written
+    in a forward that ``torch.fx`` cannot trace alone, so it is traced into: timm's ``StdConv2dSame`` and
+    ``ScaledStdConv2dSame`` pad by the input's size first): the traced computation of the weight replayed on those
+    parameters, then the convolution. :class:`UnitRows` wraps it, every row protected by its output unit.
+
+    Args:
+        parameters: the parameters the computation reads, by name (``weight`` among them), moved here.
+        compute: the computation: a graph module taking those parameters in their order, giving the weight.
+        bias: the convolution's bias (its own parameter), or ``None``.
+        convolution: ``F.conv1d``, ``F.conv2d`` or ``F.conv3d``.
+        options: the convolution's stride, padding, dilation and groups, as the forward passed them.
+    """
+
+    def __init__(self, parameters: dict[str, nn.Parameter], compute: nn.Module, bias: nn.Parameter | None,
+                 convolution: Callable[..., Tensor], options: tuple[object, ...]) -> None:
+        super().__init__()
+        self.names = tuple(parameters)
+        for name, parameter in parameters.items():
+            self.register_parameter(name, parameter)
+        self.compute = compute
+        self.bias = bias
+        self.convolution, self.options = convolution, options
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = self.compute(*(getattr(self, name) for name in self.names))
+        return self.convolution(x, weight, self.bias, *self.options)
 
 
 #: the functional transposed convolution of each number of spatial dims
