@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,11 +16,11 @@ import torch.nn.functional as F
 from distributed_worker import NORMS, run, run_trainer
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
+from torchrun import launch
 
 import hatnorm
 from hatnorm.distributed import average_gradients, is_distributed, is_main_process, shard, unwrap, wrap
 
-ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("distributed_worker.py")
 # the norms whose earlier tasks' outputs must not change (the shared and post-gate baselines may forget)
 TASK_AWARE = tuple(n for n in NORMS if hatnorm.get_norm(n).isolates_tasks)
@@ -35,13 +32,7 @@ needs_gloo = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """What each rank of a 2-process gloo run under torchrun ended with, one file per norm and rank."""
-    out = tmp_path_factory.mktemp("ddp")
-    env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER),
-               str(out)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
-    assert done.returncode == 0, f"torchrun failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
-    return out
+    return launch(WORKER, tmp_path_factory.mktemp("ddp"))
 
 
 @contextmanager

@@ -4,9 +4,6 @@ from a ``torch.distributed.checkpoint`` ends exactly where the uninterrupted run
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +12,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from fsdp_worker import RUNS, run, run_trainer
 from torch import Tensor
+from torchrun import launch
 from toys import toy_tasks
 
 import hatnorm
@@ -22,7 +20,6 @@ from hatnorm._shards import fsdp_modules, is_sharded
 from hatnorm.distributed import fully_shard, load_sharded, save_sharded
 from hatnorm.training import EWC, TrainConfig, train_sequence
 
-ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("fsdp_worker.py")
 
 needs_gloo = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
@@ -32,14 +29,7 @@ needs_gloo = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """What each rank of a 2-process gloo run of tests/fsdp_worker.py under torchrun ended with."""
-    out = tmp_path_factory.mktemp("fsdp")
-    env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-                        "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER),
-               str(out)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
-    assert done.returncode == 0, f"torchrun failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
-    return out
+    return launch(WORKER, tmp_path_factory.mktemp("fsdp"), threads=1)
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,6 @@ heads too small for a task, tasks too small to train."""
 from __future__ import annotations
 
 import io
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +12,7 @@ import torch.distributed as dist
 from reliability_worker import SAMPLES, run
 from rich.console import Console
 from torch.utils.data import TensorDataset
+from torchrun import launch
 from toys import toy_tasks
 
 import hatnorm
@@ -23,7 +21,6 @@ from hatnorm.data import Task
 from hatnorm.distributed import share_weight
 from hatnorm.training import HATMethod, TrainConfig, train_joint, train_sequence
 
-ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("reliability_worker.py")
 CONFIG = TrainConfig(epochs=1, batch_size=32)
 
@@ -43,14 +40,7 @@ def mlp(num_classes: int | list[int] = 2, tasks: int = 2):
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """What each rank of a 2-process gloo run under torchrun ended with, one file per case and rank."""
-    out = tmp_path_factory.mktemp("uneven")
-    env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-                        "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER),
-               str(out)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
-    assert done.returncode == 0, f"torchrun failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
-    return out
+    return launch(WORKER, tmp_path_factory.mktemp("uneven"), threads=1)
 
 
 @needs_gloo
