@@ -33,23 +33,6 @@ class RunningSum(nn.Module):
         return self.head(self.mix(self.conv(x)).mean((2, 3)))
 
 
-class TalkingHeads(nn.Module):
-    """Attention whose scores a Linear mixes across heads (CaiT's, EfficientFormerV2's talking heads): the scores
-    mix tokens, so no gate's units reach that Linear."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.qkv = nn.Linear(8, 24)
-        self.mix = nn.Linear(2, 2)
-        self.head = nn.Linear(8, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.qkv(x).unflatten(-1, (3, 2, 4)).permute(2, 0, 3, 1, 4)
-        scores = (q @ k.transpose(-2, -1)).softmax(-1)
-        scores = self.mix(scores.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-        return self.head((scores @ v).transpose(1, 2).flatten(2).mean(1))
-
-
 class CrossCovariance(nn.Module):
     """XCiT's and EdgeNeXt's cross-covariance attention: q and k transposed, so the scores are channels × channels
     and the product with v mixes the units (a closed unit's row of scores is uniform, so its output is not 0)."""
@@ -96,12 +79,10 @@ def timm_model(name: str, **options) -> nn.Module:
 #: name → (the model, its input size, the module the message must name)
 MODELS = {
     "running_sum": (RunningSum, 16, "mix"),
-    "talking_heads": (TalkingHeads, None, "mix"),
     "channel_attention": (ChannelAttention, None, "xca"),
     "softplus": (SoftplusBlock, 16, "act"),
-    "timm_cait": (lambda: timm_model("cait_xxs24_224", num_classes=4, img_size=32, patch_size=8, depth=1,
-                                     depth_token_only=1), 32, "proj_l"),
-    "timm_efficientformerv2": (lambda: timm_model("efficientformerv2_s0", num_classes=4), 224, "talking_head1"),
+    "timm_sequencer": (lambda: timm_model("sequencer2d_s", num_classes=4, img_size=32, layers=(1, 1, 1, 1),
+                                          embed_dims=(8, 8, 8, 8), hidden_sizes=(4, 4, 4, 4)), 32, "rnn_v"),
 }
 
 

@@ -8,12 +8,14 @@ from torch import fx
 
 from hatnorm._convert.error import ConversionError
 from hatnorm._convert.ops_shapes import collapsed
-from hatnorm._convert.runtime import GatedMultiheadAttention
-from hatnorm._convert.state import WalkState
+from hatnorm._convert.runtime import GatedMultiheadAttention, GatedNorm
+from hatnorm._convert.state import WalkState, free_name
 from hatnorm._convert.table import Handler
 from hatnorm._convert.units import Units
 from hatnorm._convert.values import Derived, Scale, Scores, Statistic, Ungated, tensor_args
 from hatnorm._convert.windows import GatedShiftedWindowAttention
+from hatnorm._hat import Layer
+from hatnorm._norm_protocol import NoNorm
 
 
 def _attention(state: WalkState, node: fx.Node, where: str) -> None:
@@ -58,6 +60,8 @@ def _attention_function(state: WalkState, node: fx.Node, where: str) -> None:
     """``F.scaled_dot_product_attention(q, k, v)``: mixes tokens only, so the output has v's units (a closed q or
     k feature is 0 in every score, a closed v feature 0 in every output)."""
     state.resolve(node, where)
+    if len(node.args) >= 3:
+        gate_scale(state, node, node.args[2], where)
     q, k, v = (state.gated(a, where) for a in node.args[:3])
     if v is None or q is None or k is None:
         raise ConversionError(f"{where}: attention over raw data")
@@ -78,7 +82,11 @@ def _matmul(state: WalkState, node: fx.Node, where: str) -> None:
     gives scores too: each entry P[r, d] meets q's unit d only, and is protected by it; with one column (SwiftFormer's
     ``query @ w_g``) it is a statistic. A scale (a softmax of a
     layer's output: VOLO's outlook attention weights) times gated units contracting a dim they do not vary in is a
-    sum of products of a scale and one unit's values, so it keeps those units, like ``x * scale``."""
+    sum of products of a scale and one unit's values, so it keeps those units, like ``x * scale``; and so does gated
+    units a times gated values b, contracting a dim a's units do not vary in (EfficientViM's hidden state
+    ``h = x @ (a * b)ᵀ`` over the tokens, then ``h @ c`` over the state, b and c gated by the units of the state's
+    projection): each value a sum of products of one unit of a with values of b, which in a task's forward hold that
+    task's units only (closed ones 0), 0 where a's unit is closed."""
     state.resolve(node, where, ungated=True)
     a, b = (state.units.get(x) for x in node.args[:2])
     if isinstance(a, Units) and isinstance(b, Ungated) and b.units is None and not _varies(a, -2) and \
@@ -91,6 +99,9 @@ def _matmul(state: WalkState, node: fx.Node, where: str) -> None:
         return
     state.resolve(node, where)
     a, b = (state.units.get(x) for x in node.args[:2])
+    if isinstance(a, Scores) != isinstance(b, Scores):  # the values, a sigmoid's output (iFormer's): gated first
+        gate_scale(state, node, node.args[1] if isinstance(a, Scores) else node.args[0], where)
+        a, b = (state.units.get(x) for x in node.args[:2])
     if isinstance(a, Units) and isinstance(b, Units) and not _varies(a, -2) and not _varies(b, -1):
         state.units[node] = Scores()
     elif isinstance(a, Scores) and isinstance(b, Units) and not _varies(b, -2):
@@ -103,10 +114,39 @@ def _matmul(state: WalkState, node: fx.Node, where: str) -> None:
         state.units[node] = _over_tokens(b, -2)  # weights made from gated units (VOLO's outlook attention)
     elif isinstance(a, Units) and isinstance(b, Scale) and a.index.dim() >= 2 and not _varies(a, -1):
         state.units[node] = _over_tokens(a, -1)
+    elif isinstance(a, Units) and isinstance(b, Units) and a.index.dim() >= 2 and not _varies(a, -1):
+        state.units[node] = _over_tokens(a, -1)  # gated units weighed by gated values (EfficientViM's x @ (a * b)ᵀ)
     else:
         raise ConversionError(f"{where}: a matrix product is supported as attention over tokens (q @ kᵀ contracting "
                               "the features, then scores @ v contracting the tokens); attention over the channels "
                               "(XCiT's and EdgeNeXt's cross-covariance attention) mixes units")
+
+
+def gate_scale(state: WalkState, reader: fx.Node, arg: fx.Node, where: str) -> None:
+    """Where ``reader`` needs gated units (the values of attention) and ``arg`` is a scale (a sigmoid of gated units,
+    f(0) ≠ 0: iFormer's ``v, gate = sigmoid(v_gate(x)).chunk(2)``, v the values of its attention), put a gate between
+    them, over the dim the scale's units vary in, read by ``reader`` alone. A scale is computed without parameters
+    from gated units, so in a task's forward its values depend only on that task's units (a closed unit gives a
+    constant, sigmoid(0)); the new gate makes its closed units 0, so what reads them holds the new gate's units and
+    its weights are protected by them. A scale of unknown units or a statistic over several units (a mean over the
+    channels) is left as it is, for the reader to refuse."""
+    scale = state.units.get(arg)
+    shape = state.shape(arg)
+    if type(scale) is not Scale or scale.units is None or shape is None:
+        return
+    dim = scale.units.unit_dim()
+    if dim not in (1, len(shape) - 1):
+        return
+    gate = state.new_gate(shape[dim])
+    gated = GatedNorm(NoNorm(shape[dim], num_tasks=state.num_tasks, channel_dim=1 if dim == 1 else -1), gate)
+    name = free_name(state.gm, f"{arg.name}_gate")
+    state.gm.add_submodule(name, gated)
+    with state.gm.graph.inserting_before(reader):
+        new = state.gm.graph.call_module(name, (arg, state.task, state.s))
+    reader.replace_input_with(arg, new)
+    state.same_shape(new, arg)
+    state.layers.append(Layer(gated.norm, out=gate))
+    state.units[new] = Units.of_gate(gate, len(shape), dim)
 
 
 def _position_logits(state: WalkState, q: Units, key: Ungated, where: str) -> None:
@@ -213,7 +253,12 @@ def pass_scores(state: WalkState, node: fx.Node, where: str, handler: Handler | 
 def _softmax(state: WalkState, node: fx.Node, where: str) -> None:
     """A softmax of gated units (a selective kernel's weights over its paths): it mixes the units along its dim and
     gives f(0) ≠ 0, so, like a sigmoid, its output may only scale a gated tensor; of a scale or a statistic
-    (transformers' SwiftFormer weights over the tokens) it is one of the same kind."""
+    (transformers' SwiftFormer weights over the tokens) it is one of the same kind; of a parameter, values derived from
+    it (EfficientViM's weights of its heads, ``self.weights.softmax(-1)``)."""
+    units = state.units.get(node.args[0])
+    if isinstance(units, Ungated) and units.units is None:
+        state.units[node] = Derived(tuple(target for target, _ in units.params))
+        return
     state.resolve(node, where)
     units = state.units.get(node.args[0])
     state.units[node] = units if isinstance(units, Scale) else Scale(state.gated(node.args[0], where))

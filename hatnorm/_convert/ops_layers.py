@@ -24,9 +24,10 @@ from hatnorm._convert.table import OPS, Handler
 from hatnorm._convert.tracing import is_reparameterised_conv
 from hatnorm._convert.train_graph import is_structure
 from hatnorm._convert.units import Units
-from hatnorm._convert.values import Derived, Ungated, tensor_args
+from hatnorm._convert.values import Derived, Scores, Ungated, tensor_args
 from hatnorm._hat import Layer
 from hatnorm._heads import TaskHeads
+from hatnorm._masks import MaskSource
 
 #: functional norms on a module's parameters → their channel dim
 FUNCTIONAL_NORMS = {F.batch_norm: 1, F.layer_norm: -1, F.group_norm: 1, F.rms_norm: -1}
@@ -185,7 +186,7 @@ def _weighted(state: WalkState, node: fx.Node, where: str) -> None:
     module = state.module(node)
     if isinstance(module, nn.modules.conv._ConvTransposeNd):
         module = _transposed(state, node, module, where)
-    if _on_constants(state, node, module, where):
+    if _on_constants(state, node, module, where) or _on_scores(state, node, module, where):
         return
     state.resolve(node, where)
     source = node.args[0]
@@ -211,6 +212,7 @@ def _weighted(state: WalkState, node: fx.Node, where: str) -> None:
         _classifier(state, node, module, where)
         if state.logits is None or output is state.logits:  # the heads export prunes by these units
             state.head_units = units
+        _weights_per_task(state, node, units)
         return
     state.pending[node] = (module, units)
 
@@ -232,17 +234,44 @@ def _on_constants(state: WalkState, node: fx.Node, module: nn.Module, where: str
         n.op == "placeholder" for n in ancestors(source)))
     if not constant or len(node.args) > 1 or node.kwargs:
         return False
+    call, own = _on_own_parameters(state, node, module, f"{where}: a layer on values that do not depend on the input")
+    state.units[call] = Derived((kind.params if isinstance(kind, Derived) else ()) + own)
+    return True
+
+
+def _on_scores(state: WalkState, node: fx.Node, module: nn.Module, where: str) -> bool:
+    """A Linear or convolution over attention scores (talking heads: CaiT's ``proj_l``/``proj_w``, a Linear over the
+    heads of the scores permuted heads-last; EfficientFormerV2's ``talking_head1``/``talking_head2``, 1×1 convolutions
+    over the heads dim): it mixes the scores of the heads, which hold no unit, so its weights meet every unit of q, k
+    and v; what it gives is scores still, which may only weigh the values (``scores @ v`` keeps v's units, whatever the
+    weights: each output value is a weighted sum of one unit of v over the tokens). In a task's forward the scores
+    depend only on that task's gated q and k (a head whose q or k units are all closed gives constant scores), so the
+    layer's output is fixed once its weights are: each task gets its own copy of them, as of a position bias (the call
+    becomes ``F.linear``/``F.conv*d`` on its parameters, copied per task when the scores weigh the values). Whether
+    ``node`` is one."""
+    scores = state.units.get(node.args[0]) if node.args else None
+    if not isinstance(scores, Scores):
+        return False
+    if len(node.args) > 1 or node.kwargs:
+        raise ConversionError(f"{where}: a layer over attention scores is converted when it is called on them alone")
+    call, own = _on_own_parameters(state, node, module, f"{where}: a layer over attention scores (talking heads)")
+    state.units[call] = Scores(tuple(dict.fromkeys(scores.params + own)))
+    return True
+
+
+def _on_own_parameters(state: WalkState, node: fx.Node, module: nn.Module,
+                       what: str) -> tuple[fx.Node, tuple[str, ...]]:
+    """The call of ``module``, a torch Linear or convolution with zero padding, as ``F.linear``/``F.conv*d`` on its
+    parameters (see :func:`_as_functional`), which per-task copies can replace; ``what`` names it when it is neither."""
     if isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward:
         function, extra = F.linear, ()
     elif type(module) in (nn.Conv1d, nn.Conv2d, nn.Conv3d) and module.padding_mode == "zeros":
         function, extra = _CONVS[module.weight.dim() - 2], (module.stride, module.padding, module.dilation,
                                                            module.groups)
     else:
-        raise ConversionError(f"{where}: a layer on values that do not depend on the input is converted when it is a "
-                              "torch Linear or convolution (zero padding)")
-    call, own = _as_functional(state, node, module, function, extra)
-    state.units[call] = Derived((kind.params if isinstance(kind, Derived) else ()) + own)
-    return True
+        raise ConversionError(f"{what} is converted when it is a torch Linear or convolution (zero padding), got "
+                              f"{type(module).__name__}")
+    return _as_functional(state, node, module, function, extra)
 
 
 def _over_positions(state: WalkState, node: fx.Node, module: nn.Linear, where: str) -> bool:
@@ -369,6 +398,8 @@ def _from_classifiers(state: WalkState, node: fx.Node) -> bool:
         inputs = tensor_args(node)
         op = state.module(node) if node.op == "call_module" else node.target
         handler = OPS.lookup(op)
+        if handler is PRODUCT:  # a number, or a weight learned for it (EfficientViM's softmax(weights)[i]), times it
+            inputs = [a for a in inputs if not _of_parameters(state, a)]
         if len(inputs) != 1 or not (handler in (UNITWISE, POOL, PASSES, PRODUCT) or
                                     _over_samples(state, node, inputs[0], handler)):
             return False
@@ -382,8 +413,8 @@ def _combines_classifiers(state: WalkState, user: fx.Node, node: fx.Node, handle
     other classifiers' outputs (see :func:`_from_classifiers`), ``node`` scaled by a number, or the mean or sum of a
     stack of them over the stacked dim."""
     others = [a for a in tensor_args(user) if a is not node]
-    if handler is PRODUCT:
-        return not others  # a number times the logits, on either side
+    if handler is PRODUCT:  # a number, or a weight computed from parameters alone, times the logits, on either side
+        return all(_of_parameters(state, a) for a in others)
     if handler is DIVIDE:
         return not others and user.args[0] is node
     if handler is REDUCE and user.target in (torch.mean, torch.sum, "mean", "sum") and node.target is torch.stack:
@@ -392,6 +423,36 @@ def _combines_classifiers(state: WalkState, user: fx.Node, node: fx.Node, handle
         stacked = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
         return user.args[0] is node and reduced in (stacked, [stacked], (stacked,))
     return handler in (ADD, STACK) and bool(others) and all(_from_classifiers(state, a) for a in others)
+
+
+def _of_parameters(state: WalkState, node: fx.Node) -> bool:
+    """Whether ``node`` is computed from parameters alone (and numbers or buffers, or per-task copies of parameters): a
+    weight of its own, not of the input."""
+    found = ancestors(node)
+    return not any(n.op == "placeholder" and n not in (state.task, state.s) for n in found) and \
+        any(n.op in ("get_attr", "call_module") for n in found)
+
+
+def _weights_per_task(state: WalkState, node: fx.Node, source: MaskSource | None) -> None:
+    """Give every task its own copy of the parameters of the weights a classifier's logits are multiplied by on their
+    way to the output (EfficientViM's ``softmax(weights)[i] * head(x[i])``, its heads' logits summed): the heads are
+    per task, so are the weights that combine them. ``source``: the units the classifier reads."""
+    while node.op != "output" and len(node.users) == 1:
+        user = next(iter(node.users))
+        if user.op in ("call_function", "call_method") and OPS.lookup(user.target) is PRODUCT:
+            weights = [a for a in tensor_args(user) if a is not node]
+            trained = [n.target for w in weights for n in ancestors(w) if n.op == "get_attr" and
+                       _trained(state, n.target)]
+            if trained and source is None:
+                raise ConversionError(f"{where_of(user)}: a classifier on raw data weighed by a parameter")
+            state.per_task(tuple(dict.fromkeys(trained)), source)
+        node = user
+
+
+def _trained(state: WalkState, target: str) -> bool:
+    owner, _, name = target.rpartition(".")
+    parameter = state.gm.get_submodule(owner)._parameters.get(name)
+    return parameter is not None and parameter.requires_grad
 
 
 def _classifier(state: WalkState, node: fx.Node, module: nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d,
@@ -482,7 +543,7 @@ NORM = Handler("norm", _norm_module)
 #: ``F.batch_norm``/``F.layer_norm``/``F.group_norm``/``F.rms_norm`` on a norm module's parameters
 FUNCTIONAL_NORM = Handler("functional norm", _functional_norm, first=True)
 #: a Linear or convolution module
-WEIGHTED = Handler("weighted", _weighted)
+WEIGHTED = Handler("weighted", _weighted, scores="takes")
 #: ``F.linear``/``F.conv*d`` on a Linear's or convolution's own parameters
 FUNCTIONAL_LAYER = Handler("functional layer", _functional_layer, first=True)
 #: ``nn.Embedding``/``F.embedding`` by fixed ids: the table's rows, a gate to follow

@@ -12,7 +12,7 @@ from torch import Tensor, fx, nn
 
 from hatnorm._convert.error import ConversionError
 from hatnorm._convert.state import WalkState
-from hatnorm._convert.table import Handler
+from hatnorm._convert.table import OPS, Handler
 from hatnorm._convert.units import Units, expand
 from hatnorm._convert.values import Derived, Flat, GatheredByData, Scale, Statistic, Ungated, residual
 from hatnorm._masks import Concat, MaskSource
@@ -339,7 +339,9 @@ def _moves(state: WalkState, node: fx.Node, where: str) -> None:
     """A move of a tensor holding parameter values passes them on (a position embedding reshaped before it is
     added), except when the tensor is gated units with a parameter added and read elsewhere too (TNT's pixel
     embedding plus ``pixel_pos``, reshaped for the patch path and read as it is by the pixel path): its gate
-    follows it before the move, so every path reads the one gated tensor and the parameter is protected once."""
+    follows it before the move, so every path reads the one gated tensor and the parameter is protected once; and
+    a parameter's values moved and then read in several places (CaiT's ``cls_token.expand(B, -1, -1)``) get their
+    gate after the move, for the same reason."""
     source = node.args[0] if node.args else None
     kind = state.units.get(source) if isinstance(source, fx.Node) else None
     if isinstance(kind, Ungated) and kind.units is not None and len(source.users) > 1 and \
@@ -348,6 +350,11 @@ def _moves(state: WalkState, node: fx.Node, where: str) -> None:
     state.resolve(node, where, ungated=True)
     call = state.module(node) if node.op == "call_module" else None
     state.units[node] = moved_units(state, node, node.args[0], where, call=call)
+    moved = state.units[node]
+    readers = [u for u in node.users if OPS.lookup(state.module(u) if u.op == "call_module" else u.target) not in
+               (MOVES, None)]
+    if isinstance(moved, Ungated) and moved.units is None and len(readers) > 1 and state.shape(node) is not None:
+        state.regate(node, moved, where)  # read by each class-attention block's cat and residual
 
 
 #: an op that only moves, copies or drops values: the units move the same way
