@@ -184,7 +184,12 @@ class _ExampleProxy(fx.Proxy):
     def _value(self) -> Any:
         return self.tracer.values[self.node]
 
-    def __getattr__(self, name: str) -> _ExampleAttribute:
+    def __getattr__(self, name: str) -> Any:
+        """``proxy.name`` as a proxy, but a device's type as the example's (a ``str``: ``torch.autocast(device_type=
+        x.device.type)`` in EfficientViT's attention takes no proxy; autocast itself is not recorded in the graph)."""
+        if name == "type" and isinstance(self, Attribute) and self.attr == "device" and \
+                isinstance(self._value(), torch.device):
+            return self._value().type
         return _ExampleAttribute(self, name)
 
     def __iter__(self) -> Iterator[fx.Proxy]:
@@ -214,6 +219,11 @@ class _ExampleProxy(fx.Proxy):
     def __float__(self) -> float:
         return float(self._number("float"))
 
+    def __setitem__(self, index: Any, value: Any) -> None:
+        """``x[index] = value`` (ConViT's position indices filled column by column): recorded as :func:`setitem_`,
+        an in-place operation on ``x`` that later reads of ``x`` read (:func:`follow_in_place`)."""
+        self.tracer.create_proxy("call_function", setitem_, (self, index, value), {})
+
     def _number(self, use: str) -> Any:
         """The example's value of a number computed from shapes (ConViT's ``int(N ** .5)``), made a constant of the
         graph, which checks at every call that the number is still that value (a batch of other sizes fails
@@ -226,6 +236,13 @@ class _ExampleProxy(fx.Proxy):
                            f"{value}; give it inputs of those sizes, or convert it with an example of the new ones"),
             {})
         return value
+
+
+def setitem_(tensor: Tensor, index: Any, value: Any) -> Tensor:
+    """``tensor[index] = value``, returning ``tensor``: an item assignment as a traced graph records it (an in-place
+    operation, named as one)."""
+    tensor[index] = value
+    return tensor
 
 
 class _ExampleAttribute(_ExampleProxy, Attribute):
@@ -292,6 +309,47 @@ def _attributes_kept(module: nn.Module) -> Iterator[None]:
                     setattr(m, name, value)
 
 
+#: torch's factories and a tensor's methods taking sizes as separate arguments, which a traced size cannot reach by
+#: ``__torch_function__`` (``torch.ones(b, n)`` or ``buffer.expand(b, -1, 1)`` with ``b`` a proxy fails in torch's
+#: argument parser, with fx's own tracer too)
+_FACTORIES = ("ones", "zeros", "empty", "full", "rand", "randn")
+_SIZED_METHODS = ("expand", "view", "reshape", "repeat", "new_ones", "new_zeros", "new_empty", "new_full")
+
+
+def _first_proxy(arguments: Any) -> fx.Proxy | None:
+    found: list[fx.Proxy] = []
+    torch.utils._pytree.tree_map(lambda a: found.append(a) if isinstance(a, fx.Proxy) else None, arguments)
+    return found[0] if found else None
+
+
+@contextmanager
+def _sizes_traced() -> Iterator[None]:
+    """The :data:`_FACTORIES` and, on a tensor that is not traced (a buffer fx read as a constant), the
+    :data:`_SIZED_METHODS` recorded as calls when a size (or another argument) is traced (Gemma 4's
+    ``torch.ones(batch_size, pH * pW, dtype=torch.bool)`` and ``self.inv_freq[None, :, None].expand(b, -1, 1)``);
+    called as they are otherwise."""
+    originals = [(torch, name, getattr(torch, name)) for name in _FACTORIES] + \
+        [(Tensor, name, getattr(Tensor, name)) for name in _SIZED_METHODS]
+
+    def recorded(owner: Any, name: str, original: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            proxy = _first_proxy((args, kwargs))
+            if proxy is None:
+                return original(*args, **kwargs)
+            kind, target = ("call_function", original) if owner is torch else ("call_method", name)
+            return proxy.tracer.create_proxy(kind, target, args, kwargs)
+
+        return call
+
+    for owner, name, original in originals:
+        setattr(owner, name, recorded(owner, name, original))
+    try:
+        yield
+    finally:
+        for owner, name, original in originals:
+            setattr(owner, name, original)
+
+
 @contextmanager
 def _untraced() -> Iterator[None]:
     """Modules called and read as in eager mode while the tracer has patched ``nn.Module``."""
@@ -315,7 +373,7 @@ def _trace_keeping_state(module: nn.Module, example: Tensor | None, concrete: di
     versions = {name: value._version for name, value in buffers.items()}
     modes = {m: m.training for m in module.modules()}
     try:
-        with torch.no_grad(), _attributes_kept(module):
+        with torch.no_grad(), _attributes_kept(module), _sizes_traced():
             traced = tracer.trace(module, concrete_args=concrete or None)
     finally:
         written = [name for name, value in buffers.items() if value._version != versions[name]]

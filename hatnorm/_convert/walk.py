@@ -25,8 +25,8 @@ from hatnorm._convert.ops_shapes import MOVES
 from hatnorm._convert.source import model_frames, source_line
 from hatnorm._convert.source import where as where_of
 from hatnorm._convert.state import WalkState, attribute
-from hatnorm._convert.table import OPS
-from hatnorm._convert.tracing import eliminate_dead_code, is_in_place
+from hatnorm._convert.table import OPS, Handler
+from hatnorm._convert.tracing import eliminate_dead_code, is_in_place, setitem_
 from hatnorm._convert.units import Units
 from hatnorm._convert.values import Derived, Scores, Ungated, parameters_of, tensor_args
 from hatnorm._hat import Layer
@@ -193,10 +193,30 @@ def _in_place(state: WalkState, node: fx.Node) -> None:
     if before is after or (isinstance(before, Units) and isinstance(after, Units) and before.source is after.source
                            and torch.equal(*torch.broadcast_tensors(before.index, after.index))):
         return
-    if _is_view(written, state.gm) or any(_is_view(u, state.gm) for u in written.users if u is not node):
+    views = [u for u in written.users if u is not node and _is_view(u, state.gm)]
+    order = {n: i for i, n in enumerate(state.gm.graph.nodes)} if views else {}
+    if _is_view(written, state.gm) or any(_read_after(u, node, order, state.gm) for u in views):
         raise ConversionError(f"{where_of(node)}: an in-place operation that changes which units a tensor holds "
                               "(it adds to it, or makes closed units nonzero) on a tensor that shares its memory "
                               "with a view, which would change unseen; write it out of place (h = h + b)")
+
+
+def _read_after(view: fx.Node, node: fx.Node, order: dict[fx.Node, int], gm: fx.GraphModule) -> bool:
+    """Whether ``view`` (a view of the tensor ``node`` writes into), or a view of it, is read after ``node``: a view
+    read only before the write (MViTv2's ``attn[:, :, 1:, 1:] = attn[:, :, 1:, 1:] + bias``) sees no change."""
+    return any(order[u] > order[node] or (_is_view(u, gm) and _read_after(u, node, order, gm)) for u in view.users)
+
+
+def _item_assignment(state: WalkState, node: fx.Node, where: str) -> None:
+    raise ConversionError(f"{where}: an item assignment (x[i] = v) is converted into data or attention scores only "
+                          "(a part of the scores replaced by scores biased as they may be); write it out of place "
+                          "(torch.cat, torch.where)")
+
+
+#: ``x[i] = v`` as the example trace records it (:func:`~.tracing.setitem_`): into data it gives data (the walk's
+#: rule by value kind), into attention scores a value that keeps them scores gives scores; into gated units refused
+ITEM_ASSIGNMENT = Handler("item assignment", _item_assignment, scores="keeps")
+OPS.register(setitem_, ITEM_ASSIGNMENT)
 
 
 def _get_attr(state: WalkState, node: fx.Node) -> None:
