@@ -49,7 +49,7 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from multiprocessing.connection import Connection
@@ -68,6 +68,8 @@ from hatnorm.data import IGNORE_INDEX
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "convert_coverage.json"
+#: the timm and transformers rows (their runs write here with ``--out``); a timm family's builder is taken from them
+FAMILY_RESULTS = ROOT / "benchmarks" / "results" / "convert_coverage_families.json"
 DOC = ROOT / "docs" / "architectures.md"
 BEGIN, END = "<!-- coverage:begin -->", "<!-- coverage:end -->"
 #: the norm for each kind of torch norm the models hold
@@ -78,7 +80,8 @@ TRANSFORMERS_CONFIGS = ["ViTForImageClassification", "DeiTForImageClassification
                         "ResNetForImageClassification", "SwinForImageClassification", "Swinv2ForImageClassification",
                         "BeitForImageClassification", "Data2VecVisionForImageClassification",
                         "Dinov2ForImageClassification", "ConvNextV2ForImageClassification",
-                        "FocalNetForImageClassification", "SegformerForImageClassification"]
+                        "FocalNetForImageClassification", "SegformerForImageClassification",
+                        "MobileViTV2ForImageClassification", "ShieldGemma2ForImageClassification"]
 #: transformers language models (source ``transformers-text``): sequence classifiers and causal language models
 TEXT_CLASSES = ["BertForSequenceClassification", "DistilBertForSequenceClassification",
                 "RobertaForSequenceClassification", "GPT2ForSequenceClassification", "GPT2LMHeadModel",
@@ -125,8 +128,12 @@ def filled(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
-def logits(output: object) -> torch.Tensor:
-    return output.logits if hasattr(output, "logits") else output  # transformers' output objects
+def logits(output: object) -> object:
+    """A model's logits: transformers' output objects name them ``logits``; one with no such field (PPLCNet's
+    ``BaseModelOutputWithNoAttention``, the converted model's dict of the same fields) holds them first."""
+    if hasattr(output, "logits"):
+        return output.logits
+    return next(iter(output.values())) if isinstance(output, Mapping) else output
 
 
 Batch = torch.Tensor | dict[str, torch.Tensor]  # images, or a language model's named inputs
@@ -177,7 +184,42 @@ class Tokens:
         return {"input_ids": ids, "attention_mask": mask}, labels
 
 
-Feed = Images | Tokens
+@dataclass(frozen=True)
+class PixelTokens:
+    """What an image classifier over pixel tokens is fed (ImageGPT: colour-cluster ids, one per pixel): ``[n,
+    LENGTH]`` token ids of its vocabulary (task t's drawn from a range shifted by t) and class labels."""
+
+    vocab: int
+    causal = False
+
+    def probe(self) -> torch.Tensor:
+        return self.batch(2, 0, CLASSES)[0]
+
+    def batch(self, n: int, task: int, classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+        low = min(task, self.vocab - 2)
+        return torch.randint(low, self.vocab, (n, LENGTH)), torch.randint(classes, (n,))
+
+
+@dataclass(frozen=True)
+class Patches:
+    """What a classifier over flattened patches is fed (Siglip2: NaFlex patches): ``[n, side², features]`` patches
+    (task t's shifted by t), every patch valid in ``pixel_attention_mask`` and the ``spatial_shapes`` of the
+    ``side``×``side`` grid they come from, by name; and class labels."""
+
+    side: int
+    features: int
+    causal = False
+
+    def probe(self) -> dict[str, torch.Tensor]:
+        return self.batch(2, 0, CLASSES)[0]
+
+    def batch(self, n: int, task: int, classes: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        patches = torch.randn(n, self.side ** 2, self.features) + task
+        return {"pixel_values": patches, "pixel_attention_mask": torch.ones(n, self.side ** 2, dtype=torch.long),
+                "spatial_shapes": torch.tensor([[self.side, self.side]] * n)}, torch.randint(classes, (n,))
+
+
+Feed = Images | Tokens | PixelTokens | Patches
 
 
 def torchvision_models(only: list[str] | None = None) -> list[tuple[str, Callable[[], nn.Module], int]]:
@@ -194,16 +236,20 @@ def torchvision_models(only: list[str] | None = None) -> list[tuple[str, Callabl
     return [model for model in models if not only or model[0] in only]
 
 
-def timm_families(only: list[str] | None = None) -> dict[str, str]:
+def timm_families(only: list[str] | None = None, chosen: dict[str, str] | None = None) -> dict[str, str]:
     """Every timm model family (a module of ``timm.models`` that registers classifiers) → its smallest builder (the
     fewest parameters, counted on the meta device); with ``only``, the families named there (or holding a builder
-    named there)."""
+    named there). A family's builder in ``chosen`` (an earlier run's choice, :func:`earlier_builders`) is taken as it
+    is while the family still registers it, without building the family's builders again."""
     import timm
 
     families = {}
     for family in timm.list_modules():
         names = timm.list_models(module=family)
         if not names or (only and family not in only and not set(names) & set(only)):
+            continue
+        if chosen and chosen.get(family) in names:
+            families[family] = chosen[family]
             continue
         sizes = {}
         for name in names:
@@ -217,10 +263,24 @@ def timm_families(only: list[str] | None = None) -> dict[str, str]:
     return families
 
 
-def timm_models(only: list[str] | None = None) -> list[tuple[str, Callable[[], nn.Module], int | None]]:
-    """One builder per timm family, named ``family/builder``; its input size is found when it is checked."""
+def earlier_builders(*paths: Path) -> dict[str, str]:
+    """The builder each timm family was checked with in the results at ``paths`` (rows named ``family/builder``)."""
+    chosen = {}
+    for path in paths:
+        if path.exists():
+            for row in json.loads(path.read_text()).get("rows", []):
+                family, slash, name = row["model"].partition("/")
+                if row["source"] == "timm" and slash:
+                    chosen.setdefault(family, name)
+    return chosen
+
+
+def timm_models(only: list[str] | None = None, chosen: dict[str, str] | None = None
+                ) -> list[tuple[str, Callable[[], nn.Module], int | None]]:
+    """One builder per timm family, named ``family/builder`` (``chosen``: see :func:`timm_families`); its input size
+    is found when it is checked."""
     return [(f"{family}/{name}", lambda name=name: timm_builder(name), None)
-            for family, name in timm_families(only).items()]
+            for family, name in timm_families(only, chosen).items()]
 
 
 def timm_builder(name: str) -> nn.Module:
@@ -229,10 +289,19 @@ def timm_builder(name: str) -> nn.Module:
     return timm.create_model(name, pretrained=False, num_classes=CLASSES)
 
 
+#: timm builders checked below their pretrained config's input size: NASNet-A Large (85 M parameters) at 331×331 is
+#: killed for memory in this machine's 24 GiB (its AdamW check: gradients, two moments, the frozen snapshot and the
+#: activations of 331×331 images); at 96×96 its last cells still see 3×3 pixels
+TIMM_SIZES = {"nasnetalarge": 96}
+
+
 def timm_size(name: str) -> int:
-    """The input size the builder was made for (its pretrained config's), 224 when it names none."""
+    """The input size the builder was made for (its pretrained config's), 224 when it names none; the size of
+    :data:`TIMM_SIZES` for the builders named there."""
     import timm
 
+    if name in TIMM_SIZES:
+        return TIMM_SIZES[name]
     config = timm.get_pretrained_cfg(name)
     return int(config.input_size[-1]) if config is not None and config.input_size else 224
 
@@ -272,6 +341,17 @@ def small_config(name: str) -> object:
                                                                                   depths=[1, 1, 1, 1], **small),
         "FocalNetForImageClassification": lambda: transformers.FocalNetConfig(embed_dim=16, depths=[1, 1],
                                                                               patch_size=4, **small),
+        # 64×64: at 32×32 its last stage's map is 1×1, smaller than its 2×2 patches
+        "MobileViTV2ForImageClassification": lambda: transformers.MobileViTV2Config(
+            width_multiplier=0.5, num_labels=CLASSES, image_size=64),
+        # its default (a 2.3 G-parameter Gemma 3 over SigLIP) is killed for memory: a text model and a vision tower
+        # as small as the language models' here
+        "ShieldGemma2ForImageClassification": lambda: transformers.ShieldGemma2Config(
+            num_labels=CLASSES, mm_tokens_per_image=4,
+            text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                         "num_key_value_heads": 2, "head_dim": 8, "vocab_size": VOCAB},
+            vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                           "num_attention_heads": 4, "image_size": 32, "patch_size": 4}),
         "SegformerForImageClassification": lambda: transformers.SegformerConfig(
             num_encoder_blocks=2, depths=[2, 2], sr_ratios=[2, 1], hidden_sizes=[16, 32], num_attention_heads=[1, 2],
             patch_sizes=[7, 3], strides=[4, 2], mlp_ratios=[2, 2], **small),
@@ -305,6 +385,17 @@ def transformers_builder(name: str) -> nn.Module:
     import transformers
 
     return getattr(transformers, name)(small_config(name))
+
+
+def transformers_feed(name: str) -> Feed:
+    """What the image classifier ``name`` takes: images of its small config's size, ImageGPT's pixel token ids of
+    its vocabulary, Siglip2's patches of a 4×4 grid with their mask and grid shape."""
+    config = small_config(name)
+    if name == "ImageGPTForImageClassification":
+        return PixelTokens(config.vocab_size)
+    if name == "Siglip2ForImageClassification":
+        return Patches(4, config.vision_config.num_channels * config.vision_config.patch_size ** 2)
+    return Images(transformers_size(name))
 
 
 def transformers_size(name: str) -> int:
@@ -394,7 +485,7 @@ def check(make: Callable[[], nn.Module], feed: Feed, steps: int) -> tuple[str, s
         hatnorm.open_gates(model)
         with torch.no_grad():
             expected = logits(call(original, x))
-            got = call(model.eval(), x, task=1)
+            got = logits(call(model.eval(), x, task=1))
         gap = float((got - expected).abs().max() / expected.abs().max().clamp_min(1.0))
     except Exception as error:
         return "open gates", first_line(error)
@@ -428,7 +519,7 @@ def forgetting(model: hatnorm.HATModule, probe: Batch, feed: Feed, steps: int) -
         for b in range(steps):
             s = hat.scale(b, steps)
             batch, labels = feed.batch(4, task, classes)
-            output = call(model, batch, task=task, s=s)
+            output = logits(call(model, batch, task=task, s=s))
             # a model with auxiliary classifiers returns their logits too in training: all of them learn
             every = [output] if isinstance(output, torch.Tensor) else list(output)
             # a language model's logits at every position: one prediction per position
@@ -440,7 +531,7 @@ def forgetting(model: hatnorm.HATModule, probe: Batch, feed: Feed, steps: int) -
             hat.step(optimizer)
         hat.end_task()
         with torch.no_grad():
-            outputs.append(call(model.eval(), probe, task=0))
+            outputs.append(logits(call(model.eval(), probe, task=0)))
     return float((outputs[0] - outputs[1]).abs().max())
 
 
@@ -456,7 +547,7 @@ def check_in_child(source: str, name: str, size: int | None, steps: int, answer:
             builder_name = name.partition("/")[2]
             make, feed = (lambda: timm_builder(builder_name)), Images(timm_size(builder_name))
         elif source == "transformers":
-            make, feed = (lambda: transformers_builder(name)), Images(transformers_size(name))
+            make, feed = (lambda: transformers_builder(name)), transformers_feed(name)
         elif source == "transformers-text":
             make, feed = (lambda: text_builder(name)), text_feed(name)
         else:
@@ -551,8 +642,8 @@ def markdown(block: str, rows: list[Row], run: str) -> str:
 
 
 def this_run(argv: list[str], machine: str) -> dict[str, str]:
-    """The command, the commit it ran on (and whether hatnorm/ or this script had uncommitted edits), the machine
-    and the date."""
+    """The command, the commit it ran on (and whether hatnorm/ or this script had uncommitted edits), the machine,
+    the date and the time it started."""
     def git(*command: str) -> str:
         done = subprocess.run(["git", *command], capture_output=True, text=True, cwd=ROOT)
         return done.stdout.strip() if done.returncode == 0 else ""
@@ -560,16 +651,19 @@ def this_run(argv: list[str], machine: str) -> dict[str, str]:
     commit = git("rev-parse", "--short", "HEAD") or "unknown"
     if git("status", "--porcelain", "--", "hatnorm", "benchmarks/convert_coverage.py"):
         commit += " with uncommitted edits"
+    now = datetime.now(UTC)
     return {"command": " ".join(["python benchmarks/convert_coverage.py", *argv]), "commit": commit,
-            "machine": machine, "date": datetime.now(UTC).strftime("%Y-%m-%d")}
+            "machine": machine, "date": now.strftime("%Y-%m-%d"), "started": now.strftime("%Y-%m-%dT%H:%M:%SZ")}
 
 
 def write_results(path: Path, rows: list[Row], run: dict[str, str]) -> None:
-    """Merge ``rows`` into the results at ``path`` (by source and model) and add ``run`` to its runs."""
+    """Merge ``rows`` into the results at ``path`` (by source and model) and add ``run`` to its runs, or put it in
+    place of the run of the same start (a run writes its rows as each model finishes)."""
     data = json.loads(path.read_text()) if path.exists() else {}
     old = [Row(**r) for r in data.get("rows", [])]
     runs = data.get("runs", [{"machine": data["machine"], "sources": sorted({r.source for r in old})}]
                     if "machine" in data else [])
+    runs = [r for r in runs if "started" not in run or r.get("started") != run["started"]]
     data.pop("machine", None)
     data |= {"norm": NORM, "runs": [*runs, {**run, "sources": list(dict.fromkeys(r.source for r in rows))}],
              "rows": [asdict(r) for r in merged([((r.source, r.model), r) for r in old],
@@ -588,6 +682,9 @@ def main(argv: list[str] | None = None) -> list[Row]:
     p.add_argument("--size", type=int, default=64, help="the input size (pixels) for --model models")
     p.add_argument("--steps", type=int, default=2, help="AdamW steps per task in the no-forgetting check")
     p.add_argument("--timeout", type=int, default=300, help="seconds one model may take")
+    p.add_argument("--choose-again", action="store_true",
+                   help="find each timm family's smallest builder by building them all (on the meta device) rather "
+                        "than take the builder of its row in --out or in the timm and transformers results")
     p.add_argument("--out", type=Path, default=RESULTS,
                    help="the JSON results file this run's rows are merged into (by source and model)")
     p.add_argument("--markdown", action="store_true",
@@ -608,20 +705,23 @@ def main(argv: list[str] | None = None) -> list[Row]:
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["torch", "hatnorm", *dict.fromkeys(PACKAGES[s] for s in args.sources)])
     jobs = []  # (source, the model's name, the input size of a model of one's own)
+    chosen = {} if args.choose_again else earlier_builders(args.out, FAMILY_RESULTS)
     for source in args.sources:
         try:
-            candidates = SOURCES[source](args.only)
+            candidates = timm_models(args.only, chosen) if source == "timm" else SOURCES[source](args.only)
         except ImportError as error:
             console.print(f"[yellow]{source}: not installed ({error}); skipped[/yellow]")
             continue
         jobs += [(source, name, None) for name, _, _ in candidates]
     jobs += [("own", spec, args.size) for spec in args.model]
+    run = this_run(argv, machine)
     for source, name, size in jobs:
         started = time.perf_counter()
         stage, detail = check_apart(context, source, name, size, args.steps, args.timeout)
         rows.append(Row(source, name, stage, detail, time.perf_counter() - started))
         mark = "[green]passed[/green]" if stage == "passed" else f"[red]{stage}[/red]"
         console.print(f"{source} {name}: {mark} {detail} ({rows[-1].seconds:.1f} s)", highlight=False)
+        write_results(args.out, rows, run)  # each row as its model finishes: a run stopped early keeps them
     table = Table(title=f"convert coverage ({machine})")
     for column in ("source", "tried", "pass all three", "convert", "open gates", "no forgetting"):
         table.add_column(column, justify="left" if column == "source" else "right")
@@ -630,8 +730,6 @@ def main(argv: list[str] | None = None) -> list[Row]:
         table.add_row(source, str(len(part)), str(sum(r.stage == "passed" for r in part)),
                       *(str(sum(r.stage == s for r in part)) for s in ("convert", "open gates", "no forgetting")))
     console.print(table)
-    run = this_run(argv, machine)
-    write_results(args.out, rows, run)
     console.print(f"merged {len(rows)} rows into {args.out}")
     if args.markdown:
         text = args.doc.read_text()
