@@ -382,9 +382,14 @@ def transformers_models(only: list[str] | None = None) -> list[tuple[str, Callab
 
 
 def transformers_builder(name: str) -> nn.Module:
+    """The image classifier ``name`` from its small config, keeping no key-value cache (ImageGPT's would be an
+    output of its forward): a classifier reads its logits alone."""
     import transformers
 
-    return getattr(transformers, name)(small_config(name))
+    config = small_config(name)
+    if getattr(config, "use_cache", None):
+        config.use_cache = False
+    return getattr(transformers, name)(config)
 
 
 def transformers_feed(name: str) -> Feed:

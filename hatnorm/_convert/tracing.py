@@ -171,6 +171,16 @@ class _Tracer(fx.Tracer):
         module = self.root.get_submodule(owner)
         return module._parameters.get(last) is value or module._buffers.get(last) is value
 
+    def call_module(self, m: nn.Module, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """A module call: fx's, but a module without parameters or buffers made inside the forward (ImageGPT's
+        ``nn.Softmax(dim=-1)(attn_weights)``), which is none of the root's submodules, is traced into."""
+        if next(m.parameters(), None) is None and next(m.buffers(), None) is None:
+            try:
+                self.path_of_module(m)
+            except NameError:
+                return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return isinstance(m, OPS.module_classes()) or is_drop_path(m) or is_transformers_activation(m) or \
             is_window_attention(m) or id(m) in self.reparameterised or super().is_leaf_module(m, module_qualified_name)
@@ -296,8 +306,10 @@ class _ExampleTracer(_Tracer):
 def _attributes_kept(module: nn.Module) -> Iterator[None]:
     """Every submodule's attributes as they were before the trace: a forward that stores a traced value on itself
     (transformers' Swin sets ``self.window_size`` from the input's size) would leave a proxy of a finished graph
-    there, and the next trace of the module would read it."""
+    there, and the next trace of the module would read it; so would a buffer it replaces (ConViT's
+    ``self.rel_indices = self.get_rel_indices(N)``), restored into the module's buffers."""
     saved = {m: dict(vars(m)) for m in module.modules()}
+    buffers = {m: dict(m._buffers) for m in module.modules()}
     try:
         yield
     finally:
@@ -307,6 +319,7 @@ def _attributes_kept(module: nn.Module) -> Iterator[None]:
             for name, value in attributes.items():
                 if vars(m).get(name, value) is not value:
                     setattr(m, name, value)
+            m._buffers.update(buffers[m])
 
 
 #: torch's factories and a tensor's methods taking sizes as separate arguments, which a traced size cannot reach by
@@ -327,7 +340,7 @@ def _sizes_traced() -> Iterator[None]:
     """The :data:`_FACTORIES` and, on a tensor that is not traced (a buffer fx read as a constant), the
     :data:`_SIZED_METHODS` recorded as calls when a size (or another argument) is traced (Gemma 4's
     ``torch.ones(batch_size, pH * pW, dtype=torch.bool)`` and ``self.inv_freq[None, :, None].expand(b, -1, 1)``);
-    called as they are otherwise."""
+    called as they are otherwise. ``torch.finfo`` and ``torch.iinfo`` of a traced dtype read the example's."""
     originals = [(torch, name, getattr(torch, name)) for name in _FACTORIES] + \
         [(Tensor, name, getattr(Tensor, name)) for name in _SIZED_METHODS]
 
@@ -341,8 +354,19 @@ def _sizes_traced() -> Iterator[None]:
 
         return call
 
-    for owner, name, original in originals:
-        setattr(owner, name, recorded(owner, name, original))
+    def example_type(original: Any) -> Any:
+        def call(*args: Any) -> Any:
+            return original(*(a._value() if isinstance(a, _ExampleProxy) else a for a in args))
+
+        return call
+
+    patched = [(owner, name, recorded(owner, name, original)) for owner, name, original in originals]
+    # ImageGPT's torch.finfo(attn_weights.dtype).min: the example's dtype, as eager code reads it
+    infos = [(torch, name, getattr(torch, name)) for name in ("finfo", "iinfo")]
+    originals += infos
+    patched += [(owner, name, example_type(original)) for owner, name, original in infos]
+    for owner, name, replacement in patched:
+        setattr(owner, name, replacement)
     try:
         yield
     finally:
@@ -392,10 +416,12 @@ def trace(module: nn.Module, example: Tensor | None = None) -> fx.GraphModule:
     docstring), without gradients; ``module``'s state (buffers, modes, attributes its forward sets) is left as it
     was."""
     forward = type(module).forward
-    if hasattr(forward, "__wrapped__"):
+    keywords = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(forward).parameters.values())
+    if hasattr(forward, "__wrapped__") or (example is not None and keywords):
         # a decorated forward (transformers' ``(*args, **kwargs)`` wrappers): fx reads the placeholders from the
         # root's code, so the root is traced through a forward of the input alone, every other argument at its
-        # default
+        # default; so is a forward passing its ``**kwargs`` on (TimmWrapper's ``self.timm_model(pixel_values,
+        # **kwargs)``) when traced alongside the example, whose placeholder for them would be no mapping
         inner = inspect.unwrap(forward)
 
         def forward_input(self: nn.Module, x: Tensor) -> Any:
