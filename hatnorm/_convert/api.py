@@ -16,7 +16,7 @@ from hatnorm._convert.model import ConvertedModel
 from hatnorm._convert.norms import Norms
 from hatnorm._convert.state import WalkState
 from hatnorm._convert.structural import structural_converter
-from hatnorm._convert.tracing import trace
+from hatnorm._convert.tracing import is_in_place, trace
 from hatnorm._convert.train_graph import EvaluationForward, evaluation_graph, training_graph
 from hatnorm._convert.units import Recorder, record
 from hatnorm._convert.walk import rewrite, walk
@@ -91,7 +91,9 @@ def convert(
 def trace_phase(traced: nn.Module, example_input: Tensor | None) -> tuple[fx.GraphModule, fx.Node | None,
                                                                            Recorder | None]:
     """The trace phase: the graph of ``traced`` (its training graph when training runs more, with the node of the
-    logits evaluation gives), and every node's shape or value for ``example_input`` when given."""
+    logits evaluation gives), without what the output does not read (SigLIP's attention-pooling head beside the mean
+    its classifier reads: nothing of it reaches the logits, so nothing of it is converted), and every node's shape or
+    value for ``example_input`` when given."""
     try:
         gm = trace(traced)
     except Exception as error:  # torch.fx raises many types for untraceable code
@@ -108,6 +110,7 @@ def trace_phase(traced: nn.Module, example_input: Tensor | None) -> tuple[fx.Gra
     logits = None
     if kept is not None:  # auxiliary heads: convert the training graph, whose evaluation part is gm
         gm, logits = kept.graph, kept.logits
+    _drop_unread(gm)
     recorder = None
     if example_input is not None:
         if not isinstance(example_input, Tensor) or example_input.dim() < 1 or example_input.numel() == 0:
@@ -118,6 +121,19 @@ def trace_phase(traced: nn.Module, example_input: Tensor | None) -> tuple[fx.Gra
             raise ValueError(f"example_input: the model cannot take a batch of shape {list(example_input.shape)}: "
                              f"{error}") from error
     return gm, logits, recorder
+
+
+def _drop_unread(gm: fx.GraphModule) -> None:
+    """Remove from ``gm`` the operations the output does not read, and the parameters only they read (a probe read by
+    a get_attr alone, of a module the graph does not call). Every in-place operation stays, for the walk to judge: its
+    write may reach the output through a view (``h.add_(b)`` where a permuted view of h is read)."""
+    read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or is_in_place(n, gm))
+    called = [n.target for n in gm.graph.nodes if n.op == "call_module"]
+    for target in read - {n.target for n in gm.graph.nodes if n.op == "get_attr"}:
+        owner, _, name = target.rpartition(".")
+        if not any(owner == c or owner.startswith(f"{c}.") for c in called):
+            gm.get_submodule(owner)._parameters.pop(name, None)
 
 
 def open_gates(model: nn.Module, value: float = 6.0) -> None:
