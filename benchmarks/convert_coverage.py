@@ -291,8 +291,9 @@ def timm_builder(name: str) -> nn.Module:
 
 #: timm builders checked below their pretrained config's input size: NASNet-A Large (85 M parameters) at 331×331 is
 #: killed for memory in this machine's 24 GiB (its AdamW check: gradients, two moments, the frozen snapshot and the
-#: activations of 331×331 images); at 96×96 its last cells still see 3×3 pixels
-TIMM_SIZES = {"nasnetalarge": 96}
+#: activations of 331×331 images); at 96×96 its last cells still see 3×3 pixels. Gemma 4's ViT (167 M parameters) at
+#: 224×224 (196 tokens) is killed for memory beside other runs; at 112×112, 49 tokens
+TIMM_SIZES = {"nasnetalarge": 96, "gemma4_vit_167m": 112}
 
 
 def timm_size(name: str) -> int:
@@ -468,8 +469,10 @@ def builder(spec: str) -> Callable[[], nn.Module]:
 
 
 def first_line(error: BaseException) -> str:
-    text = f"{type(error).__name__}: {error}".strip()
-    return text.splitlines()[0][:300]
+    """The error's type and the first line of its message that says something (transformers' ImportError for a
+    missing backend starts with an empty line)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0] if lines else ''}".strip()[:300]
 
 
 def check(make: Callable[[], nn.Module], feed: Feed, steps: int) -> tuple[str, str]:
