@@ -28,8 +28,9 @@ over its one shared vocabulary, its outputs the logits at every position.
 A model that fails names its stage and the first line of the error (a ``ConversionError`` names the module).
 Each model runs in a process of its own (started from a clean fork server), so the largest builders give their
 memory back before the next one and a model killed by the operating system still gets its row.
-Results are merged into ``benchmarks/results/convert_coverage.json`` (a row per source and model: this run's rows
-replace those of the same models, the others stay, with each run's command, commit, machine and date) and, with
+Results are merged into ``benchmarks/results/convert_coverage.json`` (a row per source and model, written as each
+model finishes: this run's rows replace those of the same models, the others stay, with each run's command, commit,
+machine, date and start) and, with
 ``--markdown``, into the table of ``docs/architectures.md`` between the coverage markers the same way: this run's
 rows and its sources' summary lines replace theirs, every other line stays as it is.
 """
@@ -677,7 +678,9 @@ def write_results(path: Path, rows: list[Row], run: dict[str, str]) -> None:
              "rows": [asdict(r) for r in merged([((r.source, r.model), r) for r in old],
                                                 [((r.source, r.model), r) for r in rows])]}
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2))
+    written = path.with_name(path.name + ".part")  # replaced whole: a run stopped while writing leaves the last rows
+    written.write_text(json.dumps(data, indent=2))
+    written.replace(path)
 
 
 def main(argv: list[str] | None = None) -> list[Row]:
