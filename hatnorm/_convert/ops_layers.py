@@ -27,7 +27,7 @@ from hatnorm._convert.units import Units
 from hatnorm._convert.values import Derived, Scores, Ungated, tensor_args
 from hatnorm._hat import Layer
 from hatnorm._heads import TaskHeads
-from hatnorm._masks import MaskSource
+from hatnorm._masks import MaskSource, Residual, Select
 
 #: functional norms on a module's parameters → their channel dim
 FUNCTIONAL_NORMS = {F.batch_norm: 1, F.layer_norm: -1, F.group_norm: 1, F.rms_norm: -1}
@@ -193,12 +193,12 @@ def _weighted(state: WalkState, node: fx.Node, where: str) -> None:
     if isinstance(module, nn.Linear) and _over_positions(state, node, module, where):
         return
     if isinstance(module, nn.Linear):
-        units = state.read(source, -1, module.in_features, where)
+        units = _read(state, source, -1, module.in_features, where)
     elif isinstance(module, TransposedConv):
-        state.pending[node] = (module, state.read(source, 1, module.in_channels, where))
+        state.pending[node] = (module, _read(state, source, 1, module.in_channels, where))
         return
     else:
-        units = state.read(source, 1, module.in_channels, where)
+        units = _read(state, source, 1, module.in_channels, where)
     output = output_of(state, node) if isinstance(module, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d) else None
     if is_reparameterised_conv(module):
         if output is not None:
@@ -215,6 +215,27 @@ def _weighted(state: WalkState, node: fx.Node, where: str) -> None:
         _weights_per_task(state, node, units)
         return
     state.pending[node] = (module, units)
+
+
+#: the most layouts of its input units along other dims a layer's weights are protected by the join of
+_JOINED = 8
+
+
+def _read(state: WalkState, source: fx.Node, dim: int, size: int, where: str) -> MaskSource | None:
+    """The units a layer reads along ``dim`` (see :meth:`~.state.WalkState.read`); where they also vary along other
+    dims, feature by feature (CvT's cls token joined to the tokens of a convolutional projection, ``cat((cls_token,
+    query), 1)``, each holding its own gate's units, then read by one Linear), a weight of feature i meets the unit of
+    feature i at every position, so it is protected as a residual add's: by the join of those units (used where any is
+    used). Only for a few parts (at most :data:`_JOINED` layouts of the units); more, as where the units vary along
+    both dims (``t + tᵀ``), is refused: each weight would be protected by nearly every unit."""
+    units = state.units.get(source)
+    if isinstance(units, Units) and units.index.dim() > 1 and units.index.shape[dim] == size > 1:
+        moved = units.index.movedim(dim, -1)
+        rows = torch.unique(moved.reshape(-1, size), dim=0)
+        rows = rows[(rows >= 0).any(1)]  # positions that are always 0 (padding) meet no unit
+        if 1 < len(rows) <= _JOINED:
+            return Residual(*(Select(units.source, row) for row in rows))
+    return state.read(source, dim, size, where)
 
 
 #: the functional convolution of each number of spatial dims
