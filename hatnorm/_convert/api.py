@@ -14,6 +14,7 @@ from hatnorm._checks import check_num_tasks, check_positive
 from hatnorm._convert.error import ConversionError
 from hatnorm._convert.model import ConvertedModel
 from hatnorm._convert.norms import Norms
+from hatnorm._convert.source import raised_at
 from hatnorm._convert.state import WalkState
 from hatnorm._convert.structural import structural_converter
 from hatnorm._convert.tracing import is_in_place, trace
@@ -100,12 +101,12 @@ def trace_phase(traced: nn.Module, example_input: Tensor | None) -> tuple[fx.Gra
         if example_input is None:
             raise ConversionError(f"module: torch.fx cannot trace {type(traced).__name__}: {error}; with "
                                   "example_input, convert traces it alongside that batch (shape reads iterated, "
-                                  "conditions on shapes taken as they hold for it)") from error
+                                  f"conditions on shapes taken as they hold for it){raised_at(error)}") from error
         try:
             gm = trace(traced, example_input)
         except Exception as again:  # still untraceable: data-dependent control flow
             raise ConversionError(f"module: torch.fx cannot trace {type(traced).__name__}, even alongside "
-                                  f"example_input: {again}") from again
+                                  f"example_input: {again}{raised_at(again)}") from again
     kept = training_graph(traced, gm, example_input if isinstance(example_input, Tensor) else None)
     logits = None
     if kept is not None:  # auxiliary heads: convert the training graph, whose evaluation part is gm

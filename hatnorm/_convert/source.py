@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import traceback
 from pathlib import Path
 
 import torch
@@ -10,6 +11,7 @@ from torch import fx
 
 _TORCH = Path(torch.__file__).parent
 _TRACING = Path(__file__).with_name("tracing.py")
+_HATNORM = Path(__file__).parents[1]
 
 
 def where(node: fx.Node) -> str:
@@ -43,6 +45,17 @@ def model_frames(node: fx.Node) -> list[tuple[str, str, str]]:
 def source_line(frame: tuple[str, str, str]) -> str:
     """``, file.py:123 `code```: a frame as messages show it."""
     return f", {Path(frame[0]).name}:{frame[1]} `{frame[2].strip()}`"
+
+
+def raised_at(error: BaseException) -> str:
+    """`` (stopped at file.py:123 `code`)``: the innermost line of the model's own code that ``error`` passed through
+    (where tracing stopped), or ``""`` when it came from torch or hatnorm alone."""
+    frames = [f for f in traceback.extract_tb(error.__traceback__)
+              if not Path(f.filename).is_relative_to(_TORCH) and not Path(f.filename).is_relative_to(_HATNORM)
+              and f.line]
+    if not frames:
+        return ""
+    return f" (stopped at{source_line((frames[-1].filename, str(frames[-1].lineno), frames[-1].line))[1:]})"
 
 
 def call_site(gm: fx.GraphModule, name: str) -> str:
