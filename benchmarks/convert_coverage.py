@@ -285,16 +285,24 @@ def timm_models(only: list[str] | None = None, chosen: dict[str, str] | None = N
 
 
 def timm_builder(name: str) -> nn.Module:
+    """The timm builder ``name`` at random init, with the options of :data:`TIMM_OPTIONS` where it is named there."""
     import timm
 
-    return timm.create_model(name, pretrained=False, num_classes=CLASSES)
+    return timm.create_model(name, pretrained=False, num_classes=CLASSES, **TIMM_OPTIONS.get(name, {}))
+
+
+#: timm builders checked with fewer blocks than they have: DeepSeek's ViT (32 blocks of width 1,024, 412 M parameters,
+#: the family's only classifier) took more than 21 GiB in its checks and was killed for memory in this machine's 24 GiB;
+#: 4 of its blocks (52 M parameters) hold every operation the 32 do
+TIMM_OPTIONS: dict[str, dict[str, int]] = {"deepseek_vit_412m": {"depth": 4}}
 
 
 #: timm builders checked below their pretrained config's input size: NASNet-A Large (85 M parameters) at 331×331 is
 #: killed for memory in this machine's 24 GiB (its AdamW check: gradients, two moments, the frozen snapshot and the
 #: activations of 331×331 images); at 96×96 its last cells still see 3×3 pixels. Gemma 4's ViT (167 M parameters) at
-#: 224×224 (196 tokens) is killed for memory beside other runs; at 112×112, 49 tokens
-TIMM_SIZES = {"nasnetalarge": 96, "gemma4_vit_167m": 112}
+#: 224×224 (196 tokens) is killed for memory beside other runs; at 112×112, 49 tokens. Qwen3's ViT (88 M parameters) at
+#: its 768×768 (2,304 tokens) took more than 19 GiB in its checks and was killed; at 224×224, 196 tokens
+TIMM_SIZES = {"nasnetalarge": 96, "gemma4_vit_167m": 112, "qwen3_vit_88m": 224}
 
 
 def timm_size(name: str) -> int:
