@@ -13,31 +13,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-SLOW_MODEL = '''
-import time
-
-from torch import nn
-
-
-class Slow(nn.Module):
-    """A layer whose forward takes ten minutes: the run is stopped while it is checked."""
-
-    def forward(self, x):
-        time.sleep(600)
-        return x
-
-
-def slow(num_classes):
-    return nn.Sequential(nn.Conv2d(3, 8, 3), Slow(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes))
-'''
+SLOW = f"{ROOT / 'tests' / 'coverage_models.py'}:slow"
 
 
 def test_a_run_stopped_early_keeps_the_rows_it_measured(tmp_path: Path) -> None:
-    (tmp_path / "slow_model.py").write_text(SLOW_MODEL)
     out = tmp_path / "coverage.json"
     first = f"{ROOT / 'tests' / 'coverage_models.py'}:small_cnn"
     run = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "convert_coverage.py"), "--model", first,
-                            f"{tmp_path / 'slow_model.py'}:slow", "--size", "16", "--out", str(out)],
+                            SLOW, "--size", "16", "--out", str(out)],
                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 300
