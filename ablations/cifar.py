@@ -15,9 +15,9 @@ It needs the data (``cifar-10-batches-py`` and ``cifar-100-python`` under ``--da
 published checksums) and, for parts 2 and 3, a torchvision ``resnet18`` ImageNet state dict (``--weights``).
 Neither can be downloaded where the program was written; see docs/ablations.md.
 
-    python -m ablations.cifar --data-root DATA --weights resnet18-f37072fd.pth
-    python -m ablations.cifar --data-root DATA --weights resnet18-f37072fd.pth --resume   # after an interruption
-    python -m ablations.cifar --data-root DATA --dry-run                                  # the commands only
+    python -m ablations.cifar --data-root DATA --weights resnet18-f37072fd.pth --device cuda
+    python -m ablations.cifar --data-root DATA --weights resnet18-f37072fd.pth --device cuda --resume  # interrupted
+    python -m ablations.cifar --data-root DATA --dry-run                                              # commands only
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ def commands(args: argparse.Namespace) -> list[tuple[str, Callable[[Sequence[str
     common += ["--unverified-data"] if args.unverified_data else []
     common += ["--resume"] if args.resume else []
     common += ["--checkpoint-every", str(args.checkpoint_every)] if args.checkpoint_every else []
+    common += ["--device", args.device] if args.device is not None else []
     weights = [] if args.weights is None else ["--weights", str(args.weights)]
     own = {
         "norms": ["--resnet-width", str(args.resnet_width), "--alexnet-width", f"{args.alexnet_width:g}",
@@ -76,6 +77,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict]:
     p.add_argument("--resume", action="store_true", help="continue every part from its checkpoints")
     p.add_argument("--checkpoint-every", type=_cli.positive_int, default=None, metavar="N",
                    help="also checkpoint every N epochs within a task")
+    p.add_argument("--device", default=None,
+                   help="where every part trains: cpu, cuda, cuda:1, mps (default: cpu)")
     p.add_argument("--dry-run", action="store_true", help="print the parts' commands and run nothing")
     args = p.parse_args(argv)
     if args.weights is None:

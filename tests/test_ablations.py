@@ -535,3 +535,15 @@ def test_every_documented_table_regenerates_from_its_committed_results(capsys) -
         assert capsys.readouterr().out.strip() == blocks[folder.name].strip(), f"{folder.name} drifted from its files"
     outside = re.sub(r"<!-- results:\S+ -->\n.*?<!-- /results -->", "", doc, flags=re.S)
     assert not re.search(r"^\| (variant|a − b) \|", outside, re.M), "a results table no committed run regenerates"
+
+
+def test_the_cifar_program_passes_its_device_to_every_part(tmp_path, capsys) -> None:
+    """``--device`` reaches every part's command (a GPU machine trains on the GPU), and none is added without it."""
+    argv = ["--data-root", str(tmp_path / "data"), "--weights", str(tmp_path / "w.pth"), "--out", str(tmp_path),
+            "--dry-run"]
+    cifar.main([*argv, "--device", "cuda:1"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
+    assert len(lines) == 3 and all(line.endswith(f"--out {tmp_path / line[1:line.index(']')]}") and
+                                   " --device cuda:1 " in line for line in lines)
+    cifar.main(argv)
+    assert "--device" not in capsys.readouterr().out
