@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from rich.console import Console
+from torch.utils.data import TensorDataset
 
 from hatnorm.data import Task, cifar_sequence, permuted_mnist, rotated_mnist, split_mnist
 from hatnorm.training import OPTIMIZERS, SCHEDULES, SHARDINGS, TrainConfig
@@ -167,9 +169,17 @@ def load_tasks(args: argparse.Namespace, parser_: argparse.ArgumentParser
     cache: dict[int, tuple[list[Task], int, int]] = {}
 
     def loaded(seed: int) -> tuple[list[Task], int, int]:
-        key = 0 if args.data == "split_mnist" else seed  # Split-MNIST's split is fixed; the others follow the seed
+        # Split-MNIST's split is fixed; the others, and a subset of the training images, follow the seed
+        key = 0 if args.data == "split_mnist" and getattr(args, "train_images", None) is None else seed
         if key not in cache:
-            cache[key] = _tasks(args, parser_, seed)
+            tasks, channels, size = _tasks(args, parser_, seed)
+            if getattr(args, "train_images", None) is not None:
+                try:
+                    tasks = [fewer_training_images(task, args.train_images, seed * 1000 + t)
+                             for t, task in enumerate(tasks)]
+                except ValueError as error:
+                    parser_.error(f"--train-images: {error}")
+            cache[key] = tasks, channels, size
         return cache[key]
 
     def tasks_of(seed: int) -> list[Task]:
@@ -210,6 +220,34 @@ def _tasks(args: argparse.Namespace, parser_: argparse.ArgumentParser, seed: int
     return split_mnist(num_tasks=num_tasks), 1, 32
 
 
+def fewer_training_images(task: Task, images: int, seed: int) -> Task:
+    """``task`` with ``images`` of its training images, a seeded random subset in which every class keeps its share
+    (largest remainders), and its whole test set.
+
+    Raises:
+        ValueError: ``images`` is below the task's class count or above its training images (names the task).
+    """
+    labels = task.train.tensors[-1]
+    if not task.num_classes <= images <= len(labels):
+        raise ValueError(f"task {task.name!r} has {len(labels)} training images in {task.num_classes} classes; the "
+                         f"subset must keep between {task.num_classes} and {len(labels)}, got {images}")
+    generator = torch.Generator().manual_seed(seed)
+    members = [(labels == c).nonzero().flatten() for c in range(task.num_classes)]
+    shares = [images * len(m) / len(labels) for m in members]
+    counts = [int(share) for share in shares]
+    for c in sorted(range(len(members)), key=lambda c: counts[c] - shares[c])[:images - sum(counts)]:
+        counts[c] += 1
+    kept = torch.cat([m[torch.randperm(len(m), generator=generator)[:n]] for m, n in zip(members, counts, strict=True)])
+    kept = kept.sort().values
+    return Task(task.name, task.classes, TensorDataset(*(t[kept] for t in task.train.tensors)), task.test)
+
+
+def data_text(args: argparse.Namespace) -> str:
+    """The task sequence's name for a table's title, with the training images kept per task where that is set."""
+    images = getattr(args, "train_images", None)
+    return args.data if images is None else f"{args.data}, {images} training images per task"
+
+
 def check_cnn_width(parser_: argparse.ArgumentParser, arch: str, width: float) -> None:
     """Refuse a ``--width`` the architecture cannot take (AlexNet's width multiplier is at most 16)."""
     if arch == "alexnet" and width > 16:
@@ -235,6 +273,9 @@ def _image_data_options(p: argparse.ArgumentParser, data: str) -> None:
     p.add_argument("--tasks", type=positive_int, default=None,
                    help="number of tasks (Split-MNIST ≤ 5, CIFAR ≤ 10, Permuted- and Rotated-MNIST any; default: 5, "
                         "10 for Permuted-/Rotated-MNIST and CIFAR)")
+    p.add_argument("--train-images", type=positive_int, default=None, metavar="N",
+                   help="keep N training images per task (a random subset drawn by the seed, every class keeping its "
+                        "share; the test sets stay whole): a low-data target (default: all)")
 
 
 def config(args: argparse.Namespace, parser_: argparse.ArgumentParser | None = None) -> TrainConfig:

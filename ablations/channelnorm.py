@@ -72,8 +72,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     tasks, channels, size = _cli.load_tasks(args, p)
     options = {"resnet18": {"base_width": args.resnet_width, "in_channels": channels},
                "alexnet": {"width": args.alexnet_width, "in_channels": channels, "size": size}}
-    title = (f"Channel LayerNorm and GroupNorm in CNNs under HAT ({args.data}, {len(tasks(args.seeds[0]))} tasks, "
-             f"{_cli.seeds_text(args.seeds)})")
+    title = (f"Channel LayerNorm and GroupNorm in CNNs under HAT ({_cli.data_text(args)}, "
+             f"{len(tasks(args.seeds[0]))} tasks, {_cli.seeds_text(args.seeds)})")
     return _runner.run_and_report(variants(args.archs, args.norms, options, args.c), tasks, args, console,
                                   joint_norm=dict.fromkeys(args.archs, JOINT_NORM), title=title,
                                   contrasts=contrasts(args.archs, args.norms), parser_=p)

@@ -140,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                              "test": summarize([r["test"] for r in runs.values()]).to_dict(),
                              "final_validation": summarize([r["curve"][-1] for r in runs.values()]).to_dict(),
                              "seconds": summarize([r["seconds"] for r in runs.values()]).to_dict()}
-    title = (f"{args.method} ViT (dim {args.dim}, depth {args.depth}) on task {args.task} of {args.data}, "
+    title = (f"{args.method} ViT (dim {args.dim}, depth {args.depth}) on task {args.task} of {_cli.data_text(args)}, "
              f"{_cli.seeds_text(args.seeds)}")
     table = Table(title=title + (" (mean ± 95% CI)" if len(args.seeds) > 1 else ""))
     for column in ("configuration", "test accuracy", "validation, last epoch", "seconds per run"):

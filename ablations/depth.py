@@ -69,8 +69,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     console = _cli.console()
     tasks, channels, _ = _cli.load_tasks(args, p)
     options = {"base_width": args.width, "in_channels": channels, "stem": args.resnet_stem}
-    title = (f"Newest-task accuracy of HAT and SGD against ResNet depth ({args.data}, {len(tasks(args.seeds[0]))} "
-             f"tasks, {_cli.seeds_text(args.seeds)})")
+    title = (f"Newest-task accuracy of HAT and SGD against ResNet depth ({_cli.data_text(args)}, "
+             f"{len(tasks(args.seeds[0]))} tasks, {_cli.seeds_text(args.seeds)})")
     return _runner.run_and_report(variants(args.depths, args.c, args.norm, options), tasks, args, console,
                                   joint_norm={f"resnet{d}": JOINT_NORM for d in args.depths}, title=title,
                                   contrasts=contrasts(args.depths, args.c), parser_=p)

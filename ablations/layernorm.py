@@ -177,7 +177,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                                  "num_heads": args.num_heads}, make=converted(config, weights)))
         if "pre" in args.positions and "masked_ln" in args.norms:
             contrasts.append((label, hat_label(arch, "pre", "masked_ln", converted_c, args.c)))
-    title = f"LayerNorm under HAT ({args.data}, {len(tasks(args.seeds[0]))} tasks, {_cli.seeds_text(args.seeds)})"
+    title = (f"LayerNorm under HAT ({_cli.data_text(args)}, {len(tasks(args.seeds[0]))} tasks, "
+             f"{_cli.seeds_text(args.seeds)})")
     return _runner.run_and_report(variants, tasks, args, console, title=title, contrasts=contrasts, parser_=p,
                                   joint_norm={arch: "shared_ln", CONVERTED: "shared_ln"})
 

@@ -95,7 +95,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     tasks, channels, size = _cli.load_tasks(args, p)
     options = {"resnet18": {"base_width": args.resnet_width, "in_channels": channels, "stem": args.resnet_stem},
                "alexnet": {"width": args.alexnet_width, "in_channels": channels, "size": size}}
-    title = f"Norms under HAT ({args.data}, {len(tasks(args.seeds[0]))} tasks, {_cli.seeds_text(args.seeds)})"
+    title = (f"Norms under HAT ({_cli.data_text(args)}, {len(tasks(args.seeds[0]))} tasks, "
+             f"{_cli.seeds_text(args.seeds)})")
     table = variants(args.archs, args.norms, options, args.c, args.baselines, args.ewc_lambda)
     declared = contrasts(args.archs, args.norms, args.baselines)
     # the variants name the baselines, and λ changes a number only where EWC runs: a run without EWC records the

@@ -77,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                     contrasts.append(Contrast(f"{norm} hat", label, primary=True))
             if name not in ("hat", "adahat") and len(settings) == 2:
                 contrasts.append(Contrast(f"{norm} {name}", f"{norm} {name} γβ free"))
-    title = f"Gradient policy, {args.arch} ({args.data}, {_cli.seeds_text(args.seeds)})"
+    title = f"Gradient policy, {args.arch} ({_cli.data_text(args)}, {_cli.seeds_text(args.seeds)})"
     return _runner.run_and_report(variants, tasks, args, console, joint_norm={args.arch: JOINT_NORM}, title=title,
                                   contrasts=contrasts, parser_=p)
 

@@ -259,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                              prepare=start(how, weights)) for how in SGD_STARTS]
     kind = "rotated copies of the digits" if args.source == "rotated" else "Permuted-MNIST tasks"
     source = weights_arg if weights_arg is not None else f"{args.source_tasks} {kind}"
-    title = (f"Pretrained BN under HAT, {args.arch} from {source} ({args.data}, "
+    title = (f"Pretrained BN under HAT, {args.arch} from {source} ({_cli.data_text(args)}, "
              f"{_cli.seeds_text(args.seeds)})")
     return _runner.run_and_report(variants, tasks, args, console, joint_norm={args.arch: JOINT_NORM}, title=title,
                                   contrasts=contrasts(args.arch, args.norms, args.starts, args.transfer_check),

@@ -32,7 +32,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     base = _cli.cnn_options(args.arch, args.width, channels, size)
     variants = [Variant(f"s_max={s:g}", args.arch, args.norm, HATMethod, base | {"s_max": s}) for s in args.s_max]
     variants += [Variant(f"c={c:g}", args.arch, args.norm, lambda c=c: HATMethod(c=c), base) for c in args.c]
-    title = f"s_max and c sweep, {args.arch} + {args.norm} ({args.data}, {_cli.seeds_text(args.seeds)})"
+    title = f"s_max and c sweep, {args.arch} + {args.norm} ({_cli.data_text(args)}, {_cli.seeds_text(args.seeds)})"
     # each value against its own control, the reference value (s_max = 400, c = 0.75) run on the same seeds
     # where the sweep holds it: primary on average accuracy, with Holm over all of them
     contrasts = [Contrast(f"s_max={s:g}", "s_max=400", primary=True) for s in args.s_max
